@@ -1,0 +1,314 @@
+"""The one HTTP layer every vendor hook uses.
+
+One pooled :class:`requests.Session` per hook (sized to the concurrency in use), connect and read
+timeouts, and one retry policy: exponential backoff with full jitter on 429, 5xx and connection
+errors, honouring ``Retry-After`` and rate-limit reset headers, and only for requests that are safe
+to repeat. Vendor error bodies become :class:`VendorAPIError` carrying the vendor's own message.
+
+Nothing here logs a request or response body, a header value or a URL query string: bodies carry
+profiles and headers carry credentials.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+
+log = logging.getLogger(__name__)
+
+#: Methods that may be repeated without changing the outcome (RFC 9110 idempotent methods).
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+#: Statuses worth retrying: throttling and transient server errors.
+RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+class VendorAPIError(Exception):
+    """A vendor answered with an error. ``message`` is the vendor's own words (no request data)."""
+
+    def __init__(
+        self,
+        vendor: str,
+        status: int | None,
+        message: str,
+        *,
+        code: str | int | None = None,
+        body: Any = None,
+        method: str = "",
+        path: str = "",
+    ) -> None:
+        self.vendor = vendor
+        self.status = status
+        self.message = message
+        self.code = code
+        self.body = body
+        self.method = method
+        self.path = path
+        where = f" ({method} {path})" if method else ""
+        status_txt = f"HTTP {status}" if status is not None else "no response"
+        code_txt = f" [{code}]" if code not in (None, "") else ""
+        super().__init__(f"{vendor} API error{where}: {status_txt}{code_txt}: {message}")
+
+    @property
+    def retryable(self) -> bool:
+        return self.status is None or self.status in RETRY_STATUSES
+
+
+class VendorAuthError(VendorAPIError):
+    """Credentials were refused (401/403). Retrying will not help; fix the connection."""
+
+
+@dataclass
+class RetryPolicy:
+    """How many times and how long to wait. Delays are capped exponential backoff with full jitter."""
+
+    max_attempts: int = 8
+    backoff_base: float = 0.5
+    backoff_max: float = 60.0
+    #: Ceiling for a server-requested wait (Retry-After); longer waits fail fast with the vendor's words.
+    max_retry_after: float = 300.0
+    statuses: frozenset[int] = RETRY_STATUSES
+
+    def backoff(self, attempt: int) -> float:
+        """Full-jitter exponential backoff for the given 1-based attempt number."""
+        ceiling = min(self.backoff_max, self.backoff_base * (2 ** (attempt - 1)))
+        return random.uniform(ceiling / 2, ceiling)
+
+
+def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """Seconds the server asked us to wait, from ``Retry-After`` or rate-limit reset headers.
+
+    ``Retry-After`` may be delta-seconds or an HTTP date (RFC 9110). ``X-RateLimit-Reset`` is read
+    as seconds-until-reset when small and as a Unix timestamp when it looks like one (vendors differ).
+    """
+    now = time.time() if now is None else now
+    value = headers.get("Retry-After")
+    if value:
+        value = value.strip()
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            try:
+                parsed = email.utils.parsedate_to_datetime(value)
+            except (TypeError, ValueError):
+                parsed = None
+            if parsed is not None:
+                return max(0.0, parsed.timestamp() - now)
+    remaining = headers.get("X-RateLimit-Remaining")
+    reset = headers.get("X-RateLimit-Reset")
+    if reset and (remaining is None or remaining.strip() in ("0", "0.0")):
+        try:
+            reset_f = float(reset)
+        except ValueError:
+            return None
+        if reset_f > 1_000_000_000:  # a Unix timestamp
+            return max(0.0, reset_f - now)
+        return max(0.0, reset_f)
+    return None
+
+
+ErrorParser = Callable[[requests.Response], tuple[str, "str | int | None"]]
+
+
+def default_error_parser(response: requests.Response) -> tuple[str, str | int | None]:
+    """Extract (message, code) from common JSON error shapes; fall back to the reason phrase."""
+    try:
+        body = response.json()
+    except ValueError:
+        return (response.reason or f"HTTP {response.status_code}", None)
+    if isinstance(body, dict):
+        for msg_key, code_key in (("detail", "title"), ("Message", "Code"), ("message", "code"),
+                                  ("message", "error_code"), ("error_description", "error")):
+            if msg_key in body:
+                return (str(body[msg_key]), body.get(code_key))
+        if isinstance(body.get("error"), dict):
+            err = body["error"]
+            return (str(err.get("message", "")), err.get("code"))
+    return (response.reason or f"HTTP {response.status_code}", None)
+
+
+@dataclass
+class HttpStats:
+    """Counters a benchmark or the run summary can read. Thread-safe."""
+
+    requests: int = 0
+    retries: int = 0
+    throttled: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, *, requests: int = 0, retries: int = 0, throttled: int = 0) -> None:
+        with self._lock:
+            self.requests += requests
+            self.retries += retries
+            self.throttled += throttled
+
+    def as_dict(self) -> dict[str, int]:
+        return {"requests": self.requests, "retries": self.retries, "throttled": self.throttled}
+
+
+class VendorSession:
+    """A pooled, retrying HTTP client for one vendor account.
+
+    :param vendor: name used in errors and logs ("Mailchimp").
+    :param base_url: every ``path`` is appended to it.
+    :param auth: callable returning the auth headers; called per request so refreshed tokens apply.
+    :param on_unauthorized: called once after a 401 on a token-authenticated request; returning True
+        means "credentials refreshed, try again" (token expiry mid-run).
+    :param pool_size: connections kept per host: size it to the concurrency in use.
+    :param verify: True, False or a CA bundle path.
+    """
+
+    def __init__(
+        self,
+        vendor: str,
+        base_url: str,
+        *,
+        auth: Callable[[], Mapping[str, str]] | None = None,
+        on_unauthorized: Callable[[], bool] | None = None,
+        error_parser: ErrorParser = default_error_parser,
+        pool_size: int = 10,
+        verify: bool | str = True,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 130.0,
+        retry: RetryPolicy | None = None,
+        user_agent: str | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        from airflow_provider_segexport import __version__
+
+        self.vendor = vendor
+        self.base_url = base_url.rstrip("/")
+        self._auth = auth
+        self._on_unauthorized = on_unauthorized
+        self._error_parser = error_parser
+        self.timeout = (connect_timeout, read_timeout)
+        self.retry = retry or RetryPolicy()
+        self.stats = HttpStats()
+        self._sleep = sleep
+        self.session = requests.Session()
+        # No urllib3-level retries: this class owns retrying so it can honour vendor headers and
+        # method safety, and count what it did.
+        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=max(1, pool_size), max_retries=0)
+        self.session.mount("https://", adapter)
+        self.session.mount("http://", adapter)
+        self.session.verify = verify
+        self.session.headers["User-Agent"] = user_agent or f"airflow-provider-segexport/{__version__}"
+        self.session.headers["Accept"] = "application/json"
+
+    def close(self) -> None:
+        self.session.close()
+
+    def url(self, path: str) -> str:
+        if path.startswith(("http://", "https://")):
+            return path
+        return f"{self.base_url}/{path.lstrip('/')}"
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        idempotent: bool | None = None,
+        expected: tuple[int, ...] = (),
+        authenticate: bool = True,
+        **kwargs: Any,
+    ) -> requests.Response:
+        """Send a request, retrying when that is safe; return the response or raise VendorAPIError.
+
+        :param idempotent: whether the request may be repeated; defaults to the method's semantics
+            (POST and PATCH are not, unless the caller knows the endpoint is an upsert).
+        :param expected: extra non-2xx statuses the caller handles itself (returned, not raised).
+        """
+        method = method.upper()
+        safe = (method in IDEMPOTENT_METHODS) if idempotent is None else idempotent
+        url = self.url(path)
+        short_path = path.split("?", 1)[0] if not path.startswith("http") else "<absolute URL>"
+        kwargs.setdefault("timeout", self.timeout)
+        attempt = 0
+        refreshed = False
+        while True:
+            attempt += 1
+            headers = dict(kwargs.pop("headers", None) or {})
+            if authenticate and self._auth is not None:
+                headers.update(self._auth())
+            try:
+                self.stats.add(requests=1)
+                response = self.session.request(method, url, headers=headers, **kwargs)
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                kwargs["headers"] = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+                # A request that timed out or lost its connection may have been processed: repeat
+                # it only when that is harmless.
+                sent = not isinstance(exc, requests.ConnectTimeout)
+                if (sent and not safe) or attempt >= self.retry.max_attempts:
+                    raise VendorAPIError(
+                        self.vendor, None, f"{type(exc).__name__}: {_short(exc)}", method=method, path=short_path
+                    ) from exc
+                delay = self.retry.backoff(attempt)
+                log.warning(
+                    "%s %s %s: %s; retry %d/%d in %.1fs",
+                    self.vendor, method, short_path, type(exc).__name__, attempt, self.retry.max_attempts - 1, delay,
+                )
+                self.stats.add(retries=1)
+                self._sleep(delay)
+                continue
+            kwargs["headers"] = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+            status = response.status_code
+            if status < 400 or status in expected:
+                return response
+            if status == 401 and authenticate and not refreshed and self._on_unauthorized is not None:
+                refreshed = True
+                if self._on_unauthorized():
+                    log.info("%s: access token refreshed after 401; repeating %s %s", self.vendor, method, short_path)
+                    continue
+            message, code = self._error_parser(response)
+            if status in self.retry.statuses and attempt < self.retry.max_attempts and (safe or status == 429):
+                # 429 means "not processed": repeating is safe whatever the method.
+                wait = retry_after_seconds(response.headers)
+                if status == 429:
+                    self.stats.add(throttled=1)
+                if wait is not None and wait > self.retry.max_retry_after:
+                    raise VendorAPIError(
+                        self.vendor, status, f"{message} (asked to wait {wait:.0f}s; giving up)",
+                        code=code, method=method, path=short_path,
+                    )
+                delay = wait + random.uniform(0, 0.25) if wait is not None else self.retry.backoff(attempt)
+                log.warning(
+                    "%s %s %s: HTTP %d %s; retry %d/%d in %.1fs",
+                    self.vendor, method, short_path, status, _short(message), attempt,
+                    self.retry.max_attempts - 1, delay,
+                )
+                self.stats.add(retries=1)
+                response.close()
+                self._sleep(delay)
+                continue
+            body = _safe_json(response)
+            error_cls = VendorAuthError if status in (401, 403) else VendorAPIError
+            raise error_cls(self.vendor, status, message, code=code, body=body, method=method, path=short_path)
+
+    def get_json(self, path: str, **kwargs: Any) -> Any:
+        return _safe_json(self.request("GET", path, **kwargs))
+
+    def post_json(self, path: str, payload: Any, **kwargs: Any) -> Any:
+        return _safe_json(self.request("POST", path, json=payload, **kwargs))
+
+
+def _safe_json(response: requests.Response) -> Any:
+    if not response.content:
+        return None
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+def _short(value: object, limit: int = 200) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

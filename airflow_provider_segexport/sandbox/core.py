@@ -1,0 +1,336 @@
+"""The sandbox's shared machinery: configuration, latency model, fault injection, request log and the
+``/_sandbox/`` admin API. Each vendor emulator is a module with a class deriving from :class:`Emulator`.
+
+Mounted paths (``base_url`` in the start-up JSON = scheme://host:port + prefix):
+
+- ``/mailchimp/3.0``                     Mailchimp Marketing API 3.0
+- ``/createsend/api/v3.3``               Campaign Monitor API v3.3
+- ``/dataverse/api/data/v9.2``           Dataverse Web API
+- ``/login/<tenant>/...``                Microsoft identity platform (msal authority)
+- ``/adobe/<org>/campaign``              Adobe Campaign Standard
+- ``/ims/token/v3``                      Adobe IMS
+- ``/_sandbox/...``                      admin: state, reset, faults, latency, request counts
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+
+
+@dataclass
+class Latency:
+    """Latency model: every call waits ``base_ms`` plus ``per_item_ms`` per member it carries."""
+
+    base_ms: float = 0.0
+    per_item_ms: float = 0.0
+
+    def seconds(self, items: int = 0) -> float:
+        return (self.base_ms + self.per_item_ms * max(0, items)) / 1000.0
+
+
+@dataclass
+class FaultRule:
+    """One injected fault.
+
+    kind: ``status`` (answer ``status`` with the vendor's error shape), ``timeout`` (hold the request
+    for ``seconds`` then answer 504), ``drop`` (start the response and cut the connection),
+    ``burst429`` (answer 429 the vendor's way). ``count`` requests are affected (after ``skip``
+    matching requests are let through); ``vendor``/``path_contains``/``method`` narrow the match.
+    """
+
+    kind: str
+    vendor: str = "*"
+    count: int = 1
+    skip: int = 0
+    status: int = 503
+    seconds: float = 30.0
+    path_contains: str = ""
+    method: str = ""
+    id: int = 0
+
+    def matches(self, vendor: str, method: str, path: str) -> bool:
+        return (
+            (self.vendor in ("*", vendor))
+            and (not self.path_contains or self.path_contains in path)
+            and (not self.method or self.method.upper() == method)
+        )
+
+
+class Faults:
+    """Thread-safe list of fault rules consumed by matching requests."""
+
+    def __init__(self) -> None:
+        self._rules: list[FaultRule] = []
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+
+    def add(self, rule: FaultRule) -> FaultRule:
+        with self._lock:
+            rule.id = next(self._ids)
+            self._rules.append(rule)
+        return rule
+
+    def clear(self) -> None:
+        with self._lock:
+            self._rules.clear()
+
+    def take(self, vendor: str, method: str, path: str) -> FaultRule | None:
+        with self._lock:
+            for rule in self._rules:
+                if not rule.matches(vendor, method, path):
+                    continue
+                if rule.skip > 0:
+                    rule.skip -= 1
+                    continue
+                rule.count -= 1
+                if rule.count <= 0:
+                    self._rules.remove(rule)
+                return rule
+        return None
+
+    def as_list(self) -> list[dict]:
+        with self._lock:
+            return [asdict(r) for r in self._rules]
+
+    @staticmethod
+    def parse(spec: str) -> list[FaultRule]:
+        """Parse the CLI form ``kind[:key=value,...][;kind...]``, e.g. ``burst429:vendor=mailchimp,count=5``."""
+        rules = []
+        for part in filter(None, (p.strip() for p in spec.split(";"))):
+            kind, _, rest = part.partition(":")
+            kwargs: dict[str, Any] = {}
+            for item in filter(None, rest.split(",")):
+                key, _, value = item.partition("=")
+                kwargs[key.strip()] = value.strip()
+            for key in ("count", "skip", "status"):
+                if key in kwargs:
+                    kwargs[key] = int(kwargs[key])
+            if "seconds" in kwargs:
+                kwargs["seconds"] = float(kwargs["seconds"])
+            rules.append(FaultRule(kind=kind.strip(), **kwargs))
+        return rules
+
+
+class DropConnection(Exception):
+    """Raised after the response has started so the server cuts the connection."""
+
+
+class DropResponse(Response):
+    """Sends the status line and part of a body, then fails: the client sees a reset connection."""
+
+    def __init__(self) -> None:
+        super().__init__(status_code=200)
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"1000")]})
+        await send({"type": "http.response.body", "body": b'{"partial":', "more_body": True})
+        raise DropConnection("sandbox fault: connection dropped")
+
+
+@dataclass
+class RequestLog:
+    """What each emulator received: request counts per (vendor, method, route) and items per vendor.
+
+    ``items_received`` counts members carried by write calls; ``member_sends`` counts, per vendor and
+    member key, how often that member was sent (to prove "nothing sent twice").
+    """
+
+    counts: Counter = field(default_factory=Counter)
+    items_received: Counter = field(default_factory=Counter)
+    member_sends: dict[str, Counter] = field(default_factory=dict)
+    track_members: bool = True
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def request(self, vendor: str, method: str, route: str) -> None:
+        with self.lock:
+            self.counts[f"{vendor} {method} {route}"] += 1
+
+    def members(self, vendor: str, keys: list[str]) -> None:
+        with self.lock:
+            self.items_received[vendor] += len(keys)
+            if self.track_members:
+                self.member_sends.setdefault(vendor, Counter()).update(keys)
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            dup = {v: sum(1 for n in c.values() if n > 1) for v, c in self.member_sends.items()}
+            return {
+                "counts": dict(self.counts),
+                "items_received": dict(self.items_received),
+                "members_sent_more_than_once": dup,
+            }
+
+    def sends_of(self, vendor: str) -> dict[str, int]:
+        with self.lock:
+            return dict(self.member_sends.get(vendor, {}))
+
+    def reset(self) -> None:
+        with self.lock:
+            self.counts.clear()
+            self.items_received.clear()
+            self.member_sends.clear()
+
+
+class Emulator:
+    """Base for one vendor emulator. Subclasses set ``name`` and ``prefix`` and implement ``routes``."""
+
+    name = ""
+    prefix = ""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self.sandbox = sandbox
+
+    def routes(self) -> list[BaseRoute]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def info(self, base: str) -> dict:
+        """This emulator's entry in the start-up JSON line."""
+        return {"base_url": base + self.prefix}
+
+    def state(self) -> dict:
+        """What the destination holds now (for ``GET /_sandbox/state/<name>``)."""
+        return {}
+
+    def reset(self) -> None:
+        """Forget everything received; keep credentials and seeded objects."""
+
+    def error_response(self, status: int, kind: str, headers: dict | None = None) -> Response:
+        """The vendor's own error shape for an injected fault (``kind``: status, burst429, timeout)."""
+        return JSONResponse({"error": kind, "status": status}, status_code=status, headers=headers)
+
+    # helpers for handlers ----------------------------------------------------------------
+    async def before(self, request: Request, route: str, items: int = 0) -> Response | None:
+        """Log the call, apply latency and any injected fault; a Response means "answer this"."""
+        return await self.sandbox.before(self, request, route, items)
+
+
+class Sandbox:
+    """Holds the configuration, the emulators and the shared controls."""
+
+    def __init__(
+        self,
+        *,
+        latency: Latency | None = None,
+        token_ttl: int = 3600,
+        seed: dict | None = None,
+        rng_seed: int | None = None,
+    ) -> None:
+        self.latency = latency or Latency()
+        self.token_ttl = token_ttl
+        self.faults = Faults()
+        self.log = RequestLog()
+        self.random = random.Random(rng_seed)
+        self.seed = seed or {}
+        self.started_at = time.time()
+        self.emulators: dict[str, Emulator] = {}
+        from airflow_provider_segexport.sandbox import registry
+
+        for cls in registry.emulator_classes():
+            emulator = cls(self)
+            self.emulators[emulator.name] = emulator
+
+    def token(self, prefix: str = "") -> str:
+        return prefix + "".join(self.random.choice("abcdef0123456789") for _ in range(32))
+
+    # request hooks -----------------------------------------------------------------------
+    async def before(self, emulator: Emulator, request: Request, route: str, items: int) -> Response | None:
+        method = request.method
+        self.log.request(emulator.name, method, route)
+        rule = self.faults.take(emulator.name, method, request.url.path)
+        delay = self.latency.seconds(items)
+        if delay:
+            await asyncio.sleep(delay)
+        if rule is None:
+            return None
+        if rule.kind == "timeout":
+            await asyncio.sleep(rule.seconds)
+            return emulator.error_response(504, "timeout")
+        if rule.kind == "drop":
+            return DropResponse()
+        if rule.kind == "burst429":
+            return emulator.error_response(429, "burst429")
+        return emulator.error_response(rule.status, "status")
+
+    # admin API ---------------------------------------------------------------------------
+    def admin_routes(self) -> list[BaseRoute]:
+        async def state(request: Request) -> Response:
+            name = request.path_params["vendor"]
+            if name not in self.emulators:
+                return JSONResponse({"error": f"unknown vendor {name}"}, status_code=404)
+            return JSONResponse(self.emulators[name].state())
+
+        async def reset(request: Request) -> Response:
+            for emulator in self.emulators.values():
+                emulator.reset()
+            self.faults.clear()
+            self.log.reset()
+            return JSONResponse({"reset": True})
+
+        async def faults(request: Request) -> Response:
+            if request.method == "DELETE":
+                self.faults.clear()
+                return JSONResponse({"faults": []})
+            if request.method == "POST":
+                body = await request.json()
+                items = body if isinstance(body, list) else [body]
+                for item in items:
+                    self.faults.add(FaultRule(**item))
+            return JSONResponse({"faults": self.faults.as_list()})
+
+        async def latency(request: Request) -> Response:
+            if request.method == "POST":
+                body = await request.json()
+                self.latency = Latency(float(body.get("base_ms", 0)), float(body.get("per_item_ms", 0)))
+            return JSONResponse(asdict(self.latency))
+
+        async def requests_(request: Request) -> Response:
+            return JSONResponse(self.log.snapshot())
+
+        async def token_ttl(request: Request) -> Response:
+            if request.method == "POST":
+                self.token_ttl = int((await request.json())["seconds"])
+            return JSONResponse({"seconds": self.token_ttl})
+
+        return [
+            Route("/_sandbox/state/{vendor}", state),
+            Route("/_sandbox/reset", reset, methods=["POST"]),
+            Route("/_sandbox/faults", faults, methods=["GET", "POST", "DELETE"]),
+            Route("/_sandbox/latency", latency, methods=["GET", "POST"]),
+            Route("/_sandbox/requests", requests_),
+            Route("/_sandbox/token-ttl", token_ttl, methods=["GET", "POST"]),
+        ]
+
+    def build_app(self) -> Callable:
+        routes: list[BaseRoute] = list(self.admin_routes())
+        for emulator in self.emulators.values():
+            routes.extend(emulator.routes())
+        return Starlette(routes=routes)
+
+    def info(self, base: str, ca_bundle: str | None) -> dict:
+        out: dict[str, Any] = {"ca_bundle": ca_bundle, "admin_url": base + "/_sandbox"}
+        for name, emulator in self.emulators.items():
+            out[name] = emulator.info(base)
+        return out
+
+
+def json_dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def mount(prefix: str, routes: list[BaseRoute]) -> Mount:
+    return Mount(prefix, routes=routes)
