@@ -199,6 +199,7 @@ class VendorSession:
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=max(1, pool_size), max_retries=0)
         self.session.mount("https://", adapter)
         self.session.mount("http://", adapter)
+        self.verify = verify
         self.session.verify = verify
         self.session.headers["User-Agent"] = user_agent or f"airflow-provider-segexport/{__version__}"
         self.session.headers["Accept"] = "application/json"
@@ -232,6 +233,8 @@ class VendorSession:
         url = self.url(path)
         short_path = path.split("?", 1)[0] if not path.startswith("http") else "<absolute URL>"
         kwargs.setdefault("timeout", self.timeout)
+        # Per request: requests lets REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE override session.verify otherwise.
+        kwargs.setdefault("verify", self.verify)
         attempt = 0
         refreshed = False
         while True:
@@ -242,6 +245,11 @@ class VendorSession:
             try:
                 self.stats.add(requests=1)
                 response = self.session.request(method, url, headers=headers, **kwargs)
+            except requests.exceptions.SSLError as exc:
+                raise VendorAPIError(
+                    self.vendor, None, f"TLS verification failed for {self.base_url}: {_short(exc)}. Check the "
+                    "connection's CA bundle (extra \"ca_bundle\") or the host name.", method=method, path=short_path,
+                ) from exc
             except (requests.ConnectionError, requests.Timeout) as exc:
                 kwargs["headers"] = {k: v for k, v in headers.items() if k.lower() != "authorization"}
                 # A request that timed out or lost its connection may have been processed: repeat

@@ -1,0 +1,272 @@
+"""How segment members become Mailchimp batch-subscribe calls, and how the answers become per-row
+outcomes. The one place that knows Mailchimp's member payload and merge-field types."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from datetime import date, datetime
+from typing import Any
+
+from airflow_provider_segexport.export.engine import BatchRefused, Destination, ExportError, Outcome
+from airflow_provider_segexport.export.records import (
+    INVALID_VALUE,
+    PREVIOUSLY_REFUSED,
+    TOO_LONG,
+    FieldMapping,
+    Record,
+    Reject,
+)
+from airflow_provider_segexport.export.sources import Segment
+from airflow_provider_segexport.export.state import RefusalStore
+from airflow_provider_segexport.hooks.mailchimp import (
+    BATCH_SUBSCRIBE_MAX,
+    MAX_CONNECTIONS,
+    MAX_PER_EXPORT,
+    SEGMENT_MEMBERS_MAX,
+    MailchimpHook,
+)
+from airflow_provider_segexport.http import VendorAPIError
+
+log = logging.getLogger(__name__)
+
+STATUS_IF_NEW = ("subscribed", "pending", "transactional")
+MODES = ("upsert", "mirror")
+TEXT_MAX = 255
+#: Refusals Mailchimp will repeat forever for the same address: remembered across runs.
+PERMANENT_MARKERS = ("permanently deleted", "compliance state", "forgotten email")
+_DATE_FORMATS = {"MM/DD/YYYY": "%m/%d/%Y", "DD/MM/YYYY": "%d/%m/%Y", "MM/DD": "%m/%d", "DD/MM": "%d/%m"}
+
+
+def _digest(email: str) -> bytes:
+    return hashlib.blake2b(email.strip().lower().encode("utf-8"), digest_size=8).digest()
+
+
+class MailchimpDestination(Destination):
+    name = "Mailchimp"
+    batch_size = BATCH_SUBSCRIBE_MAX
+    max_in_flight = MAX_CONNECTIONS
+    max_per_export = MAX_PER_EXPORT
+
+    def __init__(
+        self,
+        hook: MailchimpHook,
+        audience_id: str,
+        mapping: FieldMapping,
+        *,
+        status_if_new: str = "subscribed",
+        mode: str = "upsert",
+        tag_segments: bool = True,
+        create_missing_merge_fields: bool = False,
+        refusals: RefusalStore | None = None,
+        max_in_flight: int | None = None,
+    ) -> None:
+        super().__init__(mapping, audience_id)
+        if status_if_new not in STATUS_IF_NEW:
+            raise ValueError(f"status_if_new must be one of {STATUS_IF_NEW}, not {status_if_new!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        if mode == "mirror" and not tag_segments:
+            raise ValueError("mode='mirror' removes the segment's tag from leavers, so it needs tag_segments=True")
+        self.hook = hook
+        self.status_if_new = status_if_new
+        self.mode = mode
+        self.tag_segments = tag_segments
+        self.create_missing = create_missing_merge_fields
+        self.refusals = refusals
+        if max_in_flight:
+            self.max_in_flight = max(1, min(MAX_CONNECTIONS, int(max_in_flight)))
+        self.email_field = mapping.email_field or "email"
+        self.merge_map = {k: v for k, v in mapping.fields.items() if k != self.email_field}
+        self.field_types: dict[str, dict] = {}
+        self.audience: dict = {}
+        self._current: dict[str, set[bytes]] = {}
+        self._lock = threading.Lock()
+
+    # -- pre-flight -------------------------------------------------------------------------------
+    def preflight(self, segments: list[Segment], dry_run: bool) -> None:
+        self.audience = self.hook.get_audience(self.target)
+        fields = {f["tag"]: f for f in self.hook.get_merge_fields(self.target)}
+        missing = [t for t in self.merge_map if t not in fields]
+        bad_tags = [t for t in missing if not (t.isascii() and t.replace("_", "").isalnum() and len(t) <= 10)]
+        if bad_tags:
+            raise ExportError(f"Merge field tag(s) {bad_tags} are not valid Mailchimp tags (at most 10 letters, "
+                              "digits or '_'); rename them in the mapping.")
+        if missing and not self.create_missing:
+            raise ExportError(
+                f"Audience '{self.audience.get('name')}' ({self.target}) has no merge field(s) {missing}. Create "
+                f"them in Mailchimp (Audience > Settings > Audience fields) or pass "
+                f"create_missing_merge_fields=True. Existing merge fields: {sorted(fields)}."
+            )
+        for tag in missing:
+            if dry_run:
+                log.info("Dry run: would create merge field %s (text)", tag)
+                fields[tag] = {"tag": tag, "type": "text", "required": False, "options": {}}
+                continue
+            log.info("Creating missing merge field %s (text) in audience %s", tag, self.target)
+            fields[tag] = self.hook.create_merge_field(self.target, tag, tag.title(), "text")
+        unmapped_required = [t for t, f in fields.items() if f.get("required") and t not in self.merge_map]
+        if unmapped_required:
+            raise ExportError(
+                f"Merge field(s) {unmapped_required} are required in audience {self.target} but not in the mapping; "
+                "map them to source columns (new members would be refused) or make them optional in Mailchimp."
+            )
+        self.field_types = {t: fields[t] for t in self.merge_map}
+        for t, f in self.field_types.items():
+            if f.get("required"):
+                self.mapping.required = frozenset({*self.mapping.required, t})
+        log.info("Audience '%s' (%s): merge fields %s", self.audience.get("name"), self.target,
+                 ", ".join(f"{t}:{f.get('type')}" for t, f in self.field_types.items()) or "none mapped")
+
+    # -- per record -------------------------------------------------------------------------------
+    def prepare(self, record: Record) -> Record | Reject:
+        email = record.payload[self.email_field]
+        if self.mode == "mirror":
+            with self._lock:
+                self._current.setdefault(record.segment, set()).add(_digest(email))
+        if self.refusals is not None:
+            previous = self.refusals.get(email)
+            if previous:
+                return Reject(record.segment, record.row, record.key, PREVIOUSLY_REFUSED, self.email_field,
+                              "Mailchimp refused this address permanently in an earlier run; not sent again",
+                              previous)
+        merge: dict[str, Any] = {}
+        for tag in self.merge_map:
+            if tag not in record.payload:
+                continue
+            value, problem = convert_merge_value(self.field_types.get(tag, {}), record.payload[tag])
+            if problem:
+                reason = TOO_LONG if "characters" in problem else INVALID_VALUE
+                return Reject(record.segment, record.row, record.key, reason, tag,
+                              f"merge field {tag} ({self.field_types.get(tag, {}).get('type', 'text')}): {problem}")
+            merge[tag] = value
+        member: dict[str, Any] = {"email_address": email, "status_if_new": self.status_if_new}
+        if merge:
+            member["merge_fields"] = merge
+        if self.tag_segments:
+            member["tags"] = [record.segment]
+        record.payload = member
+        return record
+
+    # -- per batch ----------------------------------------------------------------------------------
+    def send(self, segment: Segment, records: list[Record]) -> list[Outcome]:
+        try:
+            answer = self.hook.batch_subscribe(self.target, [r.payload for r in records])
+        except VendorAPIError as exc:
+            if exc.status == 400:
+                raise BatchRefused(exc.message) from exc
+            raise
+        return self.outcomes(records, answer)
+
+    def outcomes(self, records: list[Record], answer: dict) -> list[Outcome]:
+        """Per-record outcomes from a batch-subscribe answer (new, updated, errors, or none: unchanged)."""
+        status: dict[str, tuple[str, str | None]] = {}
+        for m in answer.get("new_members") or []:
+            status[str(m.get("email_address", "")).lower()] = ("created", None)
+        for m in answer.get("updated_members") or []:
+            status[str(m.get("email_address", "")).lower()] = ("updated", None)
+        for e in answer.get("errors") or []:
+            msg = str(e.get("error") or e.get("error_code") or "refused")
+            if e.get("field"):
+                msg += f" [field {e['field']}" + (f": {e['field_message']}]" if e.get("field_message") else "]")
+            status[str(e.get("email_address", "")).strip().lower()] = ("rejected", msg)
+        out = []
+        for r in records:
+            email = r.payload["email_address"].lower()
+            st, msg = status.get(email, ("unchanged", None))
+            if st == "rejected" and self.refusals is not None and msg and any(
+                marker in msg.lower() for marker in PERMANENT_MARKERS
+            ):
+                self.refusals.add(email, msg)
+            out.append(Outcome(r, st, msg))
+        return out
+
+    # -- after a segment -------------------------------------------------------------------------------
+    def finish_segment(self, segment: Segment, dry_run: bool) -> dict[str, int]:
+        if self.mode != "mirror":
+            return {}
+        current = self._current.pop(segment.name, set())
+        tag_id = self.hook.find_tag(self.target, segment.name)
+        if tag_id is None:
+            return {"removed": 0}
+        leavers = [e for e in self.hook.tag_members(self.target, tag_id) if _digest(e) not in current]
+        if dry_run:
+            log.info("Dry run: would remove tag '%s' from %d member(s) who left the segment", segment.name,
+                     len(leavers))
+            return {}
+        if leavers:
+            log.info("Mirror: removing tag '%s' from %d member(s) who left the segment (their subscription is "
+                     "not touched)", segment.name, len(leavers))
+        chunks = [leavers[i: i + SEGMENT_MEMBERS_MAX] for i in range(0, len(leavers), SEGMENT_MEMBERS_MAX)]
+        removed = 0
+        with ThreadPoolExecutor(max_workers=self.max_in_flight) as pool:
+            for answer in pool.map(lambda c: self.hook.update_tag_members(self.target, tag_id, remove=c), chunks):
+                removed += int(answer.get("total_removed", 0))
+        return {"removed": removed}
+
+    def http_stats(self) -> dict[str, int]:
+        return self.hook.http.stats.as_dict() if "http" in self.hook.__dict__ else {}
+
+
+def convert_merge_value(field: dict, value: Any) -> tuple[Any, str | None]:
+    """Convert a source value to a merge field's declared type and format; (value, problem)."""
+    ftype = field.get("type", "text")
+    options = field.get("options") or {}
+    if ftype == "number":
+        if isinstance(value, bool):
+            return None, f"{value!r} is not a number"
+        if isinstance(value, (int, float)):
+            return value, None
+        try:
+            text = str(value).strip().replace(",", "")
+            number = float(text)
+        except ValueError:
+            return None, f"{_preview(value)} is not a number"
+        return (int(number) if number.is_integer() and "." not in text else number), None
+    if ftype in ("date", "birthday"):
+        parsed = _parse_date(value)
+        if parsed is None:
+            return None, f"{_preview(value)} is not a date (expected YYYY-MM-DD or a date value)"
+        fmt = options.get("date_format") or ("MM/DD/YYYY" if ftype == "date" else "MM/DD")
+        return parsed.strftime(_DATE_FORMATS.get(fmt.upper(), "%m/%d/%Y")), None
+    if ftype == "address":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                return None, "address must be an object with addr1, city, state, zip (and optionally country)"
+        if not isinstance(value, dict) or any(not value.get(k) for k in ("addr1", "city", "state", "zip")):
+            return None, "address must have addr1, city, state and zip"
+        return {k: str(v) for k, v in value.items()}, None
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > TEXT_MAX:
+        return None, f"has {len(text)} characters; Mailchimp allows at most {TEXT_MAX}"
+    if ftype in ("url", "imageurl") and not text.startswith(("http://", "https://")):
+        return None, f"{_preview(text)} is not an http(s) URL"
+    if ftype in ("radio", "dropdown"):
+        choices = options.get("choices") or []
+        if choices and text not in choices:
+            return None, f"{_preview(text)} is not one of the field's choices {choices}"
+    return text, None
+
+
+def _parse_date(value: Any) -> date | None:
+    if isinstance(value, datetime):
+        return value.date()
+    if isinstance(value, date):
+        return value
+    text = str(value).strip()
+    for fmt in ("%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y/%m/%d"):
+        try:
+            return datetime.strptime(text[:19] if "T" in text else text[:10], fmt).date()
+        except ValueError:
+            continue
+    return None
+
+
+def _preview(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

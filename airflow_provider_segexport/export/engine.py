@@ -1,0 +1,320 @@
+"""The destination-agnostic export engine.
+
+stream rows -> map + validate -> destination.prepare -> batch to the destination's size -> send with a
+bounded number of batches in flight -> per-row outcomes -> report.
+
+Backpressure: the reader blocks while ``max_in_flight`` batches are being sent, so memory holds at
+most ``max_in_flight + 1`` batches whatever the segment size. When a vendor refuses a whole batch
+because of one bad row (:class:`BatchRefused`), the batch is split in halves until the bad row is
+isolated and rejected with the vendor's reason; the rest still goes through.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from airflow_provider_segexport.export.records import (
+    VENDOR_REJECTED,
+    FieldMapping,
+    Record,
+    Reject,
+    RowValidator,
+)
+from airflow_provider_segexport.export.report import (
+    OUTCOMES,
+    Progress,
+    RejectsWriter,
+    SegmentStats,
+    summary_table,
+)
+from airflow_provider_segexport.export.sources import Segment
+
+log = logging.getLogger(__name__)
+
+
+class ExportError(RuntimeError):
+    """The export stopped. The message says why and what to do."""
+
+
+class ExportLimitExceeded(ExportError):
+    """A segment or the whole export is larger than the destination accepts; nothing was sent."""
+
+
+class BatchRefused(Exception):
+    """The vendor refused a whole batch because of its content (e.g. one malformed member).
+
+    The engine splits the batch to isolate the offending rows.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What the destination did with one record: created, updated, unchanged or rejected."""
+
+    record: Record
+    status: str
+    message: str | None = None
+    reason: str = VENDOR_REJECTED
+
+
+class Destination:
+    """What a destination plugs into the engine. Vendor adapters subclass this."""
+
+    #: shown in logs and the summary, e.g. "Mailchimp"
+    name = "destination"
+    #: members per request (the vendor's documented maximum)
+    batch_size = 100
+    #: requests in flight at once (the vendor's documented concurrency)
+    max_in_flight = 1
+    #: members per export, all segments together (None: no limit)
+    max_per_export: int | None = None
+    #: members per segment (None: no limit)
+    max_per_segment: int | None = None
+
+    def __init__(self, mapping: FieldMapping, target: str) -> None:
+        self.mapping = mapping
+        self.target = target
+
+    def preflight(self, segments: list[Segment], dry_run: bool) -> None:
+        """Check the destination before the first member is sent; raise ExportError with a fix."""
+
+    def prepare(self, record: Record) -> Record | Reject:
+        """Vendor-specific conversion of a mapped record (types, formats); may reject it."""
+        return record
+
+    def send(self, segment: Segment, records: list[Record]) -> list[Outcome]:
+        """Send one batch; return one outcome per record. Raise BatchRefused to have it split."""
+        raise NotImplementedError
+
+    def finish_segment(self, segment: Segment, dry_run: bool) -> dict[str, int]:
+        """After every batch of a segment is confirmed (e.g. mirror removals). Returns extra counts."""
+        return {}
+
+    def http_stats(self) -> dict[str, int]:
+        return {}
+
+    def close(self) -> None:
+        """Release threads and connections."""
+
+
+class ExportEngine:
+    def __init__(
+        self,
+        destination: Destination,
+        segments: Iterable[Segment],
+        *,
+        rejects_path: Any,
+        dry_run: bool = False,
+        logger: logging.Logger | Any = None,
+        progress_interval: float = 10.0,
+        max_rejects_share: float | None = None,
+    ) -> None:
+        self.destination = destination
+        self.segments = list(segments)
+        self.dry_run = dry_run
+        self.log = logger or log
+        self.progress_interval = progress_interval
+        self.max_rejects_share = max_rejects_share
+        self.rejects = RejectsWriter(rejects_path)
+        self._lock = threading.Lock()
+        self._failure: BaseException | None = None
+        self._stats: dict[str, SegmentStats] = {}
+
+    # -- pre-flight ------------------------------------------------------------------------------
+    def _preflight(self) -> dict[str, int]:
+        d = self.destination
+        if not self.segments:
+            raise ExportError("No segments to export.")
+        names = [s.name for s in self.segments]
+        if len(set(names)) != len(names):
+            raise ExportError(f"Segment names must be unique in one export; got {names}.")
+        totals: dict[str, int] = {}
+        for seg in self.segments:
+            d.mapping.check_columns(seg.source.columns(), f"Segment '{seg.name}' ({seg.source.description})")
+            totals[seg.name] = seg.source.count()
+            if d.max_per_segment is not None and totals[seg.name] > d.max_per_segment:
+                raise ExportLimitExceeded(
+                    f"Segment '{seg.name}' has {totals[seg.name]:,} members; {d.name} accepts at most "
+                    f"{d.max_per_segment:,} per segment. Nothing was sent. Split the segment (e.g. by a "
+                    "column range) into several segments or exports."
+                )
+        total = sum(totals.values())
+        if d.max_per_export is not None and total > d.max_per_export:
+            raise ExportLimitExceeded(
+                f"This export has {total:,} profiles ({', '.join(f'{k}: {v:,}' for k, v in totals.items())}); "
+                f"{d.name} accepts at most {d.max_per_export:,} per export. Nothing was sent. Export fewer or "
+                "smaller segments per task (e.g. one task per segment)."
+            )
+        d.preflight(self.segments, self.dry_run)
+        return totals
+
+    # -- run ---------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        started = time.monotonic()
+        d = self.destination
+        mode = "DRY RUN: nothing will be sent" if self.dry_run else f"to {d.name} '{d.target}'"
+        self.log.info("::group::Pre-flight checks")
+        totals = self._preflight()
+        self.log.info("Exporting %d segment(s), %s rows in all, %s; batches of %d, up to %d in flight",
+                      len(totals), f"{sum(totals.values()):,}", mode, d.batch_size, d.max_in_flight)
+        self.log.info("::endgroup::")
+        try:
+            with ThreadPoolExecutor(max_workers=d.max_in_flight, thread_name_prefix="segexport") as pool:
+                slots = threading.BoundedSemaphore(d.max_in_flight)
+                for seg in self.segments:
+                    self._run_segment(seg, totals[seg.name], pool, slots)
+                    if self._failure is not None:
+                        break
+        finally:
+            self.rejects.close()
+        summary = self._summary(time.monotonic() - started)
+        self.log.info("Summary of the export %s:\n%s", mode, summary_table(summary))
+        if summary["rejects"]["count"]:
+            self.log.warning("%s row(s) rejected (%s); details (row, key, reason, vendor message) in %s",
+                             f"{summary['rejects']['count']:,}",
+                             ", ".join(f"{k}: {v:,}" for k, v in summary["rejects"]["by_reason"].items()),
+                             summary["rejects"]["path"])
+        if self._failure is not None:
+            raise ExportError(
+                f"The export to {d.name} stopped: {self._failure}. Members confirmed before the failure are "
+                "kept at the destination; the others are counted as not sent. Fix the cause and clear the task "
+                "to run it again (re-sending is safe: members are upserted)."
+            ) from self._failure
+        share = self.max_rejects_share
+        rows = summary["totals"]["rows"]
+        if share is not None and rows and summary["totals"]["rejected"] / rows > share:
+            raise ExportError(
+                f"{summary['totals']['rejected']:,} of {rows:,} rows were rejected, more than the allowed "
+                f"{share:.0%}; see {summary['rejects']['path']}."
+            )
+        return summary
+
+    def _run_segment(self, seg: Segment, total: int, pool: ThreadPoolExecutor,
+                     slots: threading.BoundedSemaphore) -> None:
+        d = self.destination
+        stats = self._stats[seg.name] = SegmentStats(seg.name, total)
+        progress = Progress(self.log, f"{d.name} segment '{seg.name}'", total, self.progress_interval)
+        validate = RowValidator(d.mapping, seg.name)
+        pending: list[Future] = []
+        batch: list[Record] = []
+
+        def submit(records: list[Record]) -> None:
+            slots.acquire()
+            if self._failure is not None:
+                slots.release()
+                self._not_sent(stats, records)
+                return
+            fut = pool.submit(self._send_batch, seg, records, stats, progress)
+            fut.add_done_callback(lambda _f: slots.release())
+            pending.append(fut)
+            if len(pending) > 4 * d.max_in_flight:
+                pending[:] = [f for f in pending if not f.done()]
+
+        self.log.info("::group::Segment '%s' -> %s '%s': %s rows", seg.name, d.name, d.target, f"{total:,}")
+        for row_number, row in enumerate(seg.source.rows(), start=1):
+            stats.read += 1
+            item = validate(row_number, row)
+            if isinstance(item, Record):
+                item = d.prepare(item)
+            if isinstance(item, Reject):
+                self._reject(stats, item)
+                progress.advance(1, stats.counts)
+                continue
+            batch.append(item)
+            if len(batch) >= d.batch_size:
+                submit(batch)
+                batch = []
+            if self._failure is not None:
+                break
+        if batch and self._failure is None:
+            submit(batch)
+        for fut in pending:
+            fut.result()
+        if self._failure is None:
+            extra = d.finish_segment(seg, self.dry_run)
+            for key, value in extra.items():
+                stats.counts[key] += value
+        stats.duration = time.monotonic() - stats.started
+        progress.emit(stats.counts)
+        self.log.info("::endgroup::")
+
+    def _send_batch(self, seg: Segment, records: list[Record], stats: SegmentStats, progress: Progress) -> None:
+        try:
+            if self.dry_run:
+                outcomes = [Outcome(r, "planned") for r in records]
+            else:
+                outcomes = self._send_splitting(seg, records)
+        except BaseException as exc:  # noqa: BLE001 - reported after the pool drains
+            with self._lock:
+                if self._failure is None:
+                    self._failure = exc
+            self._not_sent(stats, records)
+            return
+        with self._lock:
+            for o in outcomes:
+                if o.status == "rejected":
+                    r = o.record
+                    self.rejects.write(Reject(seg.name, r.row, r.key, o.reason, None,
+                                              f"{self.destination.name} refused the member", o.message))
+                stats.counts[o.status] += 1
+        progress.advance(len(records), stats.counts)
+
+    def _send_splitting(self, seg: Segment, records: list[Record]) -> list[Outcome]:
+        try:
+            outcomes = self.destination.send(seg, records)
+        except BatchRefused as exc:
+            if len(records) == 1:
+                return [Outcome(records[0], "rejected", exc.message)]
+            mid = len(records) // 2
+            self.log.info("%s refused a batch of %d (%s); splitting to isolate the bad row(s)",
+                          self.destination.name, len(records), exc.message)
+            return self._send_splitting(seg, records[:mid]) + self._send_splitting(seg, records[mid:])
+        if len(outcomes) != len(records):
+            raise ExportError(f"{self.destination.name} adapter returned {len(outcomes)} outcomes for "
+                              f"{len(records)} records")
+        return outcomes
+
+    def _reject(self, stats: SegmentStats, reject: Reject) -> None:
+        with self._lock:
+            self.rejects.write(reject)
+            stats.counts["rejected"] += 1
+
+    def _not_sent(self, stats: SegmentStats, records: list[Record]) -> None:
+        """Records never confirmed by the destination (the export stopped): counted, sent on the next run."""
+        with self._lock:
+            stats.counts["not_sent"] += len(records)
+
+    # -- summary -----------------------------------------------------------------------------------
+    def _summary(self, duration: float) -> dict:
+        segs = {name: s.as_dict() | {"not_sent": s.counts.get("not_sent", 0)} for name, s in self._stats.items()}
+        totals: Counter = Counter()
+        for s in segs.values():
+            for k in (*OUTCOMES, "rows", "not_sent"):
+                totals[k] += s[k]
+        d = self.destination
+        return {
+            "destination": d.name,
+            "target": d.target,
+            "dry_run": self.dry_run,
+            "segments": segs,
+            "totals": {k: totals.get(k, 0) for k in ("rows", *OUTCOMES, "not_sent")},
+            "rejects": {
+                "count": self.rejects.count,
+                "by_reason": dict(self.rejects.by_reason),
+                "path": str(self.rejects.path) if self.rejects.count else None,
+            },
+            "duration_s": round(duration, 3),
+            "rows_per_second": round(totals["rows"] / duration, 1) if duration > 0 else None,
+            "http": d.http_stats(),
+        }

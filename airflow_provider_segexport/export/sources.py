@@ -1,0 +1,253 @@
+"""Where segment members come from: a SQL query on any Airflow SQL connection, or a file.
+
+Both stream: SQL rows are fetched with ``fetchmany`` in chunks, files are read line by line (or
+Parquet batch by batch), so a segment is never held whole in memory.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+_SEGMENT_NAME = re.compile(r"^[A-Za-z0-9_.: -]{1,100}$")
+
+
+class SourceError(RuntimeError):
+    """The source could not be read (bad SQL, missing file, unsupported format)."""
+
+
+class Source:
+    """A stream of rows (dicts) for one segment."""
+
+    description = "source"
+
+    def columns(self) -> list[str]:
+        raise NotImplementedError
+
+    def count(self) -> int:
+        raise NotImplementedError
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        raise NotImplementedError
+
+
+@dataclass
+class SqlSource(Source):
+    """Rows of ``sql`` run on the Airflow connection ``conn_id`` (any common.sql ``DbApiHook``)."""
+
+    conn_id: str
+    sql: str
+    parameters: Mapping[str, Any] | tuple | None = None
+    chunk_size: int = 5000
+    _hook: Any = field(default=None, repr=False)
+
+    @property
+    def description(self) -> str:
+        return f"SQL query on connection '{self.conn_id}'"
+
+    def hook(self):
+        if self._hook is None:
+            from airflow.providers.common.sql.hooks.sql import DbApiHook
+            from airflow.sdk import BaseHook
+
+            hook = BaseHook.get_connection(self.conn_id).get_hook()
+            if not isinstance(hook, DbApiHook):
+                raise SourceError(
+                    f"Connection '{self.conn_id}' is of type '{getattr(hook, 'conn_type', '?')}', not a SQL "
+                    "database: use a connection whose hook is a common.sql DbApiHook (sqlite, postgres, ...)."
+                )
+            self._hook = hook
+        return self._hook
+
+    def _execute(self, sql: str):
+        conn = self.hook().get_conn()
+        cursor = conn.cursor()
+        try:
+            if self.parameters:
+                cursor.execute(sql, self.parameters)
+            else:
+                cursor.execute(sql)
+        except Exception as exc:
+            cursor.close()
+            conn.close()
+            raise SourceError(f"{self.description} failed: {exc}. SQL: {_short_sql(sql)}") from exc
+        return conn, cursor
+
+    def columns(self) -> list[str]:
+        conn, cursor = self._execute(f"SELECT * FROM ({self.sql.rstrip().rstrip(';')}) segexport_q WHERE 1 = 0")
+        try:
+            return [d[0] for d in cursor.description]
+        finally:
+            cursor.close()
+            conn.close()
+
+    def count(self) -> int:
+        conn, cursor = self._execute(f"SELECT COUNT(*) FROM ({self.sql.rstrip().rstrip(';')}) segexport_q")
+        try:
+            return int(cursor.fetchone()[0])
+        finally:
+            cursor.close()
+            conn.close()
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        conn, cursor = self._execute(self.sql)
+        try:
+            names = [d[0] for d in cursor.description]
+            while True:
+                chunk = cursor.fetchmany(self.chunk_size)
+                if not chunk:
+                    break
+                for values in chunk:
+                    yield dict(zip(names, values, strict=False))
+        finally:
+            cursor.close()
+            conn.close()
+
+
+@dataclass
+class FileSource(Source):
+    """Rows of a CSV, JSON Lines or Parquet file on any ``ObjectStoragePath`` (local, s3://, gs://...)."""
+
+    path: Any
+    format: str | None = None
+    conn_id: str | None = None
+    csv_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from airflow.sdk import ObjectStoragePath
+
+        if not isinstance(self.path, ObjectStoragePath):
+            self.path = ObjectStoragePath(str(self.path), conn_id=self.conn_id)
+        fmt = (self.format or "").lower() or _format_from_name(str(self.path))
+        if fmt not in ("csv", "jsonl", "parquet"):
+            raise SourceError(
+                f"Cannot tell the format of {self.path}: name it .csv, .jsonl/.ndjson or .parquet, or pass "
+                "format='csv'|'jsonl'|'parquet'."
+            )
+        self.format = fmt
+
+    @property
+    def description(self) -> str:
+        return f"file {self.path}"
+
+    def _check(self) -> None:
+        if not self.path.exists():
+            raise SourceError(f"{self.description} does not exist")
+
+    def columns(self) -> list[str]:
+        self._check()
+        if self.format == "csv":
+            with self.path.open("r", encoding="utf-8-sig", newline="") as fh:
+                return next(csv.reader(fh, **self.csv_options), [])
+        if self.format == "parquet":
+            return list(self._parquet().schema_arrow.names)
+        for row in self.rows():
+            return list(row)
+        return []
+
+    def count(self) -> int:
+        if self.format == "parquet":
+            self._check()
+            return self._parquet().metadata.num_rows
+        return sum(1 for _ in self.rows())
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        self._check()
+        if self.format == "csv":
+            with self.path.open("r", encoding="utf-8-sig", newline="") as fh:
+                for row in csv.DictReader(fh, **self.csv_options):
+                    yield {k: (v if v != "" else None) for k, v in row.items()}
+        elif self.format == "jsonl":
+            with self.path.open("r", encoding="utf-8") as fh:
+                for n, line in enumerate(fh, start=1):
+                    line = line.strip()
+                    if not line:
+                        continue
+                    try:
+                        obj = json.loads(line)
+                    except ValueError as exc:
+                        raise SourceError(f"{self.description} line {n} is not valid JSON: {exc}") from exc
+                    if not isinstance(obj, dict):
+                        raise SourceError(f"{self.description} line {n} is not a JSON object")
+                    yield obj
+        else:
+            pf = self._parquet()
+            for batch in pf.iter_batches(batch_size=10_000):
+                yield from batch.to_pylist()
+
+    def _parquet(self):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as exc:
+            raise SourceError("Reading Parquet needs pyarrow: pip install 'airflow-provider-segexport[parquet]'") from exc
+        fh = self.path.open("rb")
+        return pq.ParquetFile(fh if not isinstance(fh, io.TextIOBase) else fh.buffer)
+
+
+def _format_from_name(name: str) -> str:
+    lower = name.lower()
+    for suffix, fmt in ((".csv", "csv"), (".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "jsonl"),
+                        (".parquet", "parquet"), (".pq", "parquet")):
+        if lower.endswith(suffix):
+            return fmt
+    return ""
+
+
+def _short_sql(sql: str, limit: int = 300) -> str:
+    sql = " ".join(sql.split())
+    return sql if len(sql) <= limit else sql[: limit - 1] + "…"
+
+
+@dataclass
+class Segment:
+    """A named segment and where its members come from."""
+
+    name: str
+    source: Source
+
+    def __post_init__(self) -> None:
+        if not _SEGMENT_NAME.match(self.name or ""):
+            raise ValueError(
+                f"Segment name {self.name!r} is not allowed: use 1-100 letters, digits, spaces, '_', '-', '.', ':'."
+            )
+
+
+def segments_from_spec(
+    spec: Any, *, sql: str | None = None, sql_conn_id: str | None = None, path: str | None = None,
+    file_format: str | None = None, chunk_size: int = 5000,
+) -> list[Segment]:
+    """Build segments from an operator's ``segments`` argument.
+
+    Each item is a segment name (using the operator-level ``sql``, where ``{segment}`` is replaced by
+    the quoted segment name, or ``path`` with ``{segment}`` in it) or a dict with ``name`` and one of
+    ``sql`` (+ optional ``conn_id``) or ``path`` (+ optional ``format``).
+    """
+    if isinstance(spec, (str, dict)):
+        spec = [spec]
+    if not spec:
+        raise ValueError("No segments given: pass segments=['name', ...] or [{'name': ..., 'sql': ...}].")
+    out = []
+    for item in spec:
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, dict) or "name" not in item:
+            raise ValueError(f"Segment {item!r} must be a name or a dict with 'name' and 'sql' or 'path'.")
+        name = str(item["name"]).strip()
+        quoted = "'" + name.replace("'", "''") + "'"
+        if item.get("path") or (path and not item.get("sql") and not sql):
+            p = str(item.get("path") or path).replace("{segment}", name)
+            source: Source = FileSource(p, format=item.get("format") or file_format, conn_id=item.get("conn_id"))
+        else:
+            query = item.get("sql") or sql
+            conn_id = item.get("conn_id") or sql_conn_id
+            if not query or not conn_id:
+                raise ValueError(f"Segment '{name}' needs a SQL query and a connection (sql=..., sql_conn_id=...) "
+                                 "or a file path.")
+            source = SqlSource(conn_id, query.replace("{segment}", quoted), item.get("parameters"), chunk_size)
+        out.append(Segment(name, source))
+    return out

@@ -1,0 +1,18 @@
+"""Operator extra links: buttons in the Airflow UI that open the destination."""
+
+from __future__ import annotations
+
+from airflow.sdk import BaseOperatorLink
+
+MAILCHIMP_AUDIENCE_URL_KEY = "mailchimp_audience_url"
+
+
+class MailchimpAudienceLink(BaseOperatorLink):
+    """Opens the exported audience in Mailchimp. The operator pushes the URL once it knows the audience."""
+
+    name = "Mailchimp audience"
+
+    def get_link(self, operator, *, ti_key) -> str:
+        from airflow.sdk.execution_time.xcom import XCom
+
+        return XCom.get_value(ti_key=ti_key, key=MAILCHIMP_AUDIENCE_URL_KEY) or ""
