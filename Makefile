@@ -1,0 +1,44 @@
+# Set-up and everyday commands. Every target creates the virtualenv and installs what it needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
+PYTEST_ARGS ?=
+
+.PHONY: install test lint demo airflow bench sandbox warehouse clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check airflow_provider_segexport dags tests
+
+## make test: lint + the whole test suite (unit, sandbox, DAG runs, browser)
+test: $(STAMP) lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+## make demo: sample warehouse + sandbox + `airflow dags test segment_export`, then a report
+demo: $(STAMP)
+	$(BIN)/python -m airflow_provider_segexport.demo
+
+## make airflow: the same set-up, then `airflow standalone` (UI on http://localhost:8080)
+airflow: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m airflow_provider_segexport.demo --standalone
+
+## make sandbox: run the vendor sandbox in the foreground
+sandbox: $(STAMP)
+	$(BIN)/segexport-sandbox --port 8443
+
+## make bench: long benchmarks (1,000,000 profiles)
+bench: $(STAMP)
+	$(BIN)/python -m tests.bench.run
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache .ruff_cache build dist
