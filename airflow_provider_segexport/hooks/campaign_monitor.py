@@ -1,0 +1,55 @@
+"""Campaign Monitor API v3.3: connection, authentication and documented limits.
+
+The export destination comes with its own issue; today the hook authenticates and tests the connection.
+Limits (``shared/API-FACTS.md`` section 2): 1,000 subscribers per import call.
+"""
+
+from __future__ import annotations
+
+import base64
+from functools import cached_property
+from typing import Any
+
+from airflow_provider_segexport.hooks.base import SegexportBaseHook
+from airflow_provider_segexport.http import VendorAuthError, VendorSession
+
+IMPORT_MAX = 1000
+MAX_PER_EXPORT = 1_000_000
+DEFAULT_BASE_URL = "https://api.createsend.com/api/v3.3"
+
+
+class CampaignMonitorHook(SegexportBaseHook):
+    conn_type = "campaign_monitor"
+    default_conn_name = "campaign_monitor_default"
+    hook_name = "Campaign Monitor"
+    vendor = "Campaign Monitor"
+
+    def __init__(self, conn_id: str = default_conn_name, **kwargs: Any) -> None:
+        super().__init__(conn_id, **kwargs)
+
+    @cached_property
+    def base_url(self) -> str:
+        host = (self.connection.host or "").strip()
+        return (host if host.startswith(("http://", "https://")) else f"https://{host}" if host
+                else DEFAULT_BASE_URL).rstrip("/")
+
+    def _build_session(self) -> VendorSession:
+        key = self.secret("api_key") or self.connection.password
+        if not key:
+            raise VendorAuthError(self.vendor, None, f"Connection '{self.conn_id}' has no API key: set the field "
+                                  "'API key' (extra \"api_key\").")
+        header = {"Authorization": "Basic " + base64.b64encode(f"{key}:x".encode()).decode()}
+        return self.new_session(self.base_url, auth=lambda: header)
+
+    def test_connection(self) -> tuple[bool, str]:
+        try:
+            self.http.retry.max_attempts = 2
+            client_id = self.extras.get("client_id")
+            if client_id:
+                client = self.http.get_json(f"/clients/{client_id}.json")
+                name = (client.get("BasicDetails") or {}).get("CompanyName", client_id)
+                return True, f"Connected to Campaign Monitor client '{name}'"
+            clients = self.http.get_json("/clients.json")
+            return True, f"Connected to Campaign Monitor ({len(clients or [])} client(s) visible)"
+        except Exception as exc:  # noqa: BLE001
+            return False, str(exc)
