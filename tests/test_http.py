@@ -1,0 +1,198 @@
+"""The one HTTP layer, against a real local HTTP server (no mocking of requests)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from airflow_provider_segexport.http import (
+    RetryPolicy,
+    VendorAPIError,
+    VendorAuthError,
+    VendorSession,
+    retry_after_seconds,
+)
+
+
+class Script:
+    """Responses the server gives in order: (status, headers, body); the last one repeats."""
+
+    def __init__(self, *steps):
+        self.steps = list(steps)
+        self.received: list[tuple[str, str, dict]] = []
+        self.times: list[float] = []
+
+    def next(self):
+        return self.steps.pop(0) if len(self.steps) > 1 else self.steps[0]
+
+
+@pytest.fixture
+def server():
+    script_holder: dict = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def setup(self):
+            super().setup()
+            self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def _handle(self):
+            length = int(self.headers.get("Content-Length") or 0)
+            if length:
+                self.rfile.read(length)
+            script: Script = script_holder["script"]
+            script.received.append((self.command, self.path, dict(self.headers)))
+            script.times.append(time.monotonic())
+            status, headers, body = script.next()
+            if status == "drop":
+                self.close_connection = True
+                self.request.shutdown(socket.SHUT_RDWR)
+                return
+            data = json.dumps(body).encode() if body is not None else b""
+            self.send_response(status)
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = do_PUT = do_DELETE = _handle
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+
+    def use(*steps) -> tuple[Script, str]:
+        script_holder["script"] = Script(*steps)
+        return script_holder["script"], f"http://127.0.0.1:{httpd.server_port}"
+
+    yield use
+    httpd.shutdown()
+
+
+def fast_policy(**kw) -> RetryPolicy:
+    return RetryPolicy(**{"max_attempts": 5, "backoff_base": 0.01, "backoff_max": 0.05, **kw})
+
+
+def test_429_honours_retry_after_then_succeeds(server):
+    script, url = server((429, {"Retry-After": "1"}, {"detail": "slow down"}), (200, {}, {"ok": True}))
+    s = VendorSession("Vendor", url, retry=fast_policy())
+    assert s.get_json("/thing") == {"ok": True}
+    assert len(script.received) == 2
+    waited = script.times[1] - script.times[0]
+    assert 1.0 <= waited < 2.0, waited  # the server's Retry-After, not the tiny backoff
+    assert s.stats.as_dict() == {"requests": 2, "retries": 1, "throttled": 1}
+
+
+def test_ratelimit_reset_header_is_honoured(server):
+    script, url = server((429, {"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "1"}, {"Code": 429}),
+                         (200, {}, {"ok": 1}))
+    s = VendorSession("Vendor", url, retry=fast_policy())
+    s.get_json("/x")
+    assert script.times[1] - script.times[0] >= 1.0
+
+
+def test_503s_are_retried_with_backoff_for_idempotent_requests(server):
+    script, url = server((503, {}, {"message": "busy"}), (503, {}, {"message": "busy"}), (200, {}, {"ok": 1}))
+    s = VendorSession("Vendor", url, retry=fast_policy())
+    assert s.get_json("/x") == {"ok": 1}
+    assert [r[0] for r in script.received] == ["GET", "GET", "GET"]
+
+
+def test_non_idempotent_post_is_not_retried_on_503(server):
+    script, url = server((503, {}, {"message": "busy"}), (200, {}, {"ok": 1}))
+    s = VendorSession("Vendor", url, retry=fast_policy())
+    with pytest.raises(VendorAPIError) as err:
+        s.post_json("/create", {"a": 1})
+    assert err.value.status == 503 and "busy" in str(err.value)
+    assert len(script.received) == 1
+
+
+def test_post_declared_idempotent_is_retried(server):
+    script, url = server((502, {}, None), (200, {}, {"ok": 1}))
+    s = VendorSession("Vendor", url, retry=fast_policy())
+    assert s.post_json("/upsert", {"a": 1}, idempotent=True) == {"ok": 1}
+    assert len(script.received) == 2
+
+
+def test_429_is_retried_even_for_post(server):
+    script, url = server((429, {}, {"title": "Too Many Requests"}), (200, {}, {"ok": 1}))
+    s = VendorSession("Vendor", url, retry=fast_policy())
+    assert s.post_json("/create", {}) == {"ok": 1}
+
+
+def test_dropped_connection_is_retried_only_when_safe(server):
+    script, url = server(("drop", {}, None), (200, {}, {"ok": 1}))
+    s = VendorSession("Vendor", url, retry=fast_policy())
+    assert s.get_json("/x") == {"ok": 1}
+    script, url = server(("drop", {}, None), (200, {}, {"ok": 1}))
+    with pytest.raises(VendorAPIError):
+        s.post_json("/not-safe", {})
+    assert len(script.received) == 1
+
+
+def test_gives_up_after_max_attempts_with_vendor_message(server):
+    script, url = server((500, {}, {"error": {"code": "0x1", "message": "Generic SQL error."}}))
+    s = VendorSession("Dataverse", url, retry=fast_policy(max_attempts=3))
+    with pytest.raises(VendorAPIError) as err:
+        s.get_json("/contacts")
+    assert len(script.received) == 3
+    assert "Generic SQL error." in str(err.value) and err.value.code == "0x1"
+
+
+def test_auth_error_is_not_retried_and_is_typed(server):
+    script, url = server((401, {}, {"title": "API Key Invalid", "detail": "Your API key may be invalid"}))
+    s = VendorSession("Mailchimp", url, retry=fast_policy())
+    with pytest.raises(VendorAuthError) as err:
+        s.get_json("/")
+    assert "Your API key may be invalid" in str(err.value)
+    assert len(script.received) == 1
+
+
+def test_401_refreshes_token_once(server):
+    script, url = server((401, {}, {"message": "expired"}), (200, {}, {"ok": 1}))
+    tokens = iter(["old", "new"])
+    current = {"token": next(tokens)}
+
+    def refresh() -> bool:
+        current["token"] = next(tokens)
+        return True
+
+    s = VendorSession("Vendor", url, auth=lambda: {"Authorization": f"Bearer {current['token']}"},
+                      on_unauthorized=refresh, retry=fast_policy())
+    assert s.get_json("/x") == {"ok": 1}
+    assert [r[2]["Authorization"] for r in script.received] == ["Bearer old", "Bearer new"]
+
+
+def test_retry_after_too_long_fails_fast(server):
+    script, url = server((429, {"Retry-After": "3600"}, {"detail": "quota"}))
+    s = VendorSession("Vendor", url, retry=fast_policy(max_retry_after=10))
+    with pytest.raises(VendorAPIError, match="asked to wait 3600s"):
+        s.get_json("/x")
+
+
+def test_unknown_connection_fields_are_never_sent_as_headers(server):
+    script, url = server((200, {}, {"ok": 1}))
+    s = VendorSession("Vendor", url, auth=lambda: {"Authorization": "Bearer t"})
+    s.get_json("/x")
+    sent = {k.lower() for k in script.received[0][2]}
+    assert sent <= {"host", "user-agent", "accept", "accept-encoding", "connection", "authorization"}
+
+
+def test_retry_after_parsing():
+    assert retry_after_seconds({"Retry-After": "7"}) == 7
+    assert retry_after_seconds({"Retry-After": "Wed, 21 Oct 2015 07:28:10 GMT"}, now=1445412480) == 10
+    assert retry_after_seconds({"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": str(1_700_000_030)},
+                               now=1_700_000_000) == 30
+    assert retry_after_seconds({"X-RateLimit-Remaining": "5", "X-RateLimit-Reset": "30"}) is None
+    assert retry_after_seconds({}) is None
