@@ -250,7 +250,7 @@ class VendorSession:
                     self.vendor, None, f"TLS verification failed for {self.base_url}: {_short(exc)}. Check the "
                     "connection's CA bundle (extra \"ca_bundle\") or the host name.", method=method, path=short_path,
                 ) from exc
-            except (requests.ConnectionError, requests.Timeout) as exc:
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
                 kwargs["headers"] = {k: v for k, v in headers.items() if k.lower() != "authorization"}
                 # A request that timed out or lost its connection may have been processed: repeat
                 # it only when that is harmless.

@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
 
 _AIRFLOW_HOME = Path(os.environ.get("SEGEXPORT_TEST_AIRFLOW_HOME") or tempfile.mkdtemp(prefix="segexport-airflow-"))
 os.environ["AIRFLOW_HOME"] = str(_AIRFLOW_HOME)
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 os.environ.setdefault("AIRFLOW__CORE__UNIT_TEST_MODE", "False")
 os.environ.setdefault("AIRFLOW__CORE__TEST_CONNECTION", "Enabled")
-os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(Path(__file__).resolve().parent.parent / "dags"))
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "dags")
+# Two DAG bundles: the example DAGs users copy, and small DAGs that exercise one operator each.
+os.environ["AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST"] = json.dumps([
+    {"name": "dags-folder", "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle",
+     "kwargs": {"path": str(REPO / "dags")}},
+    {"name": "test-dags", "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle",
+     "kwargs": {"path": str(REPO / "tests" / "dags")}},
+])
 
 import pytest  # noqa: E402
 import requests  # noqa: E402
@@ -42,6 +54,7 @@ class SandboxClient:
         self.admin = server.info["admin_url"]
         self.session = requests.Session()
         self.session.verify = server.info["ca_bundle"]
+        self.session.trust_env = False  # REQUESTS_CA_BUNDLE would override verify
 
     def state(self, vendor: str) -> dict:
         r = self.session.get(f"{self.admin}/state/{vendor}", timeout=30)
@@ -69,3 +82,47 @@ def sandbox(sandbox_server) -> SandboxClient:
     client.latency(0, 0)
     yield client
     client.reset()
+
+
+@pytest.fixture(scope="session")
+def airflow_db(airflow_home) -> Path:
+    """A migrated SQLite metadata database (needed by dag.test())."""
+    if not (airflow_home / ".migrated").exists():
+        airflow = Path(sys.executable).parent / "airflow"
+        subprocess.run([str(airflow), "db", "migrate"], check=True, env=os.environ.copy(),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        (airflow_home / ".migrated").touch()
+    return airflow_home
+
+
+def run_dag(dag_id: str, conf: dict | None = None, bundle: str = "test-dags"):
+    """Run a DAG with dag.test(); return (state, {task_id: return_value XCom})."""
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    folder = REPO / ("tests/dags" if bundle == "test-dags" else "dags")
+    bag = DagBag(dag_folder=str(folder))
+    assert not bag.import_errors, bag.import_errors
+    dag = bag.dags[dag_id]
+    dr = dag.test(run_conf=conf or {})
+    values = {}
+    with create_session() as session:
+        rows = session.scalars(select(XComModel).where(XComModel.dag_id == dag_id, XComModel.run_id == dr.run_id,
+                                                       XComModel.key == "return_value")).all()
+        for row in rows:
+            values[row.task_id] = XComModel.deserialize_value(row)
+    return dr.state, values
+
+
+@pytest.fixture
+def mailchimp_conn(sandbox, monkeypatch):
+    """``mailchimp_default`` pointing at the sandbox, privacy acknowledged."""
+    info = sandbox.info
+    monkeypatch.setenv("AIRFLOW_CONN_MAILCHIMP_DEFAULT", json.dumps({
+        "conn_type": "mailchimp", "host": info["mailchimp"]["base_url"],
+        "extra": {"api_key": info["mailchimp"]["api_key"], "ca_bundle": info["ca_bundle"],
+                  "data_privacy_acknowledged": True},
+    }))
+    return info["mailchimp"]

@@ -88,3 +88,17 @@ def test_id_keyed_mapping_dedupes_on_the_key():
 def test_reject_json_has_no_profile_fields():
     (rej,) = run([row(email="bad")])
     assert set(rej.as_json()) == {"segment", "row", "key", "reason", "field", "message"}
+
+
+def test_same_customer_in_two_segments_is_fine_but_two_customers_sharing_an_email_is_not():
+    from airflow_provider_segexport.export.records import Deduper
+
+    d = Deduper()
+    a = RowValidator(MAPPING, "a", d, 0)
+    b = RowValidator(MAPPING, "b", d, 1)
+    assert isinstance(a(1, row("C1", "x@example.com")), Record)
+    assert isinstance(b(1, row("C1", "X@example.com")), Record)  # same member, second segment
+    dup = b(2, row("C2", "x@example.com"))  # another customer with the same email
+    assert isinstance(dup, Reject) and dup.reason == R.DUPLICATE
+    again = b(3, row("C1", "x@example.com"))  # the same customer twice in one segment
+    assert isinstance(again, Reject) and again.reason == R.DUPLICATE

@@ -22,6 +22,7 @@ from typing import Any
 
 from airflow_provider_segexport.export.records import (
     VENDOR_REJECTED,
+    Deduper,
     FieldMapping,
     Record,
     Reject,
@@ -130,6 +131,7 @@ class ExportEngine:
         self._lock = threading.Lock()
         self._failure: BaseException | None = None
         self._stats: dict[str, SegmentStats] = {}
+        self._deduper = Deduper()
 
     # -- pre-flight ------------------------------------------------------------------------------
     def _preflight(self) -> dict[str, int]:
@@ -205,7 +207,7 @@ class ExportEngine:
         d = self.destination
         stats = self._stats[seg.name] = SegmentStats(seg.name, total)
         progress = Progress(self.log, f"{d.name} segment '{seg.name}'", total, self.progress_interval)
-        validate = RowValidator(d.mapping, seg.name)
+        validate = RowValidator(d.mapping, seg.name, self._deduper, self.segments.index(seg))
         pending: list[Future] = []
         batch: list[Record] = []
 

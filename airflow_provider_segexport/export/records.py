@@ -139,13 +139,39 @@ class FieldMapping:
             )
 
 
-class RowValidator:
-    """Applies a :class:`FieldMapping` to the rows of one segment, remembering what it has seen."""
+class Deduper:
+    """Duplicates across one whole export, in bounded memory (two ints per distinct member).
 
-    def __init__(self, mapping: FieldMapping, segment: str) -> None:
+    The same email (case-insensitive) or ID held by two different keys is a duplicate; the same key
+    twice in one segment is a duplicate; the same key in two segments is one member in two segments.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[int, int] = {}
+
+    def check(self, value: str, key: str, segment_index: int) -> bool:
+        """True if ``value`` is new for this export (or the same member seen in another segment)."""
+        v = int.from_bytes(hashlib.blake2b(value.lower().encode("utf-8"), digest_size=8).digest(), "big")
+        k = int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=7).digest(), "big")
+        stored = self._seen.get(v)
+        if stored is None:
+            self._seen[v] = (k << 8) | (segment_index & 0xFF)
+            return True
+        if stored >> 8 != k or (stored & 0xFF) == (segment_index & 0xFF):
+            return False
+        self._seen[v] = (k << 8) | (segment_index & 0xFF)
+        return True
+
+
+class RowValidator:
+    """Applies a :class:`FieldMapping` to the rows of one segment, deduplicating across the export."""
+
+    def __init__(self, mapping: FieldMapping, segment: str, deduper: Deduper | None = None,
+                 segment_index: int = 0) -> None:
         self.mapping = mapping
         self.segment = segment
-        self._seen: set[bytes] = set()
+        self._deduper = deduper or Deduper()
+        self._segment_index = segment_index
         self._items = list(mapping.fields.items())
         self._email_field = mapping.email_field
         self._dedupe_field = mapping.dedupe_field or mapping.email_field
@@ -180,15 +206,13 @@ class RowValidator:
                 return Reject(self.segment, row_number, key, TOO_LONG, dest,
                               f"'{dest}' (column '{col}') has {len(value)} characters; at most {limit} allowed")
             payload[dest] = value
-        dedupe_value = payload.get(self._dedupe_field) if self._dedupe_field else key
-        if dedupe_value is None:
-            dedupe_value = key
-        digest = hashlib.blake2b(str(dedupe_value).lower().encode("utf-8"), digest_size=8).digest()
-        if digest in self._seen:
-            what = f"email '{self._dedupe_field}'" if self._dedupe_field == self._email_field else "key"
+        dedupe_value = payload.get(self._dedupe_field) if self._dedupe_field else None
+        if not self._deduper.check(str(dedupe_value if dedupe_value is not None else key), key,
+                                   self._segment_index):
+            what = f"'{self._dedupe_field}'" if dedupe_value is not None else "key"
             return Reject(self.segment, row_number, key, DUPLICATE, self._dedupe_field,
-                          f"the same {what} (case-insensitive) appears earlier in segment '{self.segment}'")
-        self._seen.add(digest)
+                          f"the same {what} (case-insensitive) appears earlier in this export for another "
+                          f"customer, or twice for this customer in segment '{self.segment}'")
         return Record(self.segment, row_number, key, payload, email.lower() if email else None)
 
 

@@ -34,7 +34,7 @@ class BaseSegmentExportOperator(BaseOperator):
     :param progress_interval: seconds between progress lines in the log.
     """
 
-    template_fields: Sequence[str] = ("segments", "sql", "path", "rejects_path", "dry_run")
+    template_fields: Sequence[str] = ("segments", "sql", "path", "rejects_path", "dry_run", "state_dir")
     template_fields_renderers = {"sql": "sql"}
     ui_color = "#e8f4fd"
 

@@ -34,7 +34,9 @@ class MailchimpSegmentExportOperator(BaseSegmentExportOperator):
     :param max_in_flight: batch calls in flight (at most 10, Mailchimp's connection limit).
     """
 
-    template_fields: Sequence[str] = (*BaseSegmentExportOperator.template_fields, "audience_id", "mode")
+    template_fields: Sequence[str] = (
+        *BaseSegmentExportOperator.template_fields, "audience_id", "mode", "merge_fields", "status_if_new",
+    )
     operator_extra_links = (MailchimpAudienceLink(),)
 
     def __init__(
@@ -58,7 +60,7 @@ class MailchimpSegmentExportOperator(BaseSegmentExportOperator):
         self.email_field = email_field
         self.first_name_field = first_name_field
         self.last_name_field = last_name_field
-        self.merge_fields = dict(merge_fields or {})
+        self.merge_fields = merge_fields
         self.status_if_new = status_if_new
         self.mode = mode
         self.tag_segments = tag_segments
@@ -75,7 +77,7 @@ class MailchimpSegmentExportOperator(BaseSegmentExportOperator):
             fields["FNAME"] = self.first_name_field
         if self.last_name_field:
             fields["LNAME"] = self.last_name_field
-        fields.update(self.merge_fields)
+        fields.update(dict(self.merge_fields or {}))
         return FieldMapping(fields, key_column=self.key_column, email_field="email")
 
     def build_destination(self, hook: MailchimpHook, mapping: FieldMapping, context) -> MailchimpDestination:

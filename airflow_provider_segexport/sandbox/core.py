@@ -298,6 +298,12 @@ class Sandbox:
                 self.latency = Latency(float(body.get("base_ms", 0)), float(body.get("per_item_ms", 0)))
             return JSONResponse(asdict(self.latency))
 
+        async def seed(request: Request) -> Response:
+            self.seed = await request.json()
+            for emulator in self.emulators.values():
+                emulator.reset()
+            return JSONResponse({"seeded": sorted(self.seed)})
+
         async def requests_(request: Request) -> Response:
             return JSONResponse(self.log.snapshot())
 
@@ -312,6 +318,7 @@ class Sandbox:
             Route("/_sandbox/faults", faults, methods=["GET", "POST", "DELETE"]),
             Route("/_sandbox/latency", latency, methods=["GET", "POST"]),
             Route("/_sandbox/requests", requests_),
+            Route("/_sandbox/seed", seed, methods=["POST"]),
             Route("/_sandbox/token-ttl", token_ttl, methods=["GET", "POST"]),
         ]
 

@@ -1,0 +1,1981 @@
+"""Dataverse Web API v9.2 + Microsoft identity platform emulator (facts: ``shared/API-FACTS.md`` section 3).
+
+Identity (``/login/<tenant>``, the msal authority): ``GET /v2.0/.well-known/openid-configuration``,
+``POST /oauth2/v2.0/token`` (client credentials only; form ``client_id``/``client_secret`` or HTTP Basic;
+scope ``<base_url>/.default``; errors with the AADSTS codes of the Entra reference), and the instance
+discovery document at ``/login/common/discovery/instance`` (msal only calls it when given that URL as
+``instance_discovery``; with ``instance_discovery=False`` it goes straight to tenant discovery).
+Tokens expire after ``sandbox.token_ttl`` seconds.
+
+Web API (``/dataverse/api/data/v9.2``): bearer tokens from the endpoint above only (401 +
+``WWW-Authenticate: Bearer authorization_uri=..., resource_id=...``); ``WhoAmI``; entity sets
+``contacts``, ``lists`` (marketing lists), ``listmembers`` (read / delete), ``organizations``, the custom
+table ``new_segmentmemberships`` and the custom activity ``new_emailevents``; ``$select``, ``$filter``
+(``eq ne gt ge lt le``, ``and or not``, parentheses, ``contains/startswith/endswith``,
+``Microsoft.Dynamics.CRM.In``/``NotIn``), ``$top``, ``$count``, ``$orderby``, ``Prefer:
+odata.maxpagesize`` (max 5000, echoed in ``Preference-Applied``) with an opaque ``@odata.nextLink``
+(``$skiptoken`` paging cookie); ``Prefer: return=representation``; create / upsert (``PATCH`` by id or
+alternate key, ``If-Match: *`` / ``If-None-Match: *``) / delete; ``CreateMultiple`` / ``UpdateMultiple`` /
+``UpsertMultiple``; ``AddListMembersList`` (``List`` + ``Members``; unknown contacts -> 404 naming the
+id, nothing added; members already on the list are skipped), bound ``AddMemberList`` and
+``RemoveMemberList``, ``lists(<id>)/listcontact_association`` (read, ``$ref`` associate / disassociate);
+``$batch`` (multipart/mixed, at most 1,000 requests, change sets all-or-nothing with ``Content-ID``
+/ ``$n`` references, ``Prefer: odata.continue-on-error``). Errors use ``{"error": {"code", "message"}}``.
+
+Service protection (per application user, sliding window): number of requests (``0x80072322``),
+combined execution time (``0x80072321``, measured as wall time including the latency model) and
+concurrent requests (``0x80072326``), answered with 429 + ``Retry-After`` before any work is done.
+
+Configurable (class attributes, ``seed["dynamics365"]["config"]`` or ``POST /_sandbox/dynamics365/config``;
+``reset()`` restores them): ``window_seconds`` (300), ``max_requests`` (6000), ``max_execution_ms``
+(1,200,000), ``max_concurrent`` (52), ``concurrency_retry_after`` (1), ``batch_inner_requests_count``
+(True: each request inside ``$batch`` counts toward ``max_requests``), ``max_batch_requests`` (1000),
+``max_page_size`` (5000), ``max_add_list_members`` (0 = no limit; the real limit is undocumented),
+``skip_inactive_members`` (True: ``AddListMembersList`` leaves inactive contacts out),
+``remove_member_entity_id`` (``record``: RemoveMemberList's ``EntityId`` is the contact id;
+``listmember``: it is the listmemberid; ``either``), ``remove_member_list_available`` (True),
+``application_user`` (True; False -> 403 ``0x80072560`` for every call).
+
+Seed: ``{"contacts": [{"contactid", "emailaddress1", "firstname", "lastname", ...}],
+"lists": [{"listid", "listname", "createdfromcode", "type", "members": [contactid]}], "config": {...}}``.
+A static contact list (``marketing_list_id`` in the start-up JSON) always exists.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+import time
+import uuid
+from collections import deque
+from datetime import UTC, datetime
+from itertools import islice
+from typing import Any
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route
+
+from airflow_provider_segexport.sandbox.core import Emulator
+
+API = "/api/data/v9.2"
+NS = "Microsoft.Dynamics.CRM."
+JSON_TYPE = "application/json; odata.metadata=minimal"
+E_NOT_FOUND = "0x80040217"
+E_PROPERTY = "0x80060888"
+E_SEGMENT = "0x8006088a"
+E_ARGUMENT = "0x80040203"
+E_DUPLICATE = "0x80040237"
+E_LENGTH = "0x80044331"
+E_AUTH = "0x80072560"
+E_BATCH = "0x80060891"
+E_REQUESTS = "0x80072322"
+E_TIME = "0x80072321"
+E_CONCURRENCY = "0x80072326"
+_GUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+_SEGMENT_RE = re.compile(r"^(?P<name>[A-Za-z_$][A-Za-z0-9_.$]*)(?:\((?P<key>.*)\))?$")
+_CONFIG = ("window_seconds", "max_requests", "max_execution_ms", "max_concurrent", "concurrency_retry_after",
+           "batch_inner_requests_count", "max_batch_requests", "max_page_size", "max_add_list_members",
+           "skip_inactive_members", "remove_member_entity_id", "remove_member_list_available",
+           "application_user")
+_STATUS_TEXT = {200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
+                403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 412: "Precondition Failed",
+                413: "Payload Too Large", 429: "Too Many Requests", 500: "Internal Server Error",
+                501: "Not Implemented", 503: "Service Unavailable", 504: "Gateway Timeout"}
+
+
+class ODataError(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: dict | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _guid(value: str) -> str | None:
+    value = value.strip().strip("{}")
+    return value.lower() if _GUID_RE.match(value) else None
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------
+class Attr:
+    __slots__ = ("kind", "max_len", "readonly", "default", "choices")
+
+    def __init__(self, kind: str, max_len: int = 0, readonly: bool = False, default: Any = None,
+                 choices: tuple | None = None) -> None:
+        self.kind, self.max_len, self.readonly, self.default, self.choices = kind, max_len, readonly, default, choices
+
+
+def _s(n: int) -> Attr:
+    return Attr("string", n)
+
+
+class Table:
+    """A generic table: records are dicts keyed by the primary key, kept in creation order."""
+
+    def __init__(self, logical: str, set_name: str, pk: str, attrs: dict[str, Attr],
+                 lookups: dict[str, tuple[str, str]] | None = None, alternate_keys: tuple = (),
+                 required: tuple = ()) -> None:
+        self.logical, self.set_name, self.pk = logical, set_name, pk
+        self.attrs = {pk: Attr("guid", readonly=True), **attrs}
+        self.lookups = lookups or {}  # navigation property -> (target set, "_x_value" attribute)
+        for _, value_attr in self.lookups.values():
+            self.attrs[value_attr] = Attr("guid", readonly=True)
+        self.alternate_keys = alternate_keys
+        self.required = required
+        self.clear()
+
+    def clear(self) -> None:
+        self.rows: dict[str, dict] = {}
+        self.order: list[str | None] = []
+        self.pos: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def get(self, rid: str):
+        return self.rows.get(rid)
+
+    def position(self, rec) -> int:
+        return self.pos[self.rid(rec)]
+
+    def rid(self, rec) -> str:
+        return rec[self.pk]
+
+    def value(self, rec, attr: str):
+        if attr in rec:
+            return rec[attr]
+        a = self.attrs.get(attr)
+        return a.default if a else None
+
+    def row(self, rec) -> dict:
+        return {a: self.value(rec, a) for a in self.attrs}
+
+    def insert(self, data: dict, rid: str, now: str):
+        rec = {self.pk: rid, **data, "createdon": now, "modifiedon": now}
+        self.rows[rid] = rec
+        self.pos[rid] = len(self.order)
+        self.order.append(rid)
+        return rec
+
+    def apply(self, rec, data: dict, now: str) -> None:
+        rec.update(data)
+        rec["modifiedon"] = now
+
+    def snapshot(self, rec) -> Any:
+        return dict(rec)
+
+    def restore(self, rec, snap) -> None:
+        rec.clear()
+        rec.update(snap)
+
+    def remove(self, rid: str) -> None:
+        self.rows.pop(rid, None)
+        pos = self.pos.pop(rid, None)
+        if pos is not None:
+            self.order[pos] = None
+
+    def scan(self, start: int):
+        order, rows = self.order, self.rows
+        for i in range(start, len(order)):
+            rid = order[i]
+            if rid is not None:
+                yield i, rows[rid]
+
+    def lookup(self, attr: str, values: list) -> list | None:
+        """Records whose ``attr`` equals one of ``values`` through an index, or None when not indexed."""
+        if attr == self.pk:
+            return [self.rows[v] for v in {str(v).lower() for v in values if v is not None} if v in self.rows]
+        return None
+
+    def find_by_alternate_key(self, attr: str, value: Any):
+        for rec in self.rows.values():
+            if _norm(self.value(rec, attr)) == _norm(value):
+                return rec
+        return None
+
+
+class Contact:
+    __slots__ = ("id", "email", "first", "last", "state", "created", "modified", "extra", "pos")
+
+    def __init__(self, cid: str, email, first, last, state: int, now: str, extra: dict | None, pos: int) -> None:
+        self.id, self.email, self.first, self.last, self.state = cid, email, first, last, state
+        self.created = self.modified = now
+        self.extra, self.pos = extra, pos
+
+
+_CONTACT_SLOTS = {"contactid": "id", "emailaddress1": "email", "firstname": "first", "lastname": "last",
+                  "statecode": "state", "createdon": "created", "modifiedon": "modified"}
+
+
+class ContactTable(Table):
+    """Contacts kept compact (``__slots__`` records) and indexed by id, email and alternate keys."""
+
+    def __init__(self, custom_attrs: dict[str, Attr], alternate_keys: tuple) -> None:
+        attrs = {
+            "firstname": _s(50), "lastname": _s(50), "fullname": Attr("string", 160, readonly=True),
+            "emailaddress1": _s(100), "emailaddress2": _s(100), "telephone1": _s(50), "mobilephone": _s(50),
+            "jobtitle": _s(100), "statecode": Attr("int", default=0, choices=(0, 1)),
+            "statuscode": Attr("int", default=1, choices=(1, 2)),
+            "donotbulkemail": Attr("bool", default=False), "donotemail": Attr("bool", default=False),
+            "donotphone": Attr("bool", default=False), "donotfax": Attr("bool", default=False),
+            "donotpostalmail": Attr("bool", default=False), "donotbulkpostalmail": Attr("bool", default=False),
+            "donotsendmm": Attr("bool", default=False), "followemail": Attr("bool", default=True),
+            "createdon": Attr("datetime", readonly=True), "modifiedon": Attr("datetime", readonly=True),
+            **custom_attrs,
+        }
+        super().__init__("contact", "contacts", "contactid", attrs, alternate_keys=alternate_keys)
+
+    def clear(self) -> None:
+        self.rows: dict[str, Contact] = {}
+        self.order: list[Contact | None] = []
+        self.by_email: dict[str, Any] = {}  # lower-cased email -> Contact or tuple of Contacts
+        self.by_key: dict[str, dict[str, Contact]] = {k: {} for k in getattr(self, "alternate_keys", ())}
+
+    def position(self, rec) -> int:
+        return rec.pos
+
+    def rid(self, rec) -> str:
+        return rec.id
+
+    def value(self, rec: Contact, attr: str):
+        slot = _CONTACT_SLOTS.get(attr)
+        if slot is not None:
+            return getattr(rec, slot)
+        if attr == "fullname":
+            return " ".join(x for x in (rec.first, rec.last) if x) or None
+        if attr == "statuscode" and (rec.extra is None or attr not in rec.extra):
+            return 2 if rec.state == 1 else 1
+        if rec.extra and attr in rec.extra:
+            return rec.extra[attr]
+        a = self.attrs.get(attr)
+        return a.default if a else None
+
+    def _index(self, rec: Contact, add: bool) -> None:
+        if rec.email:
+            key = rec.email.lower()
+            cur = self.by_email.get(key)
+            if add:
+                self.by_email[key] = rec if cur is None else (cur + (rec,) if isinstance(cur, tuple) else (cur, rec))
+            elif cur is rec:
+                del self.by_email[key]
+            elif isinstance(cur, tuple):
+                rest = tuple(c for c in cur if c is not rec)
+                self.by_email[key] = rest[0] if len(rest) == 1 else rest
+        for k, index in self.by_key.items():
+            v = self.value(rec, k)
+            if v is not None:
+                if add:
+                    index[_norm(v)] = rec
+                elif index.get(_norm(v)) is rec:
+                    del index[_norm(v)]
+
+    def insert(self, data: dict, rid: str, now: str):
+        extra = {k: v for k, v in data.items() if k not in _CONTACT_SLOTS} or None
+        rec = Contact(rid, data.get("emailaddress1"), data.get("firstname"), data.get("lastname"),
+                      int(data.get("statecode") or 0), now, extra, len(self.order))
+        self.rows[rid] = rec
+        self.order.append(rec)
+        self._index(rec, True)
+        return rec
+
+    def apply(self, rec: Contact, data: dict, now: str) -> None:
+        self._index(rec, False)
+        for k, v in data.items():
+            slot = _CONTACT_SLOTS.get(k)
+            if slot is not None:
+                setattr(rec, slot, v if k != "statecode" else int(v or 0))
+            else:
+                if rec.extra is None:
+                    rec.extra = {}
+                rec.extra[k] = v
+        rec.modified = now
+        self._index(rec, True)
+
+    def snapshot(self, rec: Contact):
+        return (rec.email, rec.first, rec.last, rec.state, rec.modified, dict(rec.extra) if rec.extra else None)
+
+    def restore(self, rec: Contact, snap) -> None:
+        self._index(rec, False)
+        rec.email, rec.first, rec.last, rec.state, rec.modified, rec.extra = snap
+        self._index(rec, True)
+
+    def remove(self, rid: str) -> None:
+        rec = self.rows.pop(rid, None)
+        if rec is not None:
+            self._index(rec, False)
+            self.order[rec.pos] = None
+
+    def scan(self, start: int):
+        order = self.order
+        for i in range(start, len(order)):
+            rec = order[i]
+            if rec is not None:
+                yield i, rec
+
+    def lookup(self, attr: str, values: list) -> list | None:
+        if attr == "contactid":
+            return super().lookup(attr, values)
+        if attr == "emailaddress1":
+            out = []
+            for v in {str(v).lower() for v in values if v is not None}:
+                hit = self.by_email.get(v)
+                if hit is not None:
+                    out.extend(hit if isinstance(hit, tuple) else (hit,))
+            return out
+        if attr in self.by_key:
+            index = self.by_key[attr]
+            return [index[n] for n in {_norm(v) for v in values} if n in index]
+        return None
+
+    def find_by_alternate_key(self, attr: str, value: Any):
+        if attr in self.by_key:
+            return self.by_key[attr].get(_norm(value))
+        return super().find_by_alternate_key(attr, value)
+
+
+class MarketingList:
+    """Membership of one marketing list: contact ids in insertion order (an ordered set)."""
+
+    __slots__ = ("members",)
+
+    def __init__(self) -> None:
+        self.members: dict[str, None] = {}
+
+
+def _norm(value):
+    if isinstance(value, str):
+        return value.lower()
+    return value
+
+
+def _listmember_id(listid: str, entityid: str) -> str:
+    """A stable, reversible listmemberid: the XOR of the list and member GUIDs (no storage per member)."""
+    return str(uuid.UUID(int=uuid.UUID(listid).int ^ uuid.UUID(entityid).int))
+
+
+# ---------------------------------------------------------------------------------------------
+# $filter
+# ---------------------------------------------------------------------------------------------
+_TOKEN_RE = re.compile(r"""
+    (?P<ws>\s+)
+  | (?P<str>'(?:[^']|'')*')
+  | (?P<guid>[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}(?![\w-]))
+  | (?P<num>-?\d+(?:\.\d+)?(?![\w]))
+  | (?P<ident>[A-Za-z_@][A-Za-z0-9_./@]*)
+  | (?P<punct>[()\[\],=])
+""", re.VERBOSE)
+_COMPARISONS = {"eq", "ne", "gt", "ge", "lt", "le"}
+_LITERALS = {"true": True, "false": False, "null": None}
+
+
+class FilterParser:
+    def __init__(self, text: str, table: Table) -> None:
+        self.table = table
+        self.tokens: list[tuple[str, Any]] = []
+        pos = 0
+        while pos < len(text):
+            m = _TOKEN_RE.match(text, pos)
+            if m is None:
+                raise ODataError(400, E_PROPERTY, f"Syntax error at position {pos} in '{text}'.")
+            pos = m.end()
+            kind = m.lastgroup
+            if kind == "ws":
+                continue
+            val = m.group()
+            if kind == "str":
+                self.tokens.append(("lit", val[1:-1].replace("''", "'")))
+            elif kind == "guid":
+                self.tokens.append(("lit", val.lower()))
+            elif kind == "num":
+                self.tokens.append(("lit", float(val) if "." in val else int(val)))
+            elif kind == "ident" and val.lower() in _LITERALS:
+                self.tokens.append(("lit", _LITERALS[val.lower()]))
+            else:
+                self.tokens.append((kind, val))
+        self.i = 0
+        self.text = text
+
+    def peek(self, offset: int = 0):
+        j = self.i + offset
+        return self.tokens[j] if j < len(self.tokens) else (None, None)
+
+    def take(self):
+        tok = self.peek()
+        self.i += 1
+        return tok
+
+    def expect(self, value: str) -> None:
+        tok = self.take()
+        if tok[1] != value:
+            raise ODataError(400, E_PROPERTY, f"Syntax error: '{value}' expected in '{self.text}'.")
+
+    def parse(self):
+        node = self.parse_or()
+        if self.i != len(self.tokens):
+            raise ODataError(400, E_PROPERTY, f"Syntax error at token {self.peek()[1]!r} in '{self.text}'.")
+        return node
+
+    def _word(self, word: str) -> bool:
+        kind, val = self.peek()
+        return kind == "ident" and val.lower() == word
+
+    def parse_or(self):
+        node = self.parse_and()
+        while self._word("or"):
+            self.take()
+            node = ("or", node, self.parse_and())
+        return node
+
+    def parse_and(self):
+        node = self.parse_not()
+        while self._word("and"):
+            self.take()
+            node = ("and", node, self.parse_not())
+        return node
+
+    def parse_not(self):
+        if self._word("not"):
+            self.take()
+            return ("not", self.parse_not())
+        return self.parse_primary()
+
+    def prop(self, name: str) -> str:
+        if "/" in name:
+            raise ODataError(501, E_PROPERTY, f"Navigation paths in $filter ('{name}') are not supported by the "
+                                              "sandbox.")
+        if name not in self.table.attrs:
+            raise ODataError(400, E_PROPERTY, f"Could not find a property named '{name}' on type "
+                                              f"'{NS}{self.table.logical}'.")
+        return name
+
+    def operand(self):
+        kind, val = self.take()
+        if kind == "lit":
+            return ("lit", val)
+        if kind == "ident":
+            return ("prop", self.prop(val))
+        raise ODataError(400, E_PROPERTY, f"Syntax error in '{self.text}'.")
+
+    def parse_primary(self):
+        kind, val = self.peek()
+        if val == "(":
+            self.take()
+            node = self.parse_or()
+            self.expect(")")
+            return node
+        if kind == "ident" and self.peek(1)[1] == "(":
+            return self.parse_function()
+        left = self.operand()
+        op_kind, op = self.take()
+        if op_kind != "ident" or op.lower() not in _COMPARISONS:
+            raise ODataError(400, E_PROPERTY, f"Syntax error: comparison operator expected in '{self.text}'.")
+        right = self.operand()
+        return ("cmp", op.lower(), left, right)
+
+    def parse_function(self):
+        _, name = self.take()
+        self.expect("(")
+        lname = name.lower()
+        if lname in ("contains", "startswith", "endswith"):
+            prop = self.operand()
+            self.expect(",")
+            value = self.operand()
+            self.expect(")")
+            if prop[0] != "prop" or value[0] != "lit":
+                raise ODataError(400, E_PROPERTY, f"Unsupported use of {name} in '{self.text}'.")
+            return ("func", lname, prop[1], value[1])
+        if lname in ("microsoft.dynamics.crm.in", "microsoft.dynamics.crm.notin"):
+            args: dict[str, Any] = {}
+            while True:
+                _, key = self.take()
+                self.expect("=")
+                if self.peek()[1] == "[":
+                    self.take()
+                    values = []
+                    while self.peek()[1] != "]":
+                        k, v = self.take()
+                        if k != "lit":
+                            raise ODataError(400, E_PROPERTY, f"Syntax error in PropertyValues of '{self.text}'.")
+                        values.append(v)
+                        if self.peek()[1] == ",":
+                            self.take()
+                    self.take()
+                    args[str(key)] = values
+                else:
+                    k, v = self.take()
+                    args[str(key)] = v
+                if self.peek()[1] == ",":
+                    self.take()
+                    continue
+                self.expect(")")
+                break
+            if "PropertyName" not in args or "PropertyValues" not in args:
+                raise ODataError(400, E_ARGUMENT, f"{name} requires PropertyName and PropertyValues.")
+            return ("in", self.prop(str(args["PropertyName"])), list(args["PropertyValues"]),
+                    lname.endswith("notin"))
+        raise ODataError(501, E_PROPERTY, f"The function '{name}' is not supported by the sandbox.")
+
+
+def _cmp_value(v):
+    if isinstance(v, str):
+        return v.lower()
+    return v
+
+
+def evaluate(node, table: Table, rec) -> bool:
+    kind = node[0]
+    if kind == "and":
+        return evaluate(node[1], table, rec) and evaluate(node[2], table, rec)
+    if kind == "or":
+        return evaluate(node[1], table, rec) or evaluate(node[2], table, rec)
+    if kind == "not":
+        return not evaluate(node[1], table, rec)
+    if kind == "in":
+        v = _cmp_value(table.value(rec, node[1]))
+        hit = v in {_cmp_value(x) for x in node[2]}
+        return hit != node[3]
+    if kind == "func":
+        v = table.value(rec, node[2])
+        if not isinstance(v, str):
+            return False
+        v, arg = v.lower(), str(node[3]).lower()
+        return {"contains": arg in v, "startswith": v.startswith(arg), "endswith": v.endswith(arg)}[node[1]]
+    _, op, left, right = node
+    a = _cmp_value(table.value(rec, left[1]) if left[0] == "prop" else left[1])
+    b = _cmp_value(table.value(rec, right[1]) if right[0] == "prop" else right[1])
+    if op == "eq":
+        return a == b
+    if op == "ne":
+        return a != b
+    if a is None or b is None:
+        return False
+    try:
+        return {"gt": a > b, "ge": a >= b, "lt": a < b, "le": a <= b}[op]
+    except TypeError:
+        return False
+
+
+def candidates(node, table: Table) -> list | None:
+    """Records that can match, found through indexes; None means "scan everything"."""
+    kind = node[0]
+    if kind == "cmp" and node[1] == "eq":
+        left, right = node[2], node[3]
+        if left[0] == "prop" and right[0] == "lit":
+            return table.lookup(left[1], [right[1]])
+        if right[0] == "prop" and left[0] == "lit":
+            return table.lookup(right[1], [left[1]])
+        return None
+    if kind == "in" and not node[3]:
+        return table.lookup(node[1], node[2])
+    if kind == "or":
+        a, b = candidates(node[1], table), candidates(node[2], table)
+        if a is None or b is None:
+            return None
+        seen = {id(r) for r in a}
+        return a + [r for r in b if id(r) not in seen]
+    if kind == "and":
+        a, b = candidates(node[1], table), candidates(node[2], table)
+        if a is None:
+            return b
+        if b is None:
+            return a
+        ids = {id(r) for r in b}
+        return [r for r in a if id(r) in ids]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# the emulator
+# ---------------------------------------------------------------------------------------------
+class DataverseEmulator(Emulator):
+    name = "dynamics365"
+    prefix = "/dataverse"
+
+    window_seconds = 300.0
+    max_requests = 6000
+    max_execution_ms = 1_200_000
+    max_concurrent = 52
+    concurrency_retry_after = 1
+    batch_inner_requests_count = True
+    max_batch_requests = 1000
+    max_page_size = 5000
+    max_add_list_members = 0
+    skip_inactive_members = True
+    remove_member_entity_id = "record"
+    remove_member_list_available = True
+    application_user = True
+
+    #: extra contact columns and the contact alternate keys (a publisher-prefixed customer id)
+    contact_custom_attributes = {"new_customerid": _s(100)}
+    contact_alternate_keys = ("new_customerid",)
+
+    def __init__(self, sandbox) -> None:
+        super().__init__(sandbox)
+        self.tenant_id = str(uuid.UUID(sandbox.token()))
+        self.client_id = str(uuid.UUID(sandbox.token()))
+        self.client_secret = sandbox.token("dv~")
+        self.marketing_list_id = str(uuid.UUID(sandbox.token()))
+        self.user_id = str(uuid.UUID(sandbox.token()))
+        self.business_unit_id = str(uuid.UUID(sandbox.token()))
+        self.organization_id = str(uuid.UUID(sandbox.token()))
+        self.tokens: dict[str, tuple[float, str]] = {}  # access token -> (expiry, audience)
+        self.contacts = ContactTable(dict(self.contact_custom_attributes), tuple(self.contact_alternate_keys))
+        self.lists = Table("list", "lists", "listid", {
+            "listname": _s(128), "createdfromcode": Attr("int", choices=(1, 2, 4)),
+            "type": Attr("bool", default=False), "membertype": Attr("int", readonly=True),
+            "membercount": Attr("int", readonly=True, default=0), "lockstatus": Attr("bool", default=False),
+            "statecode": Attr("int", default=0, choices=(0, 1)), "statuscode": Attr("int", default=0),
+            "donotsendonoptout": Attr("bool", default=True), "ignoreinactivelistmembers": Attr("bool", default=True),
+            "purpose": _s(512), "source": _s(128), "description": Attr("string", 2000), "query": Attr("string", 0),
+            "createdon": Attr("datetime", readonly=True), "modifiedon": Attr("datetime", readonly=True),
+        }, required=("listname", "createdfromcode"))
+        self.segment_rows = Table("new_segmentmembership", "new_segmentmemberships", "new_segmentmembershipid", {
+            "new_name": _s(100), "new_segmentid": _s(100), "new_externalkey": _s(100),
+            "new_lastexportedon": Attr("datetime"), "statecode": Attr("int", default=0, choices=(0, 1)),
+            "statuscode": Attr("int", default=1),
+            "createdon": Attr("datetime", readonly=True), "modifiedon": Attr("datetime", readonly=True),
+        }, lookups={"new_ContactId": ("contacts", "_new_contactid_value")}, alternate_keys=("new_externalkey",),
+            required=("new_name",))
+        self.email_events = Table("new_emailevent", "new_emailevents", "activityid", {
+            "subject": _s(400), "description": Attr("string", 2000), "actualstart": Attr("datetime"),
+            "actualend": Attr("datetime"),
+            "new_eventtype": Attr("int", choices=(100000000, 100000001, 100000002, 100000003)),
+            "new_campaignname": _s(200), "new_deliveryname": _s(200), "new_trackingurl": _s(2000),
+            "new_mirrorpageurl": _s(2000), "new_eventdate": Attr("datetime"),
+            "activitytypecode": Attr("string", readonly=True, default="new_emailevent"),
+            "statecode": Attr("int", default=0, choices=(0, 1, 2, 3)), "statuscode": Attr("int", default=1),
+            "createdon": Attr("datetime", readonly=True), "modifiedon": Attr("datetime", readonly=True),
+        }, lookups={"regardingobjectid_contact_new_emailevent": ("contacts", "_regardingobjectid_value")},
+            required=("subject",))
+        self.organizations = Table("organization", "organizations", "organizationid", {"name": _s(160)})
+        self.tables: dict[str, Table] = {t.set_name: t for t in (
+            self.contacts, self.lists, self.segment_rows, self.email_events, self.organizations)}
+        self.memberships: dict[str, MarketingList] = {}
+        self._tx: list | None = None
+        self.reset()
+
+    # -- setup ------------------------------------------------------------------------------
+    def reset(self) -> None:
+        seed = self.sandbox.seed.get("dynamics365", {})
+        for key in _CONFIG:
+            setattr(self, key, getattr(type(self), key))
+        self.configure(seed.get("config") or {})
+        self.usage: deque[tuple[float, float]] = deque()
+        self.usage_ms = 0.0
+        self.in_flight = 0
+        for table in self.tables.values():
+            table.clear()
+        self.memberships = {}
+        now = _now()
+        self.organizations.insert({"name": "Sandbox organization"}, self.organization_id, now)
+        for c in seed.get("contacts", []):
+            data = {k: v for k, v in c.items() if k != "contactid"}
+            self.contacts.insert(data, str(c.get("contactid") or uuid.uuid4()).lower(), now)
+        self._create_list({"listname": "Sandbox static contact list", "createdfromcode": 2, "type": False},
+                          self.marketing_list_id, now)
+        for lst in seed.get("lists", []):
+            lid = str(lst.get("listid") or uuid.uuid4()).lower()
+            data = {k: v for k, v in lst.items() if k not in ("listid", "members")}
+            self._create_list({"createdfromcode": 2, "type": False, **data}, lid, now)
+            for cid in lst.get("members", []):
+                rec = self.contacts.get(str(cid).lower())
+                if rec is not None:
+                    self.memberships[lid].members[rec.id] = None
+
+    def _create_list(self, data: dict, lid: str, now: str):
+        data = {**data, "membertype": data.get("createdfromcode"), "statuscode": 0 if not data.get("statecode") else 1}
+        rec = self.lists.insert(data, lid, now)
+        self.memberships[lid] = MarketingList()
+        return rec
+
+    def configure(self, values: dict) -> dict:
+        for key, value in values.items():
+            if key not in _CONFIG:
+                raise ValueError(f"unknown dynamics365 setting {key!r}")
+            default = getattr(type(self), key)
+            if isinstance(default, bool):
+                value = value if isinstance(value, bool) else str(value).lower() in ("true", "1")
+            elif key == "remove_member_entity_id":
+                if value not in ("record", "listmember", "either"):
+                    raise ValueError("remove_member_entity_id must be record, listmember or either")
+            else:
+                value = type(default)(value)
+            setattr(self, key, value)
+        return {key: getattr(self, key) for key in _CONFIG}
+
+    def info(self, base: str) -> dict:
+        return {"base_url": base + self.prefix, "authority": f"{base}/login/{self.tenant_id}",
+                "tenant_id": self.tenant_id, "client_id": self.client_id, "client_secret": self.client_secret,
+                "marketing_list_id": self.marketing_list_id,
+                "instance_discovery_url": f"{base}/login/common/discovery/instance"}
+
+    def state(self) -> dict:
+        lists = {}
+        for lid, rec in self.lists.rows.items():
+            lists[lid] = {"listname": rec.get("listname"), "createdfromcode": rec.get("createdfromcode"),
+                          "type": rec.get("type", False), "lockstatus": rec.get("lockstatus", False),
+                          "members": list(self.memberships[lid].members)}
+        return {
+            "contacts": len(self.contacts),
+            "lists": lists,
+            "new_segmentmemberships": [self.segment_rows.row(r) for r in self.segment_rows.rows.values()],
+            "new_emailevents": [self.email_events.row(r) for r in self.email_events.rows.values()],
+            "service_protection": {"requests_in_window": len(self.usage),
+                                   "execution_ms_in_window": round(self.usage_ms), "in_flight": self.in_flight},
+        }
+
+    # -- errors -----------------------------------------------------------------------------
+    @staticmethod
+    def odata_error(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse({"error": {"code": code, "message": message}}, status_code=status,
+                            headers={"OData-Version": "4.0", **(headers or {})})
+
+    def error_response(self, status: int, kind: str, headers: dict | None = None) -> Response:
+        if status == 429:
+            return self.odata_error(429, E_REQUESTS, self._requests_message(), {"Retry-After": "5"})
+        messages = {500: "An unexpected error occurred.", 502: "Bad Gateway",
+                    503: "The service is temporarily unavailable. Please try again later.",
+                    504: "The request timed out."}
+        return self.odata_error(status, "0x80040216" if status == 500 else f"0x{status:08x}",
+                                messages.get(status, "Error"), headers)
+
+    def _requests_message(self) -> str:
+        return (f"Number of requests exceeded the limit of {self.max_requests} over time window of "
+                f"{int(self.window_seconds)} seconds.")
+
+    # -- Entra ID ---------------------------------------------------------------------------
+    def _aad_error(self, status: int, error: str, code: int, description: str) -> JSONResponse:
+        trace, corr = str(uuid.uuid4()), str(uuid.uuid4())
+        stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+        return JSONResponse({
+            "error": error,
+            "error_description": f"AADSTS{code}: {description} Trace ID: {trace} Correlation ID: {corr} "
+                                 f"Timestamp: {stamp}",
+            "error_codes": [code], "timestamp": stamp, "trace_id": trace, "correlation_id": corr,
+            "error_uri": f"https://login.microsoftonline.com/error?code={code}",
+        }, status_code=status)
+
+    def _tenant_error(self, tenant: str) -> JSONResponse:
+        return self._aad_error(400, "invalid_tenant", 90002,
+                               f"Tenant '{tenant}' not found. Check to make sure you have the correct tenant ID and "
+                               "are signing into the correct cloud.")
+
+    async def h_openid(self, request: Request) -> Response:
+        self.sandbox.log.request(self.name, "GET", "openid-configuration")
+        tenant = request.path_params["tenant"]
+        if tenant.lower() != self.tenant_id:
+            return self._tenant_error(tenant)
+        base = f"{request.url.scheme}://{request.url.netloc}/login/{self.tenant_id}"
+        return JSONResponse({
+            "token_endpoint": f"{base}/oauth2/v2.0/token",
+            "token_endpoint_auth_methods_supported": ["client_secret_post", "private_key_jwt",
+                                                      "client_secret_basic"],
+            "jwks_uri": f"{base}/discovery/v2.0/keys",
+            "response_modes_supported": ["query", "fragment", "form_post"],
+            "subject_types_supported": ["pairwise"],
+            "id_token_signing_alg_values_supported": ["RS256"],
+            "response_types_supported": ["code", "id_token", "code id_token", "id_token token"],
+            "scopes_supported": ["openid", "profile", "email", "offline_access"],
+            "issuer": f"{base}/v2.0",
+            "request_uri_parameter_supported": False,
+            "userinfo_endpoint": f"{request.url.scheme}://{request.url.netloc}/login/oidc/userinfo",
+            "authorization_endpoint": f"{base}/oauth2/v2.0/authorize",
+            "device_authorization_endpoint": f"{base}/oauth2/v2.0/devicecode",
+            "http_logout_supported": True, "frontchannel_logout_supported": True,
+            "end_session_endpoint": f"{base}/oauth2/v2.0/logout",
+            "claims_supported": ["sub", "iss", "aud", "exp", "iat", "auth_time", "acr", "nonce", "tid", "ver"],
+            "kerberos_endpoint": f"{base}/kerberos",
+            "tenant_region_scope": "EU", "cloud_instance_name": "microsoftonline.com",
+            "cloud_graph_host_name": "graph.windows.net", "msgraph_host": "graph.microsoft.com",
+            "rbac_url": "https://pas.windows.net",
+        })
+
+    async def h_instance_discovery(self, request: Request) -> Response:
+        self.sandbox.log.request(self.name, "GET", "instance-discovery")
+        endpoint = request.query_params.get("authorization_endpoint", "")
+        parts = urlsplit(endpoint)
+        segs = [s for s in parts.path.split("/") if s]
+        host = request.url.netloc
+        # msal sends the authority host without its port (it keeps only the host name)
+        if parts.hostname != request.url.hostname or len(segs) < 2 or segs[0] != "login":
+            return JSONResponse({"error": "invalid_instance", "error_description": "AADSTS50049: Unknown or "
+                                 "invalid instance.", "error_codes": [50049]}, status_code=400)
+        tenant = segs[1]
+        return JSONResponse({
+            "tenant_discovery_endpoint": f"https://{host}/login/{tenant}/v2.0/.well-known/openid-configuration",
+            "api-version": "1.1",
+            "metadata": [{"preferred_network": host, "preferred_cache": host, "aliases": [host]}],
+        })
+
+    async def h_token(self, request: Request) -> Response:
+        fault = await self.before(request, "token")
+        if fault is not None:
+            return fault
+        tenant = request.path_params["tenant"]
+        if tenant.lower() != self.tenant_id:
+            return self._tenant_error(tenant)
+        form = dict(parse_qsl((await request.body()).decode("utf-8", "replace")))
+        client_id, secret = form.get("client_id"), form.get("client_secret")
+        header = request.headers.get("authorization", "")
+        if header.lower().startswith("basic "):
+            try:
+                user, _, pwd = base64.b64decode(header[6:].strip()).decode("utf-8").partition(":")
+                client_id, secret = unquote(user), unquote(pwd)
+            except (ValueError, UnicodeDecodeError):
+                pass
+        grant = form.get("grant_type")
+        if not grant:
+            return self._aad_error(400, "invalid_request", 900144,
+                                   "The request body must contain the following parameter: 'grant_type'.")
+        if grant != "client_credentials":
+            return self._aad_error(400, "unsupported_grant_type", 70003,
+                                   "The app requested an unsupported grant type.")
+        if not client_id:
+            return self._aad_error(400, "invalid_request", 900144,
+                                   "The request body must contain the following parameter: 'client_id'.")
+        if client_id != self.client_id:
+            return self._aad_error(400, "unauthorized_client", 700016,
+                                   f"Application with identifier '{client_id}' was not found in the directory "
+                                   f"'{self.tenant_id}'. This can happen if the application has not been installed "
+                                   "by the administrator of the tenant or consented to by any user in the tenant.")
+        if not secret and not form.get("client_assertion"):
+            return self._aad_error(401, "invalid_client", 7000218,
+                                   "The request body must contain the following parameter: 'client_assertion' "
+                                   "or 'client_secret'.")
+        if secret != self.client_secret:
+            return self._aad_error(401, "invalid_client", 7000215,
+                                   "Invalid client secret provided. Ensure the secret being sent in the request is "
+                                   f"the client secret value, not the client secret ID, for a secret added to app "
+                                   f"'{self.client_id}'.")
+        resource = f"{request.url.scheme}://{request.url.netloc}{self.prefix}"
+        scopes = [s for s in form.get("scope", "").split() if s not in ("openid", "profile", "offline_access")]
+        if len(scopes) != 1 or not scopes[0].endswith("/.default"):
+            return self._aad_error(400, "invalid_scope", 1002012,
+                                   f"The provided value for scope {form.get('scope', '')} is not valid. Client "
+                                   "credential flows must have a scope value with /.default suffixed to the "
+                                   "resource identifier (application ID URI).")
+        wanted = scopes[0][: -len("/.default")].rstrip("/")
+        if wanted.lower() != resource.lower():
+            return self._aad_error(400, "invalid_resource", 500011,
+                                   f"The resource principal named {wanted} was not found in the tenant named "
+                                   f"{self.tenant_id}. This can happen if the application has not been installed by "
+                                   "the administrator of the tenant or consented to by any user in the tenant. You "
+                                   "might have sent your authentication request to the wrong tenant.")
+        ttl = int(self.sandbox.token_ttl)
+        now = time.time()
+        header_b = _b64(json.dumps({"typ": "JWT", "alg": "RS256", "kid": "sandbox"}).encode())
+        payload = _b64(json.dumps({
+            "aud": resource + "/", "iss": f"https://sts.windows.net/{self.tenant_id}/", "iat": int(now),
+            "nbf": int(now), "exp": int(now) + ttl, "appid": self.client_id, "tid": self.tenant_id,
+            "oid": self.user_id, "sub": self.user_id, "idtyp": "app", "ver": "1.0",
+            "jti": uuid.uuid4().hex,
+        }).encode())
+        token = f"{header_b}.{payload}.{_b64(uuid.uuid4().bytes + uuid.uuid4().bytes)}"
+        if len(self.tokens) > 1000:
+            self.tokens = {t: v for t, v in self.tokens.items() if v[0] > now}
+        self.tokens[token] = (now + ttl, resource.lower())
+        return JSONResponse({"token_type": "Bearer", "expires_in": ttl, "ext_expires_in": ttl,
+                             "access_token": token})
+
+    # -- routing ----------------------------------------------------------------------------
+    def routes(self) -> list:
+        return [
+            Route("/login/common/discovery/instance", self.h_instance_discovery),
+            Mount("/login/{tenant}", routes=[
+                Route("/v2.0/.well-known/openid-configuration", self.h_openid),
+                Route("/oauth2/v2.0/token", self.h_token, methods=["POST"]),
+            ]),
+            Route(self.prefix + API + "/{rest:path}", self.h_api,
+                  methods=["GET", "POST", "PATCH", "PUT", "DELETE"]),
+            Route("/_sandbox/dynamics365/config", self.h_config, methods=["GET", "POST"]),
+        ]
+
+    async def h_config(self, request: Request) -> Response:
+        try:
+            values = await request.json() if request.method == "POST" else {}
+            return JSONResponse(self.configure(values))
+        except (ValueError, TypeError) as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+
+    # -- service protection -------------------------------------------------------------------
+    def _prune(self, now: float) -> None:
+        horizon = now - self.window_seconds
+        usage = self.usage
+        while usage and usage[0][0] < horizon:
+            self.usage_ms -= usage.popleft()[1]
+
+    def _limit(self, now: float) -> Response | None:
+        self._prune(now)
+        if self.in_flight >= self.max_concurrent:
+            return self.odata_error(429, E_CONCURRENCY, f"Number of concurrent requests exceeded the limit of "
+                                    f"{self.max_concurrent}.", {"Retry-After": str(self.concurrency_retry_after)})
+        if len(self.usage) >= self.max_requests:
+            wait = self.usage[0][0] + self.window_seconds - now
+            return self.odata_error(429, E_REQUESTS, self._requests_message(),
+                                    {"Retry-After": str(max(1, math.ceil(wait)))})
+        if self.usage_ms >= self.max_execution_ms:
+            excess, wait = self.usage_ms - self.max_execution_ms, 0.0
+            for t, ms in self.usage:
+                excess -= ms
+                wait = t + self.window_seconds - now
+                if excess < 0:
+                    break
+            return self.odata_error(429, E_TIME, f"Combined execution time of incoming requests exceeded limit of "
+                                    f"{self.max_execution_ms:,} milliseconds over time window of "
+                                    f"{int(self.window_seconds)} seconds. Decrease number of concurrent requests or "
+                                    "reduce the duration of requests and try again later.",
+                                    {"Retry-After": str(max(1, math.ceil(wait)))})
+        return None
+
+    def _authenticate(self, request: Request) -> bool:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        entry = self.tokens.get(token.strip())
+        if entry is None or entry[0] <= time.time():
+            return False
+        return entry[1] == f"{request.url.scheme}://{request.url.netloc}{self.prefix}".lower()
+
+    def _unauthorized(self, request: Request) -> Response:
+        base = f"{request.url.scheme}://{request.url.netloc}"
+        return self.odata_error(401, E_AUTH, "The access token is missing, invalid or has expired.", {
+            "WWW-Authenticate": f"Bearer authorization_uri={base}/login/{self.tenant_id}/oauth2/authorize, "
+                                f"resource_id={base}{self.prefix}/"})
+
+    async def h_api(self, request: Request) -> Response:
+        rest = request.path_params["rest"]
+        raw = await request.body() if request.method in ("POST", "PATCH", "PUT") else b""
+        route = _route_name(request.method, rest)
+        items = _count_items(rest, raw, request.headers.get("content-type", ""))
+        authed = self._authenticate(request)
+        start = time.monotonic()
+        if authed:
+            limited = self._limit(start)
+            if limited is not None:
+                self.sandbox.log.request(self.name, request.method, route)
+                return limited
+            self.in_flight += 1
+        try:
+            fault = await self.before(request, route, items)
+            if fault is not None:
+                return fault
+            if not authed:
+                return self._unauthorized(request)
+            if not self.application_user:
+                return self.odata_error(403, E_AUTH, "The user is not a member of the organization.")
+            base = f"{request.url.scheme}://{request.url.netloc}"
+            headers = {k.lower(): v for k, v in request.headers.items()}
+            if rest == "$batch":
+                resp = await self.batch(request.method, headers, raw, base)
+            else:
+                resp = self.dispatch(request.method, rest, request.url.query, headers, raw, base)
+            self._rate_headers(resp)
+            return resp
+        finally:
+            if authed:
+                self.in_flight -= 1
+                now = time.monotonic()
+                ms = (now - start) * 1000.0
+                self.usage.append((now, ms))
+                self.usage_ms += ms
+
+    def _rate_headers(self, resp: Response) -> None:
+        resp.headers["x-ms-ratelimit-burst-remaining-xrm-requests"] = str(max(0, self.max_requests - len(self.usage)))
+        resp.headers["x-ms-ratelimit-time-remaining-xrm-requests"] = f"{max(0.0, self.max_execution_ms - self.usage_ms):.2f}"
+        resp.headers["x-ms-service-request-id"] = str(uuid.uuid4())
+        resp.headers.setdefault("OData-Version", "4.0")
+
+    # -- dispatch -----------------------------------------------------------------------------
+    def dispatch(self, method: str, rest: str, query: str, headers: dict, raw: bytes, base: str) -> Response:
+        try:
+            return self._dispatch(method, rest, query, headers, raw, base)
+        except ODataError as exc:
+            return self.odata_error(exc.status, exc.code, exc.message, exc.headers)
+
+    def _dispatch(self, method, rest, query, headers, raw, base) -> Response:
+        api = base + self.prefix + API
+        q = dict(parse_qsl(query, keep_blank_values=True))
+        prefer = _parse_prefer(headers.get("prefer", ""))
+        body = None
+        if raw:
+            try:
+                body = json.loads(raw)
+            except ValueError as exc:
+                raise ODataError(400, E_ARGUMENT, "The request body is not valid JSON.") from exc
+        segments = _split_path(rest)
+        if not segments:
+            raise ODataError(404, E_SEGMENT, "Resource not found for the segment ''.")
+        first = _SEGMENT_RE.match(segments[0])
+        if first is None:
+            raise ODataError(404, E_SEGMENT, f"Resource not found for the segment '{segments[0]}'.")
+        name, key = first.group("name"), first.group("key")
+        if name in ("WhoAmI", NS + "WhoAmI") and len(segments) == 1:
+            self._method(method, "GET")
+            return self.json({"@odata.context": f"{api}/$metadata#{NS}WhoAmIResponse",
+                              "BusinessUnitId": self.business_unit_id, "UserId": self.user_id,
+                              "OrganizationId": self.organization_id})
+        if name in ("AddListMembersList", NS + "AddListMembersList") and len(segments) == 1:
+            self._method(method, "POST")
+            return self.add_list_members(body)
+        if name == "listmembers":
+            return self.listmembers(method, key, segments, q, headers, prefer, api)
+        table = self.tables.get(name)
+        if table is None:
+            raise ODataError(404, E_SEGMENT, f"Resource not found for the segment '{segments[0]}'.")
+        if key is None:
+            if len(segments) == 1:
+                if method == "GET":
+                    return self.query(table, q, prefer, api, rest, query, table.scan, None)
+                self._method(method, "POST")
+                return self.create(table, body, prefer, api, q)
+            action = segments[1].removeprefix(NS)
+            if len(segments) == 2 and action in ("CreateMultiple", "UpdateMultiple", "UpsertMultiple"):
+                self._method(method, "POST")
+                return self.multiple(table, action, body, api)
+            if len(segments) == 2 and segments[1] == "$count":
+                self._method(method, "GET")
+                return Response(str(len(table)), media_type="text/plain")
+            raise ODataError(404, E_SEGMENT, f"Resource not found for the segment '{segments[1]}'.")
+        rec, key_desc = self._resolve_key(table, key)
+        if len(segments) == 1:
+            if method == "GET":
+                if rec is None:
+                    raise self._missing(table, key_desc)
+                return self.single(table, rec, q, api)
+            if method == "PATCH":
+                return self.upsert(table, rec, key, body, headers, prefer, api, q)
+            if method == "DELETE":
+                if rec is None:
+                    raise self._missing(table, key_desc)
+                self.delete(table, rec)
+                return Response(status_code=204, headers={"OData-Version": "4.0"})
+            raise ODataError(405, E_ARGUMENT, f"The HTTP method '{method}' is not allowed on this resource.")
+        if rec is None:
+            raise self._missing(table, key_desc)
+        return self.navigation(table, rec, method, segments[1:], q, body, prefer, api, rest, query)
+
+    @staticmethod
+    def _method(method: str, allowed: str) -> None:
+        if method != allowed:
+            raise ODataError(405, E_ARGUMENT, f"The HTTP method '{method}' is not allowed on this resource.")
+
+    @staticmethod
+    def json(payload, status: int = 200, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse(payload, status_code=status, media_type=JSON_TYPE,
+                            headers={"OData-Version": "4.0", **(headers or {})})
+
+    @staticmethod
+    def _missing(table: Table, key_desc: str) -> ODataError:
+        return ODataError(404, E_NOT_FOUND, f"{table.logical} With Id = {key_desc} Does Not Exist")
+
+    def _resolve_key(self, table: Table, key: str):
+        key = key.strip()
+        gid = _guid(key)
+        if gid is not None:
+            return table.get(gid), gid
+        pairs = {}
+        for part in key.split(","):
+            k, sep, v = part.partition("=")
+            if not sep:
+                raise ODataError(400, E_ARGUMENT, f"Bad Request - Error in query syntax: invalid key '{key}'.")
+            v = v.strip()
+            if v.startswith("'") and v.endswith("'"):
+                v = v[1:-1].replace("''", "'")
+            elif _guid(v):
+                v = _guid(v)
+            pairs[k.strip()] = v
+        if len(pairs) == 1:
+            (attr, value), = pairs.items()
+            if attr == table.pk:
+                gid = _guid(str(value))
+                return (table.get(gid) if gid else None), str(value)
+            if attr in table.alternate_keys:
+                return table.find_by_alternate_key(attr, value), f"{attr}={value}"
+        raise ODataError(400, E_ARGUMENT, f"The key '{key}' does not match an alternate key defined on "
+                                          f"{table.logical}.")
+
+    # -- records ----------------------------------------------------------------------------
+    def _etag(self, table: Table, rec) -> str:
+        return f'W/"{abs(hash((table.rid(rec), table.value(rec, "modifiedon")))) % 10**8}"'
+
+    def _project(self, table: Table, rec, select: list[str] | None) -> dict:
+        out = {"@odata.etag": self._etag(table, rec)}
+        if select is None:
+            out.update(table.row(rec))
+        else:
+            for a in select:
+                out[a] = table.value(rec, a)
+            out[table.pk] = table.rid(rec)
+        return out
+
+    def _select(self, table: Table, q: dict) -> list[str] | None:
+        raw = q.get("$select")
+        if not raw:
+            return None
+        attrs = [a.strip() for a in raw.split(",") if a.strip()]
+        for a in attrs:
+            if a not in table.attrs:
+                raise ODataError(400, E_PROPERTY, f"Could not find a property named '{a}' on type "
+                                                  f"'{NS}{table.logical}'.")
+        return attrs
+
+    def _context(self, api: str, table: Table, select: list[str] | None, entity: bool = False) -> str:
+        sel = f"({','.join(select)})" if select else ""
+        return f"{api}/$metadata#{table.set_name}{sel}" + ("/$entity" if entity else "")
+
+    def single(self, table: Table, rec, q: dict, api: str) -> Response:
+        for opt in q:
+            if opt.startswith("$") and opt not in ("$select",):
+                raise ODataError(501, E_PROPERTY, f"The query option {opt} is not supported by the sandbox here.")
+        select = self._select(table, q)
+        return self.json({"@odata.context": self._context(api, table, select, entity=True),
+                          **self._project(table, rec, select)})
+
+    def _clean(self, table: Table, body, creating: bool) -> dict:
+        """Validate a request body for ``table``: known columns, types, lengths, lookups."""
+        if not isinstance(body, dict):
+            raise ODataError(400, E_ARGUMENT, "The request body must be a JSON object.")
+        data: dict[str, Any] = {}
+        for k, v in body.items():
+            if k.startswith("@odata."):
+                continue
+            if k.endswith("@odata.bind"):
+                nav = k[: -len("@odata.bind")]
+                if nav not in table.lookups:
+                    raise ODataError(400, E_PROPERTY, f"An undeclared property '{nav}' which only has property "
+                                                      "annotations in the payload but no property value was found "
+                                                      "in the payload.")
+                target_set, value_attr = table.lookups[nav]
+                target = self._bind_target(str(v), target_set)
+                data[value_attr] = target
+                continue
+            attr = table.attrs.get(k)
+            if attr is None or k.startswith("_"):
+                raise ODataError(400, E_PROPERTY, f"The property '{k}' does not exist on type '{NS}{table.logical}'. "
+                                                  "Make sure to only use property names that are defined by the type.")
+            if k == table.pk:
+                gid = _guid(str(v)) if v is not None else None
+                if gid is None:
+                    raise ODataError(400, E_ARGUMENT, f"Cannot convert the literal '{v}' to the expected type "
+                                                      "'Edm.Guid'.")
+                data[k] = gid
+                continue
+            if attr.readonly:
+                continue  # read-only columns are ignored on write, as the platform does
+            data[k] = self._coerce(table, k, attr, v)
+        return data
+
+    def _coerce(self, table: Table, name: str, attr: Attr, v):
+        if v is None:
+            return None
+        kind = attr.kind
+        if kind == "string":
+            if not isinstance(v, str):
+                raise ODataError(400, E_ARGUMENT, f"Cannot convert a value to target type 'Edm.String' for "
+                                                  f"property '{name}'.")
+            if attr.max_len and len(v) > attr.max_len:
+                raise ODataError(400, E_LENGTH, f"A validation error occurred. The length of the '{name}' attribute "
+                                                f"of the '{table.logical}' entity exceeded the maximum allowed "
+                                                f"length of '{attr.max_len}'.")
+            return v
+        if kind == "bool":
+            if not isinstance(v, bool):
+                raise ODataError(400, E_ARGUMENT, f"Cannot convert the literal '{v}' to the expected type "
+                                                  "'Edm.Boolean'.")
+            return v
+        if kind == "int":
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ODataError(400, E_ARGUMENT, f"Cannot convert the literal '{v}' to the expected type "
+                                                  "'Edm.Int32'.")
+            if attr.choices and v not in attr.choices:
+                raise ODataError(400, E_ARGUMENT, f"A validation error occurred. The value {v} of '{name}' on "
+                                                  f"record of type '{table.logical}' is outside the valid range.")
+            return v
+        if kind == "datetime":
+            try:
+                parsed = datetime.fromisoformat(str(v).replace("Z", "+00:00"))
+            except ValueError as exc:
+                raise ODataError(400, E_ARGUMENT, f"Cannot convert the literal '{v}' to the expected type "
+                                                  "'Edm.DateTimeOffset'.") from exc
+            if parsed.tzinfo is not None:
+                parsed = parsed.astimezone(UTC)
+            return parsed.strftime("%Y-%m-%dT%H:%M:%SZ")
+        return v
+
+    def _bind_target(self, ref: str, target_set: str) -> str:
+        path = urlsplit(ref).path if "://" in ref else ref
+        m = re.search(r"([A-Za-z_]+)\(([^)]*)\)\s*$", path)
+        if m is None or m.group(1) != target_set:
+            raise ODataError(400, E_ARGUMENT, f"The URI '{ref}' is not valid for the navigation property; expected "
+                                              f"/{target_set}(<id>).")
+        table = self.tables[target_set]
+        rec, desc = self._resolve_key(table, m.group(2))
+        if rec is None:
+            raise self._missing(table, desc)
+        return table.rid(rec)
+
+    def _log_write(self, table: Table, recs: list) -> None:
+        if table is self.contacts:
+            self.sandbox.log.members(self.name, [r.id for r in recs])
+
+    def _do_insert(self, table: Table, data: dict, rid: str | None = None):
+        if rid is None:
+            rid = data.pop(table.pk, None) or str(uuid.uuid4())
+        else:
+            data.pop(table.pk, None)
+        if table.get(rid) is not None:
+            raise ODataError(412 if table is not self.lists else 400, E_DUPLICATE,
+                             "A record with matching key values already exists.")
+        for k in table.alternate_keys:
+            if data.get(k) is not None and table.find_by_alternate_key(k, data[k]) is not None:
+                raise ODataError(412, E_DUPLICATE, f"A record that has the attribute values {k} already exists. The "
+                                                   "entity key requires that this set of attributes contains unique "
+                                                   "values. Select unique values and try again.")
+        missing = [k for k in table.required if data.get(k) in (None, "")]
+        if missing:
+            raise ODataError(400, E_ARGUMENT, f"A validation error occurred. '{missing[0]}' is required.")
+        now = _now()
+        if table is self.lists:
+            if data.get("type") and not data.get("query"):
+                data.setdefault("query", "")
+            rec = self._create_list(data, rid, now)
+            self._undo(lambda: (self.lists.remove(rid), self.memberships.pop(rid, None)))
+            return rec
+        rec = table.insert(data, rid, now)
+        self._undo(lambda: table.remove(rid))
+        return rec
+
+    def _do_update(self, table: Table, rec, data: dict) -> None:
+        if table is self.lists:
+            for k in ("createdfromcode", "type"):
+                if k in data and data[k] != rec.get(k):
+                    raise ODataError(400, E_ARGUMENT, f"The attribute '{k}' of a marketing list cannot be changed "
+                                                      "after it has been created.")
+        for k in table.alternate_keys:
+            if data.get(k) is not None:
+                other = table.find_by_alternate_key(k, data[k])
+                if other is not None and other is not rec:
+                    raise ODataError(412, E_DUPLICATE, f"A record that has the attribute values {k} already exists.")
+        snap = table.snapshot(rec)
+        data.pop(table.pk, None)
+        table.apply(rec, data, _now())
+        self._undo(lambda: table.restore(rec, snap))
+
+    def delete(self, table: Table, rec) -> None:
+        rid = table.rid(rec)
+        pos = table.position(rec)
+        snap = table.snapshot(rec)
+        removed_from = []
+        members = None
+        if table is self.contacts:
+            for lid, ml in self.memberships.items():
+                if rid in ml.members:
+                    del ml.members[rid]
+                    removed_from.append(lid)
+        elif table is self.lists:
+            members = self.memberships.pop(rid, None)
+        table.remove(rid)
+
+        def undo() -> None:
+            table.restore(rec, snap)
+            if table is self.contacts:
+                table.rows[rid] = rec
+                table.order[pos] = rec
+                for lid in removed_from:
+                    self.memberships[lid].members[rid] = None
+            else:
+                table.rows[rid] = rec
+                table.order[pos] = rid
+                table.pos[rid] = pos
+                if table is self.lists:
+                    self.memberships[rid] = members
+
+        self._undo(undo)
+
+    def _undo(self, fn) -> None:
+        if self._tx is not None:
+            self._tx.append(fn)
+
+    def _created(self, table: Table, rec, prefer: dict, api: str, q: dict, status_if_repr: int = 201) -> Response:
+        url = f"{api}/{table.set_name}({table.rid(rec)})"
+        if "return" in prefer and prefer["return"] == "representation":
+            select = self._select(table, q)
+            return self.json({"@odata.context": self._context(api, table, select, entity=True),
+                              **self._project(table, rec, select)}, status_if_repr,
+                             {"Preference-Applied": "return=representation", "OData-EntityId": url})
+        return Response(status_code=204, headers={"OData-Version": "4.0", "OData-EntityId": url, "Location": url})
+
+    def create(self, table: Table, body, prefer: dict, api: str, q: dict) -> Response:
+        if table is self.organizations:
+            raise ODataError(405, E_ARGUMENT, "The HTTP method 'POST' is not allowed on organizations.")
+        data = self._clean(table, body, creating=True)
+        rec = self._do_insert(table, data)
+        self._log_write(table, [rec])
+        return self._created(table, rec, prefer, api, q)
+
+    def upsert(self, table: Table, rec, key: str, body, headers: dict, prefer: dict, api: str, q: dict) -> Response:
+        data = self._clean(table, body, creating=rec is None)
+        if rec is None:
+            if headers.get("if-match", "").strip() == "*":
+                raise ODataError(404, E_NOT_FOUND, f"{table.logical} With Id = {key} Does Not Exist")
+            if table is self.organizations:
+                raise ODataError(405, E_ARGUMENT, "Organizations cannot be created.")
+            gid = _guid(key)
+            if gid is None:
+                attr, _, value = key.partition("=")
+                value = value.strip().strip("'")
+                if attr.strip() == table.pk:
+                    gid = _guid(value)
+                else:
+                    data[attr.strip()] = value
+            rec = self._do_insert(table, data, gid)
+            self._log_write(table, [rec])
+            return self._created(table, rec, prefer, api, q)
+        if headers.get("if-none-match", "").strip() == "*":
+            raise ODataError(412, E_DUPLICATE, "A record with matching key values already exists.")
+        if_match = headers.get("if-match", "").strip()
+        if if_match and if_match != "*" and if_match != self._etag(table, rec):
+            raise ODataError(412, "0x80060882", "The version of the existing record doesn't match the RowVersion "
+                                                "property provided.")
+        self._do_update(table, rec, data)
+        self._log_write(table, [rec])
+        if prefer.get("return") == "representation":
+            select = self._select(table, q)
+            return self.json({"@odata.context": self._context(api, table, select, entity=True),
+                              **self._project(table, rec, select)}, 200, {"Preference-Applied": "return=representation"})
+        url = f"{api}/{table.set_name}({table.rid(rec)})"
+        return Response(status_code=204, headers={"OData-Version": "4.0", "OData-EntityId": url})
+
+    def multiple(self, table: Table, action: str, body, api: str) -> Response:
+        if table not in (self.contacts, self.segment_rows, self.email_events):
+            raise ODataError(400, E_ARGUMENT, f"{action} is not enabled on the entity {table.logical}.")
+        targets = body.get("Targets") if isinstance(body, dict) else None
+        if not isinstance(targets, list) or not targets:
+            raise ODataError(400, E_ARGUMENT, "The parameter 'Targets' is required and cannot be empty.")
+        expected = NS + table.logical
+        for t in targets:
+            if not isinstance(t, dict) or t.get("@odata.type") != expected:
+                raise ODataError(400, E_ARGUMENT, f"Each entry of Targets must carry \"@odata.type\": \"{expected}\".")
+        outer, self._tx = self._tx, []
+        try:
+            ids, recs = [], []
+            for t in targets:
+                data = self._clean(table, t, creating=action == "CreateMultiple")
+                rid = data.get(table.pk)
+                rec = table.get(rid) if rid else None
+                if action == "CreateMultiple" or (action == "UpsertMultiple" and rec is None):
+                    rec = self._do_insert(table, data)
+                elif rec is None:
+                    raise ODataError(404, E_NOT_FOUND, f"{table.logical} With Id = {rid} Does Not Exist")
+                else:
+                    self._do_update(table, rec, data)
+                ids.append(table.rid(rec))
+                recs.append(rec)
+        except ODataError:
+            for fn in reversed(self._tx):
+                fn()
+            self._tx = []
+            raise
+        finally:
+            done, self._tx = self._tx, outer
+            if outer is not None:
+                outer.extend(done)
+        self._log_write(table, recs)
+        if action == "UpdateMultiple":
+            return Response(status_code=204, headers={"OData-Version": "4.0"})
+        return self.json({"@odata.context": f"{api}/$metadata#{NS}{action}Response", "Ids": ids})
+
+    # -- queries ------------------------------------------------------------------------------
+    def query(self, table: Table, q: dict, prefer: dict, api: str, rest: str, raw_query: str, scan, restrict,
+              context: str | None = None, use_index: bool = True) -> Response:
+        """A collection read: $select/$filter/$orderby/$top/$count, paged with Prefer: odata.maxpagesize."""
+        for opt in q:
+            if opt.startswith("$") and opt not in ("$select", "$filter", "$top", "$count", "$orderby", "$skiptoken"):
+                raise ODataError(501, E_PROPERTY, f"The query option {opt} is not supported by the sandbox.")
+        select = self._select(table, q)
+        node = FilterParser(q["$filter"], table).parse() if q.get("$filter") else None
+        page_size = self.max_page_size
+        applied = []
+        if "odata.maxpagesize" in prefer:
+            try:
+                page_size = max(1, min(self.max_page_size, int(prefer["odata.maxpagesize"])))
+            except ValueError:
+                pass
+            applied.append(f"odata.maxpagesize={page_size}")
+        if "odata.include-annotations" in prefer:
+            applied.append(f"odata.include-annotations={prefer['odata.include-annotations']}")
+        top = None
+        if "$top" in q:
+            try:
+                top = int(q["$top"])
+            except ValueError as exc:
+                raise ODataError(400, E_ARGUMENT, f"Invalid value '{q['$top']}' for $top query option.") from exc
+            page_size = min(page_size, top)
+        cookie = _decode_skiptoken(q.get("$skiptoken"))
+
+        def match(rec) -> bool:
+            return (restrict is None or restrict(rec)) and (node is None or evaluate(node, table, rec))
+
+        rows: list = []
+        more = False
+        if q.get("$orderby"):
+            order = []
+            for part in q["$orderby"].split(","):
+                bits = part.split()
+                attr = FilterParser(bits[0], table).prop(bits[0]) if bits else ""
+                order.append((attr, len(bits) > 1 and bits[1].lower() == "desc"))
+            everything = [rec for _, rec in scan(0) if match(rec)]
+            for attr, desc in reversed(order):
+                everything.sort(key=lambda r, a=attr: _sort_key(table.value(r, a)), reverse=desc)
+            offset = cookie.get("o", 0)
+            rows = everything[offset: offset + page_size]
+            more = offset + page_size < len(everything)
+            next_cookie = {"o": offset + page_size}
+            total = len(everything)
+        else:
+            cands = candidates(node, table) if node is not None and use_index else None
+            last = cookie.get("p", -1)
+            if cands is not None:
+                source = sorted(((table.position(r), r) for r in cands), key=lambda pr: pr[0])
+                source = ((p, r) for p, r in source if p > last and table.rid(r) in table.rows)
+            else:
+                source = scan(last + 1)
+            last_pos = last
+            for p, rec in source:
+                if not match(rec):
+                    continue
+                if len(rows) == page_size:
+                    more = True
+                    break
+                rows.append(rec)
+                last_pos = p
+            next_cookie = {"p": last_pos}
+            total = None
+        out: dict[str, Any] = {"@odata.context": context or self._context(api, table, select)}
+        if str(q.get("$count", "")).lower() == "true":
+            if total is None:
+                total = sum(1 for _, rec in scan(0) if match(rec))
+            out["@odata.count"] = min(total, 5000)
+        out["value"] = [self._project(table, r, select) for r in rows]
+        if more and top is None:
+            page = cookie.get("n", 1) + 1
+            next_cookie["n"] = page
+            out["@odata.nextLink"] = _next_link(api, rest, raw_query, _encode_skiptoken(next_cookie, page))
+        headers = {"Preference-Applied": ",".join(applied)} if applied else None
+        return self.json(out, headers=headers)
+
+    # -- marketing lists ----------------------------------------------------------------------
+    def _list_for_members(self, listid: str, adding: bool):
+        gid = _guid(str(listid))
+        rec = self.lists.get(gid) if gid else None
+        if rec is None:
+            raise ODataError(404, E_NOT_FOUND, f"list With Id = {listid} Does Not Exist")
+        if adding:
+            if rec.get("type"):
+                raise ODataError(400, E_ARGUMENT, "Members cannot be added to a dynamic marketing list.")
+            if rec.get("lockstatus"):
+                raise ODataError(400, "0x8004f80f", "The marketing list is locked. Members cannot be added to a "
+                                                    "locked marketing list.")
+            if rec.get("statecode", 0) != 0:
+                raise ODataError(400, E_ARGUMENT, "Members cannot be added to an inactive marketing list.")
+        return rec
+
+    def _member_table(self, list_rec) -> Table:
+        if list_rec.get("createdfromcode") != 2:
+            raise ODataError(400, E_ARGUMENT, "The sandbox holds contacts only; this list's member type "
+                                              f"(createdfromcode={list_rec.get('createdfromcode')}) has no records.")
+        return self.contacts
+
+    def _add_members(self, list_rec, contact_ids: list[str]) -> int:
+        ml = self.memberships[list_rec["listid"]]
+        added = []
+        for cid in contact_ids:
+            rec = self.contacts.get(cid)
+            if self.skip_inactive_members and rec.state != 0:
+                continue
+            if rec.id not in ml.members:
+                ml.members[rec.id] = None
+                added.append(rec.id)
+        if added:
+            self._undo(lambda: [ml.members.pop(c, None) for c in added])
+        list_rec["modifiedon"] = _now()
+        return len(added)
+
+    def add_list_members(self, body) -> Response:
+        if not isinstance(body, dict) or not isinstance(body.get("List"), dict):
+            raise ODataError(400, E_ARGUMENT, "The parameter 'List' is required.")
+        members = body.get("Members")
+        if not isinstance(members, list):
+            raise ODataError(400, E_ARGUMENT, "The parameter 'Members' is required.")
+        lst = body["List"]
+        if lst.get("@odata.type") not in (None, NS + "list"):
+            raise ODataError(400, E_ARGUMENT, f"The parameter 'List' must be of type '{NS}list'.")
+        list_rec = self._list_for_members(lst.get("listid", ""), adding=True)
+        if self.max_add_list_members and len(members) > self.max_add_list_members:
+            raise ODataError(400, E_ARGUMENT, f"The number of members exceeds the limit of "
+                                              f"{self.max_add_list_members}.")
+        code = list_rec.get("createdfromcode")
+        expected = {1: "account", 2: "contact", 4: "lead"}.get(code, "contact")
+        ids = []
+        for m in members:
+            if not isinstance(m, dict):
+                raise ODataError(400, E_ARGUMENT, "Each entry of 'Members' must be an entity object.")
+            otype = m.get("@odata.type")
+            if otype is None:
+                prop = next((k for k in m if not k.startswith("@")), "")
+                raise ODataError(400, E_PROPERTY, f"The property '{prop}' does not exist on type "
+                                                  f"'{NS}crmbaseentity'. Make sure to only use property names that "
+                                                  "are defined by the type.")
+            if otype != NS + expected:
+                raise ODataError(400, E_ARGUMENT, f"The member type '{otype}' does not match the marketing list's "
+                                                  f"member type '{expected}'.")
+            raw_id = m.get(f"{expected}id")
+            gid = _guid(str(raw_id)) if raw_id else None
+            if gid is None:
+                raise ODataError(400, E_ARGUMENT, f"Cannot convert the literal '{raw_id}' to the expected type "
+                                                  "'Edm.Guid'.")
+            ids.append(gid)
+        self._member_table(list_rec)
+        for gid in ids:
+            if gid not in self.contacts.rows:
+                raise ODataError(404, E_NOT_FOUND, f"contact With Id = {gid} Does Not Exist")
+        self.sandbox.log.members(self.name, ids)
+        self._add_members(list_rec, ids)
+        return Response(status_code=204, headers={"OData-Version": "4.0"})
+
+    def navigation(self, table: Table, rec, method: str, segs: list[str], q: dict, body, prefer: dict, api: str,
+                   rest: str, raw_query: str) -> Response:
+        if table is not self.lists:
+            raise ODataError(404, E_SEGMENT, f"Resource not found for the segment '{segs[0]}'.")
+        listid = rec["listid"]
+        first = segs[0].removeprefix(NS)
+        if first == "AddMemberList" and len(segs) == 1:
+            self._method(method, "POST")
+            entity = _guid(str((body or {}).get("EntityId", ""))) if isinstance(body, dict) else None
+            if entity is None:
+                raise ODataError(400, E_ARGUMENT, "The parameter 'EntityId' is required.")
+            list_rec = self._list_for_members(listid, adding=True)
+            self._member_table(list_rec)
+            if entity not in self.contacts.rows:
+                raise ODataError(404, E_NOT_FOUND, f"contact With Id = {entity} Does Not Exist")
+            self.sandbox.log.members(self.name, [entity])
+            self._add_members(list_rec, [entity])
+            return self.json({"@odata.context": f"{api}/$metadata#{NS}AddMemberListResponse",
+                              "Id": _listmember_id(listid, entity)})
+        if first == "RemoveMemberList" and len(segs) == 1:
+            if not self.remove_member_list_available:
+                raise ODataError(404, E_SEGMENT, f"Resource not found for the segment '{segs[0]}'.")
+            self._method(method, "POST")
+            entity = _guid(str((body or {}).get("EntityId", ""))) if isinstance(body, dict) else None
+            if entity is None:
+                raise ODataError(400, E_ARGUMENT, "The parameter 'EntityId' is required.")
+            ml = self.memberships[listid]
+            member = None
+            if self.remove_member_entity_id in ("record", "either") and entity in ml.members:
+                member = entity
+            if member is None and self.remove_member_entity_id in ("listmember", "either"):
+                cand = _listmember_id(listid, entity)
+                if cand in ml.members:
+                    member = cand
+            if member is not None:
+                self._remove_member(listid, member)
+                self.sandbox.log.members(self.name, [member])
+            return Response(status_code=204, headers={"OData-Version": "4.0"})
+        nav = _SEGMENT_RE.match(segs[0])
+        if nav is None or nav.group("name") != "listcontact_association":
+            raise ODataError(404, E_SEGMENT, f"Resource not found for the segment '{segs[0]}'.")
+        nav_key = nav.group("key")
+        self._member_table(rec)
+        ml = self.memberships[listid]
+        if len(segs) == 1 and nav_key is None:
+            if method != "GET":
+                raise ODataError(405, E_ARGUMENT, f"The HTTP method '{method}' is not allowed on this resource.")
+            contacts = self.contacts
+
+            def scan(start: int):
+                for i, cid in enumerate(islice(ml.members, start, None), start):
+                    c = contacts.get(cid)
+                    if c is not None:
+                        yield i, c
+
+            return self.query(self.contacts, q, prefer, api, rest, raw_query, scan, None,
+                              context=f"{api}/$metadata#contacts", use_index=False)
+        if len(segs) == 2 and segs[1] == "$ref" and nav_key is None:
+            self._method(method, "POST")
+            ref = (body or {}).get("@odata.id") if isinstance(body, dict) else None
+            if not ref:
+                raise ODataError(400, E_ARGUMENT, "The request body must contain '@odata.id'.")
+            cid = self._bind_target(str(ref), "contacts")
+            self._list_for_members(listid, adding=True)
+            self.sandbox.log.members(self.name, [cid])
+            self._add_members(rec, [cid])
+            return Response(status_code=204, headers={"OData-Version": "4.0"})
+        if len(segs) == 2 and segs[1] == "$ref" and nav_key is not None:
+            self._method(method, "DELETE")
+            cid = _guid(nav_key)
+            if cid is None or cid not in ml.members:
+                raise ODataError(404, E_NOT_FOUND, f"contact With Id = {nav_key} Does Not Exist")
+            self._remove_member(listid, cid)
+            self.sandbox.log.members(self.name, [cid])
+            return Response(status_code=204, headers={"OData-Version": "4.0"})
+        raise ODataError(404, E_SEGMENT, f"Resource not found for the segment '{segs[-1]}'.")
+
+    def _remove_member(self, listid: str, cid: str) -> None:
+        ml = self.memberships[listid]
+        del ml.members[cid]
+        self._undo(lambda: ml.members.__setitem__(cid, None))
+
+    def listmembers(self, method, key, segments, q, headers, prefer, api) -> Response:
+        if len(segments) != 1:
+            raise ODataError(404, E_SEGMENT, f"Resource not found for the segment '{segments[1]}'.")
+        if key is not None:
+            lmid = _guid(key)
+            self._method(method, "DELETE")
+            if lmid is None:
+                raise ODataError(400, E_ARGUMENT, f"Invalid key '{key}'.")
+            for listid, ml in self.memberships.items():
+                cid = _listmember_id(listid, lmid)
+                if cid in ml.members:
+                    self._remove_member(listid, cid)
+                    self.sandbox.log.members(self.name, [cid])
+                    return Response(status_code=204, headers={"OData-Version": "4.0"})
+            raise ODataError(404, E_NOT_FOUND, f"listmember With Id = {lmid} Does Not Exist")
+        self._method(method, "GET")
+        for opt in q:
+            if opt.startswith("$") and opt not in ("$select", "$filter", "$skiptoken"):
+                raise ODataError(501, E_PROPERTY, f"The query option {opt} is not supported by the sandbox here.")
+        attrs = {"listmemberid": Attr("guid"), "_listid_value": Attr("guid"), "_entityid_value": Attr("guid"),
+                 "entitytype": Attr("string")}
+        view = Table("listmember", "listmembers", "listmemberid", {})
+        view.attrs = attrs
+        view.value = lambda rec, a: rec.get(a)  # type: ignore[method-assign]
+        node = FilterParser(q["$filter"], view).parse() if q.get("$filter") else None
+        want_list = _eq_value(node, "_listid_value")
+        select = self._select(view, q)
+        page_size = self.max_page_size
+        if "odata.maxpagesize" in prefer:
+            try:
+                page_size = max(1, min(self.max_page_size, int(prefer["odata.maxpagesize"])))
+            except ValueError:
+                pass
+        cookie = _decode_skiptoken(q.get("$skiptoken"))
+        lists = [want_list] if want_list else list(self.memberships)
+        li, off = cookie.get("l", 0), cookie.get("o", 0)
+        rows, more = [], False
+        while li < len(lists) and not more:
+            ml = self.memberships.get(lists[li])
+            if ml is not None:
+                for cid in islice(ml.members, off, None):
+                    off += 1
+                    rec = {"listmemberid": _listmember_id(lists[li], cid), "_listid_value": lists[li],
+                           "_entityid_value": cid, "entitytype": "contact"}
+                    if node is not None and not evaluate(node, view, rec):
+                        continue
+                    if len(rows) == page_size:
+                        more, off = True, off - 1
+                        break
+                    rows.append(rec)
+            if not more:
+                li, off = li + 1, 0
+        out: dict[str, Any] = {"@odata.context": f"{api}/$metadata#listmembers",
+                               "value": [{"@odata.etag": 'W/"1"', **({a: r[a] for a in select} if select else r),
+                                          "listmemberid": r["listmemberid"]} for r in rows]}
+        if more:
+            page = cookie.get("n", 1) + 1
+            token = _encode_skiptoken({"l": li, "o": off, "n": page}, page)
+            raw_query = "&".join(p for p in _query_parts_without_skiptoken(q))
+            out["@odata.nextLink"] = _next_link(api, "listmembers", raw_query, token)
+        return self.json(out)
+
+    # -- $batch -----------------------------------------------------------------------------
+    async def batch(self, method: str, headers: dict, raw: bytes, base: str) -> Response:
+        if method != "POST":
+            return self.odata_error(405, E_ARGUMENT, "The HTTP method must be POST for $batch.")
+        ctype = headers.get("content-type", "")
+        boundary = _boundary(ctype)
+        if not ctype.lower().startswith("multipart/mixed") or not boundary:
+            return self.odata_error(400, E_BATCH, "The content type of a $batch request must be multipart/mixed "
+                                                  "with a boundary.")
+        text = raw.decode("utf-8", "replace")
+        try:
+            parts = _parse_multipart(text, boundary)
+        except ValueError as exc:
+            return self.odata_error(400, E_BATCH, str(exc))
+        count = sum(len(p["requests"]) if p["changeset"] else 1 for p in parts)
+        if count > self.max_batch_requests:
+            return self.odata_error(400, E_BATCH, f"The number of requests in the batch ({count}) exceeds the "
+                                                  f"limit of {self.max_batch_requests}.")
+        for p in parts:
+            reqs = p["requests"] if p["changeset"] else [p]
+            for r in reqs:
+                if r.get("nested"):
+                    return self.odata_error(400, E_BATCH, "Nested $batch requests are not supported.")
+                if p["changeset"] and r["method"] == "GET":
+                    return self.odata_error(400, E_BATCH, "GET requests are not allowed inside a change set.")
+        if self.batch_inner_requests_count and count > 1:
+            now = time.monotonic()
+            for _ in range(count - 1):
+                self.usage.append((now, 0.0))
+        continue_on_error = "odata.continue-on-error" in _parse_prefer(headers.get("prefer", ""))
+        out_boundary = f"batchresponse_{uuid.uuid4()}"
+        chunks: list[str] = []
+        for p in parts:
+            if p["changeset"]:
+                ok, text_part = self._run_changeset(p["requests"], headers, base)
+                chunks.append(text_part)
+            else:
+                resp = self._run_inner(p, headers, base, {})
+                ok = resp.status_code < 400
+                chunks.append(_http_part(resp, None))
+            if not ok and not continue_on_error:
+                break
+        body = "".join(f"--{out_boundary}\r\n{c}" for c in chunks) + f"--{out_boundary}--\r\n"
+        return Response(body.encode("utf-8"), status_code=200,
+                        media_type=f"multipart/mixed; boundary={out_boundary}", headers={"OData-Version": "4.0"})
+
+    def _run_inner(self, req: dict, outer_headers: dict, base: str, refs: dict) -> Response:
+        url = req["url"]
+        for cid, entity_url in refs.items():
+            if url.startswith(f"${cid}"):
+                url = entity_url + url[len(cid) + 1:]
+        parts = urlsplit(url)
+        path = parts.path
+        for pfx in (self.prefix + API + "/", API + "/"):
+            if path.startswith(pfx):
+                path = path[len(pfx):]
+                break
+        else:
+            path = path.lstrip("/")
+        headers = {**{k: v for k, v in outer_headers.items() if k in ("authorization",)}, **req["headers"]}
+        body = req["body"].encode("utf-8") if req["body"].strip() else b""
+        if body and refs:
+            try:
+                obj = json.loads(body)
+                if isinstance(obj, dict):
+                    for k, v in obj.items():
+                        if isinstance(v, str) and v.startswith("$") and v[1:] in refs:
+                            obj[k] = urlsplit(refs[v[1:]]).path
+                    body = json.dumps(obj).encode("utf-8")
+            except ValueError:
+                pass
+        self.sandbox.log.request(self.name, req["method"], "$batch:" + _route_name(req["method"], path))
+        return self.dispatch(req["method"], path, parts.query, headers, body, base)
+
+    def _run_changeset(self, requests: list[dict], headers: dict, base: str) -> tuple[bool, str]:
+        outer, self._tx = self._tx, []
+        refs: dict[str, str] = {}
+        responses = []
+        failed = None
+        for r in requests:
+            resp = self._run_inner(r, headers, base, refs)
+            if resp.status_code >= 400:
+                failed = (r, resp)
+                break
+            entity = resp.headers.get("odata-entityid")
+            if r.get("content_id") and entity:
+                refs[r["content_id"]] = entity
+            responses.append((r, resp))
+        if failed is not None:
+            for fn in reversed(self._tx):
+                fn()
+            self._tx = outer
+            return False, _http_part(failed[1], failed[0].get("content_id"))
+        self._tx = outer
+        cs = f"changesetresponse_{uuid.uuid4()}"
+        inner = "".join(f"--{cs}\r\n{_http_part(resp, r.get('content_id'))}" for r, resp in responses)
+        return True, f"Content-Type: multipart/mixed; boundary={cs}\r\n\r\n{inner}--{cs}--\r\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+def _sort_key(v):
+    if v is None:
+        return (0, "")
+    if isinstance(v, str):
+        return (1, v.lower())
+    return (1, v)
+
+
+def _eq_value(node, attr: str):
+    if node is None:
+        return None
+    if node[0] == "cmp" and node[1] == "eq" and node[2] == ("prop", attr) and node[3][0] == "lit":
+        return str(node[3][1]).lower()
+    if node[0] == "and":
+        return _eq_value(node[1], attr) or _eq_value(node[2], attr)
+    return None
+
+
+def _parse_prefer(value: str) -> dict:
+    out = {}
+    for item in value.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        k, sep, v = item.partition("=")
+        out[k.strip().lower()] = v.strip().strip('"') if sep else ""
+    return out
+
+
+def _split_path(rest: str) -> list[str]:
+    """Split an OData path on '/' outside quotes and parentheses."""
+    segs, cur, depth, quote_on = [], [], 0, False
+    for ch in rest:
+        if ch == "'":
+            quote_on = not quote_on
+        elif not quote_on and ch == "(":
+            depth += 1
+        elif not quote_on and ch == ")":
+            depth -= 1
+        if ch == "/" and depth == 0 and not quote_on:
+            segs.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if cur:
+        segs.append("".join(cur))
+    return [unquote(s) for s in segs if s]
+
+
+def _route_name(method: str, rest: str) -> str:
+    segs = _split_path(rest)
+    out = []
+    for s in segs:
+        m = _SEGMENT_RE.match(s)
+        if m and m.group("key") is not None:
+            out.append(m.group("name") + "(id)")
+        else:
+            out.append(s)
+    return "/".join(out) or "/"
+
+
+def _count_items(rest: str, raw: bytes, ctype: str) -> int:
+    if not raw:
+        return 0
+    if rest == "$batch":
+        return raw.count(b"application/http")
+    if rest.endswith("AddListMembersList") or rest.endswith("Multiple"):
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            return 0
+        if isinstance(body, dict):
+            return len(body.get("Members") or body.get("Targets") or [])
+    return 1
+
+
+def _encode_skiptoken(cookie: dict, page: int) -> str:
+    inner = quote(quote(_b64(json.dumps(cookie, separators=(",", ":")).encode()), safe=""), safe="")
+    return f'<cookie pagenumber="{page}" pagingcookie="{inner}" istracking="False" />'
+
+
+def _decode_skiptoken(token: str | None) -> dict:
+    if not token:
+        return {}
+    m = re.search(r'pagingcookie="([^"]*)"', token)
+    if m is None:
+        raise ODataError(400, E_ARGUMENT, "The $skiptoken is not valid. Follow @odata.nextLink unchanged.")
+    try:
+        data = unquote(unquote(m.group(1)))
+        return json.loads(base64.urlsafe_b64decode(data + "=" * (-len(data) % 4)))
+    except (ValueError, TypeError) as exc:
+        raise ODataError(400, E_ARGUMENT, "The $skiptoken is not valid. Follow @odata.nextLink unchanged.") from exc
+
+
+def _query_parts_without_skiptoken(q: dict) -> list[str]:
+    return [f"{quote(k, safe='$')}={quote(v, safe='')}" for k, v in q.items() if k != "$skiptoken"]
+
+
+def _next_link(api: str, rest: str, raw_query: str, token: str) -> str:
+    kept = [p for p in raw_query.split("&") if p and not unquote(p.partition("=")[0]) == "$skiptoken"]
+    kept.append("$skiptoken=" + quote(token, safe=""))
+    return f"{api}/{rest}?" + "&".join(kept)
+
+
+def _boundary(ctype: str) -> str | None:
+    m = re.search(r'boundary="?([^";]+)"?', ctype, re.IGNORECASE)
+    return m.group(1).strip() if m else None
+
+
+def _split_head(block: str) -> tuple[dict, str]:
+    head, _, rest = block.partition("\n\n")
+    headers = {}
+    for line in head.split("\n"):
+        if ":" in line:
+            k, _, v = line.partition(":")
+            headers[k.strip().lower()] = v.strip()
+    return headers, rest
+
+
+def _parse_http(block: str) -> dict:
+    block = block.lstrip("\n")
+    line, _, rest = block.partition("\n")
+    bits = line.split()
+    if len(bits) < 2:
+        raise ValueError(f"Invalid request line in $batch part: {line!r}")
+    headers, body = _split_head(rest) if not rest.startswith("\n") else ({}, rest[1:])
+    return {"method": bits[0].upper(), "url": bits[1], "headers": headers, "body": body.strip("\n")}
+
+
+def _parse_multipart(text: str, boundary: str) -> list[dict]:
+    text = text.replace("\r\n", "\n")
+    delim = "--" + boundary
+    if delim not in text:
+        raise ValueError("The $batch body does not contain the boundary given in Content-Type.")
+    pieces = text.split(delim)[1:]
+    out = []
+    for piece in pieces:
+        if piece.startswith("--"):
+            break
+        headers, content = _split_head(piece.lstrip("\n"))
+        ctype = headers.get("content-type", "")
+        if ctype.lower().startswith("multipart/mixed"):
+            inner_boundary = _boundary(ctype)
+            if not inner_boundary:
+                raise ValueError("A change set must declare a boundary.")
+            reqs = []
+            for inner in content.split("--" + inner_boundary)[1:]:
+                if inner.startswith("--"):
+                    break
+                ih, icontent = _split_head(inner.lstrip("\n"))
+                req = _parse_http(icontent)
+                req["content_id"] = ih.get("content-id") or req["headers"].get("content-id")
+                req["nested"] = req["url"].rstrip("/").endswith("$batch")
+                reqs.append(req)
+            out.append({"changeset": True, "requests": reqs})
+        elif ctype.lower().startswith("application/http"):
+            req = _parse_http(content)
+            req["changeset"] = False
+            req["nested"] = req["url"].rstrip("/").endswith("$batch")
+            out.append(req)
+        else:
+            raise ValueError(f"Unsupported part content type in $batch: {ctype!r}")
+    return out
+
+
+def _http_part(resp: Response, content_id: str | None) -> str:
+    lines = ["Content-Type: application/http", "Content-Transfer-Encoding: binary"]
+    if content_id:
+        lines.append(f"Content-ID: {content_id}")
+    status = resp.status_code
+    head = [f"HTTP/1.1 {status} {_STATUS_TEXT.get(status, '')}".rstrip()]
+    for k, v in resp.headers.items():
+        if k.lower() in ("content-length",):
+            continue
+        head.append(f"{k}: {v}")
+    body = bytes(resp.body or b"").decode("utf-8")
+    return "\r\n".join(lines) + "\r\n\r\n" + "\r\n".join(head) + "\r\n\r\n" + body + "\r\n"

@@ -1,0 +1,34 @@
+"""Small DAGs for the integration tests: every argument comes from the run's conf (params)."""
+
+from __future__ import annotations
+
+import pendulum
+from airflow.sdk import DAG
+
+from airflow_provider_segexport.operators.mailchimp import MailchimpSegmentExportOperator
+
+with DAG(
+    "mailchimp_export_test",
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    render_template_as_native_obj=True,
+    params={"audience_id": "", "segments": [], "sql": "", "mode": "upsert", "dry_run": False,
+            "merge_fields": {}, "warehouse_conn_id": "warehouse", "state_dir": None},
+    tags=["test"],
+) as mailchimp_export_test:
+    MailchimpSegmentExportOperator(
+        task_id="export",
+        audience_id="{{ params.audience_id }}",
+        segments="{{ params.segments }}",
+        sql="{{ params.sql }}",
+        sql_conn_id="warehouse",
+        first_name_field="first_name",
+        last_name_field="last_name",
+        merge_fields="{{ params.merge_fields }}",
+        mode="{{ params.mode }}",
+        dry_run="{{ params.dry_run }}",
+        state_dir="{{ params.state_dir }}",
+        progress_interval=1,
+        retries=0,
+    )

@@ -1,0 +1,194 @@
+"""Mailchimp exports run as real Airflow DAGs (dag.test()) against the sandbox over HTTPS.
+
+The expected audience is computed from the warehouse's own ground truth (``profile_anomalies``,
+``destination_state``), not from the exporter's validator.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+
+from airflow_provider_segexport import warehouse
+from tests.conftest import run_dag
+
+SQL = "SELECT * FROM segment_export WHERE segment_name = {segment} ORDER BY customer_id"
+PROFILES = 4000
+
+
+@pytest.fixture(scope="module")
+def wh_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("wh") / "warehouse.db"
+    warehouse.build(path, profiles=PROFILES, seed=42)
+    warehouse.refresh(path)
+    return path
+
+
+@pytest.fixture
+def wh(wh_path, monkeypatch, sandbox, tmp_path):
+    """The warehouse connection, and the sandbox seeded with the destination state."""
+    monkeypatch.setenv("AIRFLOW_CONN_WAREHOUSE", json.dumps({"conn_type": "sqlite", "host": str(wh_path)}))
+    sandbox.session.post(f"{sandbox.admin}/seed", json=warehouse.sandbox_seed(wh_path), timeout=60).raise_for_status()
+    return wh_path
+
+
+def expected(wh_path, segments):
+    """Ground truth: which emails of the segments must end in the audience, and with what."""
+    db = sqlite3.connect(wh_path)
+    anomalies = {}
+    for cid, kind in db.execute("SELECT customer_id, anomaly FROM profile_anomalies"):
+        anomalies.setdefault(cid, set()).add(kind)
+    bad = {"invalid_email", "non_ascii_email", "duplicate_email", "long_first_name"}
+    state = {e.strip().lower(): s for e, s in db.execute(
+        "SELECT email, status FROM destination_state WHERE destination = 'mailchimp'")}
+    members: dict[str, dict] = {}
+    rejected: dict[str, set] = {}
+    rows = 0
+    for seg in segments:
+        q = "SELECT customer_id, email, first_name, last_name FROM segment_export WHERE segment_name = ?"
+        for cid, email, first, last in db.execute(q, (seg,)):
+            rows += 1
+            if anomalies.get(cid, set()) & bad:
+                rejected.setdefault(seg, set()).add(cid)
+                continue
+            key = email.strip().lower()
+            if state.get(key) == "forgotten":
+                rejected.setdefault(seg, set()).add(cid)
+                continue
+            m = members.setdefault(key, {"tags": set(), "first": (first or "").strip(), "last": (last or "").strip(),
+                                         "status": state.get(key, "subscribed")})
+            m["tags"].add(seg)
+    return members, rejected, rows, state
+
+
+def audience(sandbox):
+    st = sandbox.state("mailchimp")["audiences"][sandbox.info["mailchimp"]["audience_id"]]
+    return {e.lower(): m for e, m in st["members"].items()}
+
+
+def conf(sandbox, segments, **kw):
+    return {"audience_id": sandbox.info["mailchimp"]["audience_id"], "segments": segments, "sql": SQL, **kw}
+
+
+SEGMENTS = ["all_customers", "vip_customers"]
+
+
+def test_export_holds_exactly_the_valid_members(airflow_db, mailchimp_conn, wh, sandbox, tmp_path):
+    state, xcom = run_dag("mailchimp_export_test", conf(sandbox, SEGMENTS, state_dir=str(tmp_path)))
+    assert state == "success"
+    summary = xcom["export"]
+    want, rejected, rows, pre = expected(wh, SEGMENTS)
+    got = audience(sandbox)
+
+    exported = {e: m for e, m in got.items() if m["tags"]}
+    assert set(exported) == set(want)
+    for email, w in want.items():
+        g = got[email]
+        assert set(g["tags"]) == w["tags"], email
+        assert g["merge_fields"].get("FNAME") == w["first"] and g["merge_fields"].get("LNAME") == w["last"]
+        # never resubscribed: unsubscribed / cleaned / archived members keep their status
+        assert g["status"] == w["status"], (email, g["status"], w["status"])
+    assert any(w["status"] == "unsubscribed" for w in want.values()), "the sample must exercise unsubscribed"
+    assert any(w["status"] == "archived" for w in want.values())
+    # members that existed before and were not exported are untouched
+    for email, status in pre.items():
+        if email not in want and status != "forgotten":
+            assert got[email]["status"] == status and got[email]["tags"] == []
+
+    t = summary["totals"]
+    assert t["rows"] == rows
+    assert t["created"] + t["updated"] + t["unchanged"] + t["rejected"] == rows
+    assert t["rejected"] == sum(len(v) for v in rejected.values())
+    assert summary["rejects"]["count"] == t["rejected"]
+    lines = [json.loads(x) for x in open(summary["rejects"]["path"].removeprefix("file://"), encoding="utf-8")]
+    assert {(r["segment"], r["key"]) for r in lines} == {(s, c) for s, cs in rejected.items() for c in cs}
+    reasons = {r["reason"] for r in lines}
+    assert {"invalid_email", "duplicate", "vendor_rejected"} <= reasons
+    forgotten = [r for r in lines if r["reason"] in ("vendor_rejected", "previously_refused")]
+    assert forgotten and all("permanently deleted" in r["vendor_message"] for r in forgotten)
+    assert all("email" not in r or "@" not in str(r.get("email")) for r in lines)
+
+    # A second run sends the same members again: nothing changes, forgotten ones are now refused up
+    # front (remembered), and the counts still add up.
+    state, xcom = run_dag("mailchimp_export_test", conf(sandbox, SEGMENTS, state_dir=str(tmp_path)))
+    t2 = xcom["export"]["totals"]
+    assert state == "success" and t2["created"] == 0 and t2["updated"] == 0
+    assert xcom["export"]["rejects"]["by_reason"].get("previously_refused") == len(forgotten)
+    assert audience(sandbox) == got
+
+
+def test_mirror_removes_only_the_segment_tag_from_leavers(airflow_db, mailchimp_conn, wh, sandbox, tmp_path):
+    state, _ = run_dag("mailchimp_export_test", conf(sandbox, ["all_customers", "vip_customers"],
+                                                     state_dir=str(tmp_path)))
+    assert state == "success"
+    before = audience(sandbox)
+    db = sqlite3.connect(wh)
+    leavers = [r[0] for r in db.execute(
+        "SELECT customer_id FROM segment_members WHERE segment_name = 'vip_customers' ORDER BY customer_id LIMIT 7")]
+    db.execute(f"DELETE FROM segment_members WHERE segment_name = 'vip_customers' AND customer_id IN "
+               f"({','.join('?' * len(leavers))})", leavers)
+    db.commit()
+    try:
+        leaver_emails = {e.strip().lower() for (e,) in db.execute(
+            f"SELECT email FROM profiles WHERE customer_id IN ({','.join('?' * len(leavers))})", leavers)}
+        # Same segments as before (duplicates across segments resolve in segment order).
+        state, xcom = run_dag("mailchimp_export_test", conf(sandbox, ["all_customers", "vip_customers"],
+                                                            mode="mirror", state_dir=str(tmp_path)))
+        assert state == "success"
+        after = audience(sandbox)
+        removed = {e for e in before if "vip_customers" in before[e]["tags"] and "vip_customers" not in after[e]["tags"]}
+        assert removed == {e for e in leaver_emails if e in before and "vip_customers" in before[e]["tags"]}
+        assert xcom["export"]["totals"]["removed"] == len(removed) > 0
+        for email in before:  # nobody else touched; leavers keep their status and other tags
+            assert after[email]["status"] == before[email]["status"]
+            expected_tags = set(before[email]["tags"]) - ({"vip_customers"} if email in removed else set())
+            assert set(after[email]["tags"]) == expected_tags
+    finally:
+        warehouse.refresh(wh)
+
+
+def test_faults_mid_export_end_in_the_same_audience(airflow_db, mailchimp_conn, wh, sandbox, tmp_path):
+    run_dag("mailchimp_export_test", conf(sandbox, ["all_customers"], state_dir=str(tmp_path / "a")))
+    clean = audience(sandbox)
+    sandbox.session.post(f"{sandbox.admin}/seed", json=warehouse.sandbox_seed(wh), timeout=60)
+    sandbox.fault(kind="burst429", vendor="mailchimp", count=6, skip=1, path_contains="/lists/", method="POST")
+    sandbox.fault(kind="status", status=503, vendor="mailchimp", count=2, skip=2, method="POST")
+    sandbox.fault(kind="drop", vendor="mailchimp", count=2, skip=3, method="POST")
+    state, xcom = run_dag("mailchimp_export_test", conf(sandbox, ["all_customers"], state_dir=str(tmp_path / "b")))
+    assert state == "success"
+    assert audience(sandbox) == clean
+    http = xcom["export"]["http"]
+    assert http["retries"] >= 10 and http["throttled"] >= 6
+
+
+def test_dry_run_sends_nothing(airflow_db, mailchimp_conn, wh, sandbox, tmp_path):
+    before = audience(sandbox)
+    state, xcom = run_dag("mailchimp_export_test", conf(sandbox, ["vip_customers"], dry_run=True,
+                                                        state_dir=str(tmp_path)))
+    assert state == "success" and xcom["export"]["dry_run"] is True
+    assert xcom["export"]["totals"]["planned"] > 0
+    assert audience(sandbox) == before
+    assert not any(k.startswith("mailchimp POST") for k in sandbox.requests()["counts"])
+
+
+def test_no_secret_or_email_in_task_logs(airflow_db, mailchimp_conn, wh, sandbox, tmp_path, capfd):
+    run_dag("mailchimp_export_test", conf(sandbox, ["vip_customers"], state_dir=str(tmp_path)))
+    out, err = capfd.readouterr()
+    logs = out + err
+    assert "rows confirmed" in logs  # we did capture the task log
+    assert mailchimp_conn["api_key"] not in logs
+    assert mailchimp_conn["api_key"].rpartition("-")[0] not in logs
+    db = sqlite3.connect(wh)
+    emails = [e.strip() for (e,) in db.execute(
+        "SELECT email FROM segment_export WHERE segment_name = 'vip_customers' AND email LIKE '%@%'")]
+    leaked = [e for e in emails if e and e in logs]
+    assert not leaked, leaked[:3]
+
+
+def test_merge_field_checks_before_sending(airflow_db, mailchimp_conn, wh, sandbox, tmp_path):
+    state, _ = run_dag("mailchimp_export_test", conf(sandbox, ["vip_customers"], merge_fields={"POINTS": "loyalty_points"},
+                                                     state_dir=str(tmp_path)))
+    assert state == "failed"
+    assert not any(k.startswith("mailchimp POST") for k in sandbox.requests()["counts"])
