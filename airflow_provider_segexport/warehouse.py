@@ -195,7 +195,7 @@ CREATE TABLE destination_state (
     customer_id TEXT
 );
 CREATE TABLE dynamics365_contacts (
-    contactid TEXT PRIMARY KEY,
+    contactid TEXT NOT NULL,
     email TEXT,
     first_name TEXT,
     last_name TEXT,
@@ -451,6 +451,9 @@ class _Generator:
         self.seed = seed
         self.rng = random.Random(seed)
         self.recent: list[tuple[str, str]] = []  # (customer_id, email) of recent valid emails
+        # Emails of the digit-free patterns handed out. Bounded by the names x domains space
+        # (about 300,000), not by the number of profiles.
+        self.taken: set[str] = set()
 
     def generate(self, start: int, stop: int, rows: list, anomalies: list, picks: list) -> None:
         """Append the rows of customers ``start`` .. ``stop - 1``."""
@@ -464,6 +467,7 @@ class _Generator:
         birth_off, birth_span = _BIRTH_FIRST - d0, _BIRTH_LAST - _BIRTH_FIRST
         domains, domain_cum, domain_total = _DOMAIN_NAMES, _DOMAIN_CUM, _DOMAIN_TOTAL
         recent = self.recent
+        taken = self.taken
         any_anomaly = INVALID_EMAIL_RATE + DUPLICATE_EMAIL_RATE + PADDED_EMAIL_RATE
         contact_hash = _CONTACT_HASH
         seed_prefix = f"{self.seed}:"
@@ -510,26 +514,40 @@ class _Generator:
             f = ftok or "user"
             la = ltok or "customer"
             r = rnd()
-            if r < 0.33:
-                local = f"{f}.{la}"
-            elif r < 0.43:
-                local = f + la
-            elif r < 0.55:
-                local = f[:1] + la
-            elif r < 0.60:
-                local = f"{f}_{la}"
-            elif r < 0.70:
-                local = f"{f}.{la}{birth_year % 100:02d}"
-            elif r < 0.78:
-                local = f"{f}{la}{1 + int(rnd() * 999)}"
-            elif r < 0.86:
-                local = f"{la}.{f}"
-            elif r < 0.93:
-                local = f"{f}{birth_year}"
+            if r < 0.30:  # patterns without digits: taken quickly, as in real life
+                if r < 0.14:
+                    local = f"{f}.{la}"
+                elif r < 0.18:
+                    local = f + la
+                elif r < 0.24:
+                    local = f[:1] + la
+                elif r < 0.26:
+                    local = f"{f}_{la}"
+                else:
+                    local = f"{la}.{f}"
+                domain = domains[bisect_right(domain_cum, rnd() * domain_total)]
+                email = f"{local}@{domain}"
+                if email in taken:  # "that address is taken": add a number, as people do
+                    email = f"{local}{1 + int(rnd() * 9999)}@{domain}"
+                else:
+                    taken.add(email)
             else:
-                local = f"{f[:1]}.{la}"
-            domain = domains[bisect_right(domain_cum, rnd() * domain_total)]
-            email: str | None = f"{local}@{domain}"
+                if r < 0.45:
+                    local = f"{f}.{la}{birth_year % 100:02d}"
+                elif r < 0.59:
+                    local = f"{f}{la}{1 + int(rnd() * 999)}"
+                elif r < 0.69:
+                    local = f"{f[:1]}{la}{1 + int(rnd() * 9999)}"
+                elif r < 0.77:
+                    local = f"{f}{birth_year}"
+                elif r < 0.85:
+                    local = f"{f}.{la}{birth_year}"
+                elif r < 0.92:
+                    local = f"{f}.{la}{1 + int(rnd() * 99)}"
+                else:
+                    local = f"{la}{f[:1]}{1 + int(rnd() * 9999)}"
+                domain = domains[bisect_right(domain_cum, rnd() * domain_total)]
+                email = f"{local}@{domain}"
             u = rnd()  # email anomaly draw
             v = rnd()  # numeric_text draw
             w = rnd()  # destination draws (mailchimp, campaign monitor, dynamics 365)
@@ -660,7 +678,7 @@ def build(path: str | os.PathLike, profiles: int = 20_000, seed: int = 42) -> di
     try:
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = OFF")
-        conn.execute("PRAGMA cache_size = -200000")
+        conn.execute("PRAGMA cache_size = -100000")
         conn.execute("PRAGMA temp_store = MEMORY")
         conn.execute("BEGIN")
         for statement in _statements(SCHEMA):
@@ -753,6 +771,8 @@ def _destination_tables(conn: sqlite3.Connection) -> None:
         WHERE customer_id NOT IN (SELECT customer_id FROM temp.picks WHERE destination = 'dynamics365')
         ORDER BY customer_id
     """)
+    # Indexed after the insert: GUIDs arrive in random order, and building the index by sorting is faster.
+    conn.execute("CREATE UNIQUE INDEX dynamics365_contacts_contactid ON dynamics365_contacts (contactid)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -769,7 +789,7 @@ def refresh(path: str | os.PathLike, *, refreshed_at: str | None = None) -> dict
     conn = _connect(_existing(path))
     counts: dict[str, int] = {}
     try:
-        conn.execute("PRAGMA cache_size = -200000")
+        conn.execute("PRAGMA cache_size = -100000")
         conn.execute("PRAGMA temp_store = MEMORY")
         conn.execute("BEGIN IMMEDIATE")
         definitions = conn.execute("SELECT name, predicate FROM segment_definitions ORDER BY name").fetchall()
@@ -905,36 +925,45 @@ def mutate(path: str | os.PathLike, change_fraction: float = 0.01, remove_fracti
     if not (0 <= change_fraction <= 1 and 0 <= remove_fraction <= 1 and change_fraction + remove_fraction <= 1):
         raise ValueError("fractions must be between 0 and 1 and sum to at most 1")
     conn = _connect(_existing(path))
-    rng = random.Random(f"segexport-mutate:{seed}")
     try:
         conn.execute("BEGIN IMMEDIATE")
         n = conn.execute("SELECT count(*) FROM profiles").fetchone()[0]
         mutation = conn.execute("SELECT COALESCE(MAX(mutation), 0) + 1 FROM profile_changes").fetchone()[0]
+        rng = random.Random(f"segexport-mutate:{seed}:{mutation}")  # the next mutation touches others
         newest = conn.execute("SELECT MAX(updated_at) FROM profiles").fetchone()[0] or f"{REFERENCE_DATE}T00:00:00Z"
         ts = (dt.datetime.strptime(newest, "%Y-%m-%dT%H:%M:%SZ") + dt.timedelta(hours=1)).strftime(
             "%Y-%m-%dT%H:%M:%SZ")
         k_change, k_remove = round(n * change_fraction), round(n * remove_fraction)
-        order = rng.sample(range(1, n + 1), n) if n <= 50_000 else None
-        sampled = order[:k_change + 4 * k_remove + 100] if order else rng.sample(
-            range(1, n + 1), min(n, k_change + 4 * k_remove + 100))
+        # About half the profiles are in a segment they can leave: 4x candidates is plenty.
+        sampled = rng.sample(range(1, n + 1), min(n, k_change + 4 * k_remove + 1000))
 
         changed: list[str] = []
         log: list[tuple] = []
-        all_first = [name for loc in LOCALES for name, _ in loc.first]
-        all_last = [name for loc in LOCALES for name, _ in loc.last]
+        locales = {loc.country: loc for loc in LOCALES}
+        to_change = [customer_id(i) for i in sampled[:k_change]]
+        countries: dict[str, str] = {}
+        for pos in range(0, len(to_change), 500):
+            batch = to_change[pos:pos + 500]
+            countries.update(conn.execute(
+                f"SELECT customer_id, country FROM profiles WHERE customer_id IN ({','.join('?' * len(batch))})",  # noqa: S608
+                batch,
+            ))
         updates: dict[str, list[tuple]] = {"first_name": [], "last_name": [], "loyalty_points": [], "phone": []}
-        for index in sampled[:k_change]:
-            cid = customer_id(index)
+        for cid in to_change:
+            if cid not in countries:
+                continue
+            loc = locales.get(countries[cid], LOCALES[0])
             fields = rng.sample(list(updates), 1 + int(rng.random() < 0.4))
             for f in sorted(fields):
-                if f == "first_name":
-                    value: Any = all_first[int(rng.random() * len(all_first))]
-                elif f == "last_name":
-                    value = all_last[int(rng.random() * len(all_last))]
-                elif f == "loyalty_points":
+                if f == "first_name":  # a corrected or preferred name
+                    value: Any = loc.first[int(rng.random() * len(loc.first))][0]
+                elif f == "last_name":  # married, divorced, corrected
+                    value = loc.last[int(rng.random() * len(loc.last))][0]
+                elif f == "loyalty_points":  # a purchase
                     value = 10 + int(rng.random() * 490)
-                else:
-                    value = "+1 202-555-01" + f"{int(rng.random() * 100):02d}"
+                else:  # a new phone number
+                    value = loc.phone_template.format(
+                        *str(int(rng.random() * loc.phone_space)).zfill(loc.phone_digits))
                 updates[f].append((value, ts, cid))
             changed.append(cid)
             log.append((mutation, cid, "changed", ",".join(sorted(fields)), ts))

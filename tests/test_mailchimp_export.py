@@ -192,3 +192,18 @@ def test_merge_field_checks_before_sending(airflow_db, mailchimp_conn, wh, sandb
                                                      state_dir=str(tmp_path)))
     assert state == "failed"
     assert not any(k.startswith("mailchimp POST") for k in sandbox.requests()["counts"])
+
+
+def test_deferrable_reaches_the_same_audience(airflow_db, mailchimp_conn, wh, sandbox, tmp_path):
+    state, sync_x = run_dag("mailchimp_export_test", conf(sandbox, SEGMENTS, state_dir=str(tmp_path / "a")))
+    assert state == "success"
+    sync_audience = audience(sandbox)
+    sandbox.session.post(f"{sandbox.admin}/seed", json=warehouse.sandbox_seed(wh), timeout=60)
+    state, xcom = run_dag("mailchimp_export_deferred_test", conf(sandbox, SEGMENTS, state_dir=str(tmp_path / "b")))
+    assert state == "success"
+    assert audience(sandbox) == sync_audience
+    t, s = xcom["export"]["totals"], sync_x["export"]["totals"]
+    assert t["planned"] == 0 and xcom["export"]["mailchimp_batches"]
+    assert (t["created"], t["updated"], t["unchanged"], t["rejected"]) == (s["created"], s["updated"], s["unchanged"],
+                                                                           s["rejected"])
+    assert any(k.startswith("mailchimp POST batches") for k in sandbox.requests()["counts"])

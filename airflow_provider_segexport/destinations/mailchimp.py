@@ -163,26 +163,19 @@ class MailchimpDestination(Destination):
 
     def outcomes(self, records: list[Record], answer: dict) -> list[Outcome]:
         """Per-record outcomes from a batch-subscribe answer (new, updated, errors, or none: unchanged)."""
-        status: dict[str, tuple[str, str | None]] = {}
-        for m in answer.get("new_members") or []:
-            status[str(m.get("email_address", "")).lower()] = ("created", None)
-        for m in answer.get("updated_members") or []:
-            status[str(m.get("email_address", "")).lower()] = ("updated", None)
-        for e in answer.get("errors") or []:
-            msg = str(e.get("error") or e.get("error_code") or "refused")
-            if e.get("field"):
-                msg += f" [field {e['field']}" + (f": {e['field_message']}]" if e.get("field_message") else "]")
-            status[str(e.get("email_address", "")).strip().lower()] = ("rejected", msg)
+        status = answer_statuses(answer)
         out = []
         for r in records:
             email = r.payload["email_address"].lower()
             st, msg = status.get(email, ("unchanged", None))
-            if st == "rejected" and self.refusals is not None and msg and any(
-                marker in msg.lower() for marker in PERMANENT_MARKERS
-            ):
-                self.refusals.add(email, msg)
+            if st == "rejected":
+                self.remember_refusal(email, msg)
             out.append(Outcome(r, st, msg))
         return out
+
+    def remember_refusal(self, email: str, message: str | None) -> None:
+        if self.refusals is not None and message and any(m in message.lower() for m in PERMANENT_MARKERS):
+            self.refusals.add(email, message)
 
     # -- after a segment -------------------------------------------------------------------------------
     def finish_segment(self, segment: Segment, dry_run: bool) -> dict[str, int]:
@@ -209,6 +202,75 @@ class MailchimpDestination(Destination):
 
     def http_stats(self) -> dict[str, int]:
         return self.hook.http.stats.as_dict() if "http" in self.hook.__dict__ else {}
+
+
+def answer_statuses(answer: dict) -> dict[str, tuple[str, str | None]]:
+    """email (lower case) -> (created | updated | rejected, vendor message) from a batch-subscribe answer.
+
+    Members in none of the arrays were unchanged (Mailchimp reports no change for them).
+    """
+    status: dict[str, tuple[str, str | None]] = {}
+    for m in answer.get("new_members") or []:
+        status[str(m.get("email_address", "")).lower()] = ("created", None)
+    for m in answer.get("updated_members") or []:
+        status[str(m.get("email_address", "")).lower()] = ("updated", None)
+    for e in answer.get("errors") or []:
+        msg = str(e.get("error") or e.get("error_code") or "refused")
+        if e.get("field"):
+            msg += f" [field {e['field']}" + (f": {e['field_message']}]" if e.get("field_message") else "]")
+        status[str(e.get("email_address", "")).strip().lower()] = ("rejected", msg)
+    return status
+
+
+class MailchimpBatchOperationsDestination(MailchimpDestination):
+    """Deferrable mode: batch-subscribe calls are queued as Mailchimp batch operations (``/batches``).
+
+    ``send`` only queues (outcome ``planned``); every ``ops_per_batch`` operations one ``/batches`` call
+    is made. A sidecar file per ``/batches`` call keeps (operation, segment, row, key, email) so the
+    results archive can later be turned into per-row outcomes without holding the export in memory.
+    """
+
+    ops_per_batch = 100
+
+    def __init__(self, *args: Any, work_dir: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.work_dir = work_dir
+        self.groups: list[dict] = []
+        self._ops: list[dict] = []
+        self._fh = None
+        self._sidecar = None
+        self._op_lock = threading.Lock()
+
+    def send(self, segment: Segment, records: list[Record]) -> list[Outcome]:
+        body = {"members": [r.payload for r in records], "update_existing": True, "sync_tags": False}
+        with self._op_lock:
+            if self._fh is None:
+                self._sidecar = self.work_dir / f"batch-{len(self.groups):05d}.jsonl"
+                self._sidecar.parent.mkdir(parents=True, exist_ok=True)
+                self._fh = self._sidecar.open("w", encoding="utf-8")
+            op_id = f"{len(self.groups)}-{len(self._ops)}"
+            self._ops.append({"method": "POST", "path": f"/lists/{self.target}", "operation_id": op_id,
+                              "body": json.dumps(body, ensure_ascii=False)})
+            for r in records:
+                self._fh.write(json.dumps([op_id, r.segment, r.row, r.key, r.payload["email_address"].lower()],
+                                          ensure_ascii=False) + "\n")
+            if len(self._ops) >= self.ops_per_batch:
+                self._submit_locked()
+        return [Outcome(r, "planned") for r in records]
+
+    def flush(self) -> list[dict]:
+        with self._op_lock:
+            if self._ops:
+                self._submit_locked()
+        return self.groups
+
+    def _submit_locked(self) -> None:
+        self._fh.close()
+        self._fh = None
+        answer = self.hook.submit_batch(self._ops)
+        log.info("Queued Mailchimp batch %s: %d operation(s)", answer.get("id"), len(self._ops))
+        self.groups.append({"batch_id": answer["id"], "sidecar": str(self._sidecar)})
+        self._ops = []
 
 
 def convert_merge_value(field: dict, value: Any) -> tuple[Any, str | None]:

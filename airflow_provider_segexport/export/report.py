@@ -19,8 +19,9 @@ OUTCOMES = ("created", "updated", "unchanged", "removed", "rejected", "planned")
 class RejectsWriter:
     """Appends rejects as JSON Lines to an ``ObjectStoragePath`` (opened on the first reject)."""
 
-    def __init__(self, path: Any) -> None:
+    def __init__(self, path: Any, append: bool = False) -> None:
         self.path = path
+        self.append = append
         self.count = 0
         self.by_reason: Counter = Counter()
         self._fh = None
@@ -31,7 +32,7 @@ class RejectsWriter:
         with self._lock:
             if self._fh is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._fh = self.path.open("w", encoding="utf-8")
+                self._fh = self.path.open("a" if self.append and self.path.exists() else "w", encoding="utf-8")
             self._fh.write(line)
             self.count += 1
             self.by_reason[reject.reason] += 1

@@ -41,6 +41,8 @@ class SegexportBaseHook(BaseHook):
     """Base for the destination hooks. Subclasses set ``conn_type`` etc. and implement ``_build_session``."""
 
     conn_name_attr = "conn_id"
+    #: register fetched secrets with the masker (turned off in triggers, which mask asynchronously)
+    mask_secrets = True
     default_conn_name = ""
     conn_type = ""
     hook_name = ""
@@ -68,7 +70,8 @@ class SegexportBaseHook(BaseHook):
         if value in (None, ""):
             return None
         value = str(value).strip()
-        mask(value)
+        if self.mask_secrets:
+            mask(value)
         return value
 
     @property

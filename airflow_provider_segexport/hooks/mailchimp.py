@@ -80,7 +80,8 @@ class MailchimpHook(SegexportBaseHook):
     def _auth_header(self) -> dict[str, str]:
         key = self.secret("api_key") or (self.connection.password or None)
         if key:
-            mask(key)
+            if self.mask_secrets:
+                mask(key)
             token = base64.b64encode(f"anystring:{key}".encode()).decode()
             return {"Authorization": f"Basic {token}"}
         access_token = self.secret("access_token")

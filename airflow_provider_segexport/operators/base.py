@@ -83,6 +83,10 @@ class BaseSegmentExportOperator(BaseOperator):
     def before_export(self, destination: Destination, context) -> None:
         """Called before the engine runs (e.g. to push an extra link's URL)."""
 
+    def after_export(self, destination: Destination, summary: dict, context) -> dict:
+        """Called after the engine ran (e.g. to defer until the destination has processed the work)."""
+        return summary
+
     # -- shared ---------------------------------------------------------------------------------
     def build_segments(self) -> list[Segment]:
         segs = self.segments
@@ -123,6 +127,7 @@ class BaseSegmentExportOperator(BaseOperator):
                 max_rejects_share=self.max_rejects_share,
             )
             summary = engine.run()
+            summary = self.after_export(destination, summary, context)
         finally:
             destination.close()
             hook.close()

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
-from airflow_provider_segexport.destinations.mailchimp import MailchimpDestination
-from airflow_provider_segexport.export.records import FieldMapping
+from airflow_provider_segexport.destinations.mailchimp import (
+    MailchimpBatchOperationsDestination,
+    MailchimpDestination,
+    answer_statuses,
+)
+from airflow_provider_segexport.export.records import VENDOR_REJECTED, FieldMapping, Reject
+from airflow_provider_segexport.export.report import RejectsWriter, summary_table
 from airflow_provider_segexport.export.state import RefusalStore
 from airflow_provider_segexport.hooks.mailchimp import MailchimpHook
 from airflow_provider_segexport.links import MAILCHIMP_AUDIENCE_URL_KEY, MailchimpAudienceLink
@@ -32,6 +39,9 @@ class MailchimpSegmentExportOperator(BaseSegmentExportOperator):
     :param create_missing_merge_fields: create mapped merge fields the audience lacks (as text).
     :param mailchimp_conn_id: the ``mailchimp`` connection. Default ``mailchimp_default``.
     :param max_in_flight: batch calls in flight (at most 10, Mailchimp's connection limit).
+    :param deferrable: queue the work as Mailchimp batch operations and wait in the triggerer (no worker
+        slot held while Mailchimp processes it); the results archive gives the per-member outcomes.
+    :param poll_interval: seconds between batch status checks when deferred.
     """
 
     template_fields: Sequence[str] = (
@@ -53,9 +63,17 @@ class MailchimpSegmentExportOperator(BaseSegmentExportOperator):
         create_missing_merge_fields: bool = False,
         mailchimp_conn_id: str = MailchimpHook.default_conn_name,
         max_in_flight: int | None = None,
+        deferrable: bool | None = None,
+        poll_interval: float = 10.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if deferrable is None:
+            from airflow.configuration import conf
+
+            deferrable = conf.getboolean("operators", "default_deferrable", fallback=False)
+        self.deferrable = deferrable
+        self.poll_interval = poll_interval
         self.audience_id = audience_id
         self.email_field = email_field
         self.first_name_field = first_name_field
@@ -82,12 +100,96 @@ class MailchimpSegmentExportOperator(BaseSegmentExportOperator):
 
     def build_destination(self, hook: MailchimpHook, mapping: FieldMapping, context) -> MailchimpDestination:
         refusals = RefusalStore(f"mailchimp:{self.mailchimp_conn_id}:{self.audience_id}", self.state_dir)
-        destination = MailchimpDestination(
-            hook, str(self.audience_id), mapping, status_if_new=self.status_if_new, mode=self.mode,
-            tag_segments=self.tag_segments, create_missing_merge_fields=self.create_missing_merge_fields,
-            refusals=refusals, max_in_flight=self.max_in_flight,
+        kwargs = dict(status_if_new=self.status_if_new, mode=self.mode, tag_segments=self.tag_segments,
+                      create_missing_merge_fields=self.create_missing_merge_fields, refusals=refusals,
+                      max_in_flight=self.max_in_flight)
+        if self.deferrable and not self.is_dry_run():
+            work_dir = self.resolve_rejects_path(context).parent / f"{self.task_id}-batches"
+            return MailchimpBatchOperationsDestination(hook, str(self.audience_id), mapping, work_dir=work_dir,
+                                                       **kwargs)
+        return MailchimpDestination(hook, str(self.audience_id), mapping, **kwargs)
+
+    def after_export(self, destination, summary: dict, context) -> dict:
+        if not isinstance(destination, MailchimpBatchOperationsDestination):
+            return summary
+        groups = destination.flush()
+        if not groups:
+            return summary
+        from airflow_provider_segexport.triggers.mailchimp import MailchimpBatchTrigger
+
+        self.log.info("Queued %d Mailchimp batch(es) of operations; waiting for Mailchimp in the triggerer",
+                      len(groups))
+        self.defer(
+            trigger=MailchimpBatchTrigger(
+                self.mailchimp_conn_id, [g["batch_id"] for g in groups], poll_interval=self.poll_interval,
+                payload={"summary": summary, "groups": groups, "rejects_path": str(self.resolve_rejects_path(context))},
+            ),
+            method_name="execute_complete",
+            timeout=self.execution_timeout or timedelta(hours=12),
         )
-        return destination
+        return summary  # not reached: defer() raises
+
+    def execute_complete(self, context, event: dict | None = None) -> dict:
+        """Turn the batch results archives into per-member outcomes and the final summary."""
+        from airflow.sdk import ObjectStoragePath
+
+        if not event or event.get("status") != "success":
+            raise RuntimeError(f"Waiting for the Mailchimp batch operations failed: {(event or {}).get('message')}. "
+                               "Members already processed by Mailchimp are kept; clear the task to export again.")
+        summary, groups = event["payload"]["summary"], event["payload"]["groups"]
+        rejects_path = event["payload"]["rejects_path"]
+        hook = self.get_hook()
+        refusals = RefusalStore(f"mailchimp:{self.mailchimp_conn_id}:{self.audience_id}", self.state_dir)
+        writer = RejectsWriter(ObjectStoragePath(rejects_path), append=True)
+        prior_rejects = summary["rejects"]["count"]
+        writer.count = prior_rejects
+        counts = {seg: {k: 0 for k in ("created", "updated", "unchanged", "rejected")} for seg in summary["segments"]}
+        batches = {b["id"]: b for b in event["batches"]}
+        for group in groups:
+            batch = batches[group["batch_id"]]
+            per_op: dict[str, dict] = {}
+            op_error: dict[str, str] = {}
+            for result in hook.batch_results(batch["response_body_url"]):
+                op = str(result.get("operation_id"))
+                try:
+                    body = json.loads(result.get("response") or "{}")
+                except ValueError:
+                    body = {}
+                if int(result.get("status_code", 500)) >= 400:
+                    op_error[op] = f"{body.get('title', 'error')}: {body.get('detail', '')}"
+                else:
+                    per_op[op] = answer_statuses(body)
+            with ObjectStoragePath(group["sidecar"]).open("r", encoding="utf-8") as fh:
+                for line in fh:
+                    op, seg, row, key, email = json.loads(line)
+                    if op in op_error:
+                        status, msg = "rejected", op_error[op]
+                    elif op in per_op:
+                        status, msg = per_op[op].get(email, ("unchanged", None))
+                    else:
+                        status, msg = "rejected", "Mailchimp returned no result for this operation"
+                    counts[seg][status] += 1
+                    if status == "rejected":
+                        writer.write(Reject(seg, row, key, VENDOR_REJECTED, None, "Mailchimp refused the member", msg))
+                        if msg and any(m in msg.lower() for m in ("permanently deleted", "compliance state")):
+                            refusals.add(email, msg)
+        writer.close()
+        totals = summary["totals"]
+        for seg, c in counts.items():
+            s = summary["segments"][seg]
+            s["planned"] -= sum(c.values())
+            totals["planned"] -= sum(c.values())
+            for k, v in c.items():
+                s[k] += v
+                totals[k] += v
+        summary["rejects"]["count"] = writer.count
+        summary["rejects"]["by_reason"][VENDOR_REJECTED] = (summary["rejects"]["by_reason"].get(VENDOR_REJECTED, 0)
+                                                             + writer.count - prior_rejects)
+        if writer.count:
+            summary["rejects"]["path"] = rejects_path
+        summary["mailchimp_batches"] = [group["batch_id"] for group in groups]
+        self.log.info("Mailchimp processed the batch operations:\n%s", summary_table(summary))
+        return summary
 
     def before_export(self, destination: MailchimpDestination, context) -> None:
         """Push the audience link first (the UI button works even if the export fails)."""

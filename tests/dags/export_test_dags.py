@@ -7,17 +7,8 @@ from airflow.sdk import DAG
 
 from airflow_provider_segexport.operators.mailchimp import MailchimpSegmentExportOperator
 
-with DAG(
-    "mailchimp_export_test",
-    schedule=None,
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    render_template_as_native_obj=True,
-    params={"audience_id": "", "segments": [], "sql": "", "mode": "upsert", "dry_run": False,
-            "merge_fields": {}, "warehouse_conn_id": "warehouse", "state_dir": None},
-    tags=["test"],
-) as mailchimp_export_test:
-    MailchimpSegmentExportOperator(
+def _export(**kw):
+    return MailchimpSegmentExportOperator(
         task_id="export",
         audience_id="{{ params.audience_id }}",
         segments="{{ params.segments }}",
@@ -31,4 +22,31 @@ with DAG(
         state_dir="{{ params.state_dir }}",
         progress_interval=1,
         retries=0,
+        **kw,
     )
+
+
+PARAMS = {"audience_id": "", "segments": [], "sql": "", "mode": "upsert", "dry_run": False,
+          "merge_fields": {}, "state_dir": None}
+
+with DAG(
+    "mailchimp_export_deferred_test",
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    render_template_as_native_obj=True,
+    params=PARAMS,
+    tags=["test"],
+) as mailchimp_export_deferred_test:
+    _export(deferrable=True, poll_interval=0.5)
+
+with DAG(
+    "mailchimp_export_test",
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    render_template_as_native_obj=True,
+    params=PARAMS,
+    tags=["test"],
+) as mailchimp_export_test:
+    _export()

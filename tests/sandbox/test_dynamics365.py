@@ -238,7 +238,7 @@ def test_batch_changesets_and_limit(dv):
     assert len(dv.sandbox.state("dynamics365")["lists"][lid]["members"]) == 1
 
     failing = body.replace('"firstname": "Batch"', '"firstname": "Rolled"').replace(
-        '{"@odata.id": "$1"}', '{"@odata.id": "/contacts(%s)"}' % uuid.uuid4())
+        '{"@odata.id": "$1"}', '{"@odata.id": "/contacts(' + str(uuid.uuid4()) + ')"}')
     r = dv.session.post(dv.api + "$batch", data=failing, timeout=30,
                         headers={"Content-Type": "multipart/mixed; boundary=batch_1"})
     assert r.status_code == 200 and "HTTP/1.1 404 Not Found" in r.text
