@@ -192,7 +192,16 @@ def get_provider_info() -> dict:
         "source-date-epoch": 1795392000,
         "versions": [__version__],
         "integrations": [
-            {"integration-name": "Mailchimp", "external-doc-url": "https://mailchimp.com/developer/marketing/"},
+            {"integration-name": "Mailchimp", "external-doc-url": "https://mailchimp.com/developer/marketing/",
+             "tags": ["service"]},
+            {"integration-name": "Campaign Monitor", "external-doc-url": "https://www.campaignmonitor.com/api/v3-3/",
+             "tags": ["service"]},
+            {"integration-name": "Dynamics 365 (Dataverse)",
+             "external-doc-url": "https://learn.microsoft.com/power-apps/developer/data-platform/webapi/overview",
+             "tags": ["azure", "service"]},
+            {"integration-name": "Adobe Campaign Standard",
+             "external-doc-url": "https://experienceleague.adobe.com/docs/campaign-standard/using/working-with-apis/"
+                                 "get-started-apis.html", "tags": ["service"]},
         ],
         "connection-types": _connection_types(),
         "extra-links": ["airflow_provider_segexport.links.MailchimpAudienceLink"],

@@ -65,8 +65,9 @@ Tables
     ``newsletter_fr`` ~12 %, ``loyalty_gold`` ~10 %, ``vip_customers`` ~8 %, ``recent_signups`` ~6 %.
 ``segment_members(segment_name, customer_id)`` (WITHOUT ROWID), ``segment_refresh_log``
     Written by :func:`refresh`, which rebuilds the membership in one transaction. The view
-    ``segment_export`` joins members and profiles:
-    ``SELECT * FROM segment_export WHERE segment_name = 'vip_customers' ORDER BY customer_id``.
+    ``segment_export`` (``segment_name`` then the ``profiles`` columns) joins members and profiles;
+    ``SELECT * FROM segment_export WHERE segment_name = 'vip_customers' ORDER BY customer_id`` reads
+    the members in primary-key order (no sort) and looks each profile up by its key.
 ``profile_changes(mutation, customer_id, kind, detail, changed_at)``
     Written by :func:`mutate` (``kind``: ``changed`` or ``left_segment``).
 ``warehouse_info(key, value)``
@@ -226,7 +227,9 @@ CREATE TABLE profile_changes (
 );
 CREATE TABLE warehouse_info (key TEXT PRIMARY KEY, value TEXT);
 CREATE VIEW segment_export AS
-    SELECT m.segment_name AS segment_name, p.*
+    SELECT m.segment_name AS segment_name, m.customer_id AS customer_id, p.email, p.first_name, p.last_name,
+           p.phone, p.city, p.country, p.birthday, p.signup_date, p.lifetime_value, p.loyalty_points,
+           p.orders_count, p.last_order_date, p.dataverse_contact_id, p.updated_at
     FROM segment_members AS m JOIN profiles AS p ON p.customer_id = m.customer_id;
 CREATE VIEW dataverse_contact_exists AS
     SELECT p.customer_id, p.dataverse_contact_id,

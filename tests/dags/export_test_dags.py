@@ -7,6 +7,7 @@ from airflow.sdk import DAG
 
 from airflow_provider_segexport.operators.mailchimp import MailchimpSegmentExportOperator
 
+
 def _export(**kw):
     return MailchimpSegmentExportOperator(
         task_id="export",

@@ -1,0 +1,107 @@
+"""Hooks against the sandbox: connection test, credentials, consent and access checks, masking."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from airflow_provider_segexport.hooks.base import ExportNotAllowed
+from airflow_provider_segexport.hooks.mailchimp import MailchimpHook, subscriber_hash
+from airflow_provider_segexport.http import VendorAPIError, VendorAuthError
+
+
+def set_conn(monkeypatch, conn_id, **conn):
+    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(conn))
+
+
+def mc_conn(sandbox, **extra):
+    info = sandbox.info
+    return {"conn_type": "mailchimp", "host": info["mailchimp"]["base_url"],
+            "extra": {"api_key": info["mailchimp"]["api_key"], "ca_bundle": info["ca_bundle"], **extra}}
+
+
+def test_test_connection_names_the_account(sandbox, monkeypatch):
+    set_conn(monkeypatch, "mc", **mc_conn(sandbox))
+    ok, message = MailchimpHook("mc").test_connection()
+    assert ok and "Segexport Sandbox" in message and "Chimpy" in message
+
+
+def test_wrong_key_fails_clearly_without_echoing_it(sandbox, monkeypatch):
+    conn = mc_conn(sandbox)
+    conn["extra"]["api_key"] = "0123456789abcdef0123456789abcdef-us1"
+    set_conn(monkeypatch, "mc", **conn)
+    ok, message = MailchimpHook("mc").test_connection()
+    assert not ok and "API Key Invalid" in message and "0123456789abcdef" not in message
+
+
+def test_tls_is_verified_by_default(sandbox, monkeypatch):
+    conn = mc_conn(sandbox)
+    del conn["extra"]["ca_bundle"]
+    set_conn(monkeypatch, "mc", **conn)
+    with pytest.raises(VendorAPIError, match="TLS verification failed"):
+        MailchimpHook("mc").http.get_json("/ping")
+
+
+def test_oauth_token_gets_its_data_center_from_metadata(sandbox, monkeypatch):
+    info = sandbox.info
+    set_conn(monkeypatch, "mc", conn_type="mailchimp", extra={
+        "access_token": info["mailchimp"]["access_token"], "ca_bundle": info["ca_bundle"],
+        "oauth_metadata_url": info["mailchimp"]["oauth_metadata_url"]})
+    hook = MailchimpHook("mc")
+    assert hook.base_url == info["mailchimp"]["base_url"]
+    assert hook.http.get_json("/ping")["health_status"]
+
+
+def test_bad_oauth_token_is_refused_even_though_metadata_answers_200(sandbox, monkeypatch):
+    info = sandbox.info
+    set_conn(monkeypatch, "mc", conn_type="mailchimp", extra={
+        "access_token": "nope", "ca_bundle": info["ca_bundle"],
+        "oauth_metadata_url": info["mailchimp"]["oauth_metadata_url"]})
+    with pytest.raises(VendorAuthError, match="invalid_token"):
+        _ = MailchimpHook("mc").base_url
+
+
+def test_base_url_from_key_data_center(monkeypatch):
+    set_conn(monkeypatch, "mc", conn_type="mailchimp", extra={"api_key": "abc-us6"})
+    assert MailchimpHook("mc").base_url == "https://us6.api.mailchimp.com/3.0"
+
+
+def test_export_refused_without_privacy_acknowledgement(sandbox, monkeypatch):
+    set_conn(monkeypatch, "mc", **mc_conn(sandbox))
+    with pytest.raises(ExportNotAllowed, match="'Data privacy acknowledged'.*data_privacy_acknowledged"):
+        MailchimpHook("mc").check_export_allowed("any_dag")
+
+
+def test_allowed_dag_ids(sandbox, monkeypatch):
+    set_conn(monkeypatch, "mc", **mc_conn(sandbox, data_privacy_acknowledged=True, allowed_dag_ids="a, b"))
+    hook = MailchimpHook("mc")
+    hook.check_export_allowed("a")
+    with pytest.raises(ExportNotAllowed, match="DAG 'c' may not use connection 'mc'.*'Allowed DAG IDs'"):
+        hook.check_export_allowed("c")
+
+
+def test_unknown_audience_says_what_to_check(sandbox, monkeypatch):
+    set_conn(monkeypatch, "mc", **mc_conn(sandbox))
+    with pytest.raises(VendorAPIError, match="Audience 'nope' does not exist.*audience_id"):
+        MailchimpHook("mc").get_audience("nope")
+
+
+def test_subscriber_hash_is_md5_of_trimmed_lowercase():
+    assert subscriber_hash("  Ann@Example.COM ") == "257c57037d384ae37ea27a07e8a01665"
+    assert subscriber_hash("  Ann@Example.COM ") == subscriber_hash("ann@example.com")
+
+
+def test_fetched_secrets_are_registered_with_the_masker(sandbox, monkeypatch):
+    from airflow.sdk.log import mask_secret  # noqa: F401 - the API the hooks use
+
+    try:
+        from airflow.sdk._shared.secrets_masker import _secrets_masker
+    except ImportError:  # pragma: no cover
+        pytest.skip("secrets masker internals moved")
+    set_conn(monkeypatch, "mc", **mc_conn(sandbox))
+    hook = MailchimpHook("mc")
+    _ = hook.http
+    masker = _secrets_masker()
+    key = sandbox.info["mailchimp"]["api_key"]
+    assert key not in masker.redact(f"the key is {key}")
