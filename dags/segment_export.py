@@ -1,0 +1,145 @@
+"""
+### Segment export
+
+Every day: **refresh** the unified profiles' segment membership in the warehouse, then **export** the
+segments to each destination that has a connection (today Mailchimp; Campaign Monitor and
+Dynamics 365 Sales join the chain as they land), then **report** one table of what was sent.
+
+**On demand:** press *Trigger* and fill the form: which segments, which destinations, a dry run
+(validate and count, send nothing), a full refresh. Saving or unpausing this DAG never exports by
+itself: DAGs start paused, and a scheduled run only happens once you unpause it.
+
+Connections used (see the README): `segexport_warehouse` (the SQL database holding `segment_export`;
+by default the bundled SQLite sample warehouse), `mailchimp_default`; the Airflow Variable
+`mailchimp_audience_id` names the audience. A destination without a
+connection is skipped with a log line. Export tasks run in a pool named after their connection
+(`mailchimp_default`, 10 slots = Mailchimp's 10 simultaneous connections) so that several DAGs and
+workers together never exceed the vendor's limit.
+"""
+
+from __future__ import annotations
+
+import pendulum
+
+from airflow.sdk import DAG, Asset, Param, task
+from airflow_provider_segexport.operators.mailchimp import MailchimpSegmentExportOperator
+
+WAREHOUSE_CONN_ID = "segexport_warehouse"
+SEGMENTS = ["vip_customers", "newsletter_fr", "churn_risk", "loyalty_gold", "recent_signups", "all_customers"]
+DEFAULT_SEGMENTS = ["vip_customers", "newsletter_fr", "churn_risk"]
+EXPORT_SQL = "SELECT * FROM segment_export WHERE segment_name = {segment} ORDER BY customer_id"
+
+# One Asset per segment table: other DAGs can be scheduled on fresh segments (see segment_consumers.py).
+SEGMENT_ASSETS = {name: Asset(name=f"segment_{name}", uri=f"x-segexport://warehouse/segments/{name}")
+                  for name in SEGMENTS}
+
+# destination -> (connection id, export task id, pool slots = the vendor's concurrency)
+DESTINATIONS = {
+    "mailchimp": ("mailchimp_default", "export_mailchimp", 10),
+}
+
+with DAG(
+    dag_id="segment_export",
+    description="Refresh segments in the warehouse, then export them to Mailchimp (and more destinations).",
+    doc_md=__doc__,
+    schedule="@daily",
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    is_paused_upon_creation=True,
+    max_active_runs=1,
+    render_template_as_native_obj=True,
+    default_args={"owner": "data-team", "retries": 2, "retry_delay": pendulum.duration(minutes=5),
+                  "retry_exponential_backoff": True},
+    tags=["segexport", "mailchimp", "example"],
+    params={
+        "segments": Param(DEFAULT_SEGMENTS, type="array", items={"type": "string", "enum": SEGMENTS},
+                          title="Segments", description="Which segments to refresh-and-export."),
+        "destinations": Param(list(DESTINATIONS), type="array", items={"type": "string", "enum": list(DESTINATIONS)},
+                              title="Destinations", description="Where to export. A destination without a "
+                              "connection is skipped."),
+        "dry_run": Param(False, type="boolean", title="Dry run",
+                         description="Validate, count and write the rejects file, but send nothing."),
+        "full_refresh": Param(False, type="boolean", title="Full refresh",
+                              description="Send every member, not only what changed since the last export."),
+    },
+) as dag:
+
+    @task(outlets=list(SEGMENT_ASSETS.values()))
+    def refresh(**context) -> dict:
+        """Rebuild segment membership in the warehouse (the bundled SQLite sample warehouse by default)."""
+        from airflow.sdk import BaseHook
+
+        from airflow_provider_segexport import warehouse
+
+        conn = BaseHook.get_connection(WAREHOUSE_CONN_ID)
+        if conn.conn_type != "sqlite":
+            raise ValueError(f"This example refreshes the SQLite sample warehouse; connection "
+                             f"'{WAREHOUSE_CONN_ID}' is {conn.conn_type}. Replace this task with your own "
+                             "refresh (dbt, SQL) for a real warehouse.")
+        counts = warehouse.refresh(conn.host)
+        for name, asset in SEGMENT_ASSETS.items():
+            context["outlet_events"][asset].extra = {"members": counts.get(name, 0)}
+        return counts
+
+    @task.branch
+    def choose_destinations(**context) -> list[str]:
+        """Export tasks to run: the requested destinations that have a connection."""
+        from airflow.sdk import BaseHook
+        from airflow.sdk.exceptions import AirflowNotFoundException
+
+        chosen = []
+        for name in context["params"]["destinations"]:
+            conn_id, task_id, _ = DESTINATIONS[name]
+            try:
+                BaseHook.get_connection(conn_id)
+            except AirflowNotFoundException:
+                print(f"Skipping {name}: no connection '{conn_id}'. Add it (Admin > Connections) to export there.")
+                continue
+            chosen.append(task_id)
+        if not chosen:
+            print("No destination to export to.")
+            return ["report"]
+        return chosen
+
+    exports = [
+        MailchimpSegmentExportOperator(
+            task_id="export_mailchimp",
+            audience_id="{{ var.value.mailchimp_audience_id }}",
+            segments="{{ params.segments }}",
+            sql=EXPORT_SQL,
+            sql_conn_id=WAREHOUSE_CONN_ID,
+            first_name_field="first_name",
+            last_name_field="last_name",
+            dry_run="{{ params.dry_run }}",
+            mailchimp_conn_id="mailchimp_default",
+            pool="mailchimp_default",
+            pool_slots=DESTINATIONS["mailchimp"][2],
+            max_rejects_share=0.05,
+        ),
+    ]
+
+    @task(trigger_rule="none_failed")
+    def report(**context) -> list[dict]:
+        """One table: destination, segment, sent, rejected, duration."""
+        rows = []
+        for name, (_, task_id, _) in DESTINATIONS.items():
+            summary = context["ti"].xcom_pull(task_ids=task_id)
+            if not summary:
+                continue
+            for segment, s in summary["segments"].items():
+                sent = s["created"] + s["updated"] + s["unchanged"]
+                rows.append({"destination": name, "segment": segment, "sent": sent, "rejected": s["rejected"],
+                             "planned": s["planned"], "seconds": s["duration_s"]})
+        head = ("destination", "segment", "sent", "rejected", "planned", "seconds")
+        widths = [max(len(h), *(len(str(r[h])) for r in rows)) if rows else len(h) for h in head]
+        lines = [" | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)),
+                 "-+-".join("-" * w for w in widths)]
+        lines += [" | ".join(str(r[h]).ljust(w) for h, w in zip(head, widths, strict=True)) for r in rows]
+        print("Export report\n" + "\n".join(lines))
+        return rows
+
+    refreshed = refresh()
+    chosen = choose_destinations()
+    done = report()
+    refreshed >> chosen >> exports >> done
+    chosen >> done
