@@ -61,6 +61,7 @@ import hmac
 import json
 import math
 import struct
+import sys
 import time
 import uuid
 from datetime import UTC, datetime
@@ -86,9 +87,25 @@ _CONFIG = ("rate_limit", "rate_period", "throttle_retry_after", "line_count_defa
 _RST = "RST-360011 An error has occurred - please contact your administrator."
 
 
-def _stamp(t: float | None = None) -> str:
-    dt = datetime.fromtimestamp(t if t is not None else time.time(), UTC)
-    return dt.strftime("%Y-%m-%d %H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+_STAMP_CACHE: list = [0, ""]
+
+
+def _stamp() -> str:
+    """ACS date format; one shared string per millisecond (a profile's created/lastModified share it)."""
+    ms = int(time.time() * 1000)
+    if _STAMP_CACHE[0] != ms:
+        dt = datetime.fromtimestamp(ms / 1000, UTC)
+        _STAMP_CACHE[0], _STAMP_CACHE[1] = ms, dt.strftime("%Y-%m-%d %H:%M:%S.") + f"{ms % 1000:03d}Z"
+    return _STAMP_CACHE[1]
+
+
+def _lower(value: str) -> str:
+    low = value.lower()
+    return value if low == value else low
+
+
+def _intern(value):
+    return sys.intern(value) if isinstance(value, str) and len(value) <= 40 else value
 
 
 def _b64(data: bytes) -> str:
@@ -409,7 +426,7 @@ class AdobeCampaignEmulator(Emulator):
 
     def _index(self, p: Profile, add: bool) -> None:
         if p.email:
-            key = p.email.lower()
+            key = _lower(p.email)
             cur = self.by_email.get(key)
             if add:
                 self.by_email[key] = p.id if cur is None else ((cur if isinstance(cur, tuple) else (cur,)) + (p.id,))
@@ -478,9 +495,9 @@ class AdobeCampaignEmulator(Emulator):
             if k == "email":
                 p.email = v
             elif k == "firstName":
-                p.first = v
+                p.first = _intern(v)
             elif k == "lastName":
-                p.last = v
+                p.last = _intern(v)
             elif k == "externalId":
                 p.ext_id = v
             elif k in _FLAG:

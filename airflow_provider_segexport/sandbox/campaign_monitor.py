@@ -41,6 +41,7 @@ import base64
 import json
 import math
 import re
+import sys
 import time
 from datetime import datetime
 from itertools import islice
@@ -66,8 +67,21 @@ _CONFIG_DEFAULTS = ("rate_limit", "rate_period", "rate_limit_headers", "require_
                     "resubscribe_bounced", "resubscribe_suppressed", "import_success_status")
 
 
+_NOW_CACHE: list = [0, ""]
+
+
 def _now() -> str:
-    return datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+    """The account-time stamp CM shows; one shared string per second (subscribers share it)."""
+    second = int(time.time())
+    if _NOW_CACHE[0] != second:
+        _NOW_CACHE[0], _NOW_CACHE[1] = second, datetime.fromtimestamp(second).strftime("%Y-%m-%d %H:%M:%S")
+    return _NOW_CACHE[1]
+
+
+def _key(email: str) -> str:
+    """The lower-cased email used as key; the same object as ``email`` when it is already lower case."""
+    low = email.lower()
+    return email if low == email else low
 
 
 class Subscriber:
@@ -77,7 +91,7 @@ class Subscriber:
 
     def __init__(self, email: str, name: str, state: str, fields: tuple | None, date: str, consent: str) -> None:
         self.email = email
-        self.name = name
+        self.name = _intern(name)
         self.state = state
         self.fields = fields
         self.date = date
@@ -163,7 +177,7 @@ class CampaignMonitorEmulator(Emulator):
                 raise ValueError(f"campaign_monitor seed: unknown State {state!r}")
             fields = tuple((lst.field_key(f["Key"]) or "[" + f["Key"].strip("[]") + "]", str(f.get("Value", "")))
                            for f in s.get("CustomFields", []))
-            lst.subscribers[email.lower()] = Subscriber(email, s.get("Name", ""), state, fields or None,
+            lst.subscribers[_key(email)] = Subscriber(email, s.get("Name", ""), state, fields or None,
                                                         s.get("Date", now), s.get("ConsentToTrack", "Yes"))
         self.lists: dict[str, SubscriberList] = {lst.id: lst}
 
@@ -484,7 +498,7 @@ class CampaignMonitorEmulator(Emulator):
         if bad is not None:
             return bad
         self.sandbox.log.members(self.name, [email.lower()])
-        key = email.lower()
+        key = _key(email)
         resubscribe = _truthy(body.get("Resubscribe"))
         sub = lst.subscribers.get(key)
         fields = self._merge_fields(lst, sub.fields if sub else None, body.get("CustomFields"))
@@ -517,7 +531,7 @@ class CampaignMonitorEmulator(Emulator):
         if bad is not None:
             return bad
         self.sandbox.log.members(self.name, [sub.email.lower()])
-        old_key, new_key = sub.email.lower(), new_email.lower()
+        old_key, new_key = _key(sub.email), _key(new_email)
         if new_key != old_key:
             if new_key in lst.subscribers:
                 return self.error(400, 211, "Invalid New Email Address - the address is already on the list")
@@ -583,7 +597,7 @@ class CampaignMonitorEmulator(Emulator):
                 values[key] = []
                 replaced.add(key)
             values[key].append(value)
-        pairs = tuple((k, v) for k, vs in values.items() for v in vs)
+        pairs = tuple((k, _intern(v)) for k, vs in values.items() for v in vs)
         return pairs or None
 
     # -- import -----------------------------------------------------------------------------
@@ -610,7 +624,7 @@ class CampaignMonitorEmulator(Emulator):
                 failures.append({"EmailAddress": None, "Code": 1, "Message": "Invalid Email Address"})
                 continue
             email = str(item.get("EmailAddress") or "").strip()
-            key = email.lower()
+            key = _key(email)
             if key in seen:
                 if email not in duplicates:
                     duplicates.append(email)
@@ -645,7 +659,7 @@ class CampaignMonitorEmulator(Emulator):
                 new += 1
             else:
                 if item.get("Name") is not None:
-                    sub.name = str(item["Name"])
+                    sub.name = _intern(str(item["Name"]))
                 sub.fields = fields
                 if consent != "Unchanged":
                     sub.consent = consent
@@ -657,6 +671,11 @@ class CampaignMonitorEmulator(Emulator):
         if failures:
             return self.error(400, 210, "Subscriber Import had some failures", ResultData=result)
         return JSONResponse(result, status_code=self.import_success_status)
+
+
+def _intern(value):
+    """Share repeated short strings (names, custom field values) between subscribers."""
+    return sys.intern(value) if isinstance(value, str) and len(value) <= 40 else value
 
 
 def _fields_json(fields: tuple | None) -> list[dict]:

@@ -47,6 +47,7 @@ import base64
 import json
 import math
 import re
+import sys
 import time
 import uuid
 from collections import deque
@@ -93,8 +94,21 @@ class ODataError(Exception):
         self.status, self.code, self.message, self.headers = status, code, message, headers
 
 
+_NOW_CACHE: list = [0, ""]
+
+
 def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """The current time as Dataverse writes it; one shared string per second (records share it)."""
+    second = int(time.time())
+    if _NOW_CACHE[0] != second:
+        _NOW_CACHE[0], _NOW_CACHE[1] = second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return _NOW_CACHE[1]
+
+
+def _lower(value: str) -> str:
+    """``value.lower()`` that returns ``value`` itself when it is already lower case (saves a copy)."""
+    low = value.lower()
+    return value if low == value else low
 
 
 def _guid(value: str) -> str | None:
@@ -264,7 +278,7 @@ class ContactTable(Table):
 
     def _index(self, rec: Contact, add: bool) -> None:
         if rec.email:
-            key = rec.email.lower()
+            key = _lower(rec.email)
             cur = self.by_email.get(key)
             if add:
                 self.by_email[key] = rec if cur is None else (cur + (rec,) if isinstance(cur, tuple) else (cur, rec))
@@ -283,7 +297,7 @@ class ContactTable(Table):
 
     def insert(self, data: dict, rid: str, now: str):
         extra = {k: v for k, v in data.items() if k not in _CONTACT_SLOTS} or None
-        rec = Contact(rid, data.get("emailaddress1"), data.get("firstname"), data.get("lastname"),
+        rec = Contact(rid, data.get("emailaddress1"), _intern(data.get("firstname")), _intern(data.get("lastname")),
                       int(data.get("statecode") or 0), now, extra, len(self.order))
         self.rows[rid] = rec
         self.order.append(rec)
@@ -295,6 +309,8 @@ class ContactTable(Table):
         for k, v in data.items():
             slot = _CONTACT_SLOTS.get(k)
             if slot is not None:
+                if k in ("firstname", "lastname"):
+                    v = _intern(v)
                 setattr(rec, slot, v if k != "statecode" else int(v or 0))
             else:
                 if rec.extra is None:
@@ -352,6 +368,11 @@ class MarketingList:
 
     def __init__(self) -> None:
         self.members: dict[str, None] = {}
+
+
+def _intern(value):
+    """Share repeated short strings (first / last names) between records."""
+    return sys.intern(value) if isinstance(value, str) and len(value) <= 40 else value
 
 
 def _norm(value):
@@ -1666,9 +1687,11 @@ class DataverseEmulator(Emulator):
         want_list = _eq_value(node, "_listid_value")
         select = self._select(view, q)
         page_size = self.max_page_size
+        applied = None
         if "odata.maxpagesize" in prefer:
             try:
                 page_size = max(1, min(self.max_page_size, int(prefer["odata.maxpagesize"])))
+                applied = {"Preference-Applied": f"odata.maxpagesize={page_size}"}
             except ValueError:
                 pass
         cookie = _decode_skiptoken(q.get("$skiptoken"))
@@ -1698,7 +1721,7 @@ class DataverseEmulator(Emulator):
             token = _encode_skiptoken({"l": li, "o": off, "n": page}, page)
             raw_query = "&".join(p for p in _query_parts_without_skiptoken(q))
             out["@odata.nextLink"] = _next_link(api, "listmembers", raw_query, token)
-        return self.json(out)
+        return self.json(out, headers=applied)
 
     # -- $batch -----------------------------------------------------------------------------
     async def batch(self, method: str, headers: dict, raw: bytes, base: str) -> Response:
@@ -1903,7 +1926,7 @@ def _query_parts_without_skiptoken(q: dict) -> list[str]:
 def _next_link(api: str, rest: str, raw_query: str, token: str) -> str:
     kept = [p for p in raw_query.split("&") if p and not unquote(p.partition("=")[0]) == "$skiptoken"]
     kept.append("$skiptoken=" + quote(token, safe=""))
-    return f"{api}/{rest}?" + "&".join(kept)
+    return f"{api}/{quote(rest, safe="/()'=,$@:-._~")}?" + "&".join(kept)
 
 
 def _boundary(ctype: str) -> str | None:

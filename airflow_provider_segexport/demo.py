@@ -1,0 +1,206 @@
+"""The demo: everything a new user needs to see an export work, on one machine, offline.
+
+``make demo`` (``python -m airflow_provider_segexport.demo``): builds the sample warehouse, starts the
+vendor sandbox in the background, sets up Airflow (SQLite) with connections, a variable and pools
+pointing at it, runs the ``segment_export`` DAG with ``airflow dags test``, prints the summary and
+what the sandbox destinations now hold, and stops what it started.
+
+``make airflow`` (``--standalone``): the same set-up, then ``airflow standalone`` so a person can open
+the UI (http://localhost:8080), see the connections with their forms, trigger the DAG with params and
+read the task logs. Ctrl-C stops Airflow and the sandbox.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def _run(cmd: list[str], env: dict, quiet: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, env=env, text=True, capture_output=quiet)
+    if result.returncode != 0:
+        if quiet:
+            sys.stderr.write(result.stdout[-4000:] + result.stderr[-4000:])
+        raise SystemExit(f"command failed ({result.returncode}): {' '.join(cmd[:4])} ...")
+    return result
+
+
+def start_sandbox(workdir: Path, seed: Path, port: int) -> tuple[subprocess.Popen, dict]:
+    log = (workdir / "sandbox.log").open("w")
+    proc = subprocess.Popen(
+        [_bin("segexport-sandbox"), "--port", str(port), "--seed", str(seed), "--tls-dir", str(workdir / "tls"),
+         "--rng-seed", "1"],
+        stdout=subprocess.PIPE, stderr=log, text=True,
+    )
+    line = proc.stdout.readline()
+    if not line:
+        raise SystemExit(f"the sandbox did not start; see {workdir / 'sandbox.log'}")
+    info = json.loads(line)
+    (workdir / "sandbox.json").write_text(json.dumps(info, indent=2))
+    return proc, info
+
+
+def airflow_env(workdir: Path) -> dict:
+    env = dict(os.environ)
+    env.update({
+        "AIRFLOW_HOME": str(workdir / "airflow"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__TEST_CONNECTION": "Enabled",
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+    })
+    return env
+
+
+def configure_airflow(env: dict, info: dict, warehouse_path: Path) -> None:
+    airflow = _bin("airflow")
+    print("• Airflow: migrating the metadata database (SQLite) ...", flush=True)
+    _run([airflow, "db", "migrate"], env)
+    conns = {
+        "segexport_warehouse": {"conn_type": "sqlite", "host": str(warehouse_path),
+                                "description": "The bundled SQLite sample warehouse"},
+        "mailchimp_default": {
+            "conn_type": "mailchimp", "host": info["mailchimp"]["base_url"],
+            "description": "Mailchimp (local sandbox)",
+            "extra": json.dumps({"api_key": info["mailchimp"]["api_key"], "ca_bundle": info["ca_bundle"],
+                                 "data_privacy_acknowledged": True}),
+        },
+    }
+    for conn_id, conn in conns.items():
+        subprocess.run([airflow, "connections", "delete", conn_id], env=env, capture_output=True)
+        _run([airflow, "connections", "add", conn_id, "--conn-json", json.dumps(conn)], env)
+    _run([airflow, "variables", "set", "mailchimp_audience_id", info["mailchimp"]["audience_id"]], env)
+    _run([airflow, "pools", "set", "mailchimp_default", "10",
+          "Mailchimp: 10 simultaneous connections per API key"], env)
+    print("• Airflow: connections segexport_warehouse and mailchimp_default, variable mailchimp_audience_id, "
+          "pool mailchimp_default (10 slots)", flush=True)
+
+
+def show_destinations(info: dict) -> None:
+    session = requests.Session()
+    session.verify = info["ca_bundle"]
+    session.trust_env = False
+    state = session.get(info["admin_url"] + "/state/mailchimp", timeout=60).json()
+    for audience_id, aud in state["audiences"].items():
+        members = aud["members"]
+        by_status: dict[str, int] = {}
+        by_tag: dict[str, int] = {}
+        for m in members.values():
+            by_status[m["status"]] = by_status.get(m["status"], 0) + 1
+            for t in m["tags"]:
+                by_tag[t] = by_tag.get(t, 0) + 1
+        print(f"\nMailchimp audience {audience_id} ({aud['name']}) now holds {len(members):,} members")
+        print("  by status: " + ", ".join(f"{k} {v:,}" for k, v in sorted(by_status.items())))
+        print("  by tag:    " + ", ".join(f"{k} {v:,}" for k, v in sorted(by_tag.items())))
+    counts = session.get(info["admin_url"] + "/requests", timeout=60).json()["counts"]
+    print("  requests the sandbox received: " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+
+
+def show_summary(env: dict) -> bool:
+    """Print the export summary (XCom) of the latest segment_export run; True if it succeeded."""
+    code = (
+        "import json\n"
+        "from sqlalchemy import select\n"
+        "from airflow.models.dagrun import DagRun\n"
+        "from airflow.models.xcom import XComModel\n"
+        "from airflow.utils.session import create_session\n"
+        "with create_session() as s:\n"
+        "    dr = s.scalars(select(DagRun).where(DagRun.dag_id == 'segment_export')"
+        ".order_by(DagRun.id.desc())).first()\n"
+        "    rows = s.scalars(select(XComModel).where(XComModel.dag_id == 'segment_export', "
+        "XComModel.run_id == dr.run_id, XComModel.key == 'return_value')).all()\n"
+        "    out = {r.task_id: XComModel.deserialize_value(r) for r in rows}\n"
+        "    print(json.dumps({'state': str(dr.state), 'xcom': out}))\n"
+    )
+    result = _run([sys.executable, "-c", code], env)
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    summary = data["xcom"].get("export_mailchimp")
+    print(f"\nDAG run state: {data['state']}")
+    if summary:
+        t = summary["totals"]
+        print(f"Mailchimp export: {t['rows']:,} rows -> created {t['created']:,}, updated {t['updated']:,}, "
+              f"unchanged {t['unchanged']:,}, rejected {t['rejected']:,} in {summary['duration_s']}s")
+        if summary["rejects"]["path"]:
+            print(f"  rejects (row, key, reason): {summary['rejects']['path']}")
+    for row in data["xcom"].get("report") or []:
+        print(f"  {row['destination']:<10} {row['segment']:<16} sent {row['sent']:>6,}  rejected {row['rejected']:>4,}"
+              f"  {row['seconds']}s")
+    return data["state"].endswith("success") and bool(summary) and summary["totals"]["created"] > 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default=str(REPO / ".demo"), help="where everything goes (default .demo/)")
+    parser.add_argument("--profiles", type=int, default=20_000, help="size of the sample warehouse")
+    parser.add_argument("--port", type=int, default=0, help="sandbox port (default: a free one)")
+    parser.add_argument("--standalone", action="store_true", help="start `airflow standalone` instead of a test run")
+    parser.add_argument("--segments", default="vip_customers,newsletter_fr,churn_risk")
+    args = parser.parse_args(argv)
+
+    from airflow_provider_segexport import warehouse
+
+    workdir = Path(args.workdir).resolve()
+    if workdir.exists() and not args.standalone:
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    wh_path = workdir / "warehouse.db"
+    seed_path = workdir / "sandbox_seed.json"
+    print(f"• Sample warehouse: {args.profiles:,} profiles -> {wh_path}", flush=True)
+    warehouse.build(wh_path, profiles=args.profiles, seed=42)
+    warehouse.refresh(wh_path)
+    seed_path.write_text(json.dumps(warehouse.sandbox_seed(wh_path)))
+    sandbox, info = start_sandbox(workdir, seed_path, args.port)
+    print(f"• Sandbox: {info['mailchimp']['base_url'].rsplit('/mailchimp', 1)[0]} (pid {sandbox.pid}); "
+          f"details in {workdir / 'sandbox.json'}", flush=True)
+    env = airflow_env(workdir)
+    try:
+        configure_airflow(env, info, wh_path)
+        if args.standalone:
+            print("• Starting `airflow standalone`: open http://localhost:8080 (user admin, password admin). "
+                  "Ctrl-C stops everything.", flush=True)
+            proc = subprocess.Popen([_bin("airflow"), "standalone"], env=env)
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:
+                proc.send_signal(signal.SIGINT)
+                proc.wait(timeout=60)
+                return 0
+        segments = [s.strip() for s in args.segments.split(",") if s.strip()]
+        print(f"• Running `airflow dags test segment_export` for segments {segments} ...", flush=True)
+        started = time.monotonic()
+        log_path = workdir / "dag_test.log"
+        with log_path.open("w") as log:
+            result = subprocess.run([_bin("airflow"), "dags", "test", "segment_export", "-c",
+                                     json.dumps({"segments": segments})], env=env, stdout=log, stderr=subprocess.STDOUT)
+        print(f"  finished in {time.monotonic() - started:.0f}s (exit {result.returncode}); full log: {log_path}")
+        ok = show_summary(env) and result.returncode == 0
+        show_destinations(info)
+        print("\nDemo " + ("succeeded." if ok else "FAILED: see the log above."))
+        return 0 if ok else 1
+    finally:
+        sandbox.terminate()
+        try:
+            sandbox.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            sandbox.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
