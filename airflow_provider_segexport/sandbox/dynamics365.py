@@ -1926,7 +1926,8 @@ def _query_parts_without_skiptoken(q: dict) -> list[str]:
 def _next_link(api: str, rest: str, raw_query: str, token: str) -> str:
     kept = [p for p in raw_query.split("&") if p and not unquote(p.partition("=")[0]) == "$skiptoken"]
     kept.append("$skiptoken=" + quote(token, safe=""))
-    return f"{api}/{quote(rest, safe="/()'=,$@:-._~")}?" + "&".join(kept)
+    path = quote(rest, safe="/()'=,$@:-._~")
+    return f"{api}/{path}?" + "&".join(kept)
 
 
 def _boundary(ctype: str) -> str | None:
