@@ -8,7 +8,6 @@ a fresh `vip_customers` segment (an Airflow Asset), e.g. to rebuild a dashboard 
 from __future__ import annotations
 
 import pendulum
-
 from airflow.sdk import DAG, Asset, task
 
 VIP = Asset(name="segment_vip_customers", uri="x-segexport://warehouse/segments/vip_customers")

@@ -20,8 +20,8 @@ workers together never exceed the vendor's limit.
 from __future__ import annotations
 
 import pendulum
-
 from airflow.sdk import DAG, Asset, Param, task
+
 from airflow_provider_segexport.operators.mailchimp import MailchimpSegmentExportOperator
 
 WAREHOUSE_CONN_ID = "segexport_warehouse"

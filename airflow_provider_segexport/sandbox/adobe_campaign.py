@@ -165,6 +165,7 @@ class AdobeCampaignEmulator(Emulator):
         self.integration_id = str(sandbox.random.randint(10000, 99999))
         self.registration_id = str(uuid.UUID(sandbox.token()))
         self._mac_key = sandbox.token().encode()
+        self._mask = int.from_bytes(hashlib.sha256(self._mac_key).digest()[:8], "big")  # PKeys look random
         self.tokens: dict[str, float] = {}
         self.reset()
 
@@ -221,7 +222,7 @@ class AdobeCampaignEmulator(Emulator):
 
     # -- keys -------------------------------------------------------------------------------
     def _pkey(self, pid: int, kind: bytes = b"p") -> str:
-        raw = struct.pack(">Q", pid)
+        raw = struct.pack(">Q", pid ^ self._mask)
         mac = hmac.new(self._mac_key, kind + raw, hashlib.sha256).digest()[:18]
         return "@" + _b64(raw + mac)
 
@@ -237,7 +238,7 @@ class AdobeCampaignEmulator(Emulator):
         raw, mac = data[:8], data[8:]
         if not hmac.compare_digest(mac, hmac.new(self._mac_key, kind + raw, hashlib.sha256).digest()[:18]):
             return None
-        return struct.unpack(">Q", raw)[0]
+        return struct.unpack(">Q", raw)[0] ^ self._mask
 
     def _cursor(self, payload: dict) -> str:
         raw = json.dumps(payload, separators=(",", ":")).encode()

@@ -701,13 +701,14 @@ class DataverseEmulator(Emulator):
         self.memberships = {}
         now = _now()
         self.organizations.insert({"name": "Sandbox organization"}, self.organization_id, now)
-        for c in seed.get("contacts", []):
+        for n, c in enumerate(seed.get("contacts", [])):
             data = {k: v for k, v in c.items() if k != "contactid"}
-            self.contacts.insert(data, str(c.get("contactid") or uuid.uuid4()).lower(), now)
+            cid = c.get("contactid") or uuid.uuid5(uuid.NAMESPACE_URL, f"segexport-contact:{n}:{c.get('emailaddress1')}")
+            self.contacts.insert(data, str(cid).lower(), now)
         self._create_list({"listname": "Sandbox static contact list", "createdfromcode": 2, "type": False},
                           self.marketing_list_id, now)
         for lst in seed.get("lists", []):
-            lid = str(lst.get("listid") or uuid.uuid4()).lower()
+            lid = str(lst.get("listid") or uuid.uuid5(uuid.NAMESPACE_URL, f"segexport-list:{lst.get('listname')}")).lower()
             data = {k: v for k, v in lst.items() if k not in ("listid", "members")}
             self._create_list({"createdfromcode": 2, "type": False, **data}, lid, now)
             for cid in lst.get("members", []):
@@ -1535,8 +1536,19 @@ class DataverseEmulator(Emulator):
         list_rec["modifiedon"] = _now()
         return len(added)
 
+    @staticmethod
+    def _params(body, operation: str, allowed: tuple) -> None:
+        """OData refuses parameters the action does not declare."""
+        if not isinstance(body, dict):
+            raise ODataError(400, E_ARGUMENT, f"The request body of '{operation}' must be a JSON object.")
+        for k in body:
+            if k not in allowed and not k.startswith("@"):
+                raise ODataError(400, E_ARGUMENT, f"The parameter '{k}' in the request payload is not a valid "
+                                                  f"parameter for the operation '{operation}'.")
+
     def add_list_members(self, body) -> Response:
-        if not isinstance(body, dict) or not isinstance(body.get("List"), dict):
+        self._params(body, "AddListMembersList", ("List", "Members"))
+        if not isinstance(body.get("List"), dict):
             raise ODataError(400, E_ARGUMENT, "The parameter 'List' is required.")
         members = body.get("Members")
         if not isinstance(members, list):
@@ -1585,6 +1597,7 @@ class DataverseEmulator(Emulator):
         first = segs[0].removeprefix(NS)
         if first == "AddMemberList" and len(segs) == 1:
             self._method(method, "POST")
+            self._params(body, "AddMemberList", ("EntityId",))
             entity = _guid(str((body or {}).get("EntityId", ""))) if isinstance(body, dict) else None
             if entity is None:
                 raise ODataError(400, E_ARGUMENT, "The parameter 'EntityId' is required.")
@@ -1600,6 +1613,7 @@ class DataverseEmulator(Emulator):
             if not self.remove_member_list_available:
                 raise ODataError(404, E_SEGMENT, f"Resource not found for the segment '{segs[0]}'.")
             self._method(method, "POST")
+            self._params(body, "RemoveMemberList", ("EntityId",))
             entity = _guid(str((body or {}).get("EntityId", ""))) if isinstance(body, dict) else None
             if entity is None:
                 raise ODataError(400, E_ARGUMENT, "The parameter 'EntityId' is required.")

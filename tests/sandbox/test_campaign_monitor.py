@@ -34,7 +34,8 @@ def cm(sandbox):
     c.url = lambda path: base + path
     c.config = lambda **values: session.post(sandbox.admin + "/campaign_monitor/config", json=values,
                                              timeout=10).json()
-    return c
+    yield c
+    session.close()
 
 
 def _sub(email, name="", consent="Yes", **extra):

@@ -198,6 +198,8 @@ def test_marketing_list_members(dv):
     rest = dv.session.get(r.json()["@odata.nextLink"], headers={"Prefer": "odata.maxpagesize=3"}, timeout=10).json()
     assert sorted(v["contactid"] for v in r.json()["value"] + rest["value"]) == sorted(ids[:4])
 
+    r = dv.post(f"lists({lid})/Microsoft.Dynamics.CRM.RemoveMemberList", {"ListId": lid, "EntityId": ids[0]})
+    assert r.status_code == 400 and "'ListId'" in r.json()["error"]["message"]   # the .NET name is not a parameter
     r = dv.post(f"lists({lid})/Microsoft.Dynamics.CRM.RemoveMemberList", {"EntityId": ids[0]})
     assert r.status_code == 204
     r = dv.session.delete(dv.api + f"lists({lid})/listcontact_association({ids[1]})/$ref", timeout=10)
