@@ -78,6 +78,9 @@ def configure_airflow(env: dict, info: dict, warehouse_path: Path) -> None:
                                 "description": "The bundled SQLite sample warehouse"},
         "mailchimp_default": {
             "conn_type": "mailchimp", "host": info["mailchimp"]["base_url"],
+            # port 0 is what the UI form stores for a hidden port; Airflow 3.3.2's Test button sends 0 and
+            # refuses a connection whose stored port differs (NULL), so store it the UI's way.
+            "port": 0,
             "description": "Mailchimp (local sandbox)",
             "extra": json.dumps({"api_key": info["mailchimp"]["api_key"], "ca_bundle": info["ca_bundle"],
                                  "data_privacy_acknowledged": True}),
@@ -87,6 +90,9 @@ def configure_airflow(env: dict, info: dict, warehouse_path: Path) -> None:
         subprocess.run([airflow, "connections", "delete", conn_id], env=env, capture_output=True)
         _run([airflow, "connections", "add", conn_id, "--conn-json", json.dumps(conn)], env)
     _run([airflow, "variables", "set", "mailchimp_audience_id", info["mailchimp"]["audience_id"]], env)
+    # A known password for the UI (SimpleAuthManager keeps it in this file; local demo only).
+    pw_file = Path(env["AIRFLOW_HOME"]) / "simple_auth_manager_passwords.json.generated"
+    pw_file.write_text(json.dumps({"admin": "admin"}) + "\n")
     _run([airflow, "pools", "set", "mailchimp_default", "10",
           "Mailchimp: 10 simultaneous connections per API key"], env)
     print("• Airflow: connections segexport_warehouse and mailchimp_default, variable mailchimp_audience_id, "

@@ -231,7 +231,7 @@ class Sandbox:
         rng_seed: int | None = None,
     ) -> None:
         self.latency = latency or Latency()
-        self.token_ttl = token_ttl
+        self.token_ttl = self._initial_token_ttl = token_ttl
         self.faults = Faults()
         self.log = RequestLog()
         self.random = random.Random(rng_seed)
@@ -279,6 +279,7 @@ class Sandbox:
                 emulator.reset()
             self.faults.clear()
             self.log.reset()
+            self.token_ttl = self._initial_token_ttl
             return JSONResponse({"reset": True})
 
         async def faults(request: Request) -> Response:

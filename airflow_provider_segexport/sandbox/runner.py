@@ -71,7 +71,8 @@ class SandboxServer:
         bind = "127.0.0.1" if self.host == "localhost" else self.host
         return uvicorn.Config(
             self.sandbox.build_app(), host=bind, port=self.port, log_level=self.log_level,
-            access_log=False, lifespan="off", timeout_keep_alive=30, backlog=2048, **kwargs,
+            access_log=False, lifespan="off", timeout_keep_alive=30, backlog=2048,
+            timeout_graceful_shutdown=1, **kwargs,
         )
 
     def start(self, timeout: float = 30.0) -> SandboxServer:
