@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install test lint demo airflow bench sandbox warehouse clean
+.PHONY: install test lint demo airflow bench sandbox warehouse clean browser
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,11 +17,20 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+## Debian's headless Chromium and its driver for the browser test (root + apt-get, as in CI)
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    echo "Installing chromium and chromium-driver (Debian packages) for the browser test"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else echo "chromium/chromedriver missing and cannot install them: the browser test will be skipped"; fi; \
+	fi
+
 lint: $(STAMP)
 	$(BIN)/ruff check airflow_provider_segexport dags tests
 
 ## make test: lint + the whole test suite (unit, sandbox, DAG runs, browser)
-test: $(STAMP) lint
+test: $(STAMP) lint browser
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 ## make demo: sample warehouse + sandbox + `airflow dags test segment_export`, then a report

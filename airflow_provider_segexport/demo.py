@@ -86,9 +86,18 @@ def configure_airflow(env: dict, info: dict, warehouse_path: Path) -> None:
                                  "data_privacy_acknowledged": True}),
         },
     }
-    for conn_id, conn in conns.items():
-        subprocess.run([airflow, "connections", "delete", conn_id], env=env, capture_output=True)
-        _run([airflow, "connections", "add", conn_id, "--conn-json", json.dumps(conn)], env)
+    # Through the ORM rather than `airflow connections add`, which stores port 0 as NULL.
+    code = (
+        "import json, sys\n"
+        "from airflow.models import Connection\n"
+        "from airflow.utils.session import create_session\n"
+        "conns = json.loads(sys.argv[1])\n"
+        "with create_session() as s:\n"
+        "    for conn_id, c in conns.items():\n"
+        "        s.query(Connection).filter(Connection.conn_id == conn_id).delete()\n"
+        "        s.add(Connection(conn_id=conn_id, **c))\n"
+    )
+    _run([sys.executable, "-c", code, json.dumps(conns)], env)
     _run([airflow, "variables", "set", "mailchimp_audience_id", info["mailchimp"]["audience_id"]], env)
     # A known password for the UI (SimpleAuthManager keeps it in this file; local demo only).
     pw_file = Path(env["AIRFLOW_HOME"]) / "simple_auth_manager_passwords.json.generated"
