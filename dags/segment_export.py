@@ -61,6 +61,9 @@ with DAG(
                          description="Validate, count and write the rejects file, but send nothing."),
         "full_refresh": Param(False, type="boolean", title="Full refresh",
                               description="Send every member, not only what changed since the last export."),
+        "allow_large_changes": Param(False, type="boolean", title="Allow large changes",
+                                     description="Let an export through when a segment grew or shrank more than "
+                                     "2x since the last export (a broken upstream model must not wipe a list)."),
     },
 ) as dag:
 
@@ -111,6 +114,8 @@ with DAG(
             first_name_field="first_name",
             last_name_field="last_name",
             dry_run="{{ params.dry_run }}",
+            full_refresh="{{ params.full_refresh }}",
+            allow_large_changes="{{ params.allow_large_changes }}",
             mailchimp_conn_id="mailchimp_default",
             pool="mailchimp_default",
             pool_slots=DESTINATIONS["mailchimp"][2],

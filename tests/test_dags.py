@@ -47,6 +47,7 @@ def demo_env(tmp_path, monkeypatch, sandbox, mailchimp_conn):
     sandbox.session.post(f"{sandbox.admin}/seed", json=warehouse.sandbox_seed(wh), timeout=60).raise_for_status()
     monkeypatch.setenv("AIRFLOW_CONN_SEGEXPORT_WAREHOUSE", json.dumps({"conn_type": "sqlite", "host": str(wh)}))
     monkeypatch.setenv("AIRFLOW_VAR_MAILCHIMP_AUDIENCE_ID", mailchimp_conn["audience_id"])
+    monkeypatch.setenv("SEGEXPORT_STATE_DIR", str(tmp_path / "state"))
     return wh
 
 

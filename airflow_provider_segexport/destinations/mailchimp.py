@@ -79,6 +79,7 @@ class MailchimpDestination(Destination):
         self.refusals = refusals
         if max_in_flight:
             self.max_in_flight = max(1, min(MAX_CONNECTIONS, int(max_in_flight)))
+        self.mirror = mode == "mirror"
         self.email_field = mapping.email_field or "email"
         self.merge_map = {k: v for k, v in mapping.fields.items() if k != self.email_field}
         self.field_types: dict[str, dict] = {}
@@ -124,7 +125,7 @@ class MailchimpDestination(Destination):
     # -- per record -------------------------------------------------------------------------------
     def prepare(self, record: Record) -> Record | Reject:
         email = record.payload[self.email_field]
-        if self.mode == "mirror":
+        if self.mode == "mirror" and not self.state_managed:
             with self._lock:
                 self._current.setdefault(record.segment, set()).add(_digest(email))
         if self.refusals is not None:
@@ -178,8 +179,21 @@ class MailchimpDestination(Destination):
             self.refusals.add(email, message)
 
     # -- after a segment -------------------------------------------------------------------------------
+    def remove_members(self, segment: Segment, keys: list[str]) -> int:
+        """Mirror: take this segment's tag off members who left it (their subscription is not touched)."""
+        tag_id = self.hook.find_tag(self.target, segment.name)
+        if tag_id is None or not keys:
+            return 0
+        log.info("Mirror: removing tag '%s' from %d member(s) who left the segment", segment.name, len(keys))
+        chunks = [keys[i: i + SEGMENT_MEMBERS_MAX] for i in range(0, len(keys), SEGMENT_MEMBERS_MAX)]
+        removed = 0
+        with ThreadPoolExecutor(max_workers=self.max_in_flight) as pool:
+            for answer in pool.map(lambda c: self.hook.update_tag_members(self.target, tag_id, remove=c), chunks):
+                removed += int(answer.get("total_removed", 0))
+        return removed
+
     def finish_segment(self, segment: Segment, dry_run: bool) -> dict[str, int]:
-        if self.mode != "mirror":
+        if self.mode != "mirror" or self.state_managed:
             return {}
         current = self._current.pop(segment.name, set())
         tag_id = self.hook.find_tag(self.target, segment.name)
@@ -252,8 +266,8 @@ class MailchimpBatchOperationsDestination(MailchimpDestination):
             self._ops.append({"method": "POST", "path": f"/lists/{self.target}", "operation_id": op_id,
                               "body": json.dumps(body, ensure_ascii=False)})
             for r in records:
-                self._fh.write(json.dumps([op_id, r.segment, r.row, r.key, r.payload["email_address"].lower()],
-                                          ensure_ascii=False) + "\n")
+                self._fh.write(json.dumps([op_id, r.segment, r.row, r.key, r.payload["email_address"].lower(),
+                                           r.member, r.fp], ensure_ascii=False) + "\n")
             if len(self._ops) >= self.ops_per_batch:
                 self._submit_locked()
         return [Outcome(r, "planned") for r in records]

@@ -11,6 +11,7 @@ isolated and rejected with the vendor's reason; the rest still goes through.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -36,6 +37,7 @@ from airflow_provider_segexport.export.report import (
     summary_table,
 )
 from airflow_provider_segexport.export.sources import Segment
+from airflow_provider_segexport.export.state import ExportState, fingerprint, member_id
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,19 @@ class Destination:
         """After every batch of a segment is confirmed (e.g. mirror removals). Returns extra counts."""
         return {}
 
+    #: True when the engine keeps export state (delta exports; mirror leavers come from the state)
+    state_managed = False
+    #: whether members who left the segment are removed (mirror mode)
+    mirror = False
+
+    def member_key(self, record: Record) -> str:
+        """The member's key at the destination (email for email destinations, else the mapped ID)."""
+        return record.email or record.key
+
+    def remove_members(self, segment: Segment, keys: list[str]) -> int:
+        """Mirror mode: undo this export's effect for members who left the segment; return how many."""
+        raise NotImplementedError
+
     def http_stats(self) -> dict[str, int]:
         return {}
 
@@ -120,6 +135,12 @@ class ExportEngine:
         logger: logging.Logger | Any = None,
         progress_interval: float = 10.0,
         max_rejects_share: float | None = None,
+        state: ExportState | None = None,
+        run_id: str = "manual",
+        full_refresh: bool = False,
+        max_removal_share: float = 0.2,
+        max_size_change: float = 2.0,
+        allow_large_changes: bool = False,
     ) -> None:
         self.destination = destination
         self.segments = list(segments)
@@ -132,6 +153,14 @@ class ExportEngine:
         self._failure: BaseException | None = None
         self._stats: dict[str, SegmentStats] = {}
         self._deduper = Deduper()
+        self.state = state
+        self.run_id = run_id
+        self.full_refresh = full_refresh
+        self.max_removal_share = max_removal_share
+        self.max_size_change = max_size_change
+        self.allow_large_changes = allow_large_changes
+        self._scope_ids: dict[str, int] = {}
+        destination.state_managed = state is not None
 
     # -- pre-flight ------------------------------------------------------------------------------
     def _preflight(self) -> dict[str, int]:
@@ -158,6 +187,21 @@ class ExportEngine:
                 f"{d.name} accepts at most {d.max_per_export:,} per export. Nothing was sent. Export fewer or "
                 "smaller segments per task (e.g. one task per segment)."
             )
+        if self.state is not None:
+            for seg in self.segments:
+                sid = self._scope_ids[seg.name] = self.state.scope_id(seg.name)
+                last = self.state.last_count(sid)
+                now = totals[seg.name]
+                if last and not self.allow_large_changes and self.max_size_change:
+                    ratio = max(now, 1) / last if now >= last else last / max(now, 1)
+                    if ratio > self.max_size_change:
+                        raise ExportError(
+                            f"Segment '{seg.name}' has {now:,} members; the last export to {d.name} '{d.target}' "
+                            f"had {last:,} ({ratio:.1f}x {'growth' if now > last else 'shrinkage'}, more than the "
+                            f"allowed {self.max_size_change:g}x). Nothing was sent. If this change is expected, "
+                            "run again with allow_large_changes=True (DAG param); otherwise check the upstream "
+                            "segment model."
+                        )
         d.preflight(self.segments, self.dry_run)
         return totals
 
@@ -210,6 +254,9 @@ class ExportEngine:
         validate = RowValidator(d.mapping, seg.name, self._deduper, self.segments.index(seg))
         pending: list[Future] = []
         batch: list[Record] = []
+        lookup: list[Record] = []
+        sid = self._scope_ids.get(seg.name)
+        prev_members = self.state.member_count(sid) if sid is not None else 0
 
         def submit(records: list[Record]) -> None:
             slots.acquire()
@@ -233,20 +280,31 @@ class ExportEngine:
                 self._reject(stats, item)
                 progress.advance(1, stats.counts)
                 continue
-            batch.append(item)
-            if len(batch) >= d.batch_size:
-                submit(batch)
-                batch = []
+            if sid is None:
+                batch.append(item)
+            else:
+                lookup.append(item)
+                if len(lookup) >= 500:
+                    batch.extend(self._delta(sid, lookup, stats, progress))
+                    lookup = []
+            while len(batch) >= d.batch_size:
+                submit(batch[: d.batch_size])
+                batch = batch[d.batch_size:]
             if self._failure is not None:
                 break
-        if batch and self._failure is None:
-            submit(batch)
+        if lookup and self._failure is None:
+            batch.extend(self._delta(sid, lookup, stats, progress))
+        while batch and self._failure is None:
+            submit(batch[: d.batch_size])
+            batch = batch[d.batch_size:]
         for fut in pending:
             fut.result()
         if self._failure is None:
             extra = d.finish_segment(seg, self.dry_run)
             for key, value in extra.items():
                 stats.counts[key] += value
+            if sid is not None:
+                self._finish_state(seg, sid, total, prev_members, stats)
         stats.duration = time.monotonic() - stats.started
         progress.emit(stats.counts)
         self.log.info("::endgroup::")
@@ -270,7 +328,67 @@ class ExportEngine:
                     self.rejects.write(Reject(seg.name, r.row, r.key, o.reason, None,
                                               f"{self.destination.name} refused the member", o.message))
                 stats.counts[o.status] += 1
+        sid = self._scope_ids.get(seg.name)
+        if sid is not None and not self.dry_run:
+            # Only what the destination confirmed is remembered; a rejected member is retried next run.
+            confirmed = [(o.record.member, o.record.fp, self.destination.member_key(o.record)) for o in outcomes
+                         if o.status in ("created", "updated", "unchanged")]
+            if confirmed:
+                self.state.confirm(sid, confirmed, self.run_id)
+            refused = [o.record.member for o in outcomes if o.status == "rejected"]
+            if refused:
+                self.state.forget(sid, refused)
         progress.advance(len(records), stats.counts)
+
+    def _delta(self, sid: int, records: list[Record], stats: SegmentStats, progress: Progress) -> list[Record]:
+        """Drop members whose payload the destination already confirmed; return those to send."""
+        d = self.destination
+        for r in records:
+            r.member = member_id(d.member_key(r))
+            r.fp = fingerprint(json.dumps(r.payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                                          default=str).encode("utf-8"))
+        known = self.state.lookup(sid, [r.member for r in records])
+        send: list[Record] = []
+        skipped: list[int] = []
+        for r in records:
+            k = known.get(r.member)
+            # Unchanged since the last confirmed export: skip. With full_refresh, skip only what this very
+            # run already confirmed (a retried task resumes instead of resending).
+            if k is not None and k[0] == r.fp and (not self.full_refresh or k[1] == self.run_id):
+                skipped.append(r.member)
+            else:
+                send.append(r)
+        if skipped:
+            if not self.dry_run:
+                self.state.seen(sid, skipped, self.run_id)
+            with self._lock:
+                stats.counts["skipped"] += len(skipped)
+            progress.advance(len(skipped), stats.counts)
+        return send
+
+    def _finish_state(self, seg: Segment, sid: int, total: int, prev_members: int, stats: SegmentStats) -> None:
+        d = self.destination
+        if d.mirror:
+            leavers = self.state.leavers(sid, self.run_id)
+            if leavers:
+                share = len(leavers) / max(1, prev_members)
+                if share > self.max_removal_share and not self.allow_large_changes:
+                    raise ExportError(
+                        f"Mirror: {len(leavers):,} of the {prev_members:,} members exported before left segment "
+                        f"'{seg.name}' ({share:.0%}, more than the allowed {self.max_removal_share:.0%}). Nothing "
+                        "was removed. If this is expected, run again with allow_large_changes=True (DAG param); "
+                        "otherwise check the upstream segment model."
+                    )
+                if self.dry_run:
+                    self.log.info("Dry run: would remove %s member(s) who left segment '%s'", f"{len(leavers):,}",
+                                  seg.name)
+                    stats.counts["planned_removals"] += len(leavers)
+                else:
+                    removed = d.remove_members(seg, [k for _, k in leavers])
+                    self.state.forget(sid, [m for m, _ in leavers])
+                    stats.counts["removed"] += removed
+        if not self.dry_run:
+            self.state.set_last_count(sid, total, self.run_id)
 
     def _send_splitting(self, seg: Segment, records: list[Record]) -> list[Outcome]:
         try:

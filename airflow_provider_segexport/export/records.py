@@ -59,6 +59,9 @@ class Record:
     key: str
     payload: dict[str, Any]
     email: str | None = None
+    #: set when export state is kept: the member's id and the payload's fingerprint
+    member: int = 0
+    fp: int = 0
 
 
 @dataclass(slots=True)

@@ -13,7 +13,7 @@ from typing import Any
 
 from airflow_provider_segexport.export.records import Reject
 
-OUTCOMES = ("created", "updated", "unchanged", "removed", "rejected", "planned")
+OUTCOMES = ("created", "updated", "unchanged", "skipped", "removed", "rejected", "planned")
 
 
 class RejectsWriter:
@@ -105,14 +105,15 @@ def _fmt_duration(seconds: float) -> str:
 
 def summary_table(summary: dict) -> str:
     """A plain-text table of the summary for the task log."""
-    head = ("segment", "rows", "created", "updated", "unchanged", "removed", "rejected", "planned", "seconds")
+    head = ("segment", "rows", "created", "updated", "unchanged", "skipped", "removed", "rejected", "planned",
+            "seconds")
     rows = []
     for name, s in summary["segments"].items():
-        rows.append((name, s["rows"], s["created"], s["updated"], s["unchanged"], s["removed"], s["rejected"],
-                     s["planned"], s["duration_s"]))
+        rows.append((name, s["rows"], s["created"], s["updated"], s["unchanged"], s["skipped"], s["removed"],
+                     s["rejected"], s["planned"], s["duration_s"]))
     t = summary["totals"]
-    rows.append(("TOTAL", t["rows"], t["created"], t["updated"], t["unchanged"], t["removed"], t["rejected"],
-                 t["planned"], summary["duration_s"]))
+    rows.append(("TOTAL", t["rows"], t["created"], t["updated"], t["unchanged"], t["skipped"], t["removed"],
+                 t["rejected"], t["planned"], summary["duration_s"]))
     cells = [[f"{v:,}" if isinstance(v, int) else str(v) for v in r] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
     line = "-+-".join("-" * w for w in widths)

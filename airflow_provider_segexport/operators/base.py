@@ -32,9 +32,17 @@ class BaseSegmentExportOperator(BaseOperator):
     :param state_dir: directory for state kept between runs (default ``$AIRFLOW_HOME/segexport/state``).
     :param max_rejects_share: fail the task when more than this share of rows is rejected (e.g. 0.05).
     :param progress_interval: seconds between progress lines in the log.
+    :param delta: keep export state and send only new and changed members (default True).
+    :param full_refresh: ignore the export state and send every member (a retried task still resumes).
+    :param max_removal_share: mirror mode stops before removing more than this share of the members
+        exported before (default 0.2), unless ``allow_large_changes``.
+    :param max_size_change: stop before sending when a segment grew or shrank by more than this factor
+        since the last export (default 2.0), unless ``allow_large_changes``.
+    :param allow_large_changes: let a run through the two circuit breakers above (a DAG param).
     """
 
-    template_fields: Sequence[str] = ("segments", "sql", "path", "rejects_path", "dry_run", "state_dir")
+    template_fields: Sequence[str] = ("segments", "sql", "path", "rejects_path", "dry_run", "state_dir",
+                                      "full_refresh", "allow_large_changes")
     template_fields_renderers = {"sql": "sql"}
     ui_color = "#e8f4fd"
 
@@ -53,9 +61,19 @@ class BaseSegmentExportOperator(BaseOperator):
         max_rejects_share: float | None = None,
         progress_interval: float = 10.0,
         chunk_size: int = 5000,
+        delta: bool = True,
+        full_refresh: bool | str = False,
+        max_removal_share: float = 0.2,
+        max_size_change: float = 2.0,
+        allow_large_changes: bool | str = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.delta = delta
+        self.full_refresh = full_refresh
+        self.max_removal_share = max_removal_share
+        self.max_size_change = max_size_change
+        self.allow_large_changes = allow_large_changes
         self.segments = segments
         self.sql = sql
         self.sql_conn_id = sql_conn_id
@@ -100,8 +118,16 @@ class BaseSegmentExportOperator(BaseOperator):
                                   file_format=self.file_format, chunk_size=self.chunk_size)
 
     def is_dry_run(self) -> bool:
-        value = self.dry_run
-        return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes", "on")
+        return _flag(self.dry_run)
+
+    def state_scope(self) -> str:
+        """Export state key: destination connection + target (a segment is added per segment)."""
+        raise NotImplementedError
+
+    def open_state(self):
+        from airflow_provider_segexport.export.state import ExportState
+
+        return ExportState(self.state_scope(), self.state_dir) if self.delta else None
 
     def resolve_rejects_path(self, context):
         from airflow.sdk import ObjectStoragePath
@@ -124,7 +150,10 @@ class BaseSegmentExportOperator(BaseOperator):
             engine = ExportEngine(
                 destination, segments, rejects_path=self.resolve_rejects_path(context),
                 dry_run=self.is_dry_run(), logger=self.log, progress_interval=self.progress_interval,
-                max_rejects_share=self.max_rejects_share,
+                max_rejects_share=self.max_rejects_share, state=self.open_state(),
+                run_id=str(context.get("run_id") or "manual"), full_refresh=_flag(self.full_refresh),
+                max_removal_share=self.max_removal_share, max_size_change=self.max_size_change,
+                allow_large_changes=_flag(self.allow_large_changes),
             )
             summary = engine.run()
             summary = self.after_export(destination, summary, context)
@@ -136,3 +165,7 @@ class BaseSegmentExportOperator(BaseOperator):
     def on_kill(self) -> None:
         if self._destination is not None:
             self._destination.close()
+
+
+def _flag(value: Any) -> bool:
+    return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes", "on")

@@ -86,6 +86,9 @@ class MailchimpSegmentExportOperator(BaseSegmentExportOperator):
         self.mailchimp_conn_id = mailchimp_conn_id
         self.max_in_flight = max_in_flight
 
+    def state_scope(self) -> str:
+        return f"mailchimp:{self.mailchimp_conn_id}:{self.audience_id}"
+
     def get_hook(self) -> MailchimpHook:
         return MailchimpHook(self.mailchimp_conn_id, concurrency=self.max_in_flight)
 
@@ -144,6 +147,9 @@ class MailchimpSegmentExportOperator(BaseSegmentExportOperator):
         prior_rejects = summary["rejects"]["count"]
         writer.count = prior_rejects
         counts = {seg: {k: 0 for k in ("created", "updated", "unchanged", "rejected")} for seg in summary["segments"]}
+        state = self.open_state()
+        scope_ids = {seg: state.scope_id(seg) for seg in summary["segments"]} if state is not None else {}
+        run_id = str(context.get("run_id") or "manual")
         batches = {b["id"]: b for b in event["batches"]}
         for group in groups:
             batch = batches[group["batch_id"]]
@@ -159,9 +165,11 @@ class MailchimpSegmentExportOperator(BaseSegmentExportOperator):
                     op_error[op] = f"{body.get('title', 'error')}: {body.get('detail', '')}"
                 else:
                     per_op[op] = answer_statuses(body)
+            confirmed: dict[str, list] = {}
+            refused: dict[str, list] = {}
             with ObjectStoragePath(group["sidecar"]).open("r", encoding="utf-8") as fh:
                 for line in fh:
-                    op, seg, row, key, email = json.loads(line)
+                    op, seg, row, key, email, member, fp = json.loads(line)
                     if op in op_error:
                         status, msg = "rejected", op_error[op]
                     elif op in per_op:
@@ -169,10 +177,19 @@ class MailchimpSegmentExportOperator(BaseSegmentExportOperator):
                     else:
                         status, msg = "rejected", "Mailchimp returned no result for this operation"
                     counts[seg][status] += 1
+                    if state is not None:
+                        if status == "rejected":
+                            refused.setdefault(seg, []).append(member)
+                        else:
+                            confirmed.setdefault(seg, []).append((member, fp, email))
                     if status == "rejected":
                         writer.write(Reject(seg, row, key, VENDOR_REJECTED, None, "Mailchimp refused the member", msg))
                         if msg and any(m in msg.lower() for m in ("permanently deleted", "compliance state")):
                             refusals.add(email, msg)
+            for seg, rows in confirmed.items():
+                state.confirm(scope_ids[seg], rows, run_id)
+            for seg, members in refused.items():
+                state.forget(scope_ids[seg], members)
         writer.close()
         totals = summary["totals"]
         for seg, c in counts.items():

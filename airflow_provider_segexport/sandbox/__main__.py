@@ -28,6 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", default=None, help="JSON file with pre-existing destination state (see README)")
     p.add_argument("--rng-seed", type=int, default=None, help="make generated credentials deterministic")
+    p.add_argument("--tls-hostname", action="append", default=[],
+                   help="extra host name for the TLS certificate (repeatable), e.g. a compose service name")
+    p.add_argument("--public-host", default=None,
+                   help="host name to use in the printed URLs (default: --host, or localhost for 0.0.0.0)")
+    p.add_argument("--info-file", default=None, help="also write the start-up JSON line to this file")
     return p
 
 
@@ -40,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     server = SandboxServer(
         args.host, args.port, tls=not args.plain_http, tls_dir=args.tls_dir,
         latency=Latency(args.latency_ms, args.per_item_ms), token_ttl=args.token_ttl, seed=seed,
-        faults=args.faults, rng_seed=args.rng_seed, log_level="warning",
+        faults=args.faults, rng_seed=args.rng_seed, log_level="warning", tls_hostnames=args.tls_hostname,
+        public_host=args.public_host, info_file=args.info_file,
     )
     try:
         server.serve_forever()

@@ -152,6 +152,7 @@ class RequestLog:
 
     counts: Counter = field(default_factory=Counter)
     items_received: Counter = field(default_factory=Counter)
+    items_by_route: Counter = field(default_factory=Counter)
     member_sends: dict[str, Counter] = field(default_factory=dict)
     track_members: bool = True
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -160,9 +161,11 @@ class RequestLog:
         with self.lock:
             self.counts[f"{vendor} {method} {route}"] += 1
 
-    def members(self, vendor: str, keys: list[str]) -> None:
+    def members(self, vendor: str, keys: list[str], route: str = "") -> None:
         with self.lock:
             self.items_received[vendor] += len(keys)
+            if route:
+                self.items_by_route[f"{vendor} {route}"] += len(keys)
             if self.track_members:
                 self.member_sends.setdefault(vendor, Counter()).update(keys)
 
@@ -172,6 +175,7 @@ class RequestLog:
             return {
                 "counts": dict(self.counts),
                 "items_received": dict(self.items_received),
+                "items_by_route": dict(self.items_by_route),
                 "members_sent_more_than_once": dup,
             }
 
@@ -183,6 +187,7 @@ class RequestLog:
         with self.lock:
             self.counts.clear()
             self.items_received.clear()
+            self.items_by_route.clear()
             self.member_sends.clear()
 
 
@@ -306,6 +311,8 @@ class Sandbox:
             return JSONResponse({"seeded": sorted(self.seed)})
 
         async def requests_(request: Request) -> Response:
+            if request.method == "DELETE":
+                self.log.reset()
             return JSONResponse(self.log.snapshot())
 
         async def token_ttl(request: Request) -> Response:
@@ -318,7 +325,7 @@ class Sandbox:
             Route("/_sandbox/reset", reset, methods=["POST"]),
             Route("/_sandbox/faults", faults, methods=["GET", "POST", "DELETE"]),
             Route("/_sandbox/latency", latency, methods=["GET", "POST"]),
-            Route("/_sandbox/requests", requests_),
+            Route("/_sandbox/requests", requests_, methods=["GET", "DELETE"]),
             Route("/_sandbox/seed", seed, methods=["POST"]),
             Route("/_sandbox/token-ttl", token_ttl, methods=["GET", "POST"]),
         ]

@@ -511,7 +511,8 @@ class MailchimpEmulator(Emulator):
             elif name in m.tags:
                 m.tags.discard(name)
                 removed.append(self._member_json(aud, m))
-        self.sandbox.log.members(self.name, [str(e).strip().lower() for e in add + remove])
+        self.sandbox.log.members(self.name, [str(e).strip().lower() for e in add], route="segment-add")
+        self.sandbox.log.members(self.name, [str(e).strip().lower() for e in remove], route="segment-remove")
         if missing_add:
             errors.append({"email_addresses": missing_add, "error": "Email addresses do not belong to this list"})
         if missing_remove:
@@ -552,7 +553,7 @@ class MailchimpEmulator(Emulator):
         new, updated, errors = [], [], []
         seen: set[str] = set()
         self.sandbox.log.members(self.name, [str(m.get("email_address", "")).strip().lower()
-                                             for m in members if isinstance(m, dict)])
+                                             for m in members if isinstance(m, dict)], route="batch-subscribe")
         for item in members:
             email = str(item.get("email_address", "")).strip() if isinstance(item, dict) else ""
             h = subscriber_hash(email)

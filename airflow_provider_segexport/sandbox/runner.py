@@ -32,6 +32,9 @@ class SandboxServer:
         faults: str = "",
         rng_seed: int | None = None,
         log_level: str = "warning",
+        tls_hostnames: list[str] | tuple[str, ...] = (),
+        public_host: str | None = None,
+        info_file: str | Path | None = None,
     ) -> None:
         self.host = host
         self.port = port or _free_port(host)
@@ -46,13 +49,18 @@ class SandboxServer:
             for rule in self.sandbox.faults.parse(faults):
                 self.sandbox.faults.add(rule)
         self.log_level = log_level
+        self.tls_hostnames = list(tls_hostnames)
+        #: the host name clients use in URLs (e.g. the compose service name); default: ``host``
+        self.public_host = public_host
+        self.info_file = Path(info_file) if info_file else None
         self._server = None
         self._thread: threading.Thread | None = None
         self.ca_bundle: str | None = None
 
     @property
     def base(self) -> str:
-        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
+        host = self.public_host or ("localhost" if self.host in ("0.0.0.0", "::") else self.host)
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     @property
     def info(self) -> dict:
@@ -65,7 +73,7 @@ class SandboxServer:
         if self.tls:
             from airflow_provider_segexport.sandbox import tls
 
-            files = tls.generate(self.tls_dir)
+            files = tls.generate(self.tls_dir, [*self.tls_hostnames, *([self.public_host] if self.public_host else [])])
             self.ca_bundle = str(files.ca_cert)
             kwargs.update(ssl_certfile=str(files.cert), ssl_keyfile=str(files.key))
         bind = "127.0.0.1" if self.host == "localhost" else self.host
@@ -110,7 +118,11 @@ class SandboxServer:
             while not server.started and not server.should_exit:
                 time.sleep(0.02)
             if server.started:
-                print(json.dumps(self.info), flush=True)
+                line = json.dumps(self.info)
+                if self.info_file is not None:
+                    self.info_file.parent.mkdir(parents=True, exist_ok=True)
+                    self.info_file.write_text(line + "\n")
+                print(line, flush=True)
                 printed.set()
 
         threading.Thread(target=announce, daemon=True).start()

@@ -20,7 +20,7 @@ class TlsFiles:
     key: Path
 
 
-def generate(directory: str | Path) -> TlsFiles:
+def generate(directory: str | Path, extra_names: list[str] | tuple[str, ...] = ()) -> TlsFiles:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -66,6 +66,7 @@ def generate(directory: str | Path) -> TlsFiles:
             x509.SubjectAlternativeName(
                 [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
                  x509.IPAddress(ipaddress.ip_address("::1"))]
+                + [x509.DNSName(n) for n in dict.fromkeys(extra_names) if n and n != "localhost"]
             ),
             critical=False,
         )

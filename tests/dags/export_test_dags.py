@@ -21,6 +21,8 @@ def _export(**kw):
         mode="{{ params.mode }}",
         dry_run="{{ params.dry_run }}",
         state_dir="{{ params.state_dir }}",
+        full_refresh="{{ params.full_refresh }}",
+        allow_large_changes="{{ params.allow_large_changes }}",
         progress_interval=1,
         retries=0,
         **kw,
@@ -28,7 +30,7 @@ def _export(**kw):
 
 
 PARAMS = {"audience_id": "", "segments": [], "sql": "", "mode": "upsert", "dry_run": False,
-          "merge_fields": {}, "state_dir": None}
+          "merge_fields": {}, "state_dir": None, "full_refresh": False, "allow_large_changes": False}
 
 with DAG(
     "mailchimp_export_deferred_test",

@@ -1,0 +1,174 @@
+"""Delta exports, mirror removals from the export state, circuit breakers, and resume after SIGKILL,
+measured by what the sandbox received."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from airflow_provider_segexport import warehouse
+from tests.conftest import REPO, run_dag
+
+SQL = "SELECT * FROM segment_export WHERE segment_name = {segment} ORDER BY customer_id"
+
+
+def clean_customers(db, n, offset=0):
+    """Customers with no anomaly, no pre-existing destination state and no other profile sharing their
+    email: their rows are always sent, and only for them."""
+    return [r[0] for r in db.execute(
+        "SELECT customer_id FROM profiles WHERE customer_id NOT IN (SELECT customer_id FROM profile_anomalies) "
+        "AND customer_id NOT IN (SELECT customer_id FROM destination_state WHERE customer_id IS NOT NULL) "
+        "AND customer_id NOT IN (SELECT detail FROM profile_anomalies WHERE anomaly = 'duplicate_email') "
+        "AND email IS NOT NULL ORDER BY customer_id LIMIT ? OFFSET ?", (n, offset))]
+
+
+@pytest.fixture
+def big(tmp_path, monkeypatch, sandbox):
+    wh = tmp_path / "wh.db"
+    warehouse.build(wh, profiles=100_000, seed=7)
+    warehouse.refresh(wh)
+    monkeypatch.setenv("AIRFLOW_CONN_WAREHOUSE", json.dumps({"conn_type": "sqlite", "host": str(wh)}))
+    sandbox.session.post(f"{sandbox.admin}/seed", json=warehouse.sandbox_seed(wh), timeout=120).raise_for_status()
+    return wh
+
+
+def conf(sandbox, tmp_path, **kw):
+    return {"audience_id": sandbox.info["mailchimp"]["audience_id"], "segments": ["all_customers"], "sql": SQL,
+            "state_dir": str(tmp_path / "state"), "mode": "mirror", **kw}
+
+
+def test_second_run_sends_only_changes_and_removes_only_leavers(airflow_db, mailchimp_conn, big, sandbox, tmp_path):
+    state, xcom = run_dag("mailchimp_export_test", conf(sandbox, tmp_path))
+    assert state == "success"
+    first = xcom["export"]["totals"]
+    assert first["created"] > 90_000
+
+    db = sqlite3.connect(big)
+    changed = clean_customers(db, 1000)                 # 1 % of profiles change a mapped field
+    leaving = clean_customers(db, 500, offset=2000)     # 0.5 % leave the segment
+    db.executemany("UPDATE profiles SET last_name = last_name || '-Neu' WHERE customer_id = ?",
+                   [(c,) for c in changed])
+    db.executemany("DELETE FROM segment_members WHERE segment_name = 'all_customers' AND customer_id = ?",
+                   [(c,) for c in leaving])
+    # 100 new members (copies of clean profiles with new IDs and emails)
+    new_ids = [f"N{i:06d}" for i in range(100)]
+    for new_id, src in zip(new_ids, clean_customers(db, 100, offset=5000), strict=True):
+        db.execute("INSERT INTO profiles SELECT ?, 'new.' || ? || '@example.com', first_name, last_name, phone, city, "
+                   "country, birthday, signup_date, lifetime_value, loyalty_points, orders_count, last_order_date, "
+                   "dataverse_contact_id, updated_at FROM profiles WHERE customer_id = ?", (new_id, new_id.lower(), src))
+        db.execute("INSERT INTO segment_members VALUES ('all_customers', ?)", (new_id,))
+    db.commit()
+
+    sandbox.session.delete(f"{sandbox.admin}/requests", timeout=30)
+    state, xcom = run_dag("mailchimp_export_test", conf(sandbox, tmp_path))
+    assert state == "success"
+    received = sandbox.requests()["items_by_route"]
+    assert received.get("mailchimp batch-subscribe") == len(changed) + len(new_ids)
+    assert received.get("mailchimp segment-remove") == len(leaving)
+    t = xcom["export"]["totals"]
+    assert (t["created"], t["updated"], t["removed"]) == (len(new_ids), len(changed), len(leaving))
+    assert t["skipped"] == first["created"] + first["updated"] + first["unchanged"] - len(changed) - len(leaving)
+    members = sandbox.state("mailchimp")["audiences"][sandbox.info["mailchimp"]["audience_id"]]["members"]
+    leaver_emails = {e.strip().lower() for (e,) in db.execute(
+        f"SELECT email FROM profiles WHERE customer_id IN ({','.join('?' * len(leaving))})", leaving)}
+    lower = {e.lower(): m for e, m in members.items()}
+    assert all(lower[e]["tags"] == [] and lower[e]["status"] == "subscribed" for e in leaver_emails)
+
+    # full_refresh ignores the state and sends everything again
+    sandbox.session.delete(f"{sandbox.admin}/requests", timeout=30)
+    state, xcom = run_dag("mailchimp_export_test", conf(sandbox, tmp_path, full_refresh=True))
+    assert state == "success" and xcom["export"]["totals"]["skipped"] == 0
+    assert sandbox.requests()["items_by_route"]["mailchimp batch-subscribe"] > 90_000
+
+
+def test_circuit_breakers_stop_before_sending(airflow_db, mailchimp_conn, sandbox, tmp_path, monkeypatch):
+    wh = tmp_path / "wh.db"
+    warehouse.build(wh, profiles=3000, seed=3)
+    warehouse.refresh(wh)
+    monkeypatch.setenv("AIRFLOW_CONN_WAREHOUSE", json.dumps({"conn_type": "sqlite", "host": str(wh)}))
+    assert run_dag("mailchimp_export_test", conf(sandbox, tmp_path))[0] == "success"
+    db = sqlite3.connect(wh)
+    # a broken upstream model: the segment loses 30 % of its members
+    db.execute("DELETE FROM segment_members WHERE segment_name = 'all_customers' AND CAST(substr(customer_id, 2) AS INTEGER) % 10 < 3")
+    db.commit()
+    sandbox.session.delete(f"{sandbox.admin}/requests", timeout=30)
+    state, _ = run_dag("mailchimp_export_test", conf(sandbox, tmp_path))
+    assert state == "failed"
+    assert "mailchimp segment-remove" not in sandbox.requests()["items_by_route"]
+    state, xcom = run_dag("mailchimp_export_test", conf(sandbox, tmp_path, allow_large_changes=True))
+    assert state == "success" and xcom["export"]["totals"]["removed"] > 0
+    # ... and a segment that collapses (e.g. an empty join) is refused before anything is sent
+    db.execute("DELETE FROM segment_members WHERE segment_name = 'all_customers' AND CAST(substr(customer_id, 2) AS INTEGER) % 10 < 9")
+    db.commit()
+    sandbox.session.delete(f"{sandbox.admin}/requests", timeout=30)
+    assert run_dag("mailchimp_export_test", conf(sandbox, tmp_path))[0] == "failed"
+    assert not any(k.startswith("mailchimp POST") for k in sandbox.requests()["counts"])
+
+
+CRASH_SCRIPT = textwrap.dedent("""
+    import sys
+    from airflow_provider_segexport.operators.mailchimp import MailchimpSegmentExportOperator
+
+    class TI:
+        try_number = 1
+        def xcom_push(self, **kw):
+            pass
+
+    op = MailchimpSegmentExportOperator(task_id="export", audience_id=sys.argv[1], segments=["all_customers"],
+        sql="SELECT * FROM segment_export WHERE segment_name = {segment} ORDER BY customer_id",
+        sql_conn_id="warehouse", first_name_field="first_name", last_name_field="last_name",
+        state_dir=sys.argv[2], rejects_path=sys.argv[3], progress_interval=1)
+    print(op.execute({"run_id": "scheduled__crash", "ti": TI(), "dag": None})["totals"])
+""")
+
+
+def test_sigkill_midway_then_retry_resumes_without_resending(mailchimp_conn, sandbox, tmp_path, monkeypatch):
+    wh = tmp_path / "wh.db"
+    warehouse.build(wh, profiles=20_000, seed=5)
+    warehouse.refresh(wh)
+    monkeypatch.setenv("AIRFLOW_CONN_WAREHOUSE", json.dumps({"conn_type": "sqlite", "host": str(wh)}))
+    sandbox.session.post(f"{sandbox.admin}/seed", json=warehouse.sandbox_seed(wh), timeout=60).raise_for_status()
+    sandbox.latency(base_ms=150)  # slow enough to kill it midway
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH_SCRIPT)
+    args = [sys.executable, str(script), mailchimp_conn["audience_id"], str(tmp_path / "state"),
+            f"file://{tmp_path}/rejects.jsonl"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while sandbox.requests()["items_by_route"].get("mailchimp batch-subscribe", 0) < 8000:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)  # the worker dies mid-export
+    proc.wait()
+    sent_before = sandbox.requests()["items_by_route"]["mailchimp batch-subscribe"]
+    assert sent_before < 19_000, "the export finished before it was killed"
+
+    sandbox.latency(0)
+    retry = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)  # Airflow's retry
+    assert retry.returncode == 0, retry.stdout[-3000:] + retry.stderr[-3000:]
+    sends = sandbox.requests()
+    twice = sends["members_sent_more_than_once"].get("mailchimp", 0)
+    assert twice <= 10 * 500, twice  # at most the batches in flight when the worker died
+    total_rows = sqlite3.connect(wh).execute(
+        "SELECT COUNT(*) FROM segment_members WHERE segment_name = 'all_customers'").fetchone()[0]
+    assert sends["items_by_route"]["mailchimp batch-subscribe"] < total_rows + 10 * 500
+    members = sandbox.state("mailchimp")["audiences"][mailchimp_conn["audience_id"]]["members"]
+    tagged = sum(1 for m in members.values() if "all_customers" in m["tags"])
+    # every valid member is there: same as a clean export of the same warehouse would give
+    valid = total_rows - sqlite3.connect(wh).execute(
+        "SELECT COUNT(DISTINCT a.customer_id) FROM profile_anomalies a JOIN segment_members m USING (customer_id) "
+        "WHERE m.segment_name = 'all_customers' AND a.anomaly IN ('invalid_email', 'non_ascii_email', "
+        "'duplicate_email', 'long_first_name')").fetchone()[0]
+    forgotten = sqlite3.connect(wh).execute(
+        "SELECT COUNT(*) FROM destination_state WHERE destination = 'mailchimp' AND status = 'forgotten'").fetchone()[0]
+    assert tagged == valid - forgotten
