@@ -47,7 +47,8 @@ sandbox: $(STAMP)
 
 ## make bench: long benchmarks (1,000,000 profiles)
 bench: $(STAMP)
-	$(BIN)/python -m tests.bench.run
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,bench]'
+	$(BIN)/python -m tests.bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .ruff_cache build dist

@@ -1,0 +1,234 @@
+"""``make bench``: 1,000,000-profile exports to the sandbox under a fixed latency model, against the ideal
+and against what a user would write instead (a PythonOperator looping over the official client).
+
+Writes ``docs/bench/results.json`` and ``docs/bench/chart.png``; the README table is made from the JSON.
+Each export runs in its own process, so its CPU time and peak memory are the exporter's alone (the
+sandbox runs in another process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parents[2]
+OUT = REPO / "docs" / "bench"
+SQL = "SELECT * FROM segment_export WHERE segment_name = 'all_customers' ORDER BY customer_id"
+
+OURS = textwrap.dedent("""
+    import json, resource, sys, time
+    from airflow_provider_segexport.operators.mailchimp import MailchimpSegmentExportOperator
+
+    class TI:
+        try_number = 1
+        def xcom_push(self, **kw):
+            pass
+
+    op = MailchimpSegmentExportOperator(task_id="export", audience_id=sys.argv[1], segments=["all_customers"],
+        sql="SELECT * FROM segment_export WHERE segment_name = {segment} ORDER BY customer_id",
+        sql_conn_id="warehouse", first_name_field="first_name", last_name_field="last_name",
+        state_dir=sys.argv[2], rejects_path=sys.argv[3], progress_interval=30, full_refresh=sys.argv[4] == "full")
+    started = time.monotonic()
+    summary = op.execute({"run_id": sys.argv[5], "ti": TI(), "dag": None})
+    wall = time.monotonic() - started
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    print("RESULT " + json.dumps({"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "peak_mb": ru.ru_maxrss / 1024,
+                                  "rows": summary["totals"]["rows"], "sent": summary["totals"]["rows"]
+                                  - summary["totals"]["skipped"] - summary["totals"]["rejected"],
+                                  "requests": summary["http"].get("requests", 0), "totals": summary["totals"]}))
+""")
+
+ALTERNATIVE = textwrap.dedent("""
+    # What a user would write instead: a PythonOperator looping over the official client, batch calls one
+    # after another.
+    import json, resource, sqlite3, sys, time
+    import mailchimp_marketing
+
+    base, key, audience, db, limit = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+    client = mailchimp_marketing.Client()
+    client.set_config({"api_key": key, "server": "us1"})
+    client.api_client.host = base
+    started = time.monotonic()
+    rows = sqlite3.connect(db).execute(
+        "SELECT email, first_name, last_name FROM segment_export WHERE segment_name = 'all_customers' "
+        "ORDER BY customer_id LIMIT ?", (limit,))
+    batch, calls, n = [], 0, 0
+    def flush(batch):
+        client.lists.batch_list_members(audience, {"members": batch, "update_existing": True})
+    for email, first, last in rows:
+        n += 1
+        batch.append({"email_address": (email or "").strip(), "status_if_new": "subscribed",
+                      "merge_fields": {"FNAME": first or "", "LNAME": (last or "")[:255]}, "tags": ["all_customers"]})
+        if len(batch) == 500:
+            flush(batch); calls += 1; batch = []
+    if batch:
+        flush(batch); calls += 1
+    wall = time.monotonic() - started
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    print("RESULT " + json.dumps({"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "peak_mb": ru.ru_maxrss / 1024,
+                                  "rows": n, "requests": calls}))
+""")
+
+
+def _result(proc: subprocess.CompletedProcess) -> dict:
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"no result; exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--profiles", type=int, default=1_000_000)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--latency-ms", type=float, default=200.0, help="base latency per call")
+    p.add_argument("--per-item-ms", type=float, default=0.2, help="latency per member in a call")
+    p.add_argument("--alternative-profiles", type=int, default=100_000,
+                   help="the sequential official-client loop runs on this many profiles; its time is scaled")
+    args = p.parse_args(argv)
+
+    from airflow_provider_segexport import warehouse
+
+    work = REPO / "build" / "bench"
+    work.mkdir(parents=True, exist_ok=True)
+    wh = work / f"warehouse-{args.profiles}.db"
+    t0 = time.monotonic()
+    warehouse.build(wh, profiles=args.profiles, seed=42)
+    warehouse.refresh(wh)
+    seed = work / "seed.json"
+    seed.write_text(json.dumps({"mailchimp": warehouse.sandbox_seed(wh)["mailchimp"]}))
+    print(f"warehouse of {args.profiles:,} profiles built in {time.monotonic() - t0:.0f}s", flush=True)
+
+    info_file = work / "sandbox.json"
+    info_file.unlink(missing_ok=True)
+    sandbox = subprocess.Popen(
+        [str(Path(sys.executable).parent / "segexport-sandbox"), "--port", "0", "--latency-ms", str(args.latency_ms),
+         "--per-item-ms", str(args.per_item_ms), "--seed", str(seed), "--info-file", str(info_file),
+         "--tls-dir", str(work / "tls")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):
+            if info_file.exists() and info_file.read_text().strip():
+                break
+            time.sleep(0.1)
+        info = json.loads(info_file.read_text())
+        admin = requests.Session()
+        admin.verify, admin.trust_env = info["ca_bundle"], False
+        mc = info["mailchimp"]
+        env = {**os.environ, "PYTHONPATH": str(REPO), "REQUESTS_CA_BUNDLE": info["ca_bundle"],
+               "AIRFLOW_CONN_WAREHOUSE": json.dumps({"conn_type": "sqlite", "host": str(wh)}),
+               "AIRFLOW_CONN_MAILCHIMP_DEFAULT": json.dumps({
+                   "conn_type": "mailchimp", "host": mc["base_url"],
+                   "extra": {"api_key": mc["api_key"], "ca_bundle": info["ca_bundle"],
+                             "data_privacy_acknowledged": True}})}
+        script = work / "ours.py"
+        script.write_text(OURS)
+        alt_script = work / "alternative.py"
+        alt_script.write_text(ALTERNATIVE)
+
+        def ours(state_dir: str, mode: str, run_id: str) -> dict:
+            proc = subprocess.run([sys.executable, str(script), mc["audience_id"], state_dir,
+                                   f"file://{work}/rejects.jsonl", mode, run_id], env=env, capture_output=True,
+                                  text=True, timeout=3600)
+            return _result(proc)
+
+        full_runs, delta_runs = [], []
+        for i in range(args.repeats):
+            admin.post(info["admin_url"] + "/reset", timeout=60)
+            with tempfile.TemporaryDirectory() as state_dir:
+                r = ours(state_dir, "full", f"bench-full-{i}")
+                full_runs.append(r)
+                print(f"ours, full run {i + 1}: {r['wall_s']:.1f}s, {r['requests']} requests, "
+                      f"{1e6 * r['cpu_s'] / r['rows']:.1f} µs CPU/profile, peak {r['peak_mb']:.0f} MB", flush=True)
+                if i == 0:
+                    warehouse.mutate(wh, change_fraction=0.01, remove_fraction=0.0, seed=i + 1, refresh_segments=True)
+                d = ours(state_dir, "delta", f"bench-delta-{i}")
+                delta_runs.append(d)
+                print(f"ours, delta run after a 1% change: {d['wall_s']:.1f}s, {d['sent']:,} sent", flush=True)
+                if i == 0:
+                    warehouse.build(wh, profiles=args.profiles, seed=42)  # undo the mutation for later repeats
+                    warehouse.refresh(wh)
+
+        admin.post(info["admin_url"] + "/reset", timeout=60)
+        proc = subprocess.run([sys.executable, str(alt_script), mc["base_url"], mc["api_key"], mc["audience_id"],
+                               str(wh), str(args.alternative_profiles)], env=env, capture_output=True, text=True,
+                              timeout=3600)
+        alt = _result(proc)
+        scale = full_runs[0]["rows"] / alt["rows"]
+        print(f"alternative on {alt['rows']:,} profiles: {alt['wall_s']:.1f}s (x{scale:.0f} = "
+              f"{alt['wall_s'] * scale:.0f}s for {full_runs[0]['rows']:,})", flush=True)
+    finally:
+        sandbox.terminate()
+        sandbox.wait(timeout=30)
+
+    rows = full_runs[0]["rows"]
+    per_call = (args.latency_ms + 500 * args.per_item_ms) / 1000
+    ideal = -(-rows // 500) / 10 * per_call  # ceil(calls) / 10 connections x latency of a full call
+    med = {k: statistics.median(r[k] for r in full_runs) for k in ("wall_s", "cpu_s", "peak_mb")}
+    results = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "latency_model": {"base_ms": args.latency_ms, "per_item_ms": args.per_item_ms},
+        "profiles": rows,
+        "repeats": args.repeats,
+        "mailchimp": {
+            "ideal_s": round(ideal, 1),
+            "ours": {"wall_s": round(med["wall_s"], 1), "ratio_to_ideal": round(med["wall_s"] / ideal, 3),
+                     "requests": full_runs[0]["requests"], "cpu_us_per_profile": round(1e6 * med["cpu_s"] / rows, 1),
+                     "peak_mb": round(med["peak_mb"]), "runs_wall_s": [round(r["wall_s"], 1) for r in full_runs]},
+            "delta_after_1pct_change": {
+                "wall_s": round(statistics.median(r["wall_s"] for r in delta_runs), 1),
+                "sent": delta_runs[0]["sent"],
+                "share_of_full_time": round(statistics.median(r["wall_s"] for r in delta_runs) / med["wall_s"], 3)},
+            "alternative_official_client_sequential": {
+                "measured_profiles": alt["rows"], "measured_wall_s": round(alt["wall_s"], 1),
+                "wall_s_scaled_to_profiles": round(alt["wall_s"] * scale, 1), "requests": alt["requests"],
+                "cpu_us_per_profile": round(1e6 * alt["cpu_s"] / alt["rows"], 1)},
+        },
+    }
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    chart(results, OUT / "chart.png")
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def chart(results: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no chart (pip install matplotlib)")
+        return
+    m = results["mailchimp"]
+    labels = ["ideal (10 lanes)", "airflow-provider-segexport", "delta run (1% changed)",
+              "official client, sequential"]
+    values = [m["ideal_s"], m["ours"]["wall_s"], m["delta_after_1pct_change"]["wall_s"],
+              m["alternative_official_client_sequential"]["wall_s_scaled_to_profiles"]]
+    colors = ["#9e9e9e", "#017cee", "#5fb3f9", "#e57373"]
+    fig, ax = plt.subplots(figsize=(8, 3.2), dpi=120)
+    bars = ax.barh(labels[::-1], values[::-1], color=colors[::-1])
+    for bar, v in zip(bars, values[::-1], strict=True):
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {v:,.0f} s", va="center")
+    lm = results["latency_model"]
+    ax.set_title(f"Mailchimp export of {results['profiles']:,} profiles "
+                 f"(sandbox latency {lm['base_ms']:.0f} ms + {lm['per_item_ms']} ms/member per call)", fontsize=9)
+    ax.set_xlabel("wall time (s), lower is better")
+    ax.set_xlim(0, max(values) * 1.2)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
