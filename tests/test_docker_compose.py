@@ -220,10 +220,10 @@ def test_connections_point_at_the_sandbox(services, sandbox_info):
 
     conn_types = {c["connection-type"] for c in get_provider_info()["connection-types"]}
     conns = connections(services["airflow-worker"])
-    assert {"mailchimp_default", "campaign_monitor_default", "warehouse"} <= set(conns)
-    assert conns["warehouse"] == {"conn_type": "sqlite", "host": "/opt/airflow/data/warehouse.db"}
+    assert {"mailchimp_default", "campaign_monitor_default", "segexport_warehouse"} <= set(conns)
+    assert conns["segexport_warehouse"] == {"conn_type": "sqlite", "host": "/opt/airflow/data/warehouse.db"}
     for conn_id, conn in conns.items():
-        if conn_id == "warehouse":
+        if conn_id == "segexport_warehouse":
             continue
         vendor = conn["conn_type"]
         assert vendor in conn_types and conn_id == f"{vendor}_default"
@@ -318,3 +318,16 @@ def test_docker_compose_config_validates():
     result = subprocess.run([*cli, "-f", str(COMPOSE), "config", "-q"], cwd=REPO, capture_output=True, text=True,
                             env=environment, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
+
+
+def test_connections_the_example_dag_uses_are_defined():
+    """segment_export must find its warehouse, Mailchimp connection and audience variable in compose."""
+    import yaml
+
+    from tests.conftest import REPO
+
+    env = yaml.safe_load((REPO / "docker-compose.yaml").read_text())["x-airflow-common"]["environment"]
+    dag_src = (REPO / "dags" / "segment_export.py").read_text()
+    assert 'WAREHOUSE_CONN_ID = "segexport_warehouse"' in dag_src
+    assert "AIRFLOW_CONN_SEGEXPORT_WAREHOUSE" in env and "AIRFLOW_CONN_MAILCHIMP_DEFAULT" in env
+    assert "AIRFLOW_VAR_MAILCHIMP_AUDIENCE_ID" in env and "SEGEXPORT_STATE_DIR" in env
