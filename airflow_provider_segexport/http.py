@@ -23,6 +23,19 @@ from typing import Any
 import requests
 from requests.adapters import HTTPAdapter
 
+try:  # msgspec (an Airflow dependency) encodes and decodes JSON several times faster than json
+    import msgspec
+
+    _encode_json = msgspec.json.encode
+    _decode_json = msgspec.json.decode
+except ImportError:  # pragma: no cover
+    import json
+
+    def _encode_json(obj: Any) -> bytes:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+    _decode_json = json.loads
+
 log = logging.getLogger(__name__)
 
 #: Methods that may be repeated without changing the outcome (RFC 9110 idempotent methods).
@@ -305,14 +318,15 @@ class VendorSession:
         return _safe_json(self.request("GET", path, **kwargs))
 
     def post_json(self, path: str, payload: Any, **kwargs: Any) -> Any:
-        return _safe_json(self.request("POST", path, json=payload, **kwargs))
+        headers = {"Content-Type": "application/json", **(kwargs.pop("headers", None) or {})}
+        return _safe_json(self.request("POST", path, data=_encode_json(payload), headers=headers, **kwargs))
 
 
 def _safe_json(response: requests.Response) -> Any:
     if not response.content:
         return None
     try:
-        return response.json()
+        return _decode_json(response.content)
     except ValueError:
         return None
 

@@ -128,7 +128,7 @@ class MailchimpDestination(Destination):
         if self.mode == "mirror" and not self.state_managed:
             with self._lock:
                 self._current.setdefault(record.segment, set()).add(_digest(email))
-        if self.refusals is not None:
+        if self.refusals:  # an empty store (the usual case) costs nothing per member
             previous = self.refusals.get(email)
             if previous:
                 return Reject(record.segment, record.row, record.key, PREVIOUSLY_REFUSED, self.email_field,

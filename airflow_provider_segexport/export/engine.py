@@ -11,7 +11,6 @@ isolated and rejected with the vendor's reason; the rest still goes through.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -345,8 +344,9 @@ class ExportEngine:
         d = self.destination
         for r in records:
             r.member = member_id(d.member_key(r))
-            r.fp = fingerprint(json.dumps(r.payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                                          default=str).encode("utf-8"))
+            # The payload is built in a fixed key order by the destination adapter, so its repr is a
+            # stable, cheap canonical form (cheaper than sorted JSON).
+            r.fp = fingerprint(repr(r.payload).encode("utf-8"))
         known = self.state.lookup(sid, [r.member for r in records])
         send: list[Record] = []
         skipped: list[int] = []
@@ -359,7 +359,7 @@ class ExportEngine:
             else:
                 send.append(r)
         if skipped:
-            if not self.dry_run:
+            if not self.dry_run and d.mirror:  # leavers are only needed for mirror removals
                 self.state.seen(sid, skipped, self.run_id)
             with self._lock:
                 stats.counts["skipped"] += len(skipped)

@@ -357,13 +357,6 @@ class AdobeCampaignEmulator(Emulator):
             Route("/_sandbox/adobe_campaign/config", self.h_config, methods=["GET", "POST"]),
         ]
 
-    async def h_config(self, request: Request) -> Response:
-        try:
-            values = await request.json() if request.method == "POST" else {}
-            return JSONResponse(self.configure(values))
-        except (ValueError, TypeError) as exc:
-            return JSONResponse({"error": str(exc)}, status_code=400)
-
     async def h_campaign(self, request: Request) -> Response:
         rest = request.path_params["rest"]
         method = request.method

@@ -278,13 +278,6 @@ class CampaignMonitorEmulator(Emulator):
             Route("/_sandbox/campaign_monitor/config", self.h_config, methods=["GET", "POST"]),
         ]
 
-    async def h_config(self, request: Request) -> Response:
-        try:
-            values = await request.json() if request.method == "POST" else {}
-            return JSONResponse(self.configure(values))
-        except (ValueError, TypeError) as exc:
-            return JSONResponse({"error": str(exc)}, status_code=400)
-
     def _wrap(self, route: str, handler):
         async def endpoint(request: Request) -> Response:
             raw = await request.body() if request.method in ("POST", "PUT") else b""

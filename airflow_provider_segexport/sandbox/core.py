@@ -218,6 +218,18 @@ class Emulator:
         """The vendor's own error shape for an injected fault (``kind``: status, burst429, timeout)."""
         return JSONResponse({"error": kind, "status": status}, status_code=status, headers=headers)
 
+    def configure(self, values: dict) -> dict:
+        """Change this emulator's configurable behaviour at run time; return the current settings."""
+        raise ValueError(f"{self.name} has no run-time configuration")
+
+    async def h_config(self, request: Request) -> Response:
+        """``GET|POST /_sandbox/<vendor>/config``: read or change the emulator's configuration."""
+        try:
+            values = await request.json() if request.method == "POST" else {}
+            return JSONResponse(self.configure(values))
+        except (ValueError, TypeError) as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+
     # helpers for handlers ----------------------------------------------------------------
     async def before(self, request: Request, route: str, items: int = 0) -> Response | None:
         """Log the call, apply latency and any injected fault; a Response means "answer this"."""

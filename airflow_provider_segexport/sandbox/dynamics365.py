@@ -924,13 +924,6 @@ class DataverseEmulator(Emulator):
             Route("/_sandbox/dynamics365/config", self.h_config, methods=["GET", "POST"]),
         ]
 
-    async def h_config(self, request: Request) -> Response:
-        try:
-            values = await request.json() if request.method == "POST" else {}
-            return JSONResponse(self.configure(values))
-        except (ValueError, TypeError) as exc:
-            return JSONResponse({"error": str(exc)}, status_code=400)
-
     # -- service protection -------------------------------------------------------------------
     def _prune(self, now: float) -> None:
         horizon = now - self.window_seconds

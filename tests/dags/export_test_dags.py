@@ -32,24 +32,16 @@ def _export(**kw):
 PARAMS = {"audience_id": "", "segments": [], "sql": "", "mode": "upsert", "dry_run": False,
           "merge_fields": {}, "state_dir": None, "full_refresh": False, "allow_large_changes": False}
 
-with DAG(
-    "mailchimp_export_deferred_test",
-    schedule=None,
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    render_template_as_native_obj=True,
-    params=PARAMS,
-    tags=["test"],
-) as mailchimp_export_deferred_test:
-    _export(deferrable=True, poll_interval=0.5)
-
-with DAG(
-    "mailchimp_export_test",
-    schedule=None,
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    render_template_as_native_obj=True,
-    params=PARAMS,
-    tags=["test"],
-) as mailchimp_export_test:
-    _export()
+for dag_id, kwargs in (("mailchimp_export_test", {}),
+                       ("mailchimp_export_deferred_test", {"deferrable": True, "poll_interval": 0.5})):
+    with DAG(
+        dag_id,
+        schedule=None,
+        start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+        catchup=False,
+        render_template_as_native_obj=True,
+        params=PARAMS,
+        tags=["test"],
+    ) as dag:
+        _export(**kwargs)
+    globals()[dag_id] = dag
