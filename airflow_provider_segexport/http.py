@@ -28,6 +28,7 @@ try:  # msgspec (an Airflow dependency) encodes and decodes JSON several times f
 
     _encode_json = msgspec.json.encode
     _decode_json = msgspec.json.decode
+    encode_json = _encode_json
 except ImportError:  # pragma: no cover
     import json
 
@@ -35,6 +36,7 @@ except ImportError:  # pragma: no cover
         return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
     _decode_json = json.loads
+    encode_json = _encode_json
 
 log = logging.getLogger(__name__)
 

@@ -61,6 +61,9 @@ with DAG(
                          description="Validate, count and write the rejects file, but send nothing."),
         "full_refresh": Param(False, type="boolean", title="Full refresh",
                               description="Send every member, not only what changed since the last export."),
+        "apply_plan": Param(None, type=["null", "string"], title="Apply plan",
+                            description="Path of a plan written by an earlier dry run (see its log): send and "
+                            "remove exactly what it lists, nothing more. Empty: a normal export."),
         "allow_large_changes": Param(False, type="boolean", title="Allow large changes",
                                      description="Let an export through when a segment grew or shrank more than "
                                      "2x since the last export (a broken upstream model must not wipe a list)."),
@@ -116,6 +119,7 @@ with DAG(
             dry_run="{{ params.dry_run }}",
             full_refresh="{{ params.full_refresh }}",
             allow_large_changes="{{ params.allow_large_changes }}",
+            apply_plan="{{ params.apply_plan }}",
             mailchimp_conn_id="mailchimp_default",
             pool="mailchimp_default",
             pool_slots=DESTINATIONS["mailchimp"][2],

@@ -166,6 +166,11 @@ def test_ui_connection_form_trigger_with_params_and_logs(standalone, browser):
     api.headers["Authorization"] = f"Bearer {token}"
     deadline = time.monotonic() + 300
     run = None
+    time.sleep(3)
+    if not [r for r in api.get(f"{base}/api/v2/dags/segment_export/dagRuns", timeout=30).json()["dag_runs"]
+            if r["run_type"] == "manual"]:
+        d.save_screenshot(str(SHOTS / "failure.png"))
+        raise AssertionError("the Trigger form did not create a run (a param failed validation?)")
     while time.monotonic() < deadline:
         runs = api.get(f"{base}/api/v2/dags/segment_export/dagRuns", timeout=30).json()["dag_runs"]
         manual = [r for r in runs if r["run_type"] == "manual"]

@@ -38,6 +38,8 @@ def test_export_tasks_use_a_pool_named_after_their_connection(dagbag):
     assert task.pool == "mailchimp_default" and task.pool_slots == 10
     assert dag.schedule == "@daily" or str(dag.timetable.summary) == "@daily"
     assert "dry_run" in dag.params and "segments" in dag.params and "full_refresh" in dag.params
+    # every param must be valid at its default, or the UI's Trigger form refuses to submit
+    dag.params.validate()
 
 
 @pytest.fixture

@@ -172,3 +172,40 @@ def test_sigkill_midway_then_retry_resumes_without_resending(mailchimp_conn, san
     forgotten = sqlite3.connect(wh).execute(
         "SELECT COUNT(*) FROM destination_state WHERE destination = 'mailchimp' AND status = 'forgotten'").fetchone()[0]
     assert tagged == valid - forgotten
+
+
+def test_dry_run_writes_a_plan_that_a_later_run_applies_exactly(airflow_db, mailchimp_conn, sandbox, tmp_path,
+                                                                 monkeypatch):
+    wh = tmp_path / "wh.db"
+    warehouse.build(wh, profiles=3000, seed=11)
+    warehouse.refresh(wh)
+    monkeypatch.setenv("AIRFLOW_CONN_WAREHOUSE", json.dumps({"conn_type": "sqlite", "host": str(wh)}))
+    assert run_dag("mailchimp_export_test", conf(sandbox, tmp_path))[0] == "success"
+    db = sqlite3.connect(wh)
+    changed, leaving = clean_customers(db, 20), clean_customers(db, 10, offset=100)
+    db.executemany("UPDATE profiles SET first_name = first_name || 'x' WHERE customer_id = ?", [(c,) for c in changed])
+    db.executemany("DELETE FROM segment_members WHERE segment_name = 'all_customers' AND customer_id = ?",
+                   [(c,) for c in leaving])
+    db.commit()
+
+    sandbox.session.delete(f"{sandbox.admin}/requests", timeout=30)
+    state, xcom = run_dag("mailchimp_export_test", conf(sandbox, tmp_path, dry_run=True))
+    assert state == "success" and not any(k.startswith("mailchimp POST") for k in sandbox.requests()["counts"])
+    plan = xcom["export"]["plan"]
+    assert plan["counts"]["update"] == 20 and plan["counts"]["remove"] == 10
+    lines = [json.loads(x) for x in open(plan["path"].removeprefix("file://"), encoding="utf-8")]
+    assert all("@" not in json.dumps(x) for x in lines)  # ids and keys only, no email
+
+    # the data moves on after the plan was reviewed: 5 more changes that are NOT in the plan
+    later = clean_customers(db, 5, offset=200)
+    db.executemany("UPDATE profiles SET first_name = first_name || 'y' WHERE customer_id = ?", [(c,) for c in later])
+    db.commit()
+    state, xcom = run_dag("mailchimp_export_test", conf(sandbox, tmp_path, apply_plan=plan["path"]))
+    assert state == "success"
+    received = sandbox.requests()["items_by_route"]
+    assert received.get("mailchimp batch-subscribe") == 20 and received.get("mailchimp segment-remove") == 10
+    assert xcom["export"]["totals"]["not_in_plan"] == 5
+    # the next normal run picks up what the plan did not cover
+    sandbox.session.delete(f"{sandbox.admin}/requests", timeout=30)
+    assert run_dag("mailchimp_export_test", conf(sandbox, tmp_path))[0] == "success"
+    assert sandbox.requests()["items_by_route"].get("mailchimp batch-subscribe") == 5

@@ -11,6 +11,7 @@ isolated and rejected with the vendor's reason; the rest still goes through.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -140,6 +141,8 @@ class ExportEngine:
         max_removal_share: float = 0.2,
         max_size_change: float = 2.0,
         allow_large_changes: bool = False,
+        plan_out: Any = None,
+        plan_in: Any = None,
     ) -> None:
         self.destination = destination
         self.segments = list(segments)
@@ -160,6 +163,14 @@ class ExportEngine:
         self.allow_large_changes = allow_large_changes
         self._scope_ids: dict[str, int] = {}
         destination.state_managed = state is not None
+        if (plan_out is not None or plan_in is not None) and state is None:
+            raise ExportError("Plans need export state: use delta=True to write or apply a plan.")
+        self.plan_out = plan_out if dry_run else None
+        self._plan_fh = None
+        self.plan_counts: Counter = Counter()
+        self._dry_seen: dict[int, set[int]] = {}
+        self._plan: dict | None = self._load_plan(plan_in) if plan_in is not None and not dry_run else None
+        self.plan_in = plan_in
 
     # -- pre-flight ------------------------------------------------------------------------------
     def _preflight(self) -> dict[str, int]:
@@ -223,7 +234,16 @@ class ExportEngine:
                         break
         finally:
             self.rejects.close()
+            if self._plan_fh is not None:
+                self._plan_fh.close()
         summary = self._summary(time.monotonic() - started)
+        if self.plan_out is not None:
+            summary["plan"] = {"path": str(self.plan_out), "counts": dict(self.plan_counts)}
+            self.log.info("Plan written to %s: %s. Apply exactly this plan with apply_plan=%r.", self.plan_out,
+                          ", ".join(f"{k} {v:,}" for k, v in sorted(self.plan_counts.items())) or "nothing to do",
+                          str(self.plan_out))
+        elif self._plan is not None:
+            summary["plan"] = {"applied": str(self.plan_in)}
         self.log.info("Summary of the export %s:\n%s", mode, summary_table(summary))
         if summary["rejects"]["count"]:
             self.log.warning("%s row(s) rejected (%s); details (row, key, reason, vendor message) in %s",
@@ -350,14 +370,26 @@ class ExportEngine:
         known = self.state.lookup(sid, [r.member for r in records])
         send: list[Record] = []
         skipped: list[int] = []
+        not_planned = 0
         for r in records:
             k = known.get(r.member)
             # Unchanged since the last confirmed export: skip. With full_refresh, skip only what this very
             # run already confirmed (a retried task resumes instead of resending).
             if k is not None and k[0] == r.fp and (not self.full_refresh or k[1] == self.run_id):
                 skipped.append(r.member)
+            elif self._plan is not None and self._plan["send"].get((r.segment, r.member)) != r.fp:
+                not_planned += 1  # applying a plan: exactly what it lists, nothing more
             else:
                 send.append(r)
+                if self.plan_out is not None:
+                    self._plan_write("update" if k is not None else "add", r.segment, row=r.row, key=r.key,
+                                     member=r.member, fp=r.fp)
+        if self.dry_run and d.mirror:  # nothing is written in a dry run: remember who was seen here
+            self._dry_seen.setdefault(sid, set()).update(r.member for r in records)
+        if not_planned:
+            with self._lock:
+                stats.counts["not_in_plan"] += not_planned
+            progress.advance(not_planned, stats.counts)
         if skipped:
             if not self.dry_run and d.mirror:  # leavers are only needed for mirror removals
                 self.state.seen(sid, skipped, self.run_id)
@@ -370,6 +402,12 @@ class ExportEngine:
         d = self.destination
         if d.mirror:
             leavers = self.state.leavers(sid, self.run_id)
+            if self.dry_run:
+                seen = self._dry_seen.pop(sid, set())
+                leavers = [(m, k) for m, k in leavers if m not in seen]
+            if self._plan is not None:
+                planned = self._plan["remove"].get(seg.name, set())
+                leavers = [(m, k) for m, k in leavers if m in planned]
             if leavers:
                 share = len(leavers) / max(1, prev_members)
                 if share > self.max_removal_share and not self.allow_large_changes:
@@ -383,12 +421,43 @@ class ExportEngine:
                     self.log.info("Dry run: would remove %s member(s) who left segment '%s'", f"{len(leavers):,}",
                                   seg.name)
                     stats.counts["planned_removals"] += len(leavers)
+                    for m, _ in leavers:
+                        self._plan_write("remove", seg.name, member=m)
                 else:
                     removed = d.remove_members(seg, [k for _, k in leavers])
                     self.state.forget(sid, [m for m, _ in leavers])
                     stats.counts["removed"] += removed
         if not self.dry_run:
             self.state.set_last_count(sid, total, self.run_id)
+
+    # -- plan, then apply -----------------------------------------------------------------------
+    def _plan_write(self, action: str, segment: str, **fields: Any) -> None:
+        """One line of the dry run's plan (member ids and row keys only; no profile, no email)."""
+        if self.plan_out is None:
+            return
+        with self._lock:
+            if self._plan_fh is None:
+                self.plan_out.parent.mkdir(parents=True, exist_ok=True)
+                self._plan_fh = self.plan_out.open("w", encoding="utf-8")
+            self._plan_fh.write(json.dumps({"action": action, "segment": segment, **fields}) + "\n")
+            self.plan_counts[action] += 1
+
+    @staticmethod
+    def _load_plan(path: Any) -> dict:
+        send: dict[tuple[str, int], int] = {}
+        remove: dict[str, set[int]] = {}
+        try:
+            fh = path.open("r", encoding="utf-8")
+        except FileNotFoundError as exc:
+            raise ExportError(f"The plan {path} does not exist; run a dry run first to write it.") from exc
+        with fh:
+            for line in fh:
+                item = json.loads(line)
+                if item["action"] in ("add", "update"):
+                    send[(item["segment"], int(item["member"]))] = int(item["fp"])
+                elif item["action"] == "remove":
+                    remove.setdefault(item["segment"], set()).add(int(item["member"]))
+        return {"send": send, "remove": remove}
 
     def _send_splitting(self, seg: Segment, records: list[Record]) -> list[Outcome]:
         try:
@@ -409,6 +478,9 @@ class ExportEngine:
         with self._lock:
             self.rejects.write(reject)
             stats.counts["rejected"] += 1
+        if self.plan_out is not None:
+            action = "skip_consent" if reject.reason == "previously_refused" else "reject"
+            self._plan_write(action, reject.segment, row=reject.row, key=reject.key, reason=reject.reason)
 
     def _not_sent(self, stats: SegmentStats, records: list[Record]) -> None:
         """Records never confirmed by the destination (the export stopped): counted, sent on the next run."""
@@ -417,10 +489,12 @@ class ExportEngine:
 
     # -- summary -----------------------------------------------------------------------------------
     def _summary(self, duration: float) -> dict:
-        segs = {name: s.as_dict() | {"not_sent": s.counts.get("not_sent", 0)} for name, s in self._stats.items()}
+        segs = {name: s.as_dict() | {"not_sent": s.counts.get("not_sent", 0),
+                                     "not_in_plan": s.counts.get("not_in_plan", 0)}
+                for name, s in self._stats.items()}
         totals: Counter = Counter()
         for s in segs.values():
-            for k in (*OUTCOMES, "rows", "not_sent"):
+            for k in (*OUTCOMES, "rows", "not_sent", "not_in_plan"):
                 totals[k] += s[k]
         d = self.destination
         return {
@@ -428,7 +502,7 @@ class ExportEngine:
             "target": d.target,
             "dry_run": self.dry_run,
             "segments": segs,
-            "totals": {k: totals.get(k, 0) for k in ("rows", *OUTCOMES, "not_sent")},
+            "totals": {k: totals.get(k, 0) for k in ("rows", *OUTCOMES, "not_sent", "not_in_plan")},
             "rejects": {
                 "count": self.rejects.count,
                 "by_reason": dict(self.rejects.by_reason),

@@ -19,6 +19,7 @@ import requests
 
 from airflow_provider_segexport.hooks.base import SegexportBaseHook, mask
 from airflow_provider_segexport.http import VendorAPIError, VendorAuthError, VendorSession
+from airflow_provider_segexport.http import encode_json as _encode
 
 #: "Up to 500 members may be added or updated with each API call." (batch subscribe)
 BATCH_SUBSCRIBE_MAX = 500
@@ -31,6 +32,40 @@ MAX_PER_EXPORT = 1_000_000
 #: page size ceiling for collections
 PAGE_MAX = 1000
 DEFAULT_OAUTH_METADATA_URL = "https://login.mailchimp.com/oauth2/metadata"
+
+try:  # decode only the fields the export needs from batch answers (they carry full member objects)
+    import msgspec
+
+    class _Member(msgspec.Struct):
+        email_address: str = ""
+
+    class _Error(msgspec.Struct):
+        email_address: str = ""
+        error: str = ""
+        error_code: str = ""
+        field: str = ""
+        field_message: str = ""
+
+    class _BatchAnswer(msgspec.Struct):
+        new_members: list[_Member] = []
+        updated_members: list[_Member] = []
+        errors: list[_Error] = []
+
+    _ANSWER_DECODER = msgspec.json.Decoder(_BatchAnswer)
+except ImportError:  # pragma: no cover
+    _ANSWER_DECODER = None
+
+
+def decode_batch_answer(content: bytes) -> dict:
+    """A batch-subscribe answer reduced to what per-member outcomes need (emails and errors)."""
+    if _ANSWER_DECODER is None:  # pragma: no cover
+        return json.loads(content)
+    a = _ANSWER_DECODER.decode(content)
+    return {
+        "new_members": [{"email_address": m.email_address} for m in a.new_members],
+        "updated_members": [{"email_address": m.email_address} for m in a.updated_members],
+        "errors": [msgspec.structs.asdict(e) for e in a.errors],
+    }
 
 
 def subscriber_hash(email: str) -> str:
@@ -165,7 +200,9 @@ class MailchimpHook(SegexportBaseHook):
         if len(members) > BATCH_SUBSCRIBE_MAX:
             raise ValueError(f"at most {BATCH_SUBSCRIBE_MAX} members per batch subscribe")
         body = {"members": members, "update_existing": update_existing, "sync_tags": sync_tags}
-        return self.http.post_json(f"/lists/{audience_id}", body, idempotent=True)
+        response = self.http.request("POST", f"/lists/{audience_id}", data=_encode(body), idempotent=True,
+                                     headers={"Content-Type": "application/json"})
+        return decode_batch_answer(response.content)
 
     def get_member(self, audience_id: str, email: str) -> dict | None:
         resp = self.http.request("GET", f"/lists/{audience_id}/members/{subscriber_hash(email)}", expected=(404,))

@@ -39,10 +39,12 @@ class BaseSegmentExportOperator(BaseOperator):
     :param max_size_change: stop before sending when a segment grew or shrank by more than this factor
         since the last export (default 2.0), unless ``allow_large_changes``.
     :param allow_large_changes: let a run through the two circuit breakers above (a DAG param).
+    :param apply_plan: path of a plan written by an earlier dry run: send and remove exactly what it
+        lists, nothing more. A dry run (with ``delta``) always writes its plan next to the rejects file.
     """
 
     template_fields: Sequence[str] = ("segments", "sql", "path", "rejects_path", "dry_run", "state_dir",
-                                      "full_refresh", "allow_large_changes")
+                                      "full_refresh", "allow_large_changes", "apply_plan")
     template_fields_renderers = {"sql": "sql"}
     ui_color = "#e8f4fd"
 
@@ -66,9 +68,11 @@ class BaseSegmentExportOperator(BaseOperator):
         max_removal_share: float = 0.2,
         max_size_change: float = 2.0,
         allow_large_changes: bool | str = False,
+        apply_plan: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.apply_plan = apply_plan
         self.delta = delta
         self.full_refresh = full_refresh
         self.max_removal_share = max_removal_share
@@ -138,7 +142,13 @@ class BaseSegmentExportOperator(BaseOperator):
         return default_rejects_path(self.dag_id, context.get("run_id"), self.task_id,
                                     getattr(ti, "try_number", None))
 
+    def plan_path(self, context):
+        rejects = self.resolve_rejects_path(context)
+        return rejects.parent / rejects.name.replace(".jsonl", "-plan.jsonl")
+
     def execute(self, context) -> dict:
+        from airflow.sdk import ObjectStoragePath
+
         hook = self.get_hook()
         dag_id = getattr(context.get("dag"), "dag_id", None) or self.dag_id
         hook.check_export_allowed(dag_id)
@@ -154,6 +164,8 @@ class BaseSegmentExportOperator(BaseOperator):
                 run_id=str(context.get("run_id") or "manual"), full_refresh=_flag(self.full_refresh),
                 max_removal_share=self.max_removal_share, max_size_change=self.max_size_change,
                 allow_large_changes=_flag(self.allow_large_changes),
+                plan_out=self.plan_path(context) if self.delta and self.is_dry_run() else None,
+                plan_in=ObjectStoragePath(str(self.apply_plan)) if self.apply_plan else None,
             )
             summary = engine.run()
             summary = self.after_export(destination, summary, context)

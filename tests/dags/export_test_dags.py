@@ -23,6 +23,7 @@ def _export(**kw):
         state_dir="{{ params.state_dir }}",
         full_refresh="{{ params.full_refresh }}",
         allow_large_changes="{{ params.allow_large_changes }}",
+        apply_plan="{{ params.apply_plan }}",
         progress_interval=1,
         retries=0,
         **kw,
@@ -30,7 +31,8 @@ def _export(**kw):
 
 
 PARAMS = {"audience_id": "", "segments": [], "sql": "", "mode": "upsert", "dry_run": False,
-          "merge_fields": {}, "state_dir": None, "full_refresh": False, "allow_large_changes": False}
+          "merge_fields": {}, "state_dir": None, "full_refresh": False, "allow_large_changes": False,
+          "apply_plan": ""}
 
 for dag_id, kwargs in (("mailchimp_export_test", {}),
                        ("mailchimp_export_deferred_test", {"deferrable": True, "poll_interval": 0.5})):
