@@ -105,3 +105,28 @@ def test_fetched_secrets_are_registered_with_the_masker(sandbox, monkeypatch):
     masker = _secrets_masker()
     key = sandbox.info["mailchimp"]["api_key"]
     assert key not in masker.redact(f"the key is {key}")
+
+
+def test_every_connection_types_test_button_works_against_the_sandbox(sandbox, monkeypatch):
+    from airflow_provider_segexport.hooks.adobe_campaign import AdobeCampaignHook
+    from airflow_provider_segexport.hooks.campaign_monitor import CampaignMonitorHook
+    from airflow_provider_segexport.hooks.dynamics365 import Dynamics365Hook
+
+    info, ca = sandbox.info, sandbox.info["ca_bundle"]
+    cm, dv, ad = info["campaign_monitor"], info["dynamics365"], info["adobe_campaign"]
+    set_conn(monkeypatch, "cm", conn_type="campaign_monitor", host=cm["base_url"],
+             extra={"api_key": cm["api_key"], "client_id": cm["client_id"], "ca_bundle": ca})
+    set_conn(monkeypatch, "dv", conn_type="dynamics365", host=dv["base_url"],
+             extra={"tenant_id": dv["tenant_id"], "client_id": dv["client_id"], "client_secret": dv["client_secret"],
+                    "authority": dv["authority"], "ca_bundle": ca})
+    set_conn(monkeypatch, "ad", conn_type="adobe_campaign", host=ad["base_url"],
+             extra={"client_id": ad["client_id"], "client_secret": ad["client_secret"], "org_id": ad["org_id"],
+                    "ims_url": ad["ims_url"], "ca_bundle": ca})
+    for hook in (CampaignMonitorHook("cm"), Dynamics365Hook("dv"), AdobeCampaignHook("ad")):
+        ok, message = hook.test_connection()
+        assert ok, (hook.conn_type, message)
+    set_conn(monkeypatch, "dv", conn_type="dynamics365", host=dv["base_url"],
+             extra={"tenant_id": dv["tenant_id"], "client_id": dv["client_id"], "client_secret": "wrong",
+                    "authority": dv["authority"], "ca_bundle": ca})
+    ok, message = Dynamics365Hook("dv").test_connection()
+    assert not ok and "refused the client credentials" in message
