@@ -46,9 +46,8 @@ class CampaignMonitorHook(SegexportBaseHook):
             self.http.retry.max_attempts = 2
             client_id = self.extras.get("client_id")
             if client_id:
-                client = self.http.get_json(f"/clients/{client_id}.json")
-                name = (client.get("BasicDetails") or {}).get("CompanyName", client_id)
-                return True, f"Connected to Campaign Monitor client '{name}'"
+                lists = self.http.get_json(f"/clients/{client_id}/lists.json") or []
+                return True, f"Connected to Campaign Monitor client {client_id}: {len(lists)} list(s)"
             clients = self.http.get_json("/clients.json")
             return True, f"Connected to Campaign Monitor ({len(clients or [])} client(s) visible)"
         except Exception as exc:  # noqa: BLE001

@@ -19,6 +19,29 @@ MAX_CONCURRENCY = 52
 MAX_PER_SEGMENT = 100_000
 
 
+class _VerifyingSession:
+    """msal's HTTP client: TLS settings passed per request (REQUESTS_CA_BUNDLE would override a session's)."""
+
+    def __init__(self, verify: bool | str) -> None:
+        import requests
+
+        self._session = requests.Session()
+        self._verify = verify
+
+    def get(self, url, **kwargs):
+        kwargs.setdefault("verify", self._verify)
+        kwargs.setdefault("timeout", 30)
+        return self._session.get(url, **kwargs)
+
+    def post(self, url, **kwargs):
+        kwargs.setdefault("verify", self._verify)
+        kwargs.setdefault("timeout", 30)
+        return self._session.post(url, **kwargs)
+
+    def close(self) -> None:
+        self._session.close()
+
+
 class Dynamics365Hook(SegexportBaseHook):
     conn_type = "dynamics365"
     default_conn_name = "dynamics365_default"
@@ -41,7 +64,6 @@ class Dynamics365Hook(SegexportBaseHook):
     @cached_property
     def _msal_app(self):
         import msal
-        import requests
 
         tenant = self.extras.get("tenant_id")
         client_id = self.extras.get("client_id")
@@ -50,8 +72,7 @@ class Dynamics365Hook(SegexportBaseHook):
             raise VendorAuthError(self.vendor, None, f"Connection '{self.conn_id}' needs 'Tenant ID', 'Client ID' "
                                   "and 'Client secret' (extras tenant_id, client_id, client_secret).")
         authority = self.extras.get("authority") or f"https://login.microsoftonline.com/{tenant}"
-        http = requests.Session()
-        http.verify = self.verify
+        http = _VerifyingSession(self.verify)
         return msal.ConfidentialClientApplication(
             client_id, client_credential=secret, authority=authority, http_client=http,
             instance_discovery=not bool(self.extras.get("authority")),
