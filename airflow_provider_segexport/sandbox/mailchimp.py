@@ -475,13 +475,20 @@ class MailchimpEmulator(Emulator):
         return {"id": sid, "name": name, "type": "static", "list_id": aud.id,
                 "member_count": sum(1 for m in aud.members.values() if name in m.tags)}
 
-    def h_segment(self, method, p, q, body):
+    def _segment(self, p) -> tuple[Audience, int] | JSONResponse:
         aud = self._audience(p["list_id"])
         if not isinstance(aud, Audience):
-            return 404, aud
+            return aud
         sid = int(p["segment_id"]) if str(p["segment_id"]).isdigit() else -1
         if sid not in aud.segments:
-            return 404, self.problem(404, "Resource Not Found", "The requested resource could not be found.")
+            return self.problem(404, "Resource Not Found", "The requested resource could not be found.")
+        return aud, sid
+
+    def h_segment(self, method, p, q, body):
+        found = self._segment(p)
+        if not isinstance(found, tuple):
+            return 404, found
+        aud, sid = found
         if method == "GET":
             return 200, self._segment_json(aud, sid)
         if method == "DELETE":
@@ -522,12 +529,10 @@ class MailchimpEmulator(Emulator):
                      "error_count": len(missing_add) + len(missing_remove), "_links": []}
 
     def h_segment_members(self, method, p, q, body):
-        aud = self._audience(p["list_id"])
-        if not isinstance(aud, Audience):
-            return 404, aud
-        sid = int(p["segment_id"]) if str(p["segment_id"]).isdigit() else -1
-        if sid not in aud.segments:
-            return 404, self.problem(404, "Resource Not Found", "The requested resource could not be found.")
+        found = self._segment(p)
+        if not isinstance(found, tuple):
+            return 404, found
+        aud, sid = found
         name = aud.segments[sid]
         count, offset = _page(q)
         members = [m for m in aud.members.values() if name in m.tags]
