@@ -104,13 +104,34 @@ def browser():
     driver.quit()
 
 
+def _body_text(driver) -> str:
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
+    try:
+        return driver.find_element("tag name", "body").text
+    except (StaleElementReferenceException, NoSuchElementException):  # the page re-rendered meanwhile
+        return ""
+
+
+def _retry(action, attempts: int = 10):
+    """Run a UI action again when React re-rendered the element under it (stale reference)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    for attempt in range(attempts):
+        try:
+            return action()
+        except (StaleElementReferenceException, StopIteration):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5)
+
+
 def _wait_text(driver, text: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
-    while text not in driver.find_element("tag name", "body").text:
+    while text not in _body_text(driver):
         if time.monotonic() > deadline:
             driver.save_screenshot(str(SHOTS / "failure.png"))
-            body = driver.find_element("tag name", "body").text
-            raise AssertionError(f"{text!r} not on the page; it shows: {body[-1500:]}")
+            raise AssertionError(f"{text!r} not on the page; it shows: {_body_text(driver)[-1500:]}")
         time.sleep(0.5)
 
 
@@ -134,30 +155,34 @@ def test_ui_connection_form_trigger_with_params_and_logs(standalone, browser):
     def mc_row():
         return next(r for r in d.find_elements(By.CSS_SELECTOR, "tbody tr") if "mailchimp_default" in r.text)
 
-    mc_row().find_element(By.CSS_SELECTOR, "button[aria-label='Test Connection']").click()
+    _retry(lambda: mc_row().find_element(By.CSS_SELECTOR, "button[aria-label='Test Connection']").click())
     _wait_text(d, "Connected to Mailchimp account")
     d.save_screenshot(str(SHOTS / "02-connection-test.png"))
     time.sleep(1)
-    mc_row().find_element(By.CSS_SELECTOR, "button[aria-label='Edit Connection']").click()
+    _retry(lambda: mc_row().find_element(By.CSS_SELECTOR, "button[aria-label='Edit Connection']").click())
     _wait_text(d, "Base URL override")  # the relabelled host field (standard fields open first)
-    d.find_element(By.XPATH, "//*[normalize-space(text())='Extra Fields']").click()
+    _retry(lambda: d.find_element(By.XPATH, "//*[normalize-space(text())='Extra Fields']").click())
     _wait_text(d, "Data privacy acknowledged")
-    labels = {e.text.strip() for e in d.find_elements(By.CSS_SELECTOR, "label")}
+    labels = _retry(lambda: {e.text.strip() for e in d.find_elements(By.CSS_SELECTOR, "label")})
     assert {"API key", "Data privacy acknowledged", "CA bundle path"} <= labels
     d.save_screenshot(str(SHOTS / "03-mailchimp-connection-form.png"))
 
     # trigger segment_export with params from the form
     d.get(base + "/dags/segment_export")
-    d.find_element(By.CSS_SELECTOR, "button[aria-label='Trigger Dag']").click()
+    _retry(lambda: d.find_element(By.CSS_SELECTOR, "button[aria-label='Trigger Dag']").click())
     _wait_text(d, "Run Parameters")
-    dialog = next(x for x in d.find_elements(By.CSS_SELECTOR, "[role='dialog']") if "Run Parameters" in x.text)
-    assert "Dry run" in dialog.text and "Which segments to refresh-and-export." in dialog.text
-    segments = dialog.find_element(By.CSS_SELECTOR, "textarea")
-    segments.clear()
-    segments.send_keys("vip_customers\nnewsletter_fr")
-    d.save_screenshot(str(SHOTS / "04-trigger-form.png"))
-    trigger = [b for b in dialog.find_elements(By.CSS_SELECTOR, "button") if b.text.strip() == "Trigger"][-1]
-    trigger.click()
+
+    def fill_and_trigger():
+        dialog = next(x for x in d.find_elements(By.CSS_SELECTOR, "[role='dialog']") if "Run Parameters" in x.text)
+        assert "Dry run" in dialog.text and "Which segments to refresh-and-export." in dialog.text
+        segments = dialog.find_element(By.CSS_SELECTOR, "textarea")
+        segments.clear()
+        segments.send_keys("vip_customers\nnewsletter_fr")
+        d.save_screenshot(str(SHOTS / "04-trigger-form.png"))
+        trigger = [b for b in dialog.find_elements(By.CSS_SELECTOR, "button") if b.text.strip() == "Trigger"][-1]
+        trigger.click()
+
+    _retry(fill_and_trigger)
 
     # wait for the run (REST API), then look at it in the UI
     token = requests.post(f"{base}/auth/token", json={"username": "admin", "password": "admin"},
