@@ -9,12 +9,12 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
 
 from airflow_provider_segexport import warehouse
+from tests.bench.run import OURS as EXPORT_DRIVER
 from tests.conftest import REPO, run_dag
 
 SQL = "SELECT * FROM segment_export WHERE segment_name = {segment} ORDER BY customer_id"
@@ -30,12 +30,18 @@ def clean_customers(db, n, offset=0):
         "AND email IS NOT NULL ORDER BY customer_id LIMIT ? OFFSET ?", (n, offset))]
 
 
-@pytest.fixture
-def big(tmp_path, monkeypatch, sandbox):
+def make_warehouse(tmp_path, monkeypatch, profiles: int, seed: int):
+    """A refreshed sample warehouse behind the ``warehouse`` connection."""
     wh = tmp_path / "wh.db"
-    warehouse.build(wh, profiles=100_000, seed=7)
+    warehouse.build(wh, profiles=profiles, seed=seed)
     warehouse.refresh(wh)
     monkeypatch.setenv("AIRFLOW_CONN_WAREHOUSE", json.dumps({"conn_type": "sqlite", "host": str(wh)}))
+    return wh
+
+
+@pytest.fixture
+def big(tmp_path, monkeypatch, sandbox):
+    wh = make_warehouse(tmp_path, monkeypatch, 100_000, 7)
     sandbox.session.post(f"{sandbox.admin}/seed", json=warehouse.sandbox_seed(wh), timeout=120).raise_for_status()
     return wh
 
@@ -90,10 +96,7 @@ def test_second_run_sends_only_changes_and_removes_only_leavers(airflow_db, mail
 
 
 def test_circuit_breakers_stop_before_sending(airflow_db, mailchimp_conn, sandbox, tmp_path, monkeypatch):
-    wh = tmp_path / "wh.db"
-    warehouse.build(wh, profiles=3000, seed=3)
-    warehouse.refresh(wh)
-    monkeypatch.setenv("AIRFLOW_CONN_WAREHOUSE", json.dumps({"conn_type": "sqlite", "host": str(wh)}))
+    wh = make_warehouse(tmp_path, monkeypatch, 3000, 3)
     assert run_dag("mailchimp_export_test", conf(sandbox, tmp_path))[0] == "success"
     db = sqlite3.connect(wh)
     # a broken upstream model: the segment loses 30 % of its members
@@ -113,34 +116,18 @@ def test_circuit_breakers_stop_before_sending(airflow_db, mailchimp_conn, sandbo
     assert not any(k.startswith("mailchimp POST") for k in sandbox.requests()["counts"])
 
 
-CRASH_SCRIPT = textwrap.dedent("""
-    import sys
-    from airflow_provider_segexport.operators.mailchimp import MailchimpSegmentExportOperator
-
-    class TI:
-        try_number = 1
-        def xcom_push(self, **kw):
-            pass
-
-    op = MailchimpSegmentExportOperator(task_id="export", audience_id=sys.argv[1], segments=["all_customers"],
-        sql="SELECT * FROM segment_export WHERE segment_name = {segment} ORDER BY customer_id",
-        sql_conn_id="warehouse", first_name_field="first_name", last_name_field="last_name",
-        state_dir=sys.argv[2], rejects_path=sys.argv[3], progress_interval=1)
-    print(op.execute({"run_id": "scheduled__crash", "ti": TI(), "dag": None})["totals"])
-""")
+# The same driver the benchmark uses: the operator's execute() in a process of its own (killable).
+CRASH_SCRIPT = EXPORT_DRIVER
 
 
 def test_sigkill_midway_then_retry_resumes_without_resending(mailchimp_conn, sandbox, tmp_path, monkeypatch):
-    wh = tmp_path / "wh.db"
-    warehouse.build(wh, profiles=20_000, seed=5)
-    warehouse.refresh(wh)
-    monkeypatch.setenv("AIRFLOW_CONN_WAREHOUSE", json.dumps({"conn_type": "sqlite", "host": str(wh)}))
+    wh = make_warehouse(tmp_path, monkeypatch, 20_000, 5)
     sandbox.session.post(f"{sandbox.admin}/seed", json=warehouse.sandbox_seed(wh), timeout=60).raise_for_status()
     sandbox.latency(base_ms=150)  # slow enough to kill it midway
     script = tmp_path / "crash.py"
     script.write_text(CRASH_SCRIPT)
     args = [sys.executable, str(script), mailchimp_conn["audience_id"], str(tmp_path / "state"),
-            f"file://{tmp_path}/rejects.jsonl"]
+            f"file://{tmp_path}/rejects.jsonl", "delta", "scheduled__crash"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
@@ -176,10 +163,7 @@ def test_sigkill_midway_then_retry_resumes_without_resending(mailchimp_conn, san
 
 def test_dry_run_writes_a_plan_that_a_later_run_applies_exactly(airflow_db, mailchimp_conn, sandbox, tmp_path,
                                                                  monkeypatch):
-    wh = tmp_path / "wh.db"
-    warehouse.build(wh, profiles=3000, seed=11)
-    warehouse.refresh(wh)
-    monkeypatch.setenv("AIRFLOW_CONN_WAREHOUSE", json.dumps({"conn_type": "sqlite", "host": str(wh)}))
+    wh = make_warehouse(tmp_path, monkeypatch, 3000, 11)
     assert run_dag("mailchimp_export_test", conf(sandbox, tmp_path))[0] == "success"
     db = sqlite3.connect(wh)
     changed, leaving = clean_customers(db, 20), clean_customers(db, 10, offset=100)
