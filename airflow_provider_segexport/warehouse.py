@@ -88,6 +88,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -684,6 +685,26 @@ def _remove_db(path: Path) -> None:
             p.unlink()
 
 
+@contextlib.contextmanager
+def _transaction(path: str | os.PathLike, begin: str, *pragmas: str, after: tuple[str, ...] = ()):
+    """One write transaction on the warehouse: pragmas, ``begin``, the body, COMMIT (ROLLBACK on error)."""
+    conn = _connect(path)
+    try:
+        for pragma in pragmas:
+            conn.execute(pragma)
+        conn.execute(begin)
+        yield conn
+        conn.execute("COMMIT")
+        for statement in after:
+            conn.execute(statement)
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    finally:
+        conn.close()
+
+
 def build(path: str | os.PathLike, profiles: int = 20_000, seed: int = 42) -> dict:
     """Create the warehouse at ``path`` (replacing any file there); return a summary dict.
 
@@ -695,13 +716,9 @@ def build(path: str | os.PathLike, profiles: int = 20_000, seed: int = 42) -> di
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_db(path)
     started = time.perf_counter()
-    conn = _connect(path)
-    try:
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = OFF")
-        conn.execute("PRAGMA cache_size = -100000")
-        conn.execute("PRAGMA temp_store = MEMORY")
-        conn.execute("BEGIN")
+    with _transaction(path, "BEGIN", "PRAGMA journal_mode = WAL", "PRAGMA synchronous = OFF",
+                      "PRAGMA cache_size = -100000", "PRAGMA temp_store = MEMORY",
+                      after=("PRAGMA wal_checkpoint(TRUNCATE)",)) as conn:
         for statement in _statements(SCHEMA):
             conn.execute(statement)
         conn.execute("CREATE TEMP TABLE picks (customer_id TEXT, destination TEXT, status TEXT)")
@@ -727,14 +744,6 @@ def build(path: str | os.PathLike, profiles: int = 20_000, seed: int = 42) -> di
             ("reference_date", REFERENCE_DATE),
         ])
         conn.execute("DROP TABLE temp.picks")
-        conn.execute("COMMIT")
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    finally:
-        conn.close()
     summary = summarize(path)
     summary["renamed_duplicate_emails"] = renamed
     summary["build_seconds"] = round(time.perf_counter() - started, 3)
@@ -807,12 +816,9 @@ def refresh(path: str | os.PathLike, *, refreshed_at: str | None = None) -> dict
     and returns the member count per segment.
     """
     refreshed_at = refreshed_at or dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    conn = _connect(_existing(path))
     counts: dict[str, int] = {}
-    try:
-        conn.execute("PRAGMA cache_size = -100000")
-        conn.execute("PRAGMA temp_store = MEMORY")
-        conn.execute("BEGIN IMMEDIATE")
+    with _transaction(_existing(path), "BEGIN IMMEDIATE", "PRAGMA cache_size = -100000",
+                      "PRAGMA temp_store = MEMORY") as conn:
         definitions = conn.execute("SELECT name, predicate FROM segment_definitions ORDER BY name").fetchall()
         for name, _ in definitions:
             if not _SEGMENT_NAME.match(name):
@@ -832,13 +838,6 @@ def refresh(path: str | os.PathLike, *, refreshed_at: str | None = None) -> dict
             )
             counts[name] = cur.rowcount
             conn.execute("INSERT INTO segment_refresh_log VALUES (?, ?, ?)", (name, refreshed_at, counts[name]))
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    finally:
-        conn.close()
     return counts
 
 
@@ -945,9 +944,7 @@ def mutate(path: str | os.PathLike, change_fraction: float = 0.01, remove_fracti
     """
     if not (0 <= change_fraction <= 1 and 0 <= remove_fraction <= 1 and change_fraction + remove_fraction <= 1):
         raise ValueError("fractions must be between 0 and 1 and sum to at most 1")
-    conn = _connect(_existing(path))
-    try:
-        conn.execute("BEGIN IMMEDIATE")
+    with _transaction(_existing(path), "BEGIN IMMEDIATE") as conn:
         n = conn.execute("SELECT count(*) FROM profiles").fetchone()[0]
         mutation = conn.execute("SELECT COALESCE(MAX(mutation), 0) + 1 FROM profile_changes").fetchone()[0]
         rng = random.Random(f"segexport-mutate:{seed}:{mutation}")  # the next mutation touches others
@@ -1025,13 +1022,6 @@ def mutate(path: str | os.PathLike, change_fraction: float = 0.01, remove_fracti
                 left.append(cid)
                 log.append((mutation, cid, "left_segment", name, ts))
         conn.executemany("INSERT INTO profile_changes VALUES (?, ?, ?, ?, ?)", log)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    finally:
-        conn.close()
     result = {"mutation": mutation, "updated_at": ts, "changed": len(changed), "left_segment": len(left),
               "changed_ids": changed, "left_ids": left}
     if refresh_segments:
