@@ -134,6 +134,7 @@ class CampaignError(Exception):
 
 
 class AdobeCampaignEmulator(Emulator):
+    config_keys = _CONFIG
     name = "adobe_campaign"
     prefix = "/adobe"
 
@@ -172,9 +173,7 @@ class AdobeCampaignEmulator(Emulator):
     # -- setup ------------------------------------------------------------------------------
     def reset(self) -> None:
         seed = self.sandbox.seed.get("adobe_campaign", {})
-        for key in _CONFIG:
-            setattr(self, key, getattr(type(self), key))
-        self.configure(seed.get("config") or {})
+        self.reset_config()
         self.buckets: dict[str, list[float]] = {}
         self.profiles: dict[int, Profile] = {}
         self.by_email: dict[str, Any] = {}
@@ -188,21 +187,12 @@ class AdobeCampaignEmulator(Emulator):
         for p in seed.get("profiles", []):
             self._write(None, dict(p), ext=True, now=now)
 
-    def configure(self, values: dict) -> dict:
-        for key, value in values.items():
-            if key not in _CONFIG:
-                raise ValueError(f"unknown adobe_campaign setting {key!r}")
-            default = getattr(type(self), key)
-            if isinstance(default, bool):
-                value = value if isinstance(value, bool) else str(value).lower() in ("true", "1")
-            elif key == "unknown_fields" and value not in ("reject", "ignore"):
-                raise ValueError("unknown_fields must be reject or ignore")
-            elif key == "allowed_scopes" and isinstance(value, list):
-                value = ",".join(value)
-            else:
-                value = type(default)(value)
-            setattr(self, key, value)
-        return {key: getattr(self, key) for key in _CONFIG}
+    def check_setting(self, key: str, value: Any) -> Any:
+        if key == "unknown_fields" and value not in ("reject", "ignore"):
+            raise ValueError("unknown_fields must be reject or ignore")
+        if key == "allowed_scopes" and isinstance(value, list):
+            return ",".join(value)
+        return super().check_setting(key, value)
 
     def info(self, base: str) -> dict:
         return {"base_url": f"{base}{self.prefix}/{self.org_id}/campaign", "ims_url": f"{base}/ims/token/v3",

@@ -139,6 +139,7 @@ class SubscriberList:
 
 
 class CampaignMonitorEmulator(Emulator):
+    config_keys = _CONFIG_DEFAULTS
     name = "campaign_monitor"
     prefix = "/createsend/api/v3.3"
 
@@ -160,9 +161,7 @@ class CampaignMonitorEmulator(Emulator):
     # -- setup ------------------------------------------------------------------------------
     def reset(self) -> None:
         seed = self.sandbox.seed.get("campaign_monitor", {})
-        for key in _CONFIG_DEFAULTS:
-            setattr(self, key, getattr(type(self), key))
-        self.configure(seed.get("config") or {})
+        self.reset_config()
         self.buckets: dict[str, list[float]] = {}  # api key -> [tokens, last refill time]
         self.suppression: set[str] = {str(e).strip().lower() for e in seed.get("suppression_list", [])}
         lst = SubscriberList(self.list_id, seed.get("list_title", "Sandbox list"), self.client_id)
@@ -180,13 +179,6 @@ class CampaignMonitorEmulator(Emulator):
             lst.subscribers[_key(email)] = Subscriber(email, s.get("Name", ""), state, fields or None,
                                                         s.get("Date", now), s.get("ConsentToTrack", "Yes"))
         self.lists: dict[str, SubscriberList] = {lst.id: lst}
-
-    def configure(self, values: dict) -> dict:
-        for key, value in values.items():
-            if key not in _CONFIG_DEFAULTS:
-                raise ValueError(f"unknown campaign_monitor setting {key!r}")
-            setattr(self, key, _coerce(getattr(type(self), key), value))
-        return {key: getattr(self, key) for key in _CONFIG_DEFAULTS}
 
     def info(self, base: str) -> dict:
         return {"base_url": base + self.prefix, "api_key": self.api_key, "client_id": self.client_id,
@@ -673,12 +665,6 @@ def _intern(value):
 
 def _fields_json(fields: tuple | None) -> list[dict]:
     return [{"Key": k, "Value": v} for k, v in fields or ()]
-
-
-def _coerce(default, value):
-    if isinstance(default, bool):
-        return _truthy(value)
-    return type(default)(value)
 
 
 def _truthy(value) -> bool:

@@ -218,9 +218,29 @@ class Emulator:
         """The vendor's own error shape for an injected fault (``kind``: status, burst429, timeout)."""
         return JSONResponse({"error": kind, "status": status}, status_code=status, headers=headers)
 
+    #: names of the class attributes that can be changed at run time (seed "config" or the admin API)
+    config_keys: tuple[str, ...] = ()
+
+    def reset_config(self) -> None:
+        """Back to the class defaults, then the seed's ``config``."""
+        for key in self.config_keys:
+            setattr(self, key, getattr(type(self), key))
+        self.configure(self.sandbox.seed.get(self.name, {}).get("config") or {})
+
+    def check_setting(self, key: str, value: Any) -> Any:
+        """Validate or convert a setting that plain type coercion cannot (override per vendor)."""
+        default = getattr(type(self), key)
+        if isinstance(default, bool):
+            return value if isinstance(value, bool) else str(value).strip().lower() in ("true", "1")
+        return type(default)(value)
+
     def configure(self, values: dict) -> dict:
         """Change this emulator's configurable behaviour at run time; return the current settings."""
-        raise ValueError(f"{self.name} has no run-time configuration")
+        for key, value in values.items():
+            if key not in self.config_keys:
+                raise ValueError(f"unknown {self.name} setting {key!r}")
+            setattr(self, key, self.check_setting(key, value))
+        return {key: getattr(self, key) for key in self.config_keys}
 
     async def h_config(self, request: Request) -> Response:
         """``GET|POST /_sandbox/<vendor>/config``: read or change the emulator's configuration."""

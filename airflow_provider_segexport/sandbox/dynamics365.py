@@ -621,6 +621,7 @@ def candidates(node, table: Table) -> list | None:
 # the emulator
 # ---------------------------------------------------------------------------------------------
 class DataverseEmulator(Emulator):
+    config_keys = _CONFIG
     name = "dynamics365"
     prefix = "/dataverse"
 
@@ -690,9 +691,7 @@ class DataverseEmulator(Emulator):
     # -- setup ------------------------------------------------------------------------------
     def reset(self) -> None:
         seed = self.sandbox.seed.get("dynamics365", {})
-        for key in _CONFIG:
-            setattr(self, key, getattr(type(self), key))
-        self.configure(seed.get("config") or {})
+        self.reset_config()
         self.usage: deque[tuple[float, float]] = deque()
         self.usage_ms = 0.0
         self.in_flight = 0
@@ -722,20 +721,10 @@ class DataverseEmulator(Emulator):
         self.memberships[lid] = MarketingList()
         return rec
 
-    def configure(self, values: dict) -> dict:
-        for key, value in values.items():
-            if key not in _CONFIG:
-                raise ValueError(f"unknown dynamics365 setting {key!r}")
-            default = getattr(type(self), key)
-            if isinstance(default, bool):
-                value = value if isinstance(value, bool) else str(value).lower() in ("true", "1")
-            elif key == "remove_member_entity_id":
-                if value not in ("record", "listmember", "either"):
-                    raise ValueError("remove_member_entity_id must be record, listmember or either")
-            else:
-                value = type(default)(value)
-            setattr(self, key, value)
-        return {key: getattr(self, key) for key in _CONFIG}
+    def check_setting(self, key: str, value: Any) -> Any:
+        if key == "remove_member_entity_id" and value not in ("record", "listmember", "either"):
+            raise ValueError("remove_member_entity_id must be record, listmember or either")
+        return super().check_setting(key, value)
 
     def info(self, base: str) -> dict:
         return {"base_url": base + self.prefix, "authority": f"{base}/login/{self.tenant_id}",
