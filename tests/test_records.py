@@ -102,3 +102,27 @@ def test_same_customer_in_two_segments_is_fine_but_two_customers_sharing_an_emai
     assert isinstance(dup, Reject) and dup.reason == R.DUPLICATE
     again = b(3, row("C1", "x@example.com"))  # the same customer twice in one segment
     assert isinstance(again, Reject) and again.reason == R.DUPLICATE
+
+
+def test_dedupe_across_segments_holds_when_validators_are_made_before_any_row():
+    """The engine makes every segment's validator up front; an empty shared deduper must still be shared."""
+    from airflow_provider_segexport.export.records import Deduper
+
+    d = Deduper(10)
+    a = RowValidator(MAPPING, "a", d, 0)
+    b = RowValidator(MAPPING, "b", d, 1)
+    assert isinstance(a(1, row(key="C1", email="x@example.com")), Record)
+    assert a(2, row(key="C2", email="\tX@EXAMPLE.COM")).reason == "duplicate"
+    assert b(1, row(key="C2", email="X@example.com")).reason == "duplicate"
+    assert isinstance(b(2, row(key="C1", email="x@example.com")), Record)  # same customer, other segment
+
+
+def test_deduper_grows_past_its_expected_size_without_losing_members():
+    from airflow_provider_segexport.export.records import Deduper
+
+    d = Deduper(1)
+    for i in range(20_000):
+        assert d.check(f"m{i}@example.com", f"K{i}", 0)
+    assert len(d) == 20_000
+    assert not any(d.check(f"M{i}@EXAMPLE.com", f"other{i}", 0) for i in range(0, 20_000, 7))
+    assert all(d.check(f"m{i}@example.com", f"K{i}", 1) for i in range(0, 20_000, 7))

@@ -38,6 +38,7 @@ MODES = ("upsert", "mirror")
 TEXT_MAX = 255
 #: Refusals Mailchimp will repeat forever for the same address: remembered across runs.
 PERMANENT_MARKERS = ("permanently deleted", "compliance state", "forgotten email")
+_ABSENT = object()
 _DATE_FORMATS = {"MM/DD/YYYY": "%m/%d/%Y", "DD/MM/YYYY": "%d/%m/%Y", "MM/DD": "%m/%d", "DD/MM": "%d/%m"}
 
 
@@ -86,6 +87,8 @@ class MailchimpDestination(Destination):
         self.audience: dict = {}
         self._current: dict[str, set[bytes]] = {}
         self._lock = threading.Lock()
+        self._converter_cache: list | None = None
+        self._converter_types: dict | None = None
 
     # -- pre-flight -------------------------------------------------------------------------------
     def preflight(self, segments: list[Segment], dry_run: bool) -> None:
@@ -124,21 +127,28 @@ class MailchimpDestination(Destination):
 
     # -- per record -------------------------------------------------------------------------------
     def prepare(self, record: Record) -> Record | Reject:
-        email = record.payload[self.email_field]
-        if self.mode == "mirror" and not self.state_managed:
+        payload = record.payload
+        email = payload[self.email_field]
+        if self._current_by_segment:
             with self._lock:
                 self._current.setdefault(record.segment, set()).add(_digest(email))
         if self.refusals:  # an empty store (the usual case) costs nothing per member
-            previous = self.refusals.get(email)
+            previous = self.refusals.get(email, record.member or None)
             if previous:
                 return Reject(record.segment, record.row, record.key, PREVIOUSLY_REFUSED, self.email_field,
                               "Mailchimp refused this address permanently in an earlier run; not sent again",
                               previous)
         merge: dict[str, Any] = {}
-        for tag in self.merge_map:
-            if tag not in record.payload:
+        for tag, convert in self._converters:
+            value = payload.get(tag, _ABSENT)
+            if value is _ABSENT:
                 continue
-            value, problem = convert_merge_value(self.field_types.get(tag, {}), record.payload[tag])
+            if convert is None:  # text field, text value: the common case
+                if value.__class__ is str and len(value) <= TEXT_MAX:
+                    merge[tag] = value
+                    continue
+                convert = convert_merge_value
+            value, problem = convert(self.field_types.get(tag, {}), value)
             if problem:
                 reason = TOO_LONG if "characters" in problem else INVALID_VALUE
                 return Reject(record.segment, record.row, record.key, reason, tag,
@@ -152,10 +162,26 @@ class MailchimpDestination(Destination):
         record.payload = member
         return record
 
+    @property
+    def _converters(self) -> list:
+        """(merge tag, converter or None for plain text) in mapping order, from the audience's field types."""
+        if self._converter_cache is None or self._converter_types is not self.field_types:
+            self._converter_types = self.field_types
+            self._converter_cache = [
+                (tag, None if self.field_types.get(tag, {}).get("type", "text") == "text" else convert_merge_value)
+                for tag in self.merge_map
+            ]
+        return self._converter_cache
+
+    @property
+    def _current_by_segment(self) -> bool:
+        return self.mode == "mirror" and not self.state_managed
+
     # -- per batch ----------------------------------------------------------------------------------
     def send(self, segment: Segment, records: list[Record]) -> list[Outcome]:
         try:
-            answer = self.hook.batch_subscribe(self.target, [r.payload for r in records])
+            answer = self.hook.batch_subscribe(
+                self.target, [r.body if r.body is not None else r.payload for r in records])
         except VendorAPIError as exc:
             if exc.status == 400:
                 raise BatchRefused(exc.message) from exc
@@ -166,9 +192,10 @@ class MailchimpDestination(Destination):
         """Per-record outcomes from a batch-subscribe answer (new, updated, errors, or none: unchanged)."""
         status = answer_statuses(answer)
         out = []
+        unchanged = ("unchanged", None)
         for r in records:
-            email = r.payload["email_address"].lower()
-            st, msg = status.get(email, ("unchanged", None))
+            email = r.email or r.payload["email_address"].lower()
+            st, msg = status.get(email, unchanged)
             if st == "rejected":
                 self.remember_refusal(email, msg)
             out.append(Outcome(r, st, msg))
@@ -221,19 +248,25 @@ class MailchimpDestination(Destination):
 def answer_statuses(answer: dict) -> dict[str, tuple[str, str | None]]:
     """email (lower case) -> (created | updated | rejected, vendor message) from a batch-subscribe answer.
 
-    Members in none of the arrays were unchanged (Mailchimp reports no change for them).
+    ``new_members`` / ``updated_members`` hold member objects (the API's answer) or just their emails
+    (:func:`~airflow_provider_segexport.hooks.mailchimp.decode_batch_answer`). Members in none of the
+    arrays were unchanged (Mailchimp reports no change for them).
     """
     status: dict[str, tuple[str, str | None]] = {}
-    for m in answer.get("new_members") or []:
-        status[str(m.get("email_address", "")).lower()] = ("created", None)
-    for m in answer.get("updated_members") or []:
-        status[str(m.get("email_address", "")).lower()] = ("updated", None)
+    for key, outcome in (("new_members", _CREATED), ("updated_members", _UPDATED)):
+        for m in answer.get(key) or []:
+            email = m if m.__class__ is str else str(m.get("email_address", ""))
+            status[email.lower()] = outcome
     for e in answer.get("errors") or []:
         msg = str(e.get("error") or e.get("error_code") or "refused")
         if e.get("field"):
             msg += f" [field {e['field']}" + (f": {e['field_message']}]" if e.get("field_message") else "]")
         status[str(e.get("email_address", "")).strip().lower()] = ("rejected", msg)
     return status
+
+
+_CREATED = ("created", None)
+_UPDATED = ("updated", None)
 
 
 class MailchimpBatchOperationsDestination(MailchimpDestination):

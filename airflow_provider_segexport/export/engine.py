@@ -28,6 +28,7 @@ from airflow_provider_segexport.export.records import (
     Record,
     Reject,
     RowValidator,
+    member_id,
 )
 from airflow_provider_segexport.export.report import (
     OUTCOMES,
@@ -37,9 +38,17 @@ from airflow_provider_segexport.export.report import (
     summary_table,
 )
 from airflow_provider_segexport.export.sources import Segment
-from airflow_provider_segexport.export.state import ExportState, fingerprint, member_id
+from airflow_provider_segexport.export.state import ExportState, fingerprint
+from airflow_provider_segexport.http import encode_json
 
 log = logging.getLogger(__name__)
+
+
+_CONFIRMED = frozenset({"created", "updated", "unchanged"})
+
+
+def _default_member_key(record: Record) -> str:
+    return record.email or record.key
 
 
 class ExportError(RuntimeError):
@@ -113,6 +122,10 @@ class Destination:
         """The member's key at the destination (email for email destinations, else the mapped ID)."""
         return record.email or record.key
 
+    def encode(self, record: Record) -> bytes:
+        """The member's payload as sent (JSON); its fingerprint decides whether a delta run sends it."""
+        return encode_json(record.payload)
+
     def remove_members(self, segment: Segment, keys: list[str]) -> int:
         """Mirror mode: undo this export's effect for members who left the segment; return how many."""
         raise NotImplementedError
@@ -125,6 +138,9 @@ class Destination:
 
 
 class ExportEngine:
+    #: members looked up in the export state at once (delta exports)
+    LOOKUP_CHUNK = 2000
+
     def __init__(
         self,
         destination: Destination,
@@ -163,6 +179,7 @@ class ExportEngine:
         self.allow_large_changes = allow_large_changes
         self._scope_ids: dict[str, int] = {}
         destination.state_managed = state is not None
+        self._custom_member_key = type(destination).member_key is not Destination.member_key
         if (plan_out is not None or plan_in is not None) and state is None:
             raise ExportError("Plans need export state: use delta=True to write or apply a plan.")
         self.plan_out = plan_out if dry_run else None
@@ -222,6 +239,7 @@ class ExportEngine:
         mode = "DRY RUN: nothing will be sent" if self.dry_run else f"to {d.name} '{d.target}'"
         self.log.info("::group::Pre-flight checks")
         totals = self._preflight()
+        self._deduper = Deduper(sum(totals.values()))
         self.log.info("Exporting %d segment(s), %s rows in all, %s; batches of %d, up to %d in flight",
                       len(totals), f"{sum(totals.values()):,}", mode, d.batch_size, d.max_in_flight)
         self.log.info("::endgroup::")
@@ -290,27 +308,37 @@ class ExportEngine:
                 pending[:] = [f for f in pending if not f.done()]
 
         self.log.info("::group::Segment '%s' -> %s '%s': %s rows", seg.name, d.name, d.target, f"{total:,}")
-        for row_number, row in enumerate(seg.source.rows(), start=1):
-            stats.read += 1
+        prepare = d.prepare if type(d).prepare is not Destination.prepare else None
+        size = d.batch_size
+        chunk = size if sid is None else self.LOOKUP_CHUNK
+        pending_rows = batch if sid is None else lookup
+        rejected = 0
+        row_number = 0
+        for row_number, row in enumerate(seg.source.tuples(validate.columns), start=1):
             item = validate(row_number, row)
-            if isinstance(item, Record):
-                item = d.prepare(item)
-            if isinstance(item, Reject):
+            if prepare is not None and item.__class__ is Record:
+                item = prepare(item)
+            if item.__class__ is not Record:
                 self._reject(stats, item)
-                progress.advance(1, stats.counts)
+                rejected += 1
+                if rejected % 1000 == 0:
+                    progress.advance(1000, stats.counts)
                 continue
-            if sid is None:
-                batch.append(item)
-            else:
-                lookup.append(item)
-                if len(lookup) >= 500:
+            pending_rows.append(item)
+            if len(pending_rows) >= chunk:
+                if sid is None:
+                    submit(batch)
+                    batch = pending_rows = []
+                else:
                     batch.extend(self._delta(sid, lookup, stats, progress))
-                    lookup = []
-            while len(batch) >= d.batch_size:
-                submit(batch[: d.batch_size])
-                batch = batch[d.batch_size:]
-            if self._failure is not None:
-                break
+                    lookup = pending_rows = []
+                    while len(batch) >= size:
+                        submit(batch[:size])
+                        batch = batch[size:]
+                if self._failure is not None:
+                    break
+        stats.read = row_number
+        progress.advance(rejected % 1000, stats.counts)
         if lookup and self._failure is None:
             batch.extend(self._delta(sid, lookup, stats, progress))
         while batch and self._failure is None:
@@ -340,33 +368,38 @@ class ExportEngine:
                     self._failure = exc
             self._not_sent(stats, records)
             return
+        counts = Counter(o.status for o in outcomes)
+        refused = [o for o in outcomes if o.status == "rejected"] if counts.get("rejected") else []
         with self._lock:
-            for o in outcomes:
-                if o.status == "rejected":
-                    r = o.record
-                    self.rejects.write(Reject(seg.name, r.row, r.key, o.reason, None,
-                                              f"{self.destination.name} refused the member", o.message))
-                stats.counts[o.status] += 1
+            for o in refused:
+                r = o.record
+                self.rejects.write(Reject(seg.name, r.row, r.key, o.reason, None,
+                                          f"{self.destination.name} refused the member", o.message))
+            stats.counts.update(counts)
         sid = self._scope_ids.get(seg.name)
         if sid is not None and not self.dry_run:
             # Only what the destination confirmed is remembered; a rejected member is retried next run.
-            confirmed = [(o.record.member, o.record.fp, self.destination.member_key(o.record)) for o in outcomes
-                         if o.status in ("created", "updated", "unchanged")]
+            key = self.destination.member_key if self._custom_member_key else _default_member_key
+            confirmed = [(o.record.member, o.record.fp, key(o.record)) for o in outcomes
+                         if o.status in _CONFIRMED]
             if confirmed:
                 self.state.confirm(sid, confirmed, self.run_id)
-            refused = [o.record.member for o in outcomes if o.status == "rejected"]
             if refused:
-                self.state.forget(sid, refused)
+                self.state.forget(sid, [o.record.member for o in refused])
         progress.advance(len(records), stats.counts)
 
     def _delta(self, sid: int, records: list[Record], stats: SegmentStats, progress: Progress) -> list[Record]:
         """Drop members whose payload the destination already confirmed; return those to send."""
         d = self.destination
+        encode = d.encode
+        custom_key = self._custom_member_key
         for r in records:
-            r.member = member_id(d.member_key(r))
-            # The payload is built in a fixed key order by the destination adapter, so its repr is a
-            # stable, cheap canonical form (cheaper than sorted JSON).
-            r.fp = fingerprint(repr(r.payload).encode("utf-8"))
+            if custom_key:
+                r.member = member_id(d.member_key(r))
+            # The payload is built in a fixed key order by the destination adapter, so its encoding is a
+            # stable canonical form; it is kept and sent as is.
+            r.body = body = encode(r)
+            r.fp = fingerprint(body)
         known = self.state.lookup(sid, [r.member for r in records])
         send: list[Record] = []
         skipped: list[int] = []
@@ -400,6 +433,8 @@ class ExportEngine:
 
     def _finish_state(self, seg: Segment, sid: int, total: int, prev_members: int, stats: SegmentStats) -> None:
         d = self.destination
+        if not self.dry_run:
+            self.state.flush(sid)
         if d.mirror:
             leavers = self.state.leavers(sid, self.run_id)
             if self.dry_run:

@@ -6,11 +6,12 @@ A source row becomes either a :class:`Record` (ready for the destination) or a :
 
 from __future__ import annotations
 
-import hashlib
 import re
+from array import array
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
+from hashlib import blake2b
 from typing import Any
 
 # Reason codes, one place. The rejects file and the summary use them.
@@ -59,9 +60,11 @@ class Record:
     key: str
     payload: dict[str, Any]
     email: str | None = None
-    #: set when export state is kept: the member's id and the payload's fingerprint
+    #: the member's stable id (:func:`member_id` of the email, else of the key)
     member: int = 0
+    #: set when export state is kept: the fingerprint of the encoded payload, and that encoding
     fp: int = 0
+    body: bytes | None = None
 
 
 @dataclass(slots=True)
@@ -142,81 +145,159 @@ class FieldMapping:
             )
 
 
+def member_id(value: str) -> int:
+    """Stable 64-bit id of a member's destination key (email lower-cased, or an ID); kept in export state."""
+    return int.from_bytes(blake2b(value.strip().lower().encode("utf-8"), digest_size=8).digest(), "big", signed=True)
+
+
 class Deduper:
-    """Duplicates across one whole export, in bounded memory (two ints per distinct member).
+    """Duplicates across one whole export, in bounded memory: an open-addressing table of two 64-bit
+    integers per distinct member (``array``s, 32 MB for 1,000,000 members, not a dict of objects).
 
     The same email (case-insensitive) or ID held by two different keys is a duplicate; the same key
     twice in one segment is a duplicate; the same key in two segments is one member in two segments.
     """
 
-    def __init__(self) -> None:
-        self._seen: dict[int, int] = {}
+    def __init__(self, expected: int = 0) -> None:
+        capacity = 1 << max(12, (2 * max(1, expected) - 1).bit_length())
+        self._alloc(capacity)
+
+    def _alloc(self, capacity: int) -> None:
+        self._mask = capacity - 1
+        self._vals = array("q", bytes(8 * capacity))  # 0 = empty slot
+        self._keys = array("q", bytes(8 * capacity))
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
 
     def check(self, value: str, key: str, segment_index: int) -> bool:
         """True if ``value`` is new for this export (or the same member seen in another segment)."""
-        v = int.from_bytes(hashlib.blake2b(value.lower().encode("utf-8"), digest_size=8).digest(), "big")
-        k = int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=7).digest(), "big")
-        stored = self._seen.get(v)
-        if stored is None:
-            self._seen[v] = (k << 8) | (segment_index & 0xFF)
-            return True
-        if stored >> 8 != k or (stored & 0xFF) == (segment_index & 0xFF):
-            return False
-        self._seen[v] = (k << 8) | (segment_index & 0xFF)
-        return True
+        return self.check_id(member_id(value), key, segment_index)
+
+    def check_id(self, vid: int, key: str, segment_index: int) -> bool:
+        """:meth:`check` for a value already reduced to its :func:`member_id`."""
+        if vid == 0:
+            vid = 1
+        k = ((hash(key) & 0x7FFFFFFFFFFFFF) << 8) | (segment_index & 0xFF)
+        vals = self._vals
+        mask = self._mask
+        i = vid & mask
+        while True:
+            v = vals[i]
+            if v == 0:
+                vals[i] = vid
+                self._keys[i] = k
+                self._n += 1
+                if 2 * self._n > mask:
+                    self._grow()
+                return True
+            if v == vid:
+                stored = self._keys[i]
+                if stored >> 8 != k >> 8 or (stored & 0xFF) == (k & 0xFF):
+                    return False
+                self._keys[i] = k
+                return True
+            i = (i + 1) & mask
+
+    def _grow(self) -> None:
+        vals, keys = self._vals, self._keys
+        self._alloc(2 * (self._mask + 1))
+        mask, nv, nk = self._mask, self._vals, self._keys
+        for v, k in zip(vals, keys, strict=True):
+            if v:
+                i = v & mask
+                while nv[i]:
+                    i = (i + 1) & mask
+                nv[i] = v
+                nk[i] = k
+                self._n += 1
+
+
+_EMAIL, _VALUE = 0, 1
 
 
 class RowValidator:
-    """Applies a :class:`FieldMapping` to the rows of one segment, deduplicating across the export."""
+    """Applies a :class:`FieldMapping` to the rows of one segment, deduplicating across the export.
+
+    Rows are tuples of :attr:`columns` (what sources yield for the engine); a dict row is accepted too.
+    Each record carries its :func:`member_id` (of the email, else of the key).
+    """
 
     def __init__(self, mapping: FieldMapping, segment: str, deduper: Deduper | None = None,
                  segment_index: int = 0) -> None:
         self.mapping = mapping
         self.segment = segment
-        self._deduper = deduper or Deduper()
+        self._deduper = deduper if deduper is not None else Deduper()
         self._segment_index = segment_index
-        self._items = list(mapping.fields.items())
         self._email_field = mapping.email_field
         self._dedupe_field = mapping.dedupe_field or mapping.email_field
+        #: the source columns a row must carry, in order (the key column first)
+        self.columns: list[str] = [mapping.key_column]
+        for col in mapping.fields.values():
+            if col not in self.columns:
+                self.columns.append(col)
+        self._plan = [
+            (dest, col, self.columns.index(col), _EMAIL if dest == self._email_field else _VALUE,
+             mapping.max_lengths.get(dest), dest in mapping.required)
+            for dest, col in mapping.fields.items()
+        ]
 
-    def __call__(self, row_number: int, row: Mapping[str, Any]) -> Record | Reject:
-        m = self.mapping
-        raw_key = row.get(m.key_column)
-        key = None if raw_key is None else str(raw_key).strip()
+    def __call__(self, row_number: int, row: Any) -> Record | Reject:
+        if row.__class__ is not tuple and isinstance(row, Mapping):
+            row = tuple(row.get(c) for c in self.columns)
+        seg = self.segment
+        raw_key = row[0]
+        if raw_key.__class__ is str:
+            key = raw_key.strip()
+        else:
+            key = "" if raw_key is None else str(_clean(raw_key)).strip()
         if not key:
-            return Reject(self.segment, row_number, None, MISSING_KEY, m.key_column,
-                          f"column '{m.key_column}' is empty")
+            return Reject(seg, row_number, None, MISSING_KEY, self.mapping.key_column,
+                          f"column '{self.mapping.key_column}' is empty")
         payload: dict[str, Any] = {}
         email = None
-        for dest, col in self._items:
-            value = row.get(col)
-            if dest == self._email_field:
-                email, problem = normalize_email(value)
+        for dest, col, index, kind, limit, required in self._plan:
+            value = row[index]
+            if kind == _EMAIL:
+                if value.__class__ is str:  # fast path: a plain valid address
+                    text = value.strip()
+                    if text and len(text) <= EMAIL_MAX_LENGTH and text.isascii() and _EMAIL_ASCII.match(text):
+                        email = text
                 if email is None:
-                    reason = MISSING_EMAIL if problem == "empty" else INVALID_EMAIL
-                    return Reject(self.segment, row_number, key, reason, dest,
-                                  f"email in column '{col}' {problem}")
+                    email, problem = normalize_email(value)
+                    if email is None:
+                        reason = MISSING_EMAIL if problem == "empty" else INVALID_EMAIL
+                        return Reject(seg, row_number, key, reason, dest, f"email in column '{col}' {problem}")
                 payload[dest] = email
                 continue
-            value = _clean(value)
+            if value.__class__ is str:
+                value = value.strip()
+            elif value is not None:
+                value = _clean(value)
             if value is None or value == "":
-                if dest in m.required:
-                    return Reject(self.segment, row_number, key, MISSING_VALUE, dest,
+                if required:
+                    return Reject(seg, row_number, key, MISSING_VALUE, dest,
                                   f"'{dest}' (column '{col}') is required but empty")
                 continue
-            limit = m.max_lengths.get(dest)
-            if limit is not None and isinstance(value, str) and len(value) > limit:
-                return Reject(self.segment, row_number, key, TOO_LONG, dest,
+            if limit is not None and value.__class__ is str and len(value) > limit:
+                return Reject(seg, row_number, key, TOO_LONG, dest,
                               f"'{dest}' (column '{col}') has {len(value)} characters; at most {limit} allowed")
             payload[dest] = value
-        dedupe_value = payload.get(self._dedupe_field) if self._dedupe_field else None
-        if not self._deduper.check(str(dedupe_value if dedupe_value is not None else key), key,
-                                   self._segment_index):
-            what = f"'{self._dedupe_field}'" if dedupe_value is not None else "key"
-            return Reject(self.segment, row_number, key, DUPLICATE, self._dedupe_field,
+        lowered = email.lower() if email is not None else None
+        member = member_id(lowered if lowered is not None else key)
+        dedupe = self._dedupe_field
+        if dedupe is not None and dedupe == self._email_field and lowered is not None:
+            vid = member
+        else:
+            dedupe_value = payload.get(dedupe) if dedupe else None
+            vid = member_id(str(dedupe_value)) if dedupe_value is not None else member_id(key)
+        if not self._deduper.check_id(vid, key, self._segment_index):
+            what = f"'{dedupe}'" if dedupe and payload.get(dedupe) is not None else "key"
+            return Reject(seg, row_number, key, DUPLICATE, dedupe,
                           f"the same {what} (case-insensitive) appears earlier in this export for another "
-                          f"customer, or twice for this customer in segment '{self.segment}'")
-        return Record(self.segment, row_number, key, payload, email.lower() if email else None)
+                          f"customer, or twice for this customer in segment '{seg}'")
+        return Record(seg, row_number, key, payload, lowered, member)
 
 
 def _clean(value: Any) -> Any:

@@ -17,7 +17,13 @@ OUTCOMES = ("created", "updated", "unchanged", "skipped", "removed", "rejected",
 
 
 class RejectsWriter:
-    """Appends rejects as JSON Lines to an ``ObjectStoragePath`` (opened on the first reject)."""
+    """Appends rejects as JSON Lines to an ``ObjectStoragePath`` (opened on the first reject).
+
+    Lines are written in blocks of ``buffer_lines`` (object storage writes are costly per call) and on
+    :meth:`close`.
+    """
+
+    buffer_lines = 500
 
     def __init__(self, path: Any, append: bool = False) -> None:
         self.path = path
@@ -25,20 +31,31 @@ class RejectsWriter:
         self.count = 0
         self.by_reason: Counter = Counter()
         self._fh = None
+        self._buffer: list[str] = []
         self._lock = threading.Lock()
 
     def write(self, reject: Reject) -> None:
         line = json.dumps(reject.as_json(), ensure_ascii=False) + "\n"
         with self._lock:
-            if self._fh is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._fh = self.path.open("a" if self.append and self.path.exists() else "w", encoding="utf-8")
-            self._fh.write(line)
+            self._buffer.append(line)
             self.count += 1
             self.by_reason[reject.reason] += 1
+            if len(self._buffer) >= self.buffer_lines:
+                self._flush()
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        if self._fh is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = self.path.open("a" if self.append and self.path.exists() else "w", encoding="utf-8")
+        self._fh.write("".join(self._buffer))
+        self._fh.flush()
+        self._buffer = []
 
     def close(self) -> None:
         with self._lock:
+            self._flush()
             if self._fh is not None:
                 self._fh.close()
                 self._fh = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import operator
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -34,6 +35,14 @@ class Source:
 
     def rows(self) -> Iterator[dict[str, Any]]:
         raise NotImplementedError
+
+    def tuples(self, columns: list[str]) -> Iterator[tuple]:
+        """The rows as tuples of ``columns`` (in that order): what the export engine reads.
+
+        Cheaper than dicts; sources that can, fetch only these columns.
+        """
+        for row in self.rows():
+            yield tuple(row.get(c) for c in columns)
 
 
 @dataclass
@@ -104,6 +113,33 @@ class SqlSource(Source):
                     break
                 for values in chunk:
                     yield dict(zip(names, values, strict=False))
+        finally:
+            cursor.close()
+            conn.close()
+
+    def tuples(self, columns: list[str]) -> Iterator[tuple]:
+        """Only ``columns`` are fetched (the query is wrapped in a projection; if the database refuses the
+        wrapped query, the query runs as written and the columns are picked from each row)."""
+        quote = _quote_for(_dialect_of(self.hook()))
+        projected = (f"SELECT {', '.join(quote(c) for c in columns)} FROM "
+                     f"({self.sql.rstrip().rstrip(';')}) segexport_q")
+        try:
+            conn, cursor = self._execute(projected)
+            pick = None
+        except SourceError:
+            conn, cursor = self._execute(self.sql)
+            names = [d[0] for d in cursor.description]
+            index = [names.index(c) for c in columns]
+            pick = operator.itemgetter(*index) if len(index) > 1 else (lambda values, i=index[0]: (values[i],))
+        try:
+            while True:
+                chunk = cursor.fetchmany(self.chunk_size)
+                if not chunk:
+                    break
+                if pick is None:
+                    yield from chunk
+                else:
+                    yield from map(pick, chunk)
         finally:
             cursor.close()
             conn.close()
@@ -180,6 +216,21 @@ class FileSource(Source):
             for batch in pf.iter_batches(batch_size=10_000):
                 yield from batch.to_pylist()
 
+    def tuples(self, columns: list[str]) -> Iterator[tuple]:
+        if self.format != "csv":
+            yield from super().tuples(columns)
+            return
+        self._check()
+        with self.path.open("r", encoding="utf-8-sig", newline="") as fh:
+            reader = csv.reader(fh, **self.csv_options)
+            header = next(reader, [])
+            index = [header.index(c) if c in header else None for c in columns]
+            width = len(header)
+            for raw in reader:
+                if len(raw) < width:
+                    raw = raw + [""] * (width - len(raw))
+                yield tuple(None if i is None or raw[i] == "" else raw[i] for i in index)
+
     def _parquet(self):
         try:
             import pyarrow.parquet as pq
@@ -187,6 +238,20 @@ class FileSource(Source):
             raise SourceError("Reading Parquet needs pyarrow: pip install 'airflow-provider-segexport[parquet]'") from exc
         fh = self.path.open("rb")
         return pq.ParquetFile(fh if not isinstance(fh, io.TextIOBase) else fh.buffer)
+
+
+def _dialect_of(hook: Any) -> str:
+    try:
+        return str(hook.dialect_name or "")
+    except Exception:  # noqa: BLE001 - an unknown dialect just means ANSI quoting
+        return str(getattr(hook, "conn_type", "") or "")
+
+
+def _quote_for(dialect: str):
+    """Identifier quoting: backticks for MySQL/MariaDB, ANSI double quotes elsewhere."""
+    if dialect.lower() in ("mysql", "mariadb"):
+        return lambda name: "`" + name.replace("`", "``") + "`"
+    return lambda name: '"' + name.replace('"', '""') + '"'
 
 
 def _format_from_name(name: str) -> str:

@@ -57,13 +57,17 @@ except ImportError:  # pragma: no cover
 
 
 def decode_batch_answer(content: bytes) -> dict:
-    """A batch-subscribe answer reduced to what per-member outcomes need (emails and errors)."""
+    """A batch-subscribe answer reduced to what per-member outcomes need: the emails (as given by
+    Mailchimp) of ``new_members`` and ``updated_members``, and the ``errors``."""
     if _ANSWER_DECODER is None:  # pragma: no cover
-        return json.loads(content)
+        a = json.loads(content)
+        return {"new_members": [m.get("email_address", "") for m in a.get("new_members") or []],
+                "updated_members": [m.get("email_address", "") for m in a.get("updated_members") or []],
+                "errors": a.get("errors") or []}
     a = _ANSWER_DECODER.decode(content)
     return {
-        "new_members": [{"email_address": m.email_address} for m in a.new_members],
-        "updated_members": [{"email_address": m.email_address} for m in a.updated_members],
+        "new_members": [m.email_address for m in a.new_members],
+        "updated_members": [m.email_address for m in a.updated_members],
         "errors": [msgspec.structs.asdict(e) for e in a.errors],
     }
 
@@ -191,16 +195,18 @@ class MailchimpHook(SegexportBaseHook):
         return self.http.post_json(f"/lists/{audience_id}/merge-fields", body)
 
     # -- members ----------------------------------------------------------------------------------
-    def batch_subscribe(self, audience_id: str, members: list[dict], *, update_existing: bool = True,
+    def batch_subscribe(self, audience_id: str, members: list[dict | bytes], *, update_existing: bool = True,
                         sync_tags: bool = False) -> dict:
         """``POST /lists/{id}``: add or update up to 500 members; per-member errors come back in ``errors``.
 
-        Safe to repeat: it is an upsert keyed on the email (a lost answer is re-sent).
+        A member is a dict, or its JSON already encoded (bytes). Safe to repeat: it is an upsert keyed on
+        the email (a lost answer is re-sent).
         """
         if len(members) > BATCH_SUBSCRIBE_MAX:
             raise ValueError(f"at most {BATCH_SUBSCRIBE_MAX} members per batch subscribe")
-        body = {"members": members, "update_existing": update_existing, "sync_tags": sync_tags}
-        response = self.http.request("POST", f"/lists/{audience_id}", data=_encode(body), idempotent=True,
+        tail = b'],"update_existing":' + _encode(update_existing) + b',"sync_tags":' + _encode(sync_tags) + b"}"
+        data = b'{"members":[' + b",".join(m if isinstance(m, bytes) else _encode(m) for m in members) + tail
+        response = self.http.request("POST", f"/lists/{audience_id}", data=data, idempotent=True,
                                      headers={"Content-Type": "application/json"})
         return decode_batch_answer(response.content)
 
