@@ -129,17 +129,21 @@ class MailchimpDestination(Destination):
     def prepare(self, record: Record) -> Record | Reject:
         payload = record.payload
         email = payload[self.email_field]
-        if self._current_by_segment:
+        if self.mirror and not self.state_managed:
             with self._lock:
                 self._current.setdefault(record.segment, set()).add(_digest(email))
-        if self.refusals:  # an empty store (the usual case) costs nothing per member
-            previous = self.refusals.get(email, record.member or None)
+        refusals = self.refusals
+        if refusals is not None and refusals.known:  # an empty store (the usual case) costs nothing
+            previous = refusals.get(email, record.member or None)
             if previous:
                 return Reject(record.segment, record.row, record.key, PREVIOUSLY_REFUSED, self.email_field,
                               "Mailchimp refused this address permanently in an earlier run; not sent again",
                               previous)
         merge: dict[str, Any] = {}
-        for tag, convert in self._converters:
+        converters = self._converter_cache
+        if converters is None or self._converter_types is not self.field_types:
+            converters = self._build_converters()
+        for tag, convert in converters:
             value = payload.get(tag, _ABSENT)
             if value is _ABSENT:
                 continue
@@ -162,20 +166,14 @@ class MailchimpDestination(Destination):
         record.payload = member
         return record
 
-    @property
-    def _converters(self) -> list:
+    def _build_converters(self) -> list:
         """(merge tag, converter or None for plain text) in mapping order, from the audience's field types."""
-        if self._converter_cache is None or self._converter_types is not self.field_types:
-            self._converter_types = self.field_types
-            self._converter_cache = [
-                (tag, None if self.field_types.get(tag, {}).get("type", "text") == "text" else convert_merge_value)
-                for tag in self.merge_map
-            ]
+        self._converter_types = self.field_types
+        self._converter_cache = [
+            (tag, None if self.field_types.get(tag, {}).get("type", "text") == "text" else convert_merge_value)
+            for tag in self.merge_map
+        ]
         return self._converter_cache
-
-    @property
-    def _current_by_segment(self) -> bool:
-        return self.mode == "mirror" and not self.state_managed
 
     # -- per batch ----------------------------------------------------------------------------------
     def send(self, segment: Segment, records: list[Record]) -> list[Outcome]:
