@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install test lint demo airflow bench sandbox warehouse clean browser
+.PHONY: install test lint demo airflow bench sandbox warehouse clean browser postgres
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,11 +26,21 @@ browser:
 	  else echo "chromium/chromedriver missing and cannot install them: the browser test will be skipped"; fi; \
 	fi
 
+## Debian's PostgreSQL server binaries for the SQL-connection export state tests (the tests start a
+## throw-away server with initdb in a temporary directory; nothing runs as a system service)
+postgres:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    echo "Installing postgresql (Debian package) for the PostgreSQL export state tests"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	  else echo "PostgreSQL server binaries missing and cannot install them: the PostgreSQL tests will be skipped"; fi; \
+	fi
+
 lint: $(STAMP)
 	$(BIN)/ruff check airflow_provider_segexport dags tests
 
-## make test: lint + the whole test suite (unit, sandbox, DAG runs, browser)
-test: $(STAMP) lint browser
+## make test: lint + the whole test suite (unit, sandbox, DAG runs, browser, PostgreSQL export state)
+test: $(STAMP) lint browser postgres
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 ## make demo: sample warehouse + sandbox + `airflow dags test segment_export`, then a report

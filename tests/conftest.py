@@ -126,3 +126,100 @@ def mailchimp_conn(sandbox, monkeypatch):
                   "data_privacy_acknowledged": True},
     }))
     return info["mailchimp"]
+
+
+# -- PostgreSQL (Debian's server binaries; no Docker) for the SQL-connection export state ----------------
+
+def _postgres_bin() -> Path | None:
+    """The newest ``/usr/lib/postgresql/<version>/bin`` holding initdb (Debian's postgresql package)."""
+    import glob
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+                   key=lambda p: [int(x) if x.isdigit() else x for x in Path(p).parent.parent.name.split(".")])
+    return Path(found[-1]).parent if found else None
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throw-away PostgreSQL server for the session: initdb in a temporary directory, trust auth for
+    user ``segexport`` on 127.0.0.1 and a free port, fsync off. Yields its connection details."""
+    import shutil
+    import socket
+    import time
+
+    bindir = _postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin/initdb): run `make postgres` "
+                    "(as root: apt-get install postgresql) to run the PostgreSQL export state tests")
+    if os.geteuid() == 0:
+        import pwd
+
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root without a `postgres` system user to run the PostgreSQL server as: "
+                        "install Debian's postgresql package (`make postgres`)")
+    root = Path(tempfile.mkdtemp(prefix="segexport-pg-"))
+    data, sockets = root / "data", root / "sockets"
+    sockets.mkdir()
+    prefix: list[str] = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root: run the server as the postgres user
+        prefix = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(root, "postgres")
+        shutil.chown(sockets, "postgres")
+    init = subprocess.run([*prefix, str(bindir / "initdb"), "-D", str(data), "--auth=trust", "-U", "segexport",
+                           "-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions"],
+                          capture_output=True, text=True, timeout=180)
+    if init.returncode != 0:
+        shutil.rmtree(root, ignore_errors=True)
+        pytest.fail(f"initdb failed: {init.stdout[-2000:]}{init.stderr[-2000:]}")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log_path = root / "postgres.log"
+    log_fh = open(log_path, "wb")  # kept open for the server's lifetime
+    proc = subprocess.Popen([*prefix, str(bindir / "postgres"), "-D", str(data), "-k", str(sockets), "-p", str(port),
+                             "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
+                             "-c", "full_page_writes=off"], stdout=log_fh, stderr=subprocess.STDOUT)
+
+    def stop() -> None:
+        proc.terminate()  # SIGTERM: smart shutdown (runuser passes it on to the server)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if (data / "postmaster.pid").exists():  # the server outlived runuser: stop it directly
+            subprocess.run([*prefix, str(bindir / "pg_ctl"), "stop", "-D", str(data), "-m", "immediate"],
+                           capture_output=True, timeout=60)
+        log_fh.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+    deadline = time.monotonic() + 60
+    while subprocess.run([str(bindir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port)]).returncode != 0:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            log = log_path.read_text(errors="replace")[-3000:]
+            stop()
+            pytest.fail(f"PostgreSQL did not start: {log}")
+        time.sleep(0.2)
+    dbname = "segexport_test"
+    created = subprocess.run([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "segexport", dbname],
+                             capture_output=True, text=True, timeout=60)
+    if created.returncode != 0:
+        stop()
+        pytest.fail(f"createdb failed: {created.stderr}")
+    try:
+        yield {"host": "127.0.0.1", "port": port, "user": "segexport", "dbname": dbname,
+               "url": f"postgresql+psycopg://segexport@127.0.0.1:{port}/{dbname}"}
+    finally:
+        stop()
+
+
+@pytest.fixture
+def state_pg(postgres_url, monkeypatch) -> str:
+    """The Airflow connection ``state_pg`` (``AIRFLOW_CONN_STATE_PG``) to the session's PostgreSQL."""
+    monkeypatch.setenv("AIRFLOW_CONN_STATE_PG", json.dumps({
+        "conn_type": "postgres", "host": postgres_url["host"], "port": postgres_url["port"],
+        "login": postgres_url["user"], "schema": postgres_url["dbname"],
+    }))
+    return "state_pg"

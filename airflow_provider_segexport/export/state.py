@@ -1,18 +1,34 @@
 """State kept between runs, outside the worker (tasks may run on any worker).
 
-Today: the members a destination refused for good (permanently deleted, compliance state), so later
-runs reject them up front instead of failing on them forever. A SQLite file in a configurable
-directory (default ``$AIRFLOW_HOME/segexport/state``).
+* The members a destination refused for good (permanently deleted, compliance state), so later runs
+  reject them up front instead of failing on them forever: :class:`RefusalStore`, a SQLite file in a
+  configurable directory (default ``$AIRFLOW_HOME/segexport/state``).
+* The export state of delta exports (what each destination last confirmed, per member):
+  :class:`ExportState`, a SQLite file in the same directory (the default; tasks on one machine), or
+  :class:`SqlConnectionExportState`, a table in any Airflow SQL connection (PostgreSQL first-class,
+  also SQLite and MySQL), for deployments where a task may run on any of several workers.
+  :func:`open_export_state` picks one.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import re
 import sqlite3
 import threading
 import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.mysql import insert as mysql_insert
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 
 def default_state_dir() -> Path:
@@ -80,7 +96,69 @@ def fingerprint(payload_json: bytes) -> int:
     return _i64(hashlib.blake2b(payload_json, digest_size=8).digest())
 
 
-class ExportState:
+LOOKUP_CHUNK = 500
+"""Members per ``IN (...)`` list (lookups, seen, forget) and per write statement."""
+ANALYZE_AFTER_WRITES = 10_000
+"""PostgreSQL: refresh the state table's statistics at a segment's end when the run wrote this many rows."""
+
+
+class ExportStateBackend(ABC):
+    """The interface the export engine uses; the semantics are the same in every backend.
+
+    A *scope* is a destination connection + target (e.g. ``mailchimp:<conn>:<audience>``); each segment
+    exported to it has a scope id. Per scope id, one row per member: its 64-bit id, the 64-bit
+    fingerprint of the payload the destination confirmed, its destination key (to remove it when it
+    leaves the segment), the run that last confirmed it and the run that last saw it. Methods are
+    called from several threads at once (the reader thread: lookup/seen; sender threads:
+    confirm/forget). Nothing loads the whole state into memory except :meth:`leavers`, which returns
+    only the members that left.
+    """
+
+    scope: str
+
+    @abstractmethod
+    def scope_id(self, segment: str) -> int:
+        """The id of (scope, segment), created on first use (race-safe)."""
+
+    @abstractmethod
+    def last_count(self, scope_id: int) -> int | None:
+        """Segment size recorded by the last export (None before the first one)."""
+
+    @abstractmethod
+    def member_count(self, scope_id: int) -> int:
+        """Members with state (confirmed by the destination)."""
+
+    @abstractmethod
+    def set_last_count(self, scope_id: int, count: int, run_id: str) -> None: ...
+
+    @abstractmethod
+    def lookup(self, scope_id: int, members: list[int]) -> dict[int, tuple[int, str | None]]:
+        """member -> (fingerprint, confirmed_run) for the members that have state."""
+
+    @abstractmethod
+    def seen(self, scope_id: int, members: list[int], run_id: str) -> None:
+        """Mark members as seen (still in the segment, unchanged) by this run."""
+
+    @abstractmethod
+    def confirm(self, scope_id: int, rows: list[tuple[int, int, str]], run_id: str) -> None:
+        """Remember what the destination confirmed: (member, fingerprint, destination key)."""
+
+    @abstractmethod
+    def forget(self, scope_id: int, members: list[int]) -> None: ...
+
+    @abstractmethod
+    def leavers(self, scope_id: int, run_id: str) -> list[tuple[int, str]]:
+        """Members confirmed earlier that this run did not see: (member, destination key)."""
+
+    def flush(self, scope_id: int) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Called when a segment's batches are all answered, before :meth:`leavers`: backends that journal
+        writes during the run fold the journal into the member table here."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+class ExportState(ExportStateBackend):
     """What each destination last confirmed, per (destination connection, target, segment).
 
     One row per member: its id, the fingerprint of the payload the destination confirmed, its
@@ -168,3 +246,278 @@ class ExportState:
 
     def close(self) -> None:
         self._db.close()
+
+
+log = logging.getLogger(__name__)
+
+
+def _chunks(items: Sequence, size: int = LOOKUP_CHUNK) -> Iterator[Sequence]:
+    for i in range(0, len(items), size):
+        yield items[i: i + size]
+
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,40}$")
+
+
+class SqlConnectionExportState(ExportStateBackend):
+    """The export state in two tables of an Airflow SQL connection (for multi-worker deployments).
+
+    ``<table_prefix>scopes`` (one row per scope + segment) and ``<table_prefix>members`` (one row per
+    member, primary key (scope_id, member)), created on first use. PostgreSQL is first-class; SQLite
+    and MySQL/MariaDB work too (each with its native upsert); other dialects fall back to
+    delete + insert in one transaction. The engine comes from the connection's hook
+    (``DbApiHook.get_sqlalchemy_engine``) with a connection pool: every call takes one connection for
+    one short transaction, so the engine's threads share it safely. Tasks exporting different
+    segments touch different rows (row locks in PostgreSQL/MySQL) and never wait for each other.
+    Writes go straight to the member table (500 rows per statement), so :meth:`flush` has nothing to do.
+    """
+
+    _UPDATED = ("fingerprint", "dest_key", "confirmed_run", "seen_run")
+
+    def __init__(self, scope: str, conn_id: str, table_prefix: str = "segexport_") -> None:
+        if not _IDENTIFIER.match(table_prefix or "x"):
+            raise ValueError(f"table_prefix must be a plain SQL identifier prefix (letters, digits, _); "
+                             f"got {table_prefix!r}.")
+        self.scope = scope
+        self.conn_id = conn_id
+        self._engine = _sqlalchemy_engine(conn_id)
+        self.dialect = self._engine.dialect.name
+        metadata = sa.MetaData()
+        self.scopes = sa.Table(
+            f"{table_prefix}scopes", metadata,
+            # SQLite only auto-increments an INTEGER PRIMARY KEY (64-bit there anyway).
+            sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
+                      autoincrement=True),
+            # 500 + 250 characters keep the unique key within MySQL's 3,072-byte limit (utf8mb4).
+            sa.Column("scope", sa.String(500), nullable=False),
+            sa.Column("segment", sa.String(250), nullable=False),
+            sa.Column("last_count", sa.BigInteger),
+            sa.Column("last_run", sa.String(250)),
+            sa.Column("updated_at", sa.DateTime(timezone=True)),
+            sa.UniqueConstraint("scope", "segment", name=f"{table_prefix}scopes_scope_segment_key"),
+        )
+        self.members = sa.Table(
+            f"{table_prefix}members", metadata,
+            sa.Column("scope_id", sa.BigInteger, primary_key=True, autoincrement=False),
+            sa.Column("member", sa.BigInteger, primary_key=True, autoincrement=False),
+            sa.Column("fingerprint", sa.BigInteger, nullable=False),
+            sa.Column("dest_key", sa.Text, nullable=False),
+            sa.Column("confirmed_run", sa.String(250)),
+            sa.Column("seen_run", sa.String(250)),
+        )  # no other index: every query filters on scope_id, the primary key's first column
+        self._create_tables(metadata)
+        self._confirm_stmt = self._upsert_statement()
+        self._lookup_stmt = self._pg_lookup_statement() if self.dialect == "postgresql" else None
+        self._written: dict[int, int] = {}  # rows confirmed or forgotten per scope id (see set_last_count)
+        self._written_lock = threading.Lock()
+
+    # -- set-up ------------------------------------------------------------------------------------
+    def _create_tables(self, metadata: sa.MetaData) -> None:
+        for attempt in range(3):
+            try:
+                metadata.create_all(self._engine, checkfirst=True)
+                return
+            except sa.exc.DBAPIError:
+                # Another worker created a table between our check and our CREATE (PostgreSQL: "already
+                # exists" or a pg_type unique violation): check again and create what is still missing.
+                if attempt == 2:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+
+    def _upsert_statement(self):
+        m = self.members
+        if self.dialect in ("postgresql", "sqlite"):
+            stmt = (pg_insert if self.dialect == "postgresql" else sqlite_insert)(m)
+            return stmt.on_conflict_do_update(index_elements=[m.c.scope_id, m.c.member],
+                                              set_={c: stmt.excluded[c] for c in self._UPDATED})
+        if self.dialect in ("mysql", "mariadb"):
+            stmt = mysql_insert(m)
+            return stmt.on_duplicate_key_update({c: stmt.inserted[c] for c in self._UPDATED})
+        return None  # any other dialect: delete + insert in one transaction
+
+    def _pg_lookup_statement(self):
+        """PostgreSQL: one primary-key probe per member, whatever the statistics say.
+
+        With ``member IN (...)``, a planner that believes the scope is small (a table never analyzed, or a
+        new scope in a big table, as in any first export) reads the scope's rows by ``scope_id`` alone and
+        filters them: every lookup then reads all the members confirmed so far in this run (quadratic).
+        A LATERAL subquery with LIMIT is never flattened into a join, so each member is an index probe on
+        (scope_id, member)."""
+        table = self._engine.dialect.identifier_preparer.quote(self.members.name)
+        return sa.text(
+            "SELECT u.member, m.fingerprint, m.confirmed_run FROM unnest(CAST(:members AS BIGINT[])) AS u(member) "
+            f"CROSS JOIN LATERAL (SELECT fingerprint, confirmed_run FROM {table} "
+            "WHERE scope_id = :scope_id AND member = u.member LIMIT 1) AS m")
+
+    def _count_writes(self, scope_id: int, n: int) -> None:
+        with self._written_lock:
+            self._written[scope_id] = self._written.get(scope_id, 0) + n
+
+    # -- interface -----------------------------------------------------------------------------------
+    def scope_id(self, segment: str) -> int:
+        s = self.scopes
+        values = {"scope": self.scope, "segment": segment}
+        query = sa.select(s.c.id).where(s.c.scope == self.scope, s.c.segment == segment)
+        with self._engine.begin() as conn:
+            # Two workers may create the same scope at once: insert-if-absent, then read whichever won.
+            if self.dialect in ("postgresql", "sqlite"):
+                conn.execute((pg_insert if self.dialect == "postgresql" else sqlite_insert)(s).values(**values)
+                             .on_conflict_do_nothing(index_elements=[s.c.scope, s.c.segment]))
+            elif self.dialect in ("mysql", "mariadb"):
+                conn.execute(sa.insert(s).values(**values).prefix_with("IGNORE"))
+            elif conn.execute(query).scalar() is None:
+                try:
+                    with conn.begin_nested():
+                        conn.execute(sa.insert(s).values(**values))
+                except sa.exc.IntegrityError:
+                    pass  # a concurrent insert won the race
+            return int(conn.execute(query).scalar_one())
+
+    def last_count(self, scope_id: int) -> int | None:
+        with self._engine.connect() as conn:
+            value = conn.execute(sa.select(self.scopes.c.last_count).where(self.scopes.c.id == scope_id)).scalar()
+        return int(value) if value is not None else None
+
+    def member_count(self, scope_id: int) -> int:
+        m = self.members
+        with self._engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(m).where(m.c.scope_id == scope_id))
+                       .scalar_one())
+
+    def set_last_count(self, scope_id: int, count: int, run_id: str) -> None:
+        with self._engine.begin() as conn:
+            conn.execute(sa.update(self.scopes).where(self.scopes.c.id == scope_id)
+                         .values(last_count=count, last_run=run_id, updated_at=datetime.now(UTC)))
+        with self._written_lock:
+            written = self._written.pop(scope_id, 0)
+        if self.dialect == "postgresql" and written >= ANALYZE_AFTER_WRITES:
+            self._analyze()
+
+    def _analyze(self) -> None:
+        """Refresh the planner's statistics after a run wrote many rows (a segment's end, once per run).
+
+        The next run's ``seen``/``forget`` (``member IN (...)``) are planned from them: with statistics
+        that still show a new scope as tiny, each of those statements would read the whole scope.
+        Autovacuum may not analyze soon enough (a new scope of 1,000,000 rows is under its 10 % threshold
+        in a table of 20,000,000). ANALYZE samples a fixed number of rows (fast on big tables) and does
+        not block reads or writes. Only the table's owner may run it: PostgreSQL skips it (a warning in the
+        server log) for a role that was only granted SELECT, INSERT, UPDATE and DELETE."""
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(sa.text(f"ANALYZE {self._engine.dialect.identifier_preparer.quote(self.members.name)}"))
+        except sa.exc.DBAPIError as exc:
+            log.warning("Could not ANALYZE the export state table %s (%s); relying on autovacuum.",
+                        self.members.name, exc)
+
+    def lookup(self, scope_id: int, members: list[int]) -> dict[int, tuple[int, str | None]]:
+        m = self.members
+        out: dict[int, tuple[int, str | None]] = {}
+        if not members:
+            return out
+        with self._engine.connect() as conn:
+            for chunk in _chunks(members):
+                if self._lookup_stmt is not None:
+                    result = conn.execute(self._lookup_stmt, {"members": list(chunk), "scope_id": scope_id})
+                else:
+                    result = conn.execute(sa.select(m.c.member, m.c.fingerprint, m.c.confirmed_run)
+                                          .where(m.c.scope_id == scope_id, m.c.member.in_(list(chunk))))
+                for member, fp, run in result:
+                    out[int(member)] = (int(fp), run)
+        return out
+
+    def seen(self, scope_id: int, members: list[int], run_id: str) -> None:
+        m = self.members
+        if not members:
+            return
+        with self._engine.begin() as conn:
+            # In member order (as confirm and forget): concurrent writers lock rows in the same order.
+            for chunk in _chunks(sorted(members)):  # one UPDATE ... WHERE member IN (...) per 500
+                conn.execute(sa.update(m).where(m.c.scope_id == scope_id, m.c.member.in_(list(chunk)))
+                             .values(seen_run=run_id))
+
+    def confirm(self, scope_id: int, rows: list[tuple[int, int, str]], run_id: str) -> None:
+        m = self.members
+        if not rows:
+            return
+        with self._engine.begin() as conn:
+            for chunk in _chunks(sorted(rows)):
+                params = [{"scope_id": scope_id, "member": member, "fingerprint": fp, "dest_key": key,
+                           "confirmed_run": run_id, "seen_run": run_id} for member, fp, key in chunk]
+                if self._confirm_stmt is not None:
+                    conn.execute(self._confirm_stmt, params)  # executemany: one statement per 500 rows
+                else:
+                    conn.execute(sa.delete(m).where(m.c.scope_id == scope_id,
+                                                    m.c.member.in_([r[0] for r in chunk])))
+                    conn.execute(sa.insert(m), params)
+        self._count_writes(scope_id, len(rows))
+
+    def forget(self, scope_id: int, members: list[int]) -> None:
+        m = self.members
+        if not members:
+            return
+        with self._engine.begin() as conn:
+            for chunk in _chunks(sorted(members)):
+                conn.execute(sa.delete(m).where(m.c.scope_id == scope_id, m.c.member.in_(list(chunk))))
+        self._count_writes(scope_id, len(members))
+
+    def leavers(self, scope_id: int, run_id: str) -> list[tuple[int, str]]:
+        m = self.members
+        q = (sa.select(m.c.member, m.c.dest_key)
+             .where(m.c.scope_id == scope_id, sa.or_(m.c.seen_run.is_(None), m.c.seen_run != run_id)))
+        with self._engine.connect() as conn:
+            return [(int(member), key) for member, key in conn.execute(q)]
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+
+def _sqlalchemy_engine(conn_id: str):
+    """A pooled SQLAlchemy engine for an Airflow SQL connection (its hook must be a DbApiHook)."""
+    from airflow.sdk import BaseHook
+
+    hook = BaseHook.get_connection(conn_id).get_hook()
+    if not hasattr(hook, "get_sqlalchemy_engine"):
+        raise ValueError(f"Connection '{conn_id}' is not a SQL connection (its hook, {type(hook).__name__}, "
+                         "has no SQLAlchemy engine); use e.g. a PostgreSQL connection for the export state.")
+    probe = hook.get_sqlalchemy_engine()  # engines connect lazily: this opens nothing
+    dialect = probe.dialect.name
+    probe.dispose()
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if dialect == "sqlite":
+        # Writers take turns (one database lock): wait for the lock instead of failing at once.
+        kwargs["connect_args"] = {"timeout": 60}
+    else:
+        # The engine's sender threads (up to ~10) and its reader thread, each holding a connection
+        # only for one short transaction.
+        kwargs.update(pool_size=4, max_overflow=16, pool_timeout=120, pool_recycle=1800)
+    engine = hook.get_sqlalchemy_engine(engine_kwargs=kwargs)
+    if dialect == "postgresql":
+        sa.event.listen(engine, "connect", _plan_each_statement)
+    return engine
+
+
+def _plan_each_statement(dbapi_connection, _record) -> None:
+    """PostgreSQL: plan every statement with the current statistics.
+
+    psycopg 3 prepares a statement run 5 times, and PostgreSQL may then keep a generic plan, made when
+    the table (filled from empty by a first export) looked tiny: measured, it turned a 100,000-member
+    round trip from ~10 s into ~50 s. ``force_custom_plan`` plans each execution (cheap for these
+    statements)."""
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("SET plan_cache_mode = force_custom_plan")  # PostgreSQL 12+
+    except Exception:  # noqa: BLE001 - an older server: keep its default
+        dbapi_connection.rollback()
+    else:
+        dbapi_connection.commit()  # SET is transactional: keep it past the pool's reset
+    finally:
+        cursor.close()
+
+
+def open_export_state(scope: str, *, state_dir: str | Path | None = None,
+                      state_conn_id: str | None = None) -> ExportStateBackend:
+    """The export state of ``scope``: in the SQL connection ``state_conn_id`` if given (multi-worker
+    deployments), else in a SQLite file in ``state_dir`` (default ``$AIRFLOW_HOME/segexport/state``)."""
+    if state_conn_id:
+        return SqlConnectionExportState(scope, state_conn_id)
+    return ExportState(scope, state_dir)

@@ -30,6 +30,9 @@ class BaseSegmentExportOperator(BaseOperator):
     :param dry_run: do everything but send (validation, counts, rejects file).
     :param rejects_path: where the rejects JSON Lines file goes (default under ``$AIRFLOW_HOME``).
     :param state_dir: directory for state kept between runs (default ``$AIRFLOW_HOME/segexport/state``).
+    :param state_conn_id: an Airflow SQL connection (e.g. PostgreSQL) holding the export state table;
+        default: a SQLite file in state_dir. Use it when tasks may run on any of several workers.
+        Templated.
     :param max_rejects_share: fail the task when more than this share of rows is rejected (e.g. 0.05).
     :param progress_interval: seconds between progress lines in the log.
     :param delta: keep export state and send only new and changed members (default True).
@@ -44,7 +47,7 @@ class BaseSegmentExportOperator(BaseOperator):
     """
 
     template_fields: Sequence[str] = ("segments", "sql", "path", "rejects_path", "dry_run", "state_dir",
-                                      "full_refresh", "allow_large_changes", "apply_plan")
+                                      "state_conn_id", "full_refresh", "allow_large_changes", "apply_plan")
     template_fields_renderers = {"sql": "sql"}
     ui_color = "#e8f4fd"
 
@@ -60,6 +63,7 @@ class BaseSegmentExportOperator(BaseOperator):
         dry_run: bool | str = False,
         rejects_path: str | None = None,
         state_dir: str | None = None,
+        state_conn_id: str | None = None,
         max_rejects_share: float | None = None,
         progress_interval: float = 10.0,
         chunk_size: int = 5000,
@@ -87,6 +91,7 @@ class BaseSegmentExportOperator(BaseOperator):
         self.dry_run = dry_run
         self.rejects_path = rejects_path
         self.state_dir = state_dir
+        self.state_conn_id = state_conn_id
         self.max_rejects_share = max_rejects_share
         self.progress_interval = progress_interval
         self.chunk_size = chunk_size
@@ -129,9 +134,11 @@ class BaseSegmentExportOperator(BaseOperator):
         raise NotImplementedError
 
     def open_state(self):
-        from airflow_provider_segexport.export.state import ExportState
+        from airflow_provider_segexport.export.state import open_export_state
 
-        return ExportState(self.state_scope(), self.state_dir) if self.delta else None
+        if not self.delta:
+            return None
+        return open_export_state(self.state_scope(), state_dir=self.state_dir, state_conn_id=self.state_conn_id)
 
     def resolve_rejects_path(self, context):
         from airflow.sdk import ObjectStoragePath
@@ -156,11 +163,13 @@ class BaseSegmentExportOperator(BaseOperator):
         segments = self.build_segments()
         destination = self._destination = self.build_destination(hook, mapping, context)
         self.before_export(destination, context)
+        state = None
         try:
+            state = self.open_state()
             engine = ExportEngine(
                 destination, segments, rejects_path=self.resolve_rejects_path(context),
                 dry_run=self.is_dry_run(), logger=self.log, progress_interval=self.progress_interval,
-                max_rejects_share=self.max_rejects_share, state=self.open_state(),
+                max_rejects_share=self.max_rejects_share, state=state,
                 run_id=str(context.get("run_id") or "manual"), full_refresh=_flag(self.full_refresh),
                 max_removal_share=self.max_removal_share, max_size_change=self.max_size_change,
                 allow_large_changes=_flag(self.allow_large_changes),
@@ -172,6 +181,8 @@ class BaseSegmentExportOperator(BaseOperator):
         finally:
             destination.close()
             hook.close()
+            if state is not None:
+                state.close()  # the SQL backend's connection pool, or the SQLite file
         return summary
 
     def on_kill(self) -> None:

@@ -21,6 +21,7 @@ def _export(**kw):
         mode="{{ params.mode }}",
         dry_run="{{ params.dry_run }}",
         state_dir="{{ params.state_dir }}",
+        state_conn_id="{{ params.state_conn_id }}",
         full_refresh="{{ params.full_refresh }}",
         allow_large_changes="{{ params.allow_large_changes }}",
         apply_plan="{{ params.apply_plan }}",
@@ -31,8 +32,8 @@ def _export(**kw):
 
 
 PARAMS = {"audience_id": "", "segments": [], "sql": "", "mode": "upsert", "dry_run": False,
-          "merge_fields": {}, "state_dir": None, "full_refresh": False, "allow_large_changes": False,
-          "apply_plan": ""}
+          "merge_fields": {}, "state_dir": None, "state_conn_id": None, "full_refresh": False,
+          "allow_large_changes": False, "apply_plan": ""}
 
 for dag_id, kwargs in (("mailchimp_export_test", {}),
                        ("mailchimp_export_deferred_test", {"deferrable": True, "poll_interval": 0.5})):
