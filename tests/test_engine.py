@@ -21,7 +21,13 @@ from airflow_provider_segexport.export.engine import (
     Outcome,
 )
 from airflow_provider_segexport.export.records import FieldMapping
-from airflow_provider_segexport.export.sources import FileSource, Segment, Source, SqlSource, segments_from_spec
+from airflow_provider_segexport.export.sources import (
+    FileSource,
+    Segment,
+    Source,
+    SqlSource,
+    segments_from_spec,
+)
 
 MAPPING = FieldMapping({"email": "email", "FNAME": "first_name"})
 
