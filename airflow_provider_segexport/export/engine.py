@@ -38,7 +38,7 @@ from airflow_provider_segexport.export.report import (
     summary_table,
 )
 from airflow_provider_segexport.export.sources import Segment
-from airflow_provider_segexport.export.state import ExportState, fingerprint
+from airflow_provider_segexport.export.state import ExportStateBackend, fingerprint
 from airflow_provider_segexport.http import encode_json
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ class ExportEngine:
         logger: logging.Logger | Any = None,
         progress_interval: float = 10.0,
         max_rejects_share: float | None = None,
-        state: ExportState | None = None,
+        state: ExportStateBackend | None = None,
         run_id: str = "manual",
         full_refresh: bool = False,
         max_removal_share: float = 0.2,

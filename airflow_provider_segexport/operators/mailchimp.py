@@ -149,47 +149,55 @@ class MailchimpSegmentExportOperator(BaseSegmentExportOperator):
         counts = {seg: {k: 0 for k in ("created", "updated", "unchanged", "rejected")} for seg in summary["segments"]}
         state = self.open_state()
         scope_ids = {seg: state.scope_id(seg) for seg in summary["segments"]} if state is not None else {}
-        run_id = str(context.get("run_id") or "manual")
-        batches = {b["id"]: b for b in event["batches"]}
-        for group in groups:
-            batch = batches[group["batch_id"]]
-            per_op: dict[str, dict] = {}
-            op_error: dict[str, str] = {}
-            for result in hook.batch_results(batch["response_body_url"]):
-                op = str(result.get("operation_id"))
-                try:
-                    body = json.loads(result.get("response") or "{}")
-                except ValueError:
-                    body = {}
-                if int(result.get("status_code", 500)) >= 400:
-                    op_error[op] = f"{body.get('title', 'error')}: {body.get('detail', '')}"
-                else:
-                    per_op[op] = answer_statuses(body)
-            confirmed: dict[str, list] = {}
-            refused: dict[str, list] = {}
-            with ObjectStoragePath(group["sidecar"]).open("r", encoding="utf-8") as fh:
-                for line in fh:
-                    op, seg, row, key, email, member, fp = json.loads(line)
-                    if op in op_error:
-                        status, msg = "rejected", op_error[op]
-                    elif op in per_op:
-                        status, msg = per_op[op].get(email, ("unchanged", None))
+        try:
+            run_id = str(context.get("run_id") or "manual")
+            batches = {b["id"]: b for b in event["batches"]}
+            for group in groups:
+                batch = batches[group["batch_id"]]
+                per_op: dict[str, dict] = {}
+                op_error: dict[str, str] = {}
+                for result in hook.batch_results(batch["response_body_url"]):
+                    op = str(result.get("operation_id"))
+                    try:
+                        body = json.loads(result.get("response") or "{}")
+                    except ValueError:
+                        body = {}
+                    if int(result.get("status_code", 500)) >= 400:
+                        op_error[op] = f"{body.get('title', 'error')}: {body.get('detail', '')}"
                     else:
-                        status, msg = "rejected", "Mailchimp returned no result for this operation"
-                    counts[seg][status] += 1
-                    if state is not None:
-                        if status == "rejected":
-                            refused.setdefault(seg, []).append(member)
+                        per_op[op] = answer_statuses(body)
+                confirmed: dict[str, list] = {}
+                refused: dict[str, list] = {}
+                with ObjectStoragePath(group["sidecar"]).open("r", encoding="utf-8") as fh:
+                    for line in fh:
+                        op, seg, row, key, email, member, fp = json.loads(line)
+                        if op in op_error:
+                            status, msg = "rejected", op_error[op]
+                        elif op in per_op:
+                            status, msg = per_op[op].get(email, ("unchanged", None))
                         else:
-                            confirmed.setdefault(seg, []).append((member, fp, email))
-                    if status == "rejected":
-                        writer.write(Reject(seg, row, key, VENDOR_REJECTED, None, "Mailchimp refused the member", msg))
-                        if msg and any(m in msg.lower() for m in ("permanently deleted", "compliance state")):
-                            refusals.add(email, msg)
-            for seg, rows in confirmed.items():
-                state.confirm(scope_ids[seg], rows, run_id)
-            for seg, members in refused.items():
-                state.forget(scope_ids[seg], members)
+                            status, msg = "rejected", "Mailchimp returned no result for this operation"
+                        counts[seg][status] += 1
+                        if state is not None:
+                            if status == "rejected":
+                                refused.setdefault(seg, []).append(member)
+                            else:
+                                confirmed.setdefault(seg, []).append((member, fp, email))
+                        if status == "rejected":
+                            writer.write(Reject(seg, row, key, VENDOR_REJECTED, None, "Mailchimp refused the member", msg))
+                            if msg and any(m in msg.lower() for m in ("permanently deleted", "compliance state")):
+                                refusals.add(email, msg)
+                for seg, rows in confirmed.items():
+                    state.confirm(scope_ids[seg], rows, run_id)
+                for seg, members in refused.items():
+                    state.forget(scope_ids[seg], members)
+            if state is not None:
+                for sid in scope_ids.values():
+                    state.flush(sid)
+        finally:
+            refusals.close()
+            if state is not None:
+                state.close()
         writer.close()
         totals = summary["totals"]
         for seg, c in counts.items():
