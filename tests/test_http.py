@@ -196,3 +196,17 @@ def test_retry_after_parsing():
                                now=1_700_000_000) == 30
     assert retry_after_seconds({"X-RateLimit-Remaining": "5", "X-RateLimit-Reset": "30"}) is None
     assert retry_after_seconds({}) is None
+
+
+def test_proxy_environment_is_honoured_and_resolved_once_per_host(server, monkeypatch):
+    """HTTP(S)_PROXY / NO_PROXY apply as with plain requests, but are not re-read on every call."""
+    script, base = server((200, {}, {"ok": True}))
+    monkeypatch.setenv("HTTP_PROXY", base)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    s = VendorSession("Vendor", "http://vendor.invalid/api", retry=fast_policy())
+    assert s.get_json("/lists") == {"ok": True}
+    assert s.get_json(f"{base}/direct") == {"ok": True}  # NO_PROXY: straight to the host
+    monkeypatch.delenv("HTTP_PROXY")  # resolved already for this host: the session keeps using it
+    assert s.get_json("/again") == {"ok": True}
+    assert [p for _, p, _ in script.received] == ["http://vendor.invalid/api/lists", "/direct",
+                                                  "http://vendor.invalid/api/again"]
