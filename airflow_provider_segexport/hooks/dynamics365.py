@@ -78,13 +78,16 @@ class Dynamics365Hook(SegexportBaseHook):
             instance_discovery=not bool(self.extras.get("authority")),
         )
 
-    def _fetch_token(self, force: bool = False) -> str:
+    def _fetch_token(self, force: bool = False, stale: str | None = None) -> str:
+        """The access token; ``force``: a new one, unless ``stale`` (the refused token) was already replaced
+        by another thread (one refresh when several requests in flight meet the expiry)."""
         with self._token_lock:
-            if self._token and not force:
+            if self._token and (not force or (stale is not None and self._token != stale)):
                 return self._token
             scope = [self.environment_url + "/.default"]
-            result = self._msal_app.acquire_token_for_client(scopes=scope, force_refresh=force) if force else \
-                self._msal_app.acquire_token_for_client(scopes=scope)
+            if force:  # msal refuses force_refresh for client credentials: drop its cached token instead
+                self._msal_app.remove_tokens_for_client()
+            result = self._msal_app.acquire_token_for_client(scopes=scope)
             if "access_token" not in result:
                 raise VendorAuthError(self.vendor, 401, f"Entra ID refused the client credentials: "
                                       f"{result.get('error')}: {result.get('error_description', '')[:300]}")
@@ -93,12 +96,14 @@ class Dynamics365Hook(SegexportBaseHook):
             return self._token
 
     def _build_session(self) -> VendorSession:
+        used = threading.local()  # the token this thread's last request carried
+
         def auth() -> dict[str, str]:
-            return {"Authorization": f"Bearer {self._fetch_token()}", "OData-MaxVersion": "4.0",
-                    "OData-Version": "4.0"}
+            used.token = self._fetch_token()
+            return {"Authorization": f"Bearer {used.token}", "OData-MaxVersion": "4.0", "OData-Version": "4.0"}
 
         def refresh() -> bool:
-            self._fetch_token(force=True)
+            self._fetch_token(force=True, stale=getattr(used, "token", None))
             return True
 
         return self.new_session(self.environment_url + API_PATH, auth=auth, on_unauthorized=refresh)

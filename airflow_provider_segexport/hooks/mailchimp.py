@@ -161,7 +161,20 @@ class MailchimpHook(SegexportBaseHook):
 
     def _build_session(self) -> VendorSession:
         header = self._auth_header
-        return self.new_session(self.base_url, auth=lambda: header, error_parser=mailchimp_error)
+        return self.new_session(self.base_url, auth=lambda: header, error_parser=self._error)
+
+    def _error(self, response: requests.Response) -> tuple[str, str | None]:
+        """Mailchimp's words; for refused credentials (401/403) also which connection field to fix."""
+        message, code = mailchimp_error(response)
+        if response.status_code in (401, 403):
+            if self.secret("api_key") or self.connection.password:
+                message += (f" Check the API key of connection '{self.conn_id}' (field 'API key', extra "
+                            "\"api_key\"): copy the whole key, with its data center suffix like '-us6', from "
+                            "Mailchimp (Profile > Extras > API keys).")
+            else:
+                message += (f" Check the OAuth access token of connection '{self.conn_id}' (extra "
+                            "\"access_token\"): reconnect the account to get a new one.")
+        return message, code
 
     # -- account ----------------------------------------------------------------------------------
     def test_connection(self) -> tuple[bool, str]:

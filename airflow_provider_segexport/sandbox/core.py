@@ -15,6 +15,7 @@ Mounted paths (``base_url`` in the start-up JSON = scheme://host:port + prefix):
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import json
 import random
@@ -50,6 +51,13 @@ class FaultRule:
     for ``seconds`` then answer 504), ``drop`` (start the response and cut the connection),
     ``burst429`` (answer 429 the vendor's way). ``count`` requests are affected (after ``skip``
     matching requests are let through); ``vendor``/``path_contains``/``method`` narrow the match.
+
+    ``retry_after``: also send ``Retry-After: <seconds>`` with a ``status``/``burst429`` answer.
+    ``after``: the request is **processed first** and only its answer is lost (``drop``: connection cut
+    after the work was done; ``timeout``: the answer is held back; ``status``: e.g. a gateway's 502
+    after the backend processed it). The members such requests carried are counted in the request
+    log as ``unanswered``: a client may rightly send them again. Emulators that support it set
+    ``after_faults`` (Mailchimp); others never take such a rule.
     """
 
     kind: str
@@ -60,11 +68,20 @@ class FaultRule:
     seconds: float = 30.0
     path_contains: str = ""
     method: str = ""
+    retry_after: float | None = None
+    after: bool = False
     id: int = 0
 
-    def matches(self, vendor: str, method: str, path: str) -> bool:
+    def __post_init__(self) -> None:
+        if self.kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {self.kind!r}; one of {', '.join(FAULT_KINDS)}")
+        if self.after and self.kind == "burst429":
+            raise ValueError("a 429 means the request was not processed: burst429 cannot be 'after'")
+
+    def matches(self, vendor: str, method: str, path: str, after_ok: bool = True) -> bool:
         return (
-            (self.vendor in ("*", vendor))
+            (after_ok or not self.after)
+            and (self.vendor in ("*", vendor))
             and (not self.path_contains or self.path_contains in path)
             and (not self.method or self.method.upper() == method)
         )
@@ -88,10 +105,10 @@ class Faults:
         with self._lock:
             self._rules.clear()
 
-    def take(self, vendor: str, method: str, path: str) -> FaultRule | None:
+    def take(self, vendor: str, method: str, path: str, after_ok: bool = True) -> FaultRule | None:
         with self._lock:
             for rule in self._rules:
-                if not rule.matches(vendor, method, path):
+                if not rule.matches(vendor, method, path, after_ok):
                     continue
                 if rule.skip > 0:
                     rule.skip -= 1
@@ -119,10 +136,19 @@ class Faults:
             for key in ("count", "skip", "status"):
                 if key in kwargs:
                     kwargs[key] = int(kwargs[key])
-            if "seconds" in kwargs:
-                kwargs["seconds"] = float(kwargs["seconds"])
+            for key in ("seconds", "retry_after"):
+                if key in kwargs:
+                    kwargs[key] = float(kwargs[key])
+            if "after" in kwargs:
+                kwargs["after"] = str(kwargs["after"]).lower() in ("1", "true", "yes")
             rules.append(FaultRule(kind=kind.strip(), **kwargs))
         return rules
+
+
+FAULT_KINDS = ("status", "timeout", "drop", "burst429")
+
+#: member keys logged while the current request is handled (set only when an ``after`` fault is pending)
+_request_members: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("_request_members", default=None)
 
 
 class DropConnection(Exception):
@@ -147,13 +173,16 @@ class RequestLog:
     """What each emulator received: request counts per (vendor, method, route) and items per vendor.
 
     ``items_received`` counts members carried by write calls; ``member_sends`` counts, per vendor and
-    member key, how often that member was sent (to prove "nothing sent twice").
+    member key, how often that member was sent (to prove "nothing sent twice"); ``unanswered`` counts,
+    per vendor and member key, how often that member was in a request that was processed but whose
+    answer an ``after`` fault took away (the only sends a client may rightly repeat).
     """
 
     counts: Counter = field(default_factory=Counter)
     items_received: Counter = field(default_factory=Counter)
     items_by_route: Counter = field(default_factory=Counter)
     member_sends: dict[str, Counter] = field(default_factory=dict)
+    unanswered: dict[str, Counter] = field(default_factory=dict)
     track_members: bool = True
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -168,6 +197,13 @@ class RequestLog:
                 self.items_by_route[f"{vendor} {route}"] += len(keys)
             if self.track_members:
                 self.member_sends.setdefault(vendor, Counter()).update(keys)
+        pending = _request_members.get()
+        if pending is not None:
+            pending.extend(keys)
+
+    def lost_answer(self, vendor: str, keys: list[str]) -> None:
+        with self.lock:
+            self.unanswered.setdefault(vendor, Counter()).update(keys)
 
     def snapshot(self) -> dict:
         with self.lock:
@@ -177,11 +213,16 @@ class RequestLog:
                 "items_received": dict(self.items_received),
                 "items_by_route": dict(self.items_by_route),
                 "members_sent_more_than_once": dup,
+                "members_unanswered": {v: sum(c.values()) for v, c in self.unanswered.items()},
             }
 
     def sends_of(self, vendor: str) -> dict[str, int]:
         with self.lock:
             return dict(self.member_sends.get(vendor, {}))
+
+    def unanswered_of(self, vendor: str) -> dict[str, int]:
+        with self.lock:
+            return dict(self.unanswered.get(vendor, {}))
 
     def reset(self) -> None:
         with self.lock:
@@ -189,6 +230,7 @@ class RequestLog:
             self.items_received.clear()
             self.items_by_route.clear()
             self.member_sends.clear()
+            self.unanswered.clear()
 
 
 class Emulator:
@@ -196,6 +238,8 @@ class Emulator:
 
     name = ""
     prefix = ""
+    #: whether the emulator calls :meth:`after` once a request is processed (``after`` faults)
+    after_faults = False
 
     def __init__(self, sandbox: Sandbox) -> None:
         self.sandbox = sandbox
@@ -255,6 +299,10 @@ class Emulator:
         """Log the call, apply latency and any injected fault; a Response means "answer this"."""
         return await self.sandbox.before(self, request, route, items)
 
+    async def after(self, request: Request, response: Response) -> Response:
+        """Once the request is processed: the answer to send (``response``, or a pending ``after`` fault's)."""
+        return await self.sandbox.after(self, request, response)
+
 
 class Sandbox:
     """Holds the configuration, the emulators and the shared controls."""
@@ -288,20 +336,42 @@ class Sandbox:
     async def before(self, emulator: Emulator, request: Request, route: str, items: int) -> Response | None:
         method = request.method
         self.log.request(emulator.name, method, route)
-        rule = self.faults.take(emulator.name, method, request.url.path)
+        rule = self.faults.take(emulator.name, method, request.url.path, after_ok=emulator.after_faults)
         delay = self.latency.seconds(items)
         if delay:
             await asyncio.sleep(delay)
         if rule is None:
             return None
+        if rule.after:  # processed first; emulator.after() replaces the answer
+            request.state.after_fault = rule
+            _request_members.set([])
+            return None
+        return await self._fault_response(emulator, rule)
+
+    async def after(self, emulator: Emulator, request: Request, response: Response) -> Response:
+        rule = getattr(request.state, "after_fault", None)
+        if rule is None:
+            return response
+        request.state.after_fault = None
+        self.log.lost_answer(emulator.name, _request_members.get() or [])
+        _request_members.set(None)
+        return await self._fault_response(emulator, rule)
+
+    @staticmethod
+    async def _fault_response(emulator: Emulator, rule: FaultRule) -> Response:
         if rule.kind == "timeout":
             await asyncio.sleep(rule.seconds)
             return emulator.error_response(504, "timeout")
         if rule.kind == "drop":
             return DropResponse()
+        headers = {"Retry-After": f"{rule.retry_after:g}"} if rule.retry_after is not None else None
         if rule.kind == "burst429":
-            return emulator.error_response(429, "burst429")
-        return emulator.error_response(rule.status, "status")
+            response = emulator.error_response(429, "burst429")
+        else:
+            response = emulator.error_response(rule.status, "status")
+        if headers:
+            response.headers.update(headers)
+        return response
 
     # admin API ---------------------------------------------------------------------------
     def admin_routes(self) -> list[BaseRoute]:
@@ -326,8 +396,12 @@ class Sandbox:
             if request.method == "POST":
                 body = await request.json()
                 items = body if isinstance(body, list) else [body]
-                for item in items:
-                    self.faults.add(FaultRule(**item))
+                try:
+                    rules = [FaultRule(**item) for item in items]
+                except (TypeError, ValueError) as exc:
+                    return JSONResponse({"error": str(exc)}, status_code=400)
+                for rule in rules:
+                    self.faults.add(rule)
             return JSONResponse({"faults": self.faults.as_list()})
 
         async def latency(request: Request) -> Response:

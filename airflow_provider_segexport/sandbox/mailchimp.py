@@ -115,6 +115,7 @@ class Audience:
 class MailchimpEmulator(Emulator):
     name = "mailchimp"
     prefix = "/mailchimp/3.0"
+    after_faults = True
     dc = "us1"
     fake_domains: set[str] = set()
     report_unchanged = False
@@ -282,10 +283,12 @@ class MailchimpEmulator(Emulator):
                     return fault
                 status, payload = handler(request.method, request.path_params, dict(request.query_params), body)
                 if status == 204:
-                    return Response(status_code=204)
-                if status >= 400:
-                    return payload
-                return JSONResponse(payload, status_code=status)
+                    response = Response(status_code=204)
+                elif status >= 400:
+                    response = payload
+                else:
+                    response = JSONResponse(payload, status_code=status)
+                return await self.after(request, response)  # an injected "after" fault loses the answer
             finally:
                 self.in_flight -= 1
 

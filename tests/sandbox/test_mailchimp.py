@@ -200,6 +200,28 @@ def test_injected_faults_use_the_vendor_shapes(mc, sandbox):
     assert s.get(f"{base}/ping").status_code == 200
 
 
+def test_fault_options_retry_after_and_after_processing(mc, sandbox):
+    """``retry_after`` adds the header; ``after`` processes the request, then loses the answer (the members
+    it carried are logged as unanswered); a 429 cannot be "after" and unknown kinds are refused."""
+    s, base, list_id = mc
+    sandbox.fault(kind="status", status=503, vendor="mailchimp", count=1, retry_after=2.5)
+    r = s.get(f"{base}/ping")
+    assert r.status_code == 503 and r.headers["Retry-After"] == "2.5"
+    sandbox.fault(kind="drop", after=True, vendor="mailchimp", count=1, method="POST")
+    with pytest.raises(requests.exceptions.RequestException):
+        s.post(f"{base}/lists/{list_id}", json={"members": [{"email_address": "lost@example.com",
+                                                             "status_if_new": "subscribed"}]})
+    assert s.get(f"{base}/lists/{list_id}/members/{h('lost@example.com')}").status_code == 200  # it was processed
+    sandbox.fault(kind="status", status=502, after=True, vendor="mailchimp", count=1, method="POST")
+    r = s.post(f"{base}/lists/{list_id}", json={"members": [{"email_address": "lost@example.com",
+                                                              "status_if_new": "subscribed"}]})
+    assert r.status_code == 502 and r.json()["title"] == "Bad Gateway"
+    log = sandbox.server.sandbox.log
+    assert log.unanswered_of("mailchimp") == {"lost@example.com": 2} == log.sends_of("mailchimp")
+    for bad in ({"kind": "burst429", "after": True}, {"kind": "nope"}):
+        assert sandbox.session.post(f"{sandbox.admin}/faults", json=bad, timeout=10).status_code == 400
+
+
 def test_latency_model_base_plus_per_item(mc, sandbox):
     s, base, list_id = mc
     sandbox.latency(base_ms=50, per_item_ms=1)
