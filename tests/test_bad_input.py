@@ -213,9 +213,6 @@ def _count(items):
     return Counter(items)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: destinations/mailchimp.py convert_merge_value accepts 'NaN', 'inf' "
-                   "and '1e999' as numbers (float() parses them); msgspec encodes them as null, so Mailchimp "
-                   "receives POINTS: null and an existing value is erased instead of an invalid_value reject")
 def test_not_a_finite_number_is_a_reject_not_an_erased_field(airflow_db, crafted, sandbox, tmp_path):
     db = sqlite3.connect(crafted)
     db.executemany("INSERT INTO people (row_no, segment_name, customer_id, email, first_name, last_name, points, "
@@ -302,10 +299,6 @@ def test_an_unknown_audience_says_where_to_find_the_id(airflow_db, crafted, sand
                                 "Check audience_id", "Audience ID")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: with render_template_as_native_obj=True (the example DAG "
-                   "dags/segment_export.py and the test DAGs), an all-digit audience ID from a Variable or param is "
-                   "literal_eval'ed to an int: '0000000000' becomes 0 (and e.g. '1e12345678' a float), so the "
-                   "export looks up (or writes to) another audience than the one configured")
 def test_an_all_digit_audience_id_is_used_as_given(airflow_db, crafted, sandbox, tmp_path, task_log):
     assert_fails_before_sending(sandbox, task_log, conf(sandbox, tmp_path, audience_id="0000000000"),
                                 "Audience '0000000000' does not exist")

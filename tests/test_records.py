@@ -186,9 +186,6 @@ def test_a_missing_key_column_is_named_as_the_key():
     assert "no column 'customer_id'" in str(err.value) and "{'key': 'customer_id'}" in str(err.value)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: export/records.py Deduper/RowValidator dedupe on the email only: the "
-                   "same customer (key) twice in one segment with two different emails gives two members, "
-                   "although the Deduper docstring and the README ('twice in a segment') call it a duplicate")
 def test_the_same_customer_twice_in_a_segment_with_another_email_is_a_duplicate():
     out = run([row("C1", "ann@example.com"), row("C1", "ann.lee@example.com")])
     assert isinstance(out[0], Record)

@@ -190,10 +190,6 @@ def test_deferrable_export(airflow_db, wh, sandbox, monkeypatch, tmp_path, all_l
     assert_clean(logs, sandbox, source_emails(wh))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the rejects file promises row number and key, never the profile "
-                   "(README), but vendor_rejected lines quote Mailchimp's message verbatim, which starts with the "
-                   "member's email ('x@y was permanently deleted...'): destinations/mailchimp.py answer_statuses "
-                   "and operators/mailchimp.py (deferrable path) copy it unredacted")
 def test_the_rejects_file_holds_no_email(airflow_db, wh, sandbox, monkeypatch, tmp_path):
     set_mailchimp(monkeypatch, sandbox)
     state, xcom = run_dag("mailchimp_export_test", conf(sandbox, tmp_path))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date, datetime
@@ -19,6 +20,7 @@ from airflow_provider_segexport.export.records import (
     FieldMapping,
     Record,
     Reject,
+    redact_emails,
 )
 from airflow_provider_segexport.export.sources import Segment
 from airflow_provider_segexport.export.state import RefusalStore
@@ -259,7 +261,8 @@ def answer_statuses(answer: dict) -> dict[str, tuple[str, str | None]]:
         msg = str(e.get("error") or e.get("error_code") or "refused")
         if e.get("field"):
             msg += f" [field {e['field']}" + (f": {e['field_message']}]" if e.get("field_message") else "]")
-        status[str(e.get("email_address", "")).strip().lower()] = ("rejected", msg)
+        # Mailchimp's messages quote the address ("x@y looks fake or invalid"): never copied into rejects
+        status[str(e.get("email_address", "")).strip().lower()] = ("rejected", redact_emails(msg))
     return status
 
 
@@ -325,13 +328,17 @@ def convert_merge_value(field: dict, value: Any) -> tuple[Any, str | None]:
     if ftype == "number":
         if isinstance(value, bool):
             return None, f"{value!r} is not a number"
-        if isinstance(value, (int, float)):
+        if isinstance(value, int):
             return value, None
+        if isinstance(value, float):
+            return (value, None) if math.isfinite(value) else (None, f"{value!r} is not a finite number")
         try:
             text = str(value).strip().replace(",", "")
             number = float(text)
         except ValueError:
             return None, f"{_preview(value)} is not a number"
+        if not math.isfinite(number):  # 'NaN', 'inf', '1e999' parse but would be sent as null
+            return None, f"{_preview(value)} is not a finite number"
         return (int(number) if number.is_integer() and "." not in text else number), None
     if ftype in ("date", "birthday"):
         parsed = _parse_date(value)

@@ -247,9 +247,12 @@ class ExportEngine:
             with ThreadPoolExecutor(max_workers=d.max_in_flight, thread_name_prefix="segexport") as pool:
                 slots = threading.BoundedSemaphore(d.max_in_flight)
                 for seg in self.segments:
+                    if self._failure is not None:  # segments never started: every row is not sent
+                        stats = self._stats[seg.name] = SegmentStats(seg.name, totals[seg.name])
+                        stats.read = totals[seg.name]
+                        stats.counts["not_sent"] = totals[seg.name]
+                        continue
                     self._run_segment(seg, totals[seg.name], pool, slots)
-                    if self._failure is not None:
-                        break
         finally:
             self.rejects.close()
             if self._plan_fh is not None:
@@ -269,10 +272,14 @@ class ExportEngine:
                              ", ".join(f"{k}: {v:,}" for k, v in summary["rejects"]["by_reason"].items()),
                              summary["rejects"]["path"])
         if self._failure is not None:
+            t = summary["totals"]
+            confirmed = t["created"] + t["updated"] + t["unchanged"]
+            resume = ("the retry sends only what was not confirmed" if self.state is not None
+                      else "re-sending is safe: members are upserted")
             raise ExportError(
-                f"The export to {d.name} stopped: {self._failure}. Members confirmed before the failure are "
-                "kept at the destination; the others are counted as not sent. Fix the cause and clear the task "
-                "to run it again (re-sending is safe: members are upserted)."
+                f"The export to {d.name} stopped: {str(self._failure).rstrip('.')}. {confirmed:,} member(s) "
+                f"confirmed before the failure are kept at the destination; {t['not_sent']:,} row(s) were not "
+                f"sent (not_sent in the summary). Fix the cause and clear the task to run it again ({resume})."
             ) from self._failure
         share = self.max_rejects_share
         rows = summary["totals"]["rows"]
@@ -339,6 +346,10 @@ class ExportEngine:
                     break
         stats.read = row_number
         progress.advance(rejected % 1000, stats.counts)
+        if self._failure is not None and total > row_number:  # rows never read are not sent either
+            with self._lock:
+                stats.counts["not_sent"] += total - row_number
+            stats.read = total
         if lookup and self._failure is None:
             batch.extend(self._delta(sid, lookup, stats, progress))
         while batch and self._failure is None:

@@ -47,6 +47,14 @@ _EMAIL_ASCII = re.compile(
 )
 
 
+_ANY_EMAIL = re.compile(r"[^\s<>\"'(),;:@]+@[^\s<>\"'(),;:@]+\.[A-Za-z]{2,63}")
+
+
+def redact_emails(text: str | None) -> str | None:
+    """A vendor message with every email address replaced by ``<email>`` (rejects and logs hold no profile)."""
+    return _ANY_EMAIL.sub("<email>", text) if text else text
+
+
 class MappingError(ValueError):
     """The mapping does not fit the source (e.g. it names a column the source does not have)."""
 
@@ -161,6 +169,11 @@ class Deduper:
     def __init__(self, expected: int = 0) -> None:
         capacity = 1 << max(12, (2 * max(1, expected) - 1).bit_length())
         self._alloc(capacity)
+        self._key_set = _IntSet(capacity)
+
+    def check_key(self, key: str, segment_index: int) -> bool:
+        """True the first time ``key`` (a customer) appears in this segment."""
+        return self._key_set.add(hash((key, segment_index & 0xFF)))
 
     def _alloc(self, capacity: int) -> None:
         self._mask = capacity - 1
@@ -212,6 +225,39 @@ class Deduper:
                 nv[i] = v
                 nk[i] = k
                 self._n += 1
+
+
+class _IntSet:
+    """A set of 64-bit integers in one ``array`` (open addressing; 8 bytes a slot, half full at most)."""
+
+    def __init__(self, capacity: int) -> None:
+        self._slots = array("q", bytes(8 * capacity))
+        self._mask = capacity - 1
+        self._n = 0
+
+    def add(self, value: int) -> bool:
+        """True if ``value`` was not in the set (it is now)."""
+        value = (value & 0x7FFFFFFFFFFFFFFF) or 1  # 0 marks an empty slot
+        slots, mask = self._slots, self._mask
+        i = value & mask
+        while True:
+            v = slots[i]
+            if v == 0:
+                slots[i] = value
+                self._n += 1
+                if 2 * self._n > mask:
+                    self._grow()
+                return True
+            if v == value:
+                return False
+            i = (i + 1) & mask
+
+    def _grow(self) -> None:
+        old = self._slots
+        self.__init__(2 * (self._mask + 1))
+        for v in old:
+            if v:
+                self.add(v)
 
 
 _EMAIL, _VALUE = 0, 1
@@ -284,6 +330,10 @@ class RowValidator:
                 return Reject(seg, row_number, key, TOO_LONG, dest,
                               f"'{dest}' (column '{col}') has {len(value)} characters; at most {limit} allowed")
             payload[dest] = value
+        if not self._deduper.check_key(key, self._segment_index):
+            return Reject(seg, row_number, key, DUPLICATE, self.mapping.key_column,
+                          f"this {self.mapping.key_column} appears more than once in segment '{seg}' (the first "
+                          "row is kept)")
         lowered = email.lower() if email is not None else None
         member = member_id(lowered if lowered is not None else key)
         dedupe = self._dedupe_field

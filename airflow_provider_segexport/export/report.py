@@ -122,15 +122,15 @@ def _fmt_duration(seconds: float) -> str:
 
 def summary_table(summary: dict) -> str:
     """A plain-text table of the summary for the task log."""
-    head = ("segment", "rows", "created", "updated", "unchanged", "skipped", "removed", "rejected", "planned",
-            "seconds")
+    head = ("segment", "rows", "created", "updated", "unchanged", "skipped", "removed", "rejected", "not_sent",
+            "planned", "seconds")
     rows = []
     for name, s in summary["segments"].items():
         rows.append((name, s["rows"], s["created"], s["updated"], s["unchanged"], s["skipped"], s["removed"],
-                     s["rejected"], s["planned"], s["duration_s"]))
+                     s["rejected"], s.get("not_sent", 0), s["planned"], s["duration_s"]))
     t = summary["totals"]
     rows.append(("TOTAL", t["rows"], t["created"], t["updated"], t["unchanged"], t["skipped"], t["removed"],
-                 t["rejected"], t["planned"], summary["duration_s"]))
+                 t["rejected"], t.get("not_sent", 0), t["planned"], summary["duration_s"]))
     cells = [[f"{v:,}" if isinstance(v, int) else str(v) for v in r] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
     line = "-+-".join("-" * w for w in widths)

@@ -49,7 +49,20 @@ class BaseSegmentExportOperator(BaseOperator):
     template_fields: Sequence[str] = ("segments", "sql", "path", "rejects_path", "dry_run", "state_dir",
                                       "state_conn_id", "full_refresh", "allow_large_changes", "apply_plan")
     template_fields_renderers = {"sql": "sql"}
+    #: templated fields that are always text, even in a DAG with ``render_template_as_native_obj``
+    #: (which would turn an all-digit ID such as "0000000000" into the number 0)
+    text_template_fields: Sequence[str] = ("sql", "path", "rejects_path", "state_dir", "state_conn_id", "apply_plan")
     ui_color = "#e8f4fd"
+
+    def render_template_fields(self, context, jinja_env=None) -> None:
+        raw = {f: getattr(self, f) for f in self.text_template_fields if isinstance(getattr(self, f, None), str)}
+        super().render_template_fields(context, jinja_env)
+        wrong = {f: t for f, t in raw.items()
+                 if isinstance(getattr(self, f), (int, float)) and not isinstance(getattr(self, f), bool)}
+        if wrong:  # rendered natively into a number: render those again as text
+            text_env = self.dag.get_template_env(force_sandboxed=True)
+            for f, template in wrong.items():
+                setattr(self, f, text_env.from_string(template).render(context))
 
     def __init__(
         self,

@@ -12,7 +12,7 @@ from airflow_provider_segexport.destinations.mailchimp import (
     MailchimpDestination,
     answer_statuses,
 )
-from airflow_provider_segexport.export.records import VENDOR_REJECTED, FieldMapping, Reject
+from airflow_provider_segexport.export.records import VENDOR_REJECTED, FieldMapping, Reject, redact_emails
 from airflow_provider_segexport.export.report import RejectsWriter, summary_table
 from airflow_provider_segexport.export.state import RefusalStore
 from airflow_provider_segexport.hooks.mailchimp import MailchimpHook
@@ -47,6 +47,8 @@ class MailchimpSegmentExportOperator(BaseSegmentExportOperator):
     template_fields: Sequence[str] = (
         *BaseSegmentExportOperator.template_fields, "audience_id", "mode", "merge_fields", "status_if_new",
     )
+    text_template_fields: Sequence[str] = (*BaseSegmentExportOperator.text_template_fields, "audience_id", "mode",
+                                           "status_if_new")
     operator_extra_links = (MailchimpAudienceLink(),)
 
     def __init__(
@@ -163,7 +165,7 @@ class MailchimpSegmentExportOperator(BaseSegmentExportOperator):
                     except ValueError:
                         body = {}
                     if int(result.get("status_code", 500)) >= 400:
-                        op_error[op] = f"{body.get('title', 'error')}: {body.get('detail', '')}"
+                        op_error[op] = redact_emails(f"{body.get('title', 'error')}: {body.get('detail', '')}")
                     else:
                         per_op[op] = answer_statuses(body)
                 confirmed: dict[str, list] = {}
