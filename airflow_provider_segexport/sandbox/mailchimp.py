@@ -27,6 +27,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
@@ -45,8 +46,16 @@ def subscriber_hash(email: str) -> str:
     return hashlib.md5(email.strip().lower().encode("utf-8")).hexdigest()  # noqa: S324 - Mailchimp's id
 
 
+_clock: list = [0, ""]
+
+
 def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S+00:00")
+    """Mailchimp's timestamps have a resolution of one second: formatted once per second."""
+    now = int(time.time())
+    if _clock[0] != now:
+        _clock[1] = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%S+00:00")
+        _clock[0] = now
+    return _clock[1]
 
 
 class Member:
@@ -69,6 +78,7 @@ class Audience:
         self.forgotten: set[str] = set()
         self.merge_fields: list[dict] = []
         self.segments: dict[int, str] = {}  # segment id -> tag name (static segments are tags)
+        self._segment_ids: dict[str, int] = {}  # tag name -> segment id (a cache of the above)
         self.next_merge_id = 1
         self.next_segment_id = 1000
         for tag, name, ftype, options in (
@@ -103,10 +113,15 @@ class Audience:
         return field
 
     def segment_id(self, name: str) -> int:
+        sid = self._segment_ids.get(name)
+        if sid is not None and self.segments.get(sid) == name:
+            return sid
         for sid, sname in self.segments.items():
             if sname == name:
+                self._segment_ids[name] = sid
                 return sid
         sid = self.next_segment_id
+        self._segment_ids[name] = sid
         self.next_segment_id += 1
         self.segments[sid] = name
         return sid
@@ -273,7 +288,7 @@ class MailchimpEmulator(Emulator):
                 if request.method in ("POST", "PUT", "PATCH"):
                     raw = await request.body()
                     try:
-                        body = json.loads(raw) if raw else {}
+                        body = msgspec.json.decode(raw) if raw else {}
                     except ValueError:
                         return self.problem(400, "JSON Parse Error",
                                             "We encountered an unspecified JSON parsing error.")
@@ -287,7 +302,8 @@ class MailchimpEmulator(Emulator):
                 elif status >= 400:
                     response = payload
                 else:
-                    response = JSONResponse(payload, status_code=status)
+                    response = Response(msgspec.json.encode(payload), status_code=status,
+                                        media_type="application/json")
                 return await self.after(request, response)  # an injected "after" fault loses the answer
             finally:
                 self.in_flight -= 1
@@ -351,8 +367,8 @@ class MailchimpEmulator(Emulator):
                                      "for this list.")
         return 200, aud.add_merge_field({**body, "tag": tag})
 
-    def _member_json(self, aud: Audience, m: Member) -> dict:
-        h = subscriber_hash(m.email)
+    def _member_json(self, aud: Audience, m: Member, h: str | None = None) -> dict:
+        h = h or subscriber_hash(m.email)
         return {
             "id": h, "email_address": m.email, "unique_email_id": h[:10], "contact_id": h[10:20],
             "full_name": " ".join(filter(None, [str(m.merge_fields.get("FNAME", "")),
@@ -560,6 +576,7 @@ class MailchimpEmulator(Emulator):
         skip_dup = _truthy(q.get("skip_duplicate_check"))
         new, updated, errors = [], [], []
         seen: set[str] = set()
+        by_tag = {f["tag"]: f for f in aud.merge_fields}
         self.sandbox.log.members(self.name, [str(m.get("email_address", "")).strip().lower()
                                              for m in members if isinstance(m, dict)], route="batch-subscribe")
         for item in members:
@@ -571,11 +588,11 @@ class MailchimpEmulator(Emulator):
                                                 "ERROR_GENERIC"))
                 continue
             seen.add(h)
-            outcome, payload = self._upsert(aud, item, update_existing, sync_tags, skip_merge)
+            outcome, payload = self._upsert(aud, item, update_existing, sync_tags, skip_merge, by_tag, h)
             if outcome == "new":
-                new.append(self._member_json(aud, payload))
+                new.append(self._member_json(aud, payload, h))
             elif outcome == "updated" or (outcome == "unchanged" and self.report_unchanged):
-                updated.append(self._member_json(aud, payload))
+                updated.append(self._member_json(aud, payload, h))
             elif outcome == "error":
                 errors.append(_member_error(email, payload["error"], payload.get("code", "ERROR_GENERIC"),
                                             payload.get("field", ""), payload.get("field_message", "")))
@@ -584,13 +601,13 @@ class MailchimpEmulator(Emulator):
                      "_links": []}
 
     def _upsert(self, aud: Audience, item: dict, update_existing: bool, sync_tags: bool,
-                skip_merge_validation: bool) -> tuple[str, Any]:
+                skip_merge_validation: bool, by_tag: dict | None = None, h: str | None = None) -> tuple[str, Any]:
         email = str(item.get("email_address", "")).strip()
         if not _EMAIL_RE.match(email) or email.rpartition("@")[2].lower() in self.fake_domains:
             return "error", {"title": "Invalid Resource",
                              "error": f"{email} looks fake or invalid, please enter a real email address.",
                              "code": "ERROR_GENERIC", "field": "email_address"}
-        h = subscriber_hash(email)
+        h = h or subscriber_hash(email)
         if h in aud.forgotten:
             return "error", {"title": "Forgotten Email Not Subscribed",
                              "error": f"{email} was permanently deleted and cannot be re-imported. The contact "
@@ -604,7 +621,7 @@ class MailchimpEmulator(Emulator):
                                  "field_message": "Value is not one of the allowed values."}
         merge = item.get("merge_fields") or {}
         existing = aud.members.get(h)
-        problems = self._check_merge(aud, merge, new=existing is None and not skip_merge_validation)
+        problems = self._check_merge(aud, merge, new=existing is None and not skip_merge_validation, by_tag=by_tag)
         if problems:
             first = problems[0]
             return "error", {"title": "Invalid Resource", "error": "Your merge fields were invalid.",
@@ -649,9 +666,10 @@ class MailchimpEmulator(Emulator):
             return "updated", existing
         return "unchanged", existing
 
-    def _check_merge(self, aud: Audience, merge: dict, new: bool) -> list[dict]:
+    def _check_merge(self, aud: Audience, merge: dict, new: bool, by_tag: dict | None = None) -> list[dict]:
         problems = []
-        by_tag = {f["tag"]: f for f in aud.merge_fields}
+        if by_tag is None:
+            by_tag = {f["tag"]: f for f in aud.merge_fields}
         for tag, value in merge.items():
             field = by_tag.get(tag)
             if field is None:
