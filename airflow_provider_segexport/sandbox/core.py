@@ -338,6 +338,11 @@ class Sandbox:
         self.log.request(emulator.name, method, route)
         rule = self.faults.take(emulator.name, method, request.url.path, after_ok=emulator.after_faults)
         delay = self.latency.seconds(items)
+        if rule is None and emulator.after_faults:
+            # The model is the whole call's duration: the emulator's own processing time counts towards
+            # it (after() sleeps what is left), so a slow emulator does not inflate the vendor's latency.
+            request.state.answer_at = asyncio.get_running_loop().time() + delay
+            return None
         if delay:
             await asyncio.sleep(delay)
         if rule is None:
@@ -349,6 +354,11 @@ class Sandbox:
         return await self._fault_response(emulator, rule)
 
     async def after(self, emulator: Emulator, request: Request, response: Response) -> Response:
+        answer_at = getattr(request.state, "answer_at", None)
+        if answer_at is not None:
+            left = answer_at - asyncio.get_running_loop().time()
+            if left > 0:
+                await asyncio.sleep(left)
         rule = getattr(request.state, "after_fault", None)
         if rule is None:
             return response
