@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -223,3 +224,18 @@ def state_pg(postgres_url, monkeypatch) -> str:
         "login": postgres_url["user"], "schema": postgres_url["dbname"],
     }))
     return "state_pg"
+
+
+@pytest.fixture
+def task_log(capfd, caplog):
+    """Everything the task logged since the last call: what reached stdout/stderr and what went through
+    logging (after the first DAG run of a session, dag.test() routes task logs through logging)."""
+    caplog.set_level(logging.INFO)
+
+    def read() -> str:
+        out, err = capfd.readouterr()
+        text = out + err + caplog.text
+        caplog.clear()
+        return text
+
+    return read

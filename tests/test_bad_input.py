@@ -14,7 +14,6 @@ type conversions are unit-tested at the end of this file.
 from __future__ import annotations
 
 import json
-import logging
 import re
 import sqlite3
 from datetime import date, datetime
@@ -122,21 +121,6 @@ def mailchimp_api(sandbox, method: str, path: str, **kw):
                                 auth=("anystring", mc["api_key"]), timeout=30, **kw)
     r.raise_for_status()
     return r.json()
-
-
-@pytest.fixture
-def task_log(capfd, caplog):
-    """Everything the task logged since the last call (stdout/stderr and logging: after the first DAG run of a
-    session, dag.test() routes task logs through logging)."""
-    caplog.set_level(logging.INFO)
-
-    def read() -> str:
-        out, err = capfd.readouterr()
-        text = out + err + caplog.text
-        caplog.clear()
-        return text
-
-    return read
 
 
 def conf(sandbox, tmp_path, segments=("crafted_a", "crafted_b"), **kw):

@@ -30,6 +30,25 @@ def clean_customers(db, n, offset=0):
         "AND email IS NOT NULL ORDER BY customer_id LIMIT ? OFFSET ?", (n, offset))]
 
 
+def change_segment(db, *, changed: int, leaving: int, new: int, leaving_offset: int, new_offset: int):
+    """Change a mapped field of ``changed`` clean profiles, take ``leaving`` out of 'all_customers' and add
+    ``new`` members (copies of clean profiles with new IDs and emails); returns the three ID lists."""
+    changed_ids = clean_customers(db, changed)
+    leaving_ids = clean_customers(db, leaving, offset=leaving_offset)
+    db.executemany("UPDATE profiles SET last_name = last_name || '-Neu' WHERE customer_id = ?",
+                   [(c,) for c in changed_ids])
+    db.executemany("DELETE FROM segment_members WHERE segment_name = 'all_customers' AND customer_id = ?",
+                   [(c,) for c in leaving_ids])
+    new_ids = [f"N{i:06d}" for i in range(new)]
+    for new_id, src in zip(new_ids, clean_customers(db, new, offset=new_offset), strict=True):
+        db.execute("INSERT INTO profiles SELECT ?, 'new.' || ? || '@example.com', first_name, last_name, phone, city, "
+                   "country, birthday, signup_date, lifetime_value, loyalty_points, orders_count, last_order_date, "
+                   "dataverse_contact_id, updated_at FROM profiles WHERE customer_id = ?", (new_id, new_id.lower(), src))
+        db.execute("INSERT INTO segment_members VALUES ('all_customers', ?)", (new_id,))
+    db.commit()
+    return changed_ids, leaving_ids, new_ids
+
+
 def make_warehouse(tmp_path, monkeypatch, profiles: int, seed: int):
     """A refreshed sample warehouse behind the ``warehouse`` connection."""
     wh = tmp_path / "wh.db"
@@ -58,20 +77,8 @@ def test_second_run_sends_only_changes_and_removes_only_leavers(airflow_db, mail
     assert first["created"] > 90_000
 
     db = sqlite3.connect(big)
-    changed = clean_customers(db, 1000)                 # 1 % of profiles change a mapped field
-    leaving = clean_customers(db, 500, offset=2000)     # 0.5 % leave the segment
-    db.executemany("UPDATE profiles SET last_name = last_name || '-Neu' WHERE customer_id = ?",
-                   [(c,) for c in changed])
-    db.executemany("DELETE FROM segment_members WHERE segment_name = 'all_customers' AND customer_id = ?",
-                   [(c,) for c in leaving])
-    # 100 new members (copies of clean profiles with new IDs and emails)
-    new_ids = [f"N{i:06d}" for i in range(100)]
-    for new_id, src in zip(new_ids, clean_customers(db, 100, offset=5000), strict=True):
-        db.execute("INSERT INTO profiles SELECT ?, 'new.' || ? || '@example.com', first_name, last_name, phone, city, "
-                   "country, birthday, signup_date, lifetime_value, loyalty_points, orders_count, last_order_date, "
-                   "dataverse_contact_id, updated_at FROM profiles WHERE customer_id = ?", (new_id, new_id.lower(), src))
-        db.execute("INSERT INTO segment_members VALUES ('all_customers', ?)", (new_id,))
-    db.commit()
+    changed, leaving, new_ids = change_segment(db, changed=1000, leaving=500, new=100,  # 1 % / 0.5 % / 100 new
+                                               leaving_offset=2000, new_offset=5000)
 
     sandbox.session.delete(f"{sandbox.admin}/requests", timeout=30)
     state, xcom = run_dag("mailchimp_export_test", conf(sandbox, tmp_path))

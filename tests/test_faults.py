@@ -15,7 +15,6 @@ one hook (msal against the sandbox's Entra ID).
 from __future__ import annotations
 
 import json
-import logging
 import re
 import time
 import uuid
@@ -152,21 +151,6 @@ def assert_same_outcome_as_clean_run(sandbox, baseline, summary: dict, *, answer
                {k: clean[k] for k in ("created", "updated", "unchanged", "rejected")}
     assert summary["rejects"]["by_reason"] == baseline["summary"]["rejects"]["by_reason"]
     return assert_nothing_confirmed_sent_twice(sandbox, baseline["sends"])
-
-
-@pytest.fixture
-def task_log(capfd, caplog):
-    """Everything the task logged since the last call: what reached stdout/stderr and what went through
-    logging (after the first DAG run of a session, dag.test() routes task logs through logging)."""
-    caplog.set_level(logging.INFO)
-
-    def read() -> str:
-        out, err = capfd.readouterr()
-        text = out + err + caplog.text
-        caplog.clear()
-        return text
-
-    return read
 
 
 def retry_delays(logs: str, status: int) -> list[float]:

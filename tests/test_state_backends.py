@@ -22,7 +22,7 @@ from airflow_provider_segexport.export.state import (
     open_export_state,
 )
 from tests.conftest import run_dag
-from tests.test_delta import SQL, clean_customers, make_warehouse
+from tests.test_delta import SQL, change_segment, make_warehouse
 
 BACKENDS = ["sqlite_file", "sql_sqlite", "postgres"]
 I64_MIN, I64_MAX = -(2**63), 2**63 - 1
@@ -331,18 +331,8 @@ def test_mailchimp_delta_export_with_state_in_postgres(airflow_db, mailchimp_con
     assert not (tmp_path / "state" / "export_state.sqlite").exists()  # state_conn_id wins over state_dir
 
     db = sqlite3.connect(wh)
-    changed = clean_customers(db, 100)
-    leaving = clean_customers(db, 40, offset=300)
-    db.executemany("UPDATE profiles SET last_name = last_name || '-Neu' WHERE customer_id = ?", [(c,) for c in changed])
-    db.executemany("DELETE FROM segment_members WHERE segment_name = 'all_customers' AND customer_id = ?",
-                   [(c,) for c in leaving])
-    new_ids = [f"N{i:06d}" for i in range(25)]
-    for new_id, src in zip(new_ids, clean_customers(db, 25, offset=600), strict=True):
-        db.execute("INSERT INTO profiles SELECT ?, 'new.' || ? || '@example.com', first_name, last_name, phone, city, "
-                   "country, birthday, signup_date, lifetime_value, loyalty_points, orders_count, last_order_date, "
-                   "dataverse_contact_id, updated_at FROM profiles WHERE customer_id = ?", (new_id, new_id.lower(), src))
-        db.execute("INSERT INTO segment_members VALUES ('all_customers', ?)", (new_id,))
-    db.commit()
+    changed, leaving, new_ids = change_segment(db, changed=100, leaving=40, new=25, leaving_offset=300,
+                                               new_offset=600)
 
     sandbox.session.delete(f"{sandbox.admin}/requests", timeout=30)
     state, xcom = run_dag("mailchimp_export_test", conf)
