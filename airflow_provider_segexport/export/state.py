@@ -54,6 +54,14 @@ def default_state_dir() -> Path:
     return Path(home) / "segexport" / "state"
 
 
+def _open_sqlite(state_dir: str | Path | None, name: str, **connect: Any) -> tuple[Path, sqlite3.Connection]:
+    """A SQLite file of the state directory (created if needed), shared by the engine's threads."""
+    directory = Path(state_dir) if state_dir else default_state_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    return path, sqlite3.connect(path, check_same_thread=False, **connect)
+
+
 class RefusalStore:
     """Members a destination (``scope``, e.g. ``mailchimp:<conn>:<audience>``) will never take back.
 
@@ -62,11 +70,8 @@ class RefusalStore:
 
     def __init__(self, scope: str, state_dir: str | Path | None = None) -> None:
         self.scope = scope
-        directory = Path(state_dir) if state_dir else default_state_dir()
-        directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / "refusals.sqlite"
+        self.path, self._db = _open_sqlite(state_dir, "refusals.sqlite", timeout=30)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS refused_members (scope TEXT NOT NULL, member INTEGER NOT NULL, reason TEXT, "
             "refused_at REAL, PRIMARY KEY (scope, member)) WITHOUT ROWID"
@@ -97,13 +102,9 @@ class RefusalStore:
         self._db.close()
 
 
-def _i64(data: bytes) -> int:
-    return int.from_bytes(data, "big", signed=True)
-
-
 def fingerprint(payload_json: bytes) -> int:
     """64-bit fingerprint of the mapped payload (canonical JSON)."""
-    return _i64(hashlib.blake2b(payload_json, digest_size=8).digest())
+    return int.from_bytes(hashlib.blake2b(payload_json, digest_size=8).digest(), "big", signed=True)
 
 
 LOOKUP_CHUNK = 500
@@ -185,11 +186,8 @@ class ExportState(ExportStateBackend):
 
     def __init__(self, scope: str, state_dir: str | Path | None = None) -> None:
         self.scope = scope
-        directory = Path(state_dir) if state_dir else default_state_dir()
-        directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / "export_state.sqlite"
+        self.path, self._db = _open_sqlite(state_dir, "export_state.sqlite", timeout=60, isolation_level=None)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=60, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(
@@ -243,8 +241,7 @@ class ExportState(ExportStateBackend):
     def lookup(self, scope_id: int, members: list[int]) -> dict[int, tuple[int, str | None]]:
         """member -> (fingerprint, confirmed_run) for the members that have state."""
         out: dict[int, tuple[int, str | None]] = {}
-        for i in range(0, len(members), 500):
-            chunk = members[i: i + 500]
+        for chunk in _chunks(members):
             q = (f"SELECT member, fingerprint, confirmed_run FROM members WHERE scope_id = ? AND member IN "
                  f"({','.join('?' * len(chunk))})")
             with self._lock:
