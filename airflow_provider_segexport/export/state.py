@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import random
 import re
 import sqlite3
 import threading
@@ -60,6 +61,21 @@ def _open_sqlite(state_dir: str | Path | None, name: str, **connect: Any) -> tup
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / name
     return path, sqlite3.connect(path, check_same_thread=False, **connect)
+
+
+def _use_wal(db: sqlite3.Connection, attempts: int = 100) -> None:
+    """Switch the file to WAL (it stays so). Switching needs the file to itself and SQLite answers "database
+    is locked" at once instead of waiting, so several tasks opening a new state file together retry."""
+    for attempt in range(attempts):
+        try:
+            if db.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+                return
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.02 + 0.03 * random.random())
 
 
 class RefusalStore:
@@ -188,7 +204,7 @@ class ExportState(ExportStateBackend):
         self.scope = scope
         self.path, self._db = _open_sqlite(state_dir, "export_state.sqlite", timeout=60, isolation_level=None)
         self._lock = threading.Lock()
-        self._db.execute("PRAGMA journal_mode=WAL")
+        _use_wal(self._db)
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(
             """
