@@ -317,8 +317,10 @@ class ExportEngine:
         self.log.info("::group::Segment '%s' -> %s '%s': %s rows", seg.name, d.name, d.target, f"{total:,}")
         prepare = d.prepare if type(d).prepare is not Destination.prepare else None
         size = d.batch_size
+        # Without state, records go straight into batches; with state, they are looked up first, in
+        # chunks, and what is left to send is batched.
+        incoming = batch if sid is None else lookup
         chunk = size if sid is None else self.LOOKUP_CHUNK
-        pending_rows = batch if sid is None else lookup
         rejected = 0
         row_number = 0
         for row_number, row in enumerate(seg.source.tuples(validate.columns), start=1):
@@ -331,19 +333,19 @@ class ExportEngine:
                 if rejected % 1000 == 0:
                     progress.advance(1000, stats.counts)
                 continue
-            pending_rows.append(item)
-            if len(pending_rows) >= chunk:
-                if sid is None:
-                    submit(batch)
-                    batch = pending_rows = []
-                else:
-                    batch.extend(self._delta(sid, lookup, stats, progress))
-                    lookup = pending_rows = []
-                    while len(batch) >= size:
-                        submit(batch[:size])
-                        batch = batch[size:]
-                if self._failure is not None:
-                    break
+            incoming.append(item)
+            if len(incoming) < chunk:
+                continue
+            if sid is not None:
+                batch.extend(self._delta(sid, incoming, stats, progress))
+                incoming.clear()
+            while len(batch) >= size:
+                submit(batch[:size])
+                batch = batch[size:]
+            if sid is None:
+                incoming = batch
+            if self._failure is not None:
+                break
         stats.read = row_number
         progress.advance(rejected % 1000, stats.counts)
         if self._failure is not None and total > row_number:  # rows never read are not sent either
