@@ -103,19 +103,24 @@ class SqlSource(Source):
             cursor.close()
             conn.close()
 
-    def rows(self) -> Iterator[dict[str, Any]]:
-        conn, cursor = self._execute(self.sql)
+    def _fetch(self, conn, cursor) -> Iterator[list[tuple]]:
+        """The result in ``chunk_size`` chunks (fetchmany); closes the cursor and connection at the end."""
         try:
-            names = [d[0] for d in cursor.description]
             while True:
                 chunk = cursor.fetchmany(self.chunk_size)
                 if not chunk:
                     break
-                for values in chunk:
-                    yield dict(zip(names, values, strict=False))
+                yield chunk
         finally:
             cursor.close()
             conn.close()
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        conn, cursor = self._execute(self.sql)
+        names = [d[0] for d in cursor.description]
+        for chunk in self._fetch(conn, cursor):
+            for values in chunk:
+                yield dict(zip(names, values, strict=False))
 
     def tuples(self, columns: list[str]) -> Iterator[tuple]:
         """Only ``columns`` are fetched (the query is wrapped in a projection; if the database refuses the
@@ -125,24 +130,16 @@ class SqlSource(Source):
                      f"({self.sql.rstrip().rstrip(';')}) segexport_q")
         try:
             conn, cursor = self._execute(projected)
-            pick = None
         except SourceError:
             conn, cursor = self._execute(self.sql)
             names = [d[0] for d in cursor.description]
             index = [names.index(c) for c in columns]
             pick = operator.itemgetter(*index) if len(index) > 1 else (lambda values, i=index[0]: (values[i],))
-        try:
-            while True:
-                chunk = cursor.fetchmany(self.chunk_size)
-                if not chunk:
-                    break
-                if pick is None:
-                    yield from chunk
-                else:
-                    yield from map(pick, chunk)
-        finally:
-            cursor.close()
-            conn.close()
+            for chunk in self._fetch(conn, cursor):
+                yield from map(pick, chunk)
+            return
+        for chunk in self._fetch(conn, cursor):
+            yield from chunk
 
 
 @dataclass
