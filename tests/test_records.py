@@ -190,3 +190,35 @@ def test_the_same_customer_twice_in_a_segment_with_another_email_is_a_duplicate(
     out = run([row("C1", "ann@example.com"), row("C1", "ann.lee@example.com")])
     assert isinstance(out[0], Record)
     assert isinstance(out[1], Reject) and out[1].reason == R.DUPLICATE
+
+
+def test_chunk_validation_gives_exactly_the_row_by_row_answers():
+    """The engine validates chunk by chunk through an inlined path for ordinary rows; every kind of row must
+    come out of it as it does one by one (same records, same rejects with the same reasons, same order)."""
+    import datetime
+
+    from airflow_provider_segexport.export.records import Deduper
+
+    rows = [row("C1", "ann@example.com"), row("C2", " ANN@example.com "), row("C3", "bob@example.com", first=""),
+            row("C4", "  "), row("C5", None), row("C6", "bad@@x.com"), row("C7", "zoé@example.com"),
+            row("C8", "cy@example.com", city=None), row("C9", "di@example.com", city="  "),
+            row("C10", "ed@example.com", first="A very long first name"), row("  ", "fay@example.com"),
+            row(None, "gus@example.com"), row(12, "hal@example.com"), row("C1", "ivy@example.com"),
+            row("C14", "jo@example.com", first=7), row("C15", "kim@example.com", city=datetime.date(2024, 1, 2)),
+            row("C16", "Lea@Example.com", first="\tLéa\n"), row("C17", "lea@example.COM"),
+            row("C18", "x" * 250 + "@example.com"), row("C19", "mo@example.com", first=None)]
+    tuples = [tuple(r[c] for c in ("customer_id", "email", "first_name", "city")) for r in rows]
+    one = RowValidator(MAPPING, "vip", Deduper(), 0)
+    expected = [one(i, t) for i, t in enumerate(tuples, start=1)]
+    chunked = RowValidator(MAPPING, "vip", Deduper(), 0)
+    assert chunked.columns == ["customer_id", "email", "first_name", "city"]
+    records, rejects = [], []
+    for start in range(0, len(tuples), 7):  # several chunks: the deduper carries across them
+        got_records, got_rejects = chunked.many(tuples[start: start + 7], start + 1)
+        records += got_records
+        rejects += got_rejects
+    assert [r for r in expected if isinstance(r, Record)] == records
+    assert [r for r in expected if isinstance(r, Reject)] == rejects
+    assert {r.reason for r in rejects} >= {R.DUPLICATE, R.MISSING_EMAIL, R.INVALID_EMAIL, R.MISSING_VALUE,
+                                           R.TOO_LONG, R.MISSING_KEY}
+    assert len(records) + len(rejects) == len(rows)

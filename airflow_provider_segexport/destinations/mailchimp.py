@@ -168,6 +168,41 @@ class MailchimpDestination(Destination):
         record.payload = member
         return record
 
+    def prepare_many(self, records: list[Record]) -> tuple[list[Record], list[Reject]]:
+        """:meth:`prepare` for a chunk; text merge fields holding plain text (the usual case) are inlined."""
+        converters = self._converter_cache
+        if converters is None or self._converter_types is not self.field_types:
+            converters = self._build_converters()
+        refusals = self.refusals
+        if (any(c is not None for _, c in converters) or (self.mirror and not self.state_managed)
+                or (refusals is not None and refusals.known)):
+            return super().prepare_many(records)
+        tags = [tag for tag, _ in converters]
+        email_field, status, tag_segments = self.email_field, self.status_if_new, self.tag_segments
+        out: list[Record] = []
+        rejects: list[Reject] = []
+        for r in records:
+            payload = r.payload
+            merge = {}
+            for tag in tags:
+                value = payload.get(tag)
+                if value is not None:
+                    if value.__class__ is not str or len(value) > TEXT_MAX:
+                        break
+                    merge[tag] = value
+            else:
+                member: dict[str, Any] = {"email_address": payload[email_field], "status_if_new": status}
+                if merge:
+                    member["merge_fields"] = merge
+                if tag_segments:
+                    member["tags"] = [r.segment]
+                r.payload = member
+                out.append(r)
+                continue
+            item = self.prepare(r)  # a value to convert or refuse: the one-by-one path
+            (out if item.__class__ is Record else rejects).append(item)
+        return out, rejects
+
     def _build_converters(self) -> list:
         """(merge tag, converter or None for plain text) in mapping order, from the audience's field types."""
         self._converter_types = self.field_types

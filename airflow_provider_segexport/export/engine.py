@@ -3,22 +3,27 @@
 stream rows -> map + validate -> destination.prepare -> batch to the destination's size -> send with a
 bounded number of batches in flight -> per-row outcomes -> report.
 
-Backpressure: the reader blocks while ``max_in_flight`` batches are being sent, so memory holds at
-most ``max_in_flight + 1`` batches whatever the segment size. When a vendor refuses a whole batch
+Backpressure: at most ``max_in_flight`` batches are being sent and as many more wait ready behind
+them (so a lane that frees up starts its next call at once, while the reader prepares more); the
+reader blocks beyond that, so memory holds about ``2 * max_in_flight`` batches and one chunk of rows
+whatever the segment size. When a vendor refuses a whole batch
 because of one bad row (:class:`BatchRefused`), the batch is split in halves until the bad row is
 isolated and rejected with the vendor's reason; the rest still goes through.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from hashlib import blake2b
 from typing import Any
 
 from airflow_provider_segexport.export.records import (
@@ -45,6 +50,10 @@ log = logging.getLogger(__name__)
 
 
 _CONFIRMED = frozenset({"created", "updated", "unchanged"})
+
+
+def _row_of(item: Reject) -> int:
+    return item.row
 
 
 def _default_member_key(record: Record) -> str:
@@ -105,6 +114,15 @@ class Destination:
         """Vendor-specific conversion of a mapped record (types, formats); may reject it."""
         return record
 
+    def prepare_many(self, records: list[Record]) -> tuple[list[Record], list[Reject]]:
+        """:meth:`prepare` for a chunk: (records, rejects) in row order. Override for a faster loop."""
+        out: list[Record] = []
+        rejects: list[Reject] = []
+        for r in records:
+            item = self.prepare(r)
+            (out if item.__class__ is Record else rejects).append(item)
+        return out, rejects
+
     def send(self, segment: Segment, records: list[Record]) -> list[Outcome]:
         """Send one batch; return one outcome per record. Raise BatchRefused to have it split."""
         raise NotImplementedError
@@ -137,10 +155,24 @@ class Destination:
         """Release threads and connections."""
 
 
-class ExportEngine:
-    #: members looked up in the export state at once (delta exports)
-    LOOKUP_CHUNK = 2000
+@contextmanager
+def _collector_tuned() -> Iterator[None]:
+    """The cyclic garbage collector, tuned for an export: the records it allocates by the million hold no
+    reference cycles, yet every few hundred allocations the collector would walk the young objects, and
+    now and then the whole heap (Airflow's included). During the export the objects that existed before
+    it are left out of collections (``gc.freeze``) and young collections are 100x rarer; afterwards both
+    are restored, so nothing is leaked beyond the export."""
+    thresholds = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(max(thresholds[0], 70_000), *thresholds[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
 
+
+class ExportEngine:
     def __init__(
         self,
         destination: Destination,
@@ -244,8 +276,9 @@ class ExportEngine:
                       len(totals), f"{sum(totals.values()):,}", mode, d.batch_size, d.max_in_flight)
         self.log.info("::endgroup::")
         try:
-            with ThreadPoolExecutor(max_workers=d.max_in_flight, thread_name_prefix="segexport") as pool:
-                slots = threading.BoundedSemaphore(d.max_in_flight)
+            with _collector_tuned(), ThreadPoolExecutor(max_workers=d.max_in_flight,
+                                                        thread_name_prefix="segexport") as pool:
+                slots = threading.BoundedSemaphore(2 * d.max_in_flight)  # in flight + ready
                 for seg in self.segments:
                     if self._failure is not None:  # segments never started: every row is not sent
                         stats = self._stats[seg.name] = SegmentStats(seg.name, totals[seg.name])
@@ -298,7 +331,6 @@ class ExportEngine:
         validate = RowValidator(d.mapping, seg.name, self._deduper, self.segments.index(seg))
         pending: list[Future] = []
         batch: list[Record] = []
-        lookup: list[Record] = []
         sid = self._scope_ids.get(seg.name)
         prev_members = self.state.member_count(sid) if sid is not None else 0
 
@@ -315,45 +347,34 @@ class ExportEngine:
                 pending[:] = [f for f in pending if not f.done()]
 
         self.log.info("::group::Segment '%s' -> %s '%s': %s rows", seg.name, d.name, d.target, f"{total:,}")
-        prepare = d.prepare if type(d).prepare is not Destination.prepare else None
+        prepare = type(d).prepare is not Destination.prepare or type(d).prepare_many is not Destination.prepare_many
         size = d.batch_size
-        # Without state, records go straight into batches; with state, they are looked up first, in
-        # chunks, and what is left to send is batched.
-        incoming = batch if sid is None else lookup
-        chunk = size if sid is None else self.LOOKUP_CHUNK
-        rejected = 0
         row_number = 0
-        for row_number, row in enumerate(seg.source.tuples(validate.columns), start=1):
-            item = validate(row_number, row)
-            if prepare is not None and item.__class__ is Record:
-                item = prepare(item)
-            if item.__class__ is not Record:
-                self._reject(stats, item)
-                rejected += 1
-                if rejected % 1000 == 0:
-                    progress.advance(1000, stats.counts)
-                continue
-            incoming.append(item)
-            if len(incoming) < chunk:
-                continue
-            if sid is not None:
-                batch.extend(self._delta(sid, incoming, stats, progress))
-                incoming.clear()
+        # Chunk by chunk: validate, let the destination convert, drop what the export state says is
+        # unchanged (delta), then cut what is left into batches of the destination's size.
+        for rows in seg.source.chunks(validate.columns):
+            records, rejects = validate.many(rows, row_number + 1)
+            row_number += len(rows)
+            if prepare and records:
+                records, refused = d.prepare_many(records)
+                if refused:
+                    rejects = sorted(rejects + refused, key=_row_of) if rejects else refused
+            if rejects:
+                self._reject_many(stats, rejects)
+                progress.advance(len(rejects), stats.counts)
+            if sid is not None and records:
+                records = self._delta(sid, records, stats, progress)
+            batch.extend(records)
             while len(batch) >= size:
                 submit(batch[:size])
                 batch = batch[size:]
-            if sid is None:
-                incoming = batch
             if self._failure is not None:
                 break
         stats.read = row_number
-        progress.advance(rejected % 1000, stats.counts)
         if self._failure is not None and total > row_number:  # rows never read are not sent either
             with self._lock:
                 stats.counts["not_sent"] += total - row_number
             stats.read = total
-        if lookup and self._failure is None:
-            batch.extend(self._delta(sid, lookup, stats, progress))
         while batch and self._failure is None:
             submit(batch[: d.batch_size])
             batch = batch[d.batch_size:]
@@ -370,6 +391,9 @@ class ExportEngine:
         self.log.info("::endgroup::")
 
     def _send_batch(self, seg: Segment, records: list[Record], stats: SegmentStats, progress: Progress) -> None:
+        if self._failure is not None:  # a batch that was waiting when another one failed
+            self._not_sent(stats, records)
+            return
         try:
             if self.dry_run:
                 outcomes = [Outcome(r, "planned") for r in records]
@@ -404,15 +428,19 @@ class ExportEngine:
     def _delta(self, sid: int, records: list[Record], stats: SegmentStats, progress: Progress) -> list[Record]:
         """Drop members whose payload the destination already confirmed; return those to send."""
         d = self.destination
-        encode = d.encode
-        custom_key = self._custom_member_key
-        for r in records:
-            if custom_key:
+        if self._custom_member_key:
+            for r in records:
                 r.member = member_id(d.member_key(r))
-            # The payload is built in a fixed key order by the destination adapter, so its encoding is a
-            # stable canonical form; it is kept and sent as is.
-            r.body = body = encode(r)
-            r.fp = fingerprint(body)
+        # The payload is built in a fixed key order by the destination adapter, so its encoding is a
+        # stable canonical form; it is kept and sent as is.
+        if type(d).encode is Destination.encode:
+            for r in records:
+                r.body = body = encode_json(r.payload)
+                r.fp = int.from_bytes(blake2b(body, digest_size=8).digest(), "big", signed=True)  # fingerprint()
+        else:
+            for r in records:
+                r.body = body = d.encode(r)
+                r.fp = fingerprint(body)
         known = self.state.lookup(sid, [r.member for r in records])
         send: list[Record] = []
         skipped: list[int] = []
@@ -521,6 +549,16 @@ class ExportEngine:
             raise ExportError(f"{self.destination.name} adapter returned {len(outcomes)} outcomes for "
                               f"{len(records)} records")
         return outcomes
+
+    def _reject_many(self, stats: SegmentStats, rejects: list[Reject]) -> None:
+        if self.plan_out is not None:
+            for reject in rejects:
+                self._reject(stats, reject)
+            return
+        with self._lock:
+            for reject in rejects:
+                self.rejects.write(reject)
+            stats.counts["rejected"] += len(rejects)
 
     def _reject(self, stats: SegmentStats, reject: Reject) -> None:
         with self._lock:

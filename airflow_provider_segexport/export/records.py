@@ -198,6 +198,31 @@ class _IntMap:
             i = (i + 1) & mask
         self._vals[i] = value
 
+    def setdefault_many(self, keys: list[int], values: list[int] | None = None) -> list[int | None]:
+        """:meth:`setdefault` for many keys in order (one call, for the engine's chunks)."""
+        out: list[int | None] = []
+        append = out.append
+        table, vals, mask = self._keys, self._vals, self._mask
+        for n, key in enumerate(keys):
+            i = key & mask
+            while True:
+                k = table[i]
+                if k == 0:
+                    table[i] = key
+                    if vals is not None:
+                        vals[i] = values[n]
+                    self._n += 1
+                    if 2 * self._n > mask:
+                        self._grow()
+                        table, vals, mask = self._keys, self._vals, self._mask
+                    append(None)
+                    break
+                if k == key:
+                    append(vals[i] if vals is not None else 0)
+                    break
+                i = (i + 1) & mask
+        return out
+
     def _grow(self) -> None:
         keys, vals = self._keys, self._vals
         self.__init__(2 * (self._mask + 1), vals is not None)
@@ -240,7 +265,32 @@ class Deduper:
 
     def check_key(self, key: str, segment_index: int) -> bool:
         """True the first time ``key`` (a customer) appears in this segment."""
-        return self._keys.setdefault((hash((key, segment_index & 0xFF)) & 0x7FFFFFFFFFFFFFFF) or 1, 0) is None
+        return self._keys.setdefault(_key_hash(key, segment_index), 0) is None
+
+    def check_many(self, keys: list[str], vids: list[int], segment_index: int) -> list[int]:
+        """Both checks for a chunk of rows in order: per row 0 (new), ``KEY_SEEN`` (the key twice in this
+        segment) or ``VALUE_SEEN`` (the value held by another key, or twice in this segment)."""
+        seg = segment_index & 0xFF
+        key_new = self._keys.setdefault_many([_key_hash(k, seg) for k in keys])
+        out = [0 if new is None else KEY_SEEN for new in key_new]
+        fresh = [i for i, new in enumerate(key_new) if new is None]
+        tags = [((hash(keys[i]) & 0x7FFFFFFFFFFFFF) << 8) | seg for i in fresh]
+        stored = self._by_value.setdefault_many([vids[i] or 1 for i in fresh], tags)
+        for i, k, s in zip(fresh, tags, stored, strict=True):
+            if s is None:
+                continue
+            if s >> 8 != k >> 8 or (s & 0xFF) == seg:
+                out[i] = VALUE_SEEN
+            else:  # the same member in another segment
+                self._by_value.replace(vids[i] or 1, k)
+        return out
+
+
+KEY_SEEN, VALUE_SEEN = 1, 2
+
+
+def _key_hash(key: str, segment_index: int) -> int:
+    return (hash((key, segment_index & 0xFF)) & 0x7FFFFFFFFFFFFFFF) or 1
 
 
 _EMAIL, _VALUE = 0, 1
@@ -271,8 +321,78 @@ class RowValidator:
              mapping.max_lengths.get(dest), dest in mapping.required)
             for dest, col in mapping.fields.items()
         ]
+        emails = [index for _, _, index, kind, _, _ in self._plan if kind == _EMAIL]
+        #: the inlined path of :meth:`many`: the email's column, and (field, column, limit) of the others
+        self._email_index = emails[0] if emails else None
+        self._fast_values = [(dest, index, limit, required)
+                             for dest, _, index, kind, limit, required in self._plan if kind == _VALUE]
 
     def __call__(self, row_number: int, row: Any) -> Record | Reject:
+        item = self._map(row_number, row)
+        if item.__class__ is not Record:
+            return item
+        records, rejects = self._dedupe([item])
+        return records[0] if records else rejects[0]
+
+    def many(self, rows: list, first_row: int) -> tuple[list[Record], list[Reject]]:
+        """Validate a chunk of rows numbered from ``first_row``: (records, rejects), each in row order.
+
+        The usual row (text values, a plain valid address) takes an inlined path; any other row goes
+        through the same checks one by one, so both paths give the same answer.
+        """
+        seg = self.segment
+        slow = self._map
+        match = _EMAIL_ASCII.match
+        email_index = self._email_index
+        values = self._fast_values
+        mapped: list[Record] = []
+        rejects: list[Reject] = []
+        row_number = first_row - 1
+        for row in rows:
+            row_number += 1
+            key = row[0] if row.__class__ is tuple else None
+            if key.__class__ is not str or email_index is None:
+                item = slow(row_number, row)
+            else:
+                key = key.strip()
+                email = row[email_index]
+                if not key or email.__class__ is not str:
+                    item = slow(row_number, row)
+                else:
+                    email = email.strip()
+                    if not email or len(email) > EMAIL_MAX_LENGTH or not email.isascii() or not match(email):
+                        item = slow(row_number, row)
+                    else:
+                        payload = {self._email_field: email}
+                        for dest, index, limit, required in values:
+                            value = row[index]
+                            if value.__class__ is str:
+                                value = value.strip()
+                                if not value or (limit is not None and len(value) > limit):
+                                    break  # empty (maybe required) or too long: the slow path says which
+                                payload[dest] = value
+                            elif value is not None or required:
+                                break  # another type to convert, or a required field missing
+                        else:
+                            lowered = email.lower()
+                            member = int.from_bytes(blake2b(lowered.encode("utf-8"), digest_size=8).digest(),
+                                                    "big", signed=True)
+                            mapped.append(Record(seg, row_number, key, payload, lowered, member))
+                            continue
+                        item = slow(row_number, row)
+            if item.__class__ is Record:
+                mapped.append(item)
+            else:
+                rejects.append(item)
+        if not mapped:
+            return mapped, rejects
+        records, duplicates = self._dedupe(mapped)
+        if duplicates:
+            rejects = sorted(rejects + duplicates, key=_row_of) if rejects else duplicates
+        return records, rejects
+
+    def _map(self, row_number: int, row: Any) -> Record | Reject:
+        """One row's mapping and field checks (no dedupe)."""
         if row.__class__ is not tuple and isinstance(row, Mapping):
             row = tuple(row.get(c) for c in self.columns)
         seg = self.segment
@@ -289,15 +409,10 @@ class RowValidator:
         for dest, col, index, kind, limit, required in self._plan:
             value = row[index]
             if kind == _EMAIL:
-                if value.__class__ is str:  # fast path: a plain valid address
-                    text = value.strip()
-                    if text and len(text) <= EMAIL_MAX_LENGTH and text.isascii() and _EMAIL_ASCII.match(text):
-                        email = text
+                email, problem = normalize_email(value)
                 if email is None:
-                    email, problem = normalize_email(value)
-                    if email is None:
-                        reason = MISSING_EMAIL if problem == "empty" else INVALID_EMAIL
-                        return Reject(seg, row_number, key, reason, dest, f"email in column '{col}' {problem}")
+                    reason = MISSING_EMAIL if problem == "empty" else INVALID_EMAIL
+                    return Reject(seg, row_number, key, reason, dest, f"email in column '{col}' {problem}")
                 payload[dest] = email
                 continue
             if value.__class__ is str:
@@ -313,24 +428,42 @@ class RowValidator:
                 return Reject(seg, row_number, key, TOO_LONG, dest,
                               f"'{dest}' (column '{col}') has {len(value)} characters; at most {limit} allowed")
             payload[dest] = value
-        if not self._deduper.check_key(key, self._segment_index):
-            return Reject(seg, row_number, key, DUPLICATE, self.mapping.key_column,
-                          f"this {self.mapping.key_column} appears more than once in segment '{seg}' (the first "
-                          "row is kept)")
         lowered = email.lower() if email is not None else None
-        member = member_id(lowered if lowered is not None else key)
+        return Record(seg, row_number, key, payload, lowered, member_id(lowered if lowered is not None else key))
+
+    def _dedupe(self, records: list[Record]) -> tuple[list[Record], list[Reject]]:
+        """Records in order, without duplicates of a key in this segment or of a value in this export."""
         dedupe = self._dedupe_field
-        if dedupe is not None and dedupe == self._email_field and lowered is not None:
-            vid = member
+        if dedupe is not None and dedupe == self._email_field:
+            vids = [r.member if r.email is not None else member_id(r.key) for r in records]
         else:
-            dedupe_value = payload.get(dedupe) if dedupe else None
-            vid = member_id(str(dedupe_value)) if dedupe_value is not None else member_id(key)
-        if not self._deduper.check_id(vid, key, self._segment_index):
-            what = f"'{dedupe}'" if dedupe and payload.get(dedupe) is not None else "key"
-            return Reject(seg, row_number, key, DUPLICATE, dedupe,
-                          f"the same {what} (case-insensitive) appears earlier in this export for another "
-                          f"customer, or twice for this customer in segment '{seg}'")
-        return Record(seg, row_number, key, payload, lowered, member)
+            vids = []
+            for r in records:
+                value = r.payload.get(dedupe) if dedupe else None
+                vids.append(member_id(str(value)) if value is not None else member_id(r.key))
+        verdicts = self._deduper.check_many([r.key for r in records], vids, self._segment_index)
+        if not any(verdicts):
+            return records, []
+        kept, rejects = [], []
+        seg = self.segment
+        key_column = self.mapping.key_column
+        for r, verdict in zip(records, verdicts, strict=True):
+            if verdict == 0:
+                kept.append(r)
+            elif verdict == KEY_SEEN:
+                rejects.append(Reject(seg, r.row, r.key, DUPLICATE, key_column,
+                                      f"this {key_column} appears more than once in segment '{seg}' (the first "
+                                      "row is kept)"))
+            else:
+                what = f"'{dedupe}'" if dedupe and r.payload.get(dedupe) is not None else "key"
+                rejects.append(Reject(seg, r.row, r.key, DUPLICATE, dedupe,
+                                      f"the same {what} (case-insensitive) appears earlier in this export for "
+                                      f"another customer, or twice for this customer in segment '{seg}'"))
+        return kept, rejects
+
+
+def _row_of(item: Reject) -> int:
+    return item.row
 
 
 def _clean(value: Any) -> Any:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import operator
 import re
@@ -43,6 +44,12 @@ class Source:
         """
         for row in self.rows():
             yield tuple(row.get(c) for c in columns)
+
+    def chunks(self, columns: list[str], size: int = 2000) -> Iterator[list[tuple]]:
+        """:meth:`tuples` in lists of up to ``size`` rows (the export engine works chunk by chunk)."""
+        rows = self.tuples(columns)
+        while chunk := list(itertools.islice(rows, size)):
+            yield chunk
 
 
 @dataclass
@@ -123,8 +130,12 @@ class SqlSource(Source):
                 yield dict(zip(names, values, strict=False))
 
     def tuples(self, columns: list[str]) -> Iterator[tuple]:
-        """Only ``columns`` are fetched (the query is wrapped in a projection; if the database refuses the
-        wrapped query, the query runs as written and the columns are picked from each row)."""
+        for chunk in self.chunks(columns):
+            yield from chunk
+
+    def chunks(self, columns: list[str], size: int = 0) -> Iterator[list[tuple]]:
+        """Only ``columns`` are fetched, ``chunk_size`` rows at a time (the query is wrapped in a projection;
+        if the database refuses the wrapped query, the query runs as written and the columns are picked)."""
         quote = _quote_for(_dialect_of(self.hook()))
         projected = (f"SELECT {', '.join(quote(c) for c in columns)} FROM "
                      f"({self.sql.rstrip().rstrip(';')}) segexport_q")
@@ -136,10 +147,10 @@ class SqlSource(Source):
             index = [names.index(c) for c in columns]
             pick = operator.itemgetter(*index) if len(index) > 1 else (lambda values, i=index[0]: (values[i],))
             for chunk in self._fetch(conn, cursor):
-                yield from map(pick, chunk)
+                yield list(map(pick, chunk))
             return
         for chunk in self._fetch(conn, cursor):
-            yield from chunk
+            yield chunk if chunk.__class__ is list else list(chunk)
 
 
 @dataclass

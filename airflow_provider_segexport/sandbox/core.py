@@ -339,9 +339,12 @@ class Sandbox:
         rule = self.faults.take(emulator.name, method, request.url.path, after_ok=emulator.after_faults)
         delay = self.latency.seconds(items)
         if rule is None and emulator.after_faults:
-            # The model is the whole call's duration: the emulator's own processing time counts towards
-            # it (after() sleeps what is left), so a slow emulator does not inflate the vendor's latency.
-            request.state.answer_at = asyncio.get_running_loop().time() + delay
+            # The model is the whole call's duration from the request's arrival: the emulator's own
+            # processing, and its waiting for the event loop while other calls are processed, count
+            # towards it (after() sleeps what is left), so a busy emulator does not inflate the
+            # vendor's latency (a real vendor serves concurrent calls in parallel).
+            start = getattr(request.state, "arrived", None) or asyncio.get_running_loop().time()
+            request.state.answer_at = start + delay
             return None
         if delay:
             await asyncio.sleep(delay)

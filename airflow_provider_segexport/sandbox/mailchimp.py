@@ -274,6 +274,7 @@ class MailchimpEmulator(Emulator):
 
     def _wrap(self, route: str, handler):
         async def endpoint(request: Request) -> Response:
+            request.state.arrived = asyncio.get_running_loop().time()  # the latency model counts from here
             self._public_base = f"{request.url.scheme}://{request.url.netloc}"
             denied = self.authenticate(request)
             if denied is not None:
