@@ -20,8 +20,8 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from hashlib import blake2b
 from typing import Any
@@ -156,12 +156,12 @@ class Destination:
 
 
 @contextmanager
-def _collector_tuned() -> Iterator[None]:
-    """The cyclic garbage collector, tuned for an export: the records it allocates by the million hold no
-    reference cycles, yet every few hundred allocations the collector would walk the young objects, and
-    now and then the whole heap (Airflow's included). During the export the objects that existed before
-    it are left out of collections (``gc.freeze``) and young collections are 100x rarer; afterwards both
-    are restored, so nothing is leaked beyond the export."""
+def _tuned_for_export() -> Iterator[None]:
+    """The cyclic garbage collector tuned for an export, then restored: the records an export allocates
+    by the million hold no reference cycles, yet every few hundred allocations the collector would walk the young objects, and now and
+    then the whole heap (Airflow's included). During the export the objects that existed before it are
+    left out of collections (``gc.freeze``) and young collections are 100x rarer.
+    """
     thresholds = gc.get_threshold()
     gc.freeze()
     gc.set_threshold(max(thresholds[0], 70_000), *thresholds[1:])
@@ -276,7 +276,7 @@ class ExportEngine:
                       len(totals), f"{sum(totals.values()):,}", mode, d.batch_size, d.max_in_flight)
         self.log.info("::endgroup::")
         try:
-            with _collector_tuned(), ThreadPoolExecutor(max_workers=d.max_in_flight,
+            with _tuned_for_export(), ThreadPoolExecutor(max_workers=d.max_in_flight,
                                                         thread_name_prefix="segexport") as pool:
                 slots = threading.BoundedSemaphore(2 * d.max_in_flight)  # in flight + ready
                 for seg in self.segments:
