@@ -206,7 +206,8 @@ def test_chunk_validation_gives_exactly_the_row_by_row_answers():
             row(None, "gus@example.com"), row(12, "hal@example.com"), row("C1", "ivy@example.com"),
             row("C14", "jo@example.com", first=7), row("C15", "kim@example.com", city=datetime.date(2024, 1, 2)),
             row("C16", "Lea@Example.com", first="\tLéa\n"), row("C17", "lea@example.COM"),
-            row("C18", "x" * 250 + "@example.com"), row("C19", "mo@example.com", first=None)]
+            row("C18", "x" * 250 + "@example.com"), row("C19", "mo@example.com", first=None),
+            row(20, "ned@example.com"), row(20, "oz@example.com"), row(True, "pat@example.com")]
     tuples = [tuple(r[c] for c in ("customer_id", "email", "first_name", "city")) for r in rows]
     one = RowValidator(MAPPING, "vip", Deduper(), 0)
     expected = [one(i, t) for i, t in enumerate(tuples, start=1)]

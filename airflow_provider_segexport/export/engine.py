@@ -380,6 +380,8 @@ class ExportEngine:
         while batch and self._failure is None:
             submit(batch[: d.batch_size])
             batch = batch[d.batch_size:]
+        if batch:  # read and valid, but the export stopped before they were batched
+            self._not_sent(stats, batch)
         for fut in pending:
             fut.result()
         if self._failure is None:

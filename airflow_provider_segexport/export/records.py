@@ -351,6 +351,8 @@ class RowValidator:
         for row in rows:
             row_number += 1
             key = row[0] if row.__class__ is tuple else None
+            if key.__class__ is int:  # integer customer IDs: the same text as the one-by-one path gives
+                key = str(key)
             if key.__class__ is not str or email_index is None:
                 item = slow(row_number, row)
             else:
