@@ -229,3 +229,39 @@ def test_missing_file_and_unknown_format(tmp_path):
         FileSource(str(tmp_path / "x.txt"))
     with pytest.raises(Exception, match="does not exist"):
         FileSource(str(tmp_path / "missing.csv")).count()
+
+
+def test_delta_fingerprint_covers_values_and_destination_settings(tmp_path):
+    """A delta run skips a member only when neither its validated values nor the destination's settings that
+    shape its payload (fingerprint_config) changed since the destination confirmed it."""
+    from airflow_provider_segexport.export.state import ExportState
+
+    class Tagged(Recorder):
+        def __init__(self, tag):
+            super().__init__()
+            self.tag = tag
+
+        def fingerprint_config(self):
+            return super().fingerprint_config() + self.tag.encode()
+
+    data = rows(30)
+
+    def export(dest, source_rows, run_id):
+        state = ExportState("recorder:target", tmp_path / "state")
+        try:
+            summary = run(dest, [Segment("a", ListSource(source_rows))], tmp_path, state=state, run_id=run_id)
+        finally:
+            state.close()
+        return summary["totals"], dest.sent
+
+    totals, sent = export(Tagged("v1"), data, "r1")
+    assert totals["created"] == 30 and len(sent) == 30
+    totals, sent = export(Tagged("v1"), data, "r2")  # nothing changed
+    assert totals["skipped"] == 30 and sent == []
+    changed = [dict(r) for r in data]
+    changed[4]["first_name"] = "Zed"
+    changed[9]["first_name"] = " A "  # the same value once trimmed: not a change
+    totals, sent = export(Tagged("v1"), changed, "r3")
+    assert sent == ["u4@example.com"] and totals["skipped"] == 29
+    totals, sent = export(Tagged("v2"), changed, "r4")  # a setting that shapes every payload changed
+    assert len(sent) == 30 and totals["skipped"] == 0

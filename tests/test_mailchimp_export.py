@@ -207,3 +207,20 @@ def test_deferrable_reaches_the_same_audience(airflow_db, mailchimp_conn, wh, sa
     assert (t["created"], t["updated"], t["unchanged"], t["rejected"]) == (s["created"], s["updated"], s["unchanged"],
                                                                            s["rejected"])
     assert any(k.startswith("mailchimp POST batches") for k in sandbox.requests()["counts"])
+
+
+def test_delta_fingerprint_follows_the_settings_that_shape_mailchimp_payloads():
+    """What a delta run compares besides a member's values: a changed merge-field type or date format,
+    status_if_new or tagging re-sends every member; the same settings (another instance) do not."""
+    from airflow_provider_segexport.destinations.mailchimp import MailchimpDestination
+    from airflow_provider_segexport.export.records import FieldMapping
+
+    def config(status="subscribed", tags=True, date_format="MM/DD/YYYY"):
+        d = MailchimpDestination(object(), "aud1", FieldMapping({"email": "email", "BDAY": "birthday"}),
+                                 status_if_new=status, tag_segments=tags)
+        d.field_types = {"BDAY": {"tag": "BDAY", "type": "date", "name": "Birthday", "display_order": 3,
+                                  "options": {"date_format": date_format}}}
+        return d.fingerprint_config()
+
+    assert config() == config()
+    assert len({config(), config(status="pending"), config(tags=False), config(date_format="DD/MM/YYYY")}) == 4

@@ -97,6 +97,32 @@ def test_confirm_then_lookup_round_trip(open_state):
     assert again.lookup(sid, [1]) == {1: (11, "r1")}
 
 
+def test_snapshot_answers_lookups_like_the_backend(open_state):
+    """A delta run looks members up in an in-memory snapshot of the segment's state: same answers, including
+    the extremes of the 64-bit ids, the other segment's members kept apart, and which run confirmed what."""
+    import random
+
+    state = open_state()
+    sid, other = state.scope_id("s1"), state.scope_id("s2")
+    rng = random.Random(7)
+    members = list({rng.getrandbits(64) - 2**63 for _ in range(3000)} - {I64_MIN, I64_MAX, 0, -1, 1})[:2995]
+    members += [I64_MIN, I64_MAX, 0, -1, 1]
+    state.confirm(sid, [(m, m // 7, "w@example.com") for m in members[:2000]], "run-a")
+    state.confirm(sid, [(m, I64_MAX - (m & 0xFFFF), "x@example.com") for m in members[2000:2500]], "run-b")
+    state.confirm(sid, [(m, m // 3, "y@example.com") for m in members[2995:]], "run-b")
+    state.confirm(other, [(m, 5, "z@example.com") for m in members[2500:2995]], "run-b")
+    end_of_segment(state, sid)
+    end_of_segment(state, other)
+    probe = members + [42, -42]
+    snap = state.snapshot(sid, "run-b")
+    assert len(snap) == 2505
+    expected = {m: (fp, "run-b" if run == "run-b" else None) for m, (fp, run) in state.lookup(sid, probe).items()}
+    assert snap.lookup(probe, "run-b") == expected
+    assert len(expected) == 2505 and not any(m in expected for m in members[2500:2995])
+    assert sum(1 for _, run in expected.values() if run) == 505
+    assert len(state.snapshot(state.scope_id("empty"), "r")) == 0
+
+
 def test_confirm_again_updates_fingerprint_key_and_run(open_state):
     state = open_state()
     sid = state.scope_id("all_customers")

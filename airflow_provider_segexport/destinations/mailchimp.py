@@ -32,6 +32,7 @@ from airflow_provider_segexport.hooks.mailchimp import (
     MailchimpHook,
 )
 from airflow_provider_segexport.http import VendorAPIError
+from airflow_provider_segexport.http import encode_json as _encode
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,13 @@ class MailchimpDestination(Destination):
                 self.mapping.required = frozenset({*self.mapping.required, t})
         log.info("Audience '%s' (%s): merge fields %s", self.audience.get("name"), self.target,
                  ", ".join(f"{t}:{f.get('type')}" for t, f in self.field_types.items()) or "none mapped")
+
+    def fingerprint_config(self) -> bytes:
+        # what shapes a member's payload besides its values: the merge fields' types and formats included
+        # (a date field switching to DD/MM changes every payload, so a delta run re-sends them all)
+        types = {tag: [f.get("type", "text"), f.get("options") or {}] for tag, f in self.field_types.items()}
+        return _encode({"target": self.target, "fields": self.mapping.fields, "email_field": self.email_field,
+                        "status_if_new": self.status_if_new, "tags": self.tag_segments, "types": types})
 
     # -- per record -------------------------------------------------------------------------------
     def prepare(self, record: Record) -> Record | Reject:

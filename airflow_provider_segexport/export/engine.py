@@ -43,7 +43,7 @@ from airflow_provider_segexport.export.report import (
     summary_table,
 )
 from airflow_provider_segexport.export.sources import Segment
-from airflow_provider_segexport.export.state import ExportStateBackend, fingerprint
+from airflow_provider_segexport.export.state import ExportStateBackend
 from airflow_provider_segexport.http import encode_json
 
 log = logging.getLogger(__name__)
@@ -137,12 +137,19 @@ class Destination:
     mirror = False
 
     def member_key(self, record: Record) -> str:
-        """The member's key at the destination (email for email destinations, else the mapped ID)."""
+        """The member's key at the destination (email for email destinations, else the mapped ID); called
+        on the validated record, before :meth:`prepare`."""
         return record.email or record.key
 
     def encode(self, record: Record) -> bytes:
-        """The member's payload as sent (JSON); its fingerprint decides whether a delta run sends it."""
+        """The member's payload as sent (JSON)."""
         return encode_json(record.payload)
+
+    def fingerprint_config(self) -> bytes:
+        """Everything besides a row's validated values that shapes its payload (the mapping, the vendor
+        settings, the target's field types), called after :meth:`preflight`. A delta run re-sends every
+        member when it changes; otherwise a member is sent again only when its values change."""
+        return encode_json({"target": self.target, "fields": self.mapping.fields})
 
     def remove_members(self, segment: Segment, keys: list[str]) -> int:
         """Mirror mode: undo this export's effect for members who left the segment; return how many."""
@@ -210,6 +217,8 @@ class ExportEngine:
         self.max_size_change = max_size_change
         self.allow_large_changes = allow_large_changes
         self._scope_ids: dict[str, int] = {}
+        self._snapshots: dict[int, Any] = {}
+        self._fp_key = b""  # set by run() from the destination's fingerprint_config()
         destination.state_managed = state is not None
         self._custom_member_key = type(destination).member_key is not Destination.member_key
         if (plan_out is not None or plan_in is not None) and state is None:
@@ -272,6 +281,7 @@ class ExportEngine:
         mode = "DRY RUN: nothing will be sent" if self.dry_run else f"to {d.name} '{d.target}'"
         self.log.info("::group::Pre-flight checks")
         totals = self._preflight()
+        self._fp_key = blake2b(d.fingerprint_config(), digest_size=32).digest()
         self._deduper = Deduper(sum(totals.values()))
         self.log.info("Exporting %d segment(s), %s rows in all, %s; batches of %d, up to %d in flight",
                       len(totals), f"{sum(totals.values()):,}", mode, d.batch_size, d.max_in_flight)
@@ -335,6 +345,11 @@ class ExportEngine:
         batch: list[Record] = []
         sid = self._scope_ids.get(seg.name)
         prev_members = self.state.member_count(sid) if sid is not None else 0
+        if sid is not None and prev_members:
+            try:  # the segment's state in memory for the delta lookups (17 bytes a member)
+                self._snapshots[sid] = self.state.snapshot(sid, self.run_id)
+            except NotImplementedError:  # a backend that only answers lookups
+                pass
 
         def submit(records: list[Record]) -> None:
             slots.acquire()
@@ -357,6 +372,8 @@ class ExportEngine:
         for rows in seg.source.chunks(validate.columns):
             records, rejects = validate.many(rows, row_number + 1)
             row_number += len(rows)
+            if sid is not None and records:  # unchanged since the last confirmed export: not converted at all
+                records = self._delta(sid, records, stats, progress)
             if prepare and records:
                 records, refused = d.prepare_many(records)
                 if refused:
@@ -364,8 +381,13 @@ class ExportEngine:
             if rejects:
                 self._reject_many(stats, rejects)
                 progress.advance(len(rejects), stats.counts)
-            if sid is not None and records:
-                records = self._delta(sid, records, stats, progress)
+            if sid is not None and records:  # sent as encoded here (the state journal keeps the fingerprint)
+                if type(d).encode is Destination.encode:
+                    for r in records:
+                        r.body = encode_json(r.payload)
+                else:
+                    for r in records:
+                        r.body = d.encode(r)
             batch.extend(records)
             while len(batch) >= size:
                 submit(batch[:size])
@@ -390,6 +412,7 @@ class ExportEngine:
                 stats.counts[key] += value
             if sid is not None:
                 self._finish_state(seg, sid, total, prev_members, stats)
+        self._snapshots.pop(sid, None)
         stats.duration = time.monotonic() - stats.started
         progress.emit(stats.counts)
         self.log.info("::endgroup::")
@@ -435,17 +458,16 @@ class ExportEngine:
         if self._custom_member_key:
             for r in records:
                 r.member = member_id(d.member_key(r))
-        # The payload is built in a fixed key order by the destination adapter, so its encoding is a
-        # stable canonical form; it is kept and sent as is.
-        if type(d).encode is Destination.encode:
-            for r in records:
-                r.body = body = encode_json(r.payload)
-                r.fp = int.from_bytes(blake2b(body, digest_size=8).digest(), "big", signed=True)  # fingerprint()
+        # The fingerprint is of the validated values (mapping order) keyed by the destination's settings
+        # (fingerprint_config): what decides the payload, known before the destination converts anything.
+        key = self._fp_key
+        for r in records:
+            r.fp = int.from_bytes(blake2b(encode_json(r.payload), digest_size=8, key=key).digest(), "big", signed=True)
+        snapshot = self._snapshots.get(sid)
+        if snapshot is not None:
+            known = snapshot.lookup([r.member for r in records], self.run_id)
         else:
-            for r in records:
-                r.body = body = d.encode(r)
-                r.fp = fingerprint(body)
-        known = self.state.lookup(sid, [r.member for r in records])
+            known = self.state.lookup(sid, [r.member for r in records])
         send: list[Record] = []
         skipped: list[int] = []
         not_planned = 0

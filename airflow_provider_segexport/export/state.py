@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import random
@@ -21,7 +20,9 @@ import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from array import array
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -118,15 +119,44 @@ class RefusalStore:
         self._db.close()
 
 
-def fingerprint(payload_json: bytes) -> int:
-    """64-bit fingerprint of the mapped payload (canonical JSON)."""
-    return int.from_bytes(hashlib.blake2b(payload_json, digest_size=8).digest(), "big", signed=True)
-
-
 LOOKUP_CHUNK = 500
 """Members per ``IN (...)`` list (lookups, seen, forget) and per write statement."""
 ANALYZE_AFTER_WRITES = 10_000
 """PostgreSQL: refresh the state table's statistics at a segment's end when the run wrote this many rows."""
+
+
+class StateSnapshot:
+    """A segment's export state in three flat arrays sorted by member (8 + 8 + 1 bytes a member)."""
+
+    def __init__(self, members: array, fingerprints: array, mine: bytearray) -> None:
+        self.members, self.fingerprints, self.mine = members, fingerprints, mine
+
+    @classmethod
+    def from_rows(cls, chunks: Iterable[list[tuple[int, int, int]]]) -> StateSnapshot:
+        members, fps, mine = array("q"), array("q"), bytearray()
+        for chunk in chunks:
+            members.extend([r[0] for r in chunk])
+            fps.extend([r[1] for r in chunk])
+            mine.extend([r[2] for r in chunk])
+        if any(members[i] >= members[i + 1] for i in range(len(members) - 1)):  # the database's order
+            order = sorted(range(len(members)), key=members.__getitem__)
+            members = array("q", [members[i] for i in order])
+            fps = array("q", [fps[i] for i in order])
+            mine = bytearray(mine[i] for i in order)
+        return cls(members, fps, mine)
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def lookup(self, members: Iterable[int], run_id: str) -> dict[int, tuple[int, str | None]]:
+        """What :meth:`ExportStateBackend.lookup` answers (the run is ``run_id`` or None)."""
+        out: dict[int, tuple[int, str | None]] = {}
+        table, n = self.members, len(self.members)
+        for m in members:
+            i = bisect_left(table, m)
+            if i < n and table[i] == m:
+                out[m] = (self.fingerprints[i], run_id if self.mine[i] else None)
+        return out
 
 
 class ExportStateBackend(ABC):
@@ -176,6 +206,16 @@ class ExportStateBackend(ABC):
     @abstractmethod
     def leavers(self, scope_id: int, run_id: str) -> list[tuple[int, str]]:
         """Members confirmed earlier that this run did not see: (member, destination key)."""
+
+    def snapshot(self, scope_id: int, run_id: str) -> StateSnapshot:
+        """Every member's (fingerprint, confirmed by ``run_id``?) of a segment, in memory (17 bytes a member),
+        for the lookups of a delta run: one ordered read instead of an indexed query per chunk of rows
+        (~0.5 instead of ~6 µs a row at 1,000,000 members)."""
+        return StateSnapshot.from_rows(self._ordered_rows(scope_id, run_id))
+
+    def _ordered_rows(self, scope_id: int, run_id: str) -> Iterator[list[tuple[int, int, int]]]:
+        """Chunks of (member, fingerprint, 1 if confirmed by ``run_id`` else 0), ordered by member."""
+        raise NotImplementedError
 
     def flush(self, scope_id: int) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Called when a segment's batches are all answered, before :meth:`leavers`: backends that journal
@@ -264,6 +304,14 @@ class ExportState(ExportStateBackend):
                 for m, fp, run in self._db.execute(q, (scope_id, *chunk)):
                     out[m] = (fp, run)
         return out
+
+    def _ordered_rows(self, scope_id: int, run_id: str) -> Iterator[list[tuple[int, int, int]]]:
+        with self._lock:
+            cursor = self._db.execute(
+                "SELECT member, fingerprint, confirmed_run IS ? FROM members WHERE scope_id = ? ORDER BY member",
+                (run_id, scope_id))
+            while chunk := cursor.fetchmany(10_000):
+                yield chunk
 
     def seen(self, scope_id: int, members: list[int], run_id: str) -> None:
         with self._lock, _transaction(self._db):
@@ -452,6 +500,15 @@ class SqlConnectionExportState(ExportStateBackend):
         except sa.exc.DBAPIError as exc:
             log.warning("Could not ANALYZE the export state table %s (%s); relying on autovacuum.",
                         self.members.name, exc)
+
+    def _ordered_rows(self, scope_id: int, run_id: str) -> Iterator[list[tuple[int, int, int]]]:
+        m = self.members
+        query = (sa.select(m.c.member, m.c.fingerprint, m.c.confirmed_run).where(m.c.scope_id == scope_id)
+                 .order_by(m.c.member))
+        with self._engine.connect() as conn:
+            result = conn.execution_options(stream_results=True, yield_per=10_000).execute(query)
+            for part in result.partitions():
+                yield [(int(member), int(fp), 1 if run == run_id else 0) for member, fp, run in part]
 
     def lookup(self, scope_id: int, members: list[int]) -> dict[int, tuple[int, str | None]]:
         m = self.members
