@@ -218,7 +218,7 @@ class ExportEngine:
         self.allow_large_changes = allow_large_changes
         self._scope_ids: dict[str, int] = {}
         self._snapshots: dict[int, Any] = {}
-        self._fp_key = b""  # set by run() from the destination's fingerprint_config()
+        self._fp_salt = b""  # set by run() from the destination's fingerprint_config()
         destination.state_managed = state is not None
         self._custom_member_key = type(destination).member_key is not Destination.member_key
         if (plan_out is not None or plan_in is not None) and state is None:
@@ -281,7 +281,7 @@ class ExportEngine:
         mode = "DRY RUN: nothing will be sent" if self.dry_run else f"to {d.name} '{d.target}'"
         self.log.info("::group::Pre-flight checks")
         totals = self._preflight()
-        self._fp_key = blake2b(d.fingerprint_config(), digest_size=32).digest()
+        self._fp_salt = blake2b(d.fingerprint_config(), digest_size=16).digest()
         self._deduper = Deduper(sum(totals.values()))
         self.log.info("Exporting %d segment(s), %s rows in all, %s; batches of %d, up to %d in flight",
                       len(totals), f"{sum(totals.values()):,}", mode, d.batch_size, d.max_in_flight)
@@ -458,11 +458,12 @@ class ExportEngine:
         if self._custom_member_key:
             for r in records:
                 r.member = member_id(d.member_key(r))
-        # The fingerprint is of the validated values (mapping order) keyed by the destination's settings
+        # The fingerprint is of the validated values (mapping order), salted with the destination's settings
         # (fingerprint_config): what decides the payload, known before the destination converts anything.
-        key = self._fp_key
+        salt = self._fp_salt
         for r in records:
-            r.fp = int.from_bytes(blake2b(encode_json(r.payload), digest_size=8, key=key).digest(), "big", signed=True)
+            r.fp = int.from_bytes(blake2b(encode_json(r.payload), digest_size=8, salt=salt).digest(), "big",
+                                  signed=True)
         snapshot = self._snapshots.get(sid)
         if snapshot is not None:
             known = snapshot.lookup([r.member for r in records], self.run_id)

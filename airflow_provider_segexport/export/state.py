@@ -21,7 +21,6 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from array import array
-from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -126,10 +125,24 @@ ANALYZE_AFTER_WRITES = 10_000
 
 
 class StateSnapshot:
-    """A segment's export state in three flat arrays sorted by member (8 + 8 + 1 bytes a member)."""
+    """A segment's export state in flat arrays sorted by member (8 + 8 + 1 bytes a member), with a bucket
+    index on the ids' top bits (members are uniform 64-bit hashes: about one per bucket, ~4 bytes more)."""
 
     def __init__(self, members: array, fingerprints: array, mine: bytearray) -> None:
         self.members, self.fingerprints, self.mine = members, fingerprints, mine
+        n = len(members)
+        self._shift = 64 - max(1, n.bit_length())
+        # starts[b]: index of the first member whose top bits are >= b (members are signed: offset by 2**63)
+        buckets = 1 << (64 - self._shift)
+        counts = array("l", bytes(8 * (buckets + 1)))
+        shift = self._shift
+        for m in members:
+            counts[((m + _I64_OFFSET) >> shift) + 1] += 1
+        total = 0
+        for b in range(buckets + 1):
+            total += counts[b]
+            counts[b] = total
+        self._starts = counts
 
     @classmethod
     def from_rows(cls, chunks: Iterable[list[tuple[int, int, int]]]) -> StateSnapshot:
@@ -151,12 +164,19 @@ class StateSnapshot:
     def lookup(self, members: Iterable[int], run_id: str) -> dict[int, tuple[int, str | None]]:
         """What :meth:`ExportStateBackend.lookup` answers (the run is ``run_id`` or None)."""
         out: dict[int, tuple[int, str | None]] = {}
-        table, n = self.members, len(self.members)
+        table, fps, mine, starts, shift = self.members, self.fingerprints, self.mine, self._starts, self._shift
         for m in members:
-            i = bisect_left(table, m)
-            if i < n and table[i] == m:
-                out[m] = (self.fingerprints[i], run_id if self.mine[i] else None)
+            b = (m + _I64_OFFSET) >> shift
+            i, end = starts[b], starts[b + 1]
+            while i < end:
+                if table[i] == m:
+                    out[m] = (fps[i], run_id if mine[i] else None)
+                    break
+                i += 1
         return out
+
+
+_I64_OFFSET = 1 << 63
 
 
 class ExportStateBackend(ABC):
