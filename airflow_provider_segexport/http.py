@@ -29,6 +29,7 @@ try:  # msgspec (an Airflow dependency) encodes and decodes JSON several times f
     _encode_json = msgspec.json.encode
     _decode_json = msgspec.json.decode
     encode_json = _encode_json
+    decode_json = _decode_json
 except ImportError:  # pragma: no cover
     import json
 
@@ -37,6 +38,7 @@ except ImportError:  # pragma: no cover
 
     _decode_json = json.loads
     encode_json = _encode_json
+    decode_json = _decode_json
 
 log = logging.getLogger(__name__)
 

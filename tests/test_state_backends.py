@@ -327,6 +327,29 @@ def test_100k_members_round_trip_time_and_memory(open_state):
     assert leavers_peak < LEAVERS_PEAK_PER_LEAVER * n // 2
 
 
+def test_a_dead_runs_journal_is_folded_by_the_next_run_including_an_earlier_versions_rows(tmp_path):
+    """What a run that died had confirmed is kept (the journal is durable per batch) and folded when the next
+    run opens the segment; a state file left by an earlier version (one journal row per member) too."""
+    from airflow_provider_segexport.export.state import ExportState
+
+    dead = ExportState("mailchimp:mc:aud1", tmp_path)
+    sid = dead.scope_id("s")
+    dead.confirm(sid, [(1, 10, "a@example.com"), (2, 20, "b@example.com")], "r1")
+    dead.confirm(sid, [(2, 21, "b@example.com")], "r1")  # a later batch of the same run wins
+    dead._db.execute("INSERT INTO journal VALUES (?, 3, 30, 'c@example.com', 'r0')", (sid,))  # earlier version
+    dead._db.close()  # no flush: the task was killed
+
+    nxt = ExportState("mailchimp:mc:aud1", tmp_path)
+    assert nxt.scope_id("s") == sid
+    assert nxt.lookup(sid, [1, 2, 3, 4]) == {1: (10, "r1"), 2: (21, "r1"), 3: (30, "r0")}
+    assert nxt._db.execute("SELECT COUNT(*) FROM journal").fetchone()[0] == 0
+    assert nxt._db.execute("SELECT COUNT(*) FROM journal_batches").fetchone()[0] == 0
+    nxt.seen(sid, [1], "r2")
+    end_of_segment(nxt, sid)
+    assert sorted(nxt.leavers(sid, "r2")) == [(2, "b@example.com"), (3, "c@example.com")]
+    nxt.close()
+
+
 def test_table_prefix_must_be_an_identifier(tmp_path, monkeypatch):
     monkeypatch.setenv("AIRFLOW_CONN_STATE_SQLITE", json.dumps({"conn_type": "sqlite",
                                                                 "host": str(tmp_path / "s.db")}))

@@ -24,6 +24,7 @@ from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from airflow_provider_segexport.export.records import member_id
+from airflow_provider_segexport.http import decode_json, encode_json
 
 
 @contextmanager
@@ -179,6 +181,12 @@ class StateSnapshot:
 _I64_OFFSET = 1 << 63
 
 
+def _unpack(packed: bytes) -> array:
+    values = array("q")
+    values.frombytes(packed)
+    return values
+
+
 class ExportStateBackend(ABC):
     """The interface the export engine uses; the semantics are the same in every backend.
 
@@ -275,6 +283,8 @@ class ExportState(ExportStateBackend):
                 PRIMARY KEY (scope_id, member)) WITHOUT ROWID;
             CREATE TABLE IF NOT EXISTS journal (scope_id INTEGER NOT NULL, member INTEGER NOT NULL,
                 fingerprint INTEGER, dest_key TEXT, run TEXT NOT NULL);
+            CREATE TABLE IF NOT EXISTS journal_batches (scope_id INTEGER NOT NULL, run TEXT NOT NULL,
+                members BLOB NOT NULL, fingerprints BLOB, dest_keys BLOB);
             """
         )
 
@@ -289,6 +299,20 @@ class ExportState(ExportStateBackend):
     def flush(self, scope_id: int) -> None:
         with self._lock, _transaction(self._db):
             db = self._db
+            # one journal row per batch (members and fingerprints packed): unpacked into the row journal,
+            # after what a run of an earlier version may have left there, then folded as one sorted pass
+            for run, packed, packed_fps, keys in db.execute(
+                    "SELECT run, members, fingerprints, dest_keys FROM journal_batches WHERE scope_id = ? "
+                    "ORDER BY rowid", (scope_id,)).fetchall():
+                members = _unpack(packed)
+                if packed_fps is None:
+                    db.executemany("INSERT INTO journal (scope_id, member, run) VALUES (?, ?, ?)",
+                                   zip(repeat(scope_id), members, repeat(run)))
+                else:
+                    db.executemany("INSERT INTO journal VALUES (?, ?, ?, ?, ?)",
+                                   zip(repeat(scope_id), members, _unpack(packed_fps), decode_json(keys), repeat(run),
+                                       strict=False))
+            db.execute("DELETE FROM journal_batches WHERE scope_id = ?", (scope_id,))
             db.execute(
                 "INSERT INTO members (scope_id, member, fingerprint, dest_key, confirmed_run, seen_run) "
                 "SELECT scope_id, member, fingerprint, dest_key, run, run FROM journal "
@@ -334,15 +358,19 @@ class ExportState(ExportStateBackend):
                 yield chunk
 
     def seen(self, scope_id: int, members: list[int], run_id: str) -> None:
-        with self._lock, _transaction(self._db):
-            self._db.executemany("INSERT INTO journal (scope_id, member, run) VALUES (?, ?, ?)",
-                                 [(scope_id, m, run_id) for m in members])
+        if members:
+            with self._lock:  # one row, one implicit transaction
+                self._db.execute("INSERT INTO journal_batches (scope_id, run, members) VALUES (?, ?, ?)",
+                                 (scope_id, run_id, array("q", members).tobytes()))
 
     def confirm(self, scope_id: int, rows: list[tuple[int, int, str]], run_id: str) -> None:
         """Remember what the destination confirmed: (member, fingerprint, destination key)."""
-        with self._lock, _transaction(self._db):  # one per batch (autocommit would commit every row)
-            self._db.executemany("INSERT INTO journal VALUES (?, ?, ?, ?, ?)",
-                                 [(scope_id, m, fp, key, run_id) for m, fp, key in rows])
+        if not rows:
+            return
+        members, fps, keys = zip(*rows, strict=True)
+        packed = (scope_id, run_id, array("q", members).tobytes(), array("q", fps).tobytes(), encode_json(keys))
+        with self._lock:  # one row per batch, one implicit transaction: durable when the call returns
+            self._db.execute("INSERT INTO journal_batches VALUES (?, ?, ?, ?, ?)", packed)
 
     def forget(self, scope_id: int, members: list[int]) -> None:
         with self._lock, _transaction(self._db):
