@@ -303,7 +303,7 @@ class ExportState(ExportStateBackend):
             # after what a run of an earlier version may have left there, then folded as one sorted pass
             for run, packed, packed_fps, keys in db.execute(
                     "SELECT run, members, fingerprints, dest_keys FROM journal_batches WHERE scope_id = ? "
-                    "ORDER BY rowid", (scope_id,)).fetchall():
+                    "ORDER BY rowid", (scope_id,)):  # streamed: a batch's members at a time
                 members = _unpack(packed)
                 if packed_fps is None:
                     db.executemany("INSERT INTO journal (scope_id, member, run) VALUES (?, ?, ?)",
