@@ -1,14 +1,15 @@
 """The destination-agnostic export engine.
 
-stream rows -> map + validate -> destination.prepare -> batch to the destination's size -> send with a
-bounded number of batches in flight -> per-row outcomes -> report.
+stream rows in chunks -> map + validate + dedupe -> (delta: drop members unchanged since the destination
+confirmed them) -> destination.prepare -> batch to the destination's size -> send with a bounded number
+of batches in flight -> per-row outcomes -> export state -> report.
 
-Backpressure: at most ``max_in_flight`` batches are being sent and as many more wait ready behind
-them (so a lane that frees up starts its next call at once, while the reader prepares more); the
-reader blocks beyond that, so memory holds about ``2 * max_in_flight`` batches and one chunk of rows
-whatever the segment size. When a vendor refuses a whole batch
-because of one bad row (:class:`BatchRefused`), the batch is split in halves until the bad row is
-isolated and rejected with the vendor's reason; the rest still goes through.
+Backpressure: at most ``max_in_flight`` batches are being sent and as many more wait ready behind them
+(a lane that frees up starts its next call at once, while the reader prepares more); the reader blocks
+beyond that, so memory holds about ``2 * max_in_flight`` batches and one chunk of rows whatever the
+segment size. When a vendor refuses a whole batch because of one bad row (:class:`BatchRefused`), the
+batch is split in halves until the bad row is isolated and rejected with the vendor's reason; the rest
+still goes through.
 """
 
 from __future__ import annotations
@@ -165,10 +166,10 @@ class Destination:
 @contextmanager
 def _tuned_for_export() -> Iterator[None]:
     """The cyclic garbage collector tuned for an export, then restored: the records an export allocates
-    by the million hold no reference cycles, yet every few hundred allocations the collector would walk the young objects, and now and
-    then the whole heap (Airflow's included). During the export the objects that existed before it are
-    left out of collections (``gc.freeze``) and young collections are 100x rarer.
-    """
+    by the million hold no reference cycles, yet every few hundred allocations the collector would walk
+    the young objects, and now and then the whole heap (Airflow's included). During the export the
+    objects that existed before it are left out of collections (``gc.freeze``) and young collections are
+    100x rarer."""
     thresholds = gc.get_threshold()
     gc.freeze()
     gc.set_threshold(max(thresholds[0], 70_000), *thresholds[1:])
@@ -367,8 +368,8 @@ class ExportEngine:
         prepare = type(d).prepare is not Destination.prepare or type(d).prepare_many is not Destination.prepare_many
         size = d.batch_size
         row_number = 0
-        # Chunk by chunk: validate, let the destination convert, drop what the export state says is
-        # unchanged (delta), then cut what is left into batches of the destination's size.
+        # Chunk by chunk: validate, drop what the export state says is unchanged (delta), let the
+        # destination convert the rest, then cut it into batches of the destination's size.
         for rows in seg.source.chunks(validate.columns):
             records, rejects = validate.many(rows, row_number + 1)
             row_number += len(rows)
@@ -453,7 +454,8 @@ class ExportEngine:
         progress.advance(len(records), stats.counts)
 
     def _delta(self, sid: int, records: list[Record], stats: SegmentStats, progress: Progress) -> list[Record]:
-        """Drop members whose payload the destination already confirmed; return those to send."""
+        """Drop members whose values (and the destination's settings) are the same as when the destination
+        confirmed them; return those to send, fingerprinted."""
         d = self.destination
         if self._custom_member_key:
             for r in records:
