@@ -299,32 +299,36 @@ class ExportState(ExportStateBackend):
     def flush(self, scope_id: int) -> None:
         with self._lock, _transaction(self._db):
             db = self._db
-            # one journal row per batch (members and fingerprints packed): unpacked into the row journal,
-            # after what a run of an earlier version may have left there, then folded as one sorted pass
+            # The journal, in order, into a TEMP table (not written to the state file's WAL): what a run of
+            # an earlier version left in the row journal, then the packed rows (one per batch), streamed.
+            db.execute("CREATE TEMP TABLE IF NOT EXISTS fold (member INTEGER NOT NULL, fingerprint INTEGER, "
+                       "dest_key TEXT, run TEXT NOT NULL)")
+            db.execute("DELETE FROM temp.fold")
+            db.execute("INSERT INTO temp.fold SELECT member, fingerprint, dest_key, run FROM journal "
+                       "WHERE scope_id = ? ORDER BY rowid", (scope_id,))
             for run, packed, packed_fps, keys in db.execute(
                     "SELECT run, members, fingerprints, dest_keys FROM journal_batches WHERE scope_id = ? "
-                    "ORDER BY rowid", (scope_id,)):  # streamed: a batch's members at a time
+                    "ORDER BY rowid", (scope_id,)):
                 members = _unpack(packed)
                 if packed_fps is None:
-                    db.executemany("INSERT INTO journal (scope_id, member, run) VALUES (?, ?, ?)",
-                                   zip(repeat(scope_id), members, repeat(run)))
+                    db.executemany("INSERT INTO temp.fold (member, run) VALUES (?, ?)", zip(members, repeat(run)))
                 else:
-                    db.executemany("INSERT INTO journal VALUES (?, ?, ?, ?, ?)",
-                                   zip(repeat(scope_id), members, _unpack(packed_fps), decode_json(keys), repeat(run),
-                                       strict=False))
-            db.execute("DELETE FROM journal_batches WHERE scope_id = ?", (scope_id,))
+                    db.executemany("INSERT INTO temp.fold VALUES (?, ?, ?, ?)",
+                                   zip(members, _unpack(packed_fps), decode_json(keys), repeat(run), strict=False))
+            # one sorted pass (a later confirmation of a member wins), then the "seen" marks
             db.execute(
                 "INSERT INTO members (scope_id, member, fingerprint, dest_key, confirmed_run, seen_run) "
-                "SELECT scope_id, member, fingerprint, dest_key, run, run FROM journal "
-                "WHERE scope_id = ? AND fingerprint IS NOT NULL ORDER BY member, rowid "
+                "SELECT ?, member, fingerprint, dest_key, run, run FROM temp.fold "
+                "WHERE fingerprint IS NOT NULL ORDER BY member, rowid "
                 "ON CONFLICT (scope_id, member) DO UPDATE SET fingerprint = excluded.fingerprint, "
                 "dest_key = excluded.dest_key, confirmed_run = excluded.confirmed_run, seen_run = excluded.seen_run",
                 (scope_id,))
-            for (run,) in db.execute("SELECT DISTINCT run FROM journal WHERE scope_id = ? AND fingerprint IS NULL",
-                                     (scope_id,)).fetchall():
+            for (run,) in db.execute("SELECT DISTINCT run FROM temp.fold WHERE fingerprint IS NULL").fetchall():
                 db.execute("UPDATE members SET seen_run = ?1 WHERE scope_id = ?2 AND member IN (SELECT member "
-                           "FROM journal WHERE scope_id = ?2 AND fingerprint IS NULL AND run = ?1)", (run, scope_id))
+                           "FROM temp.fold WHERE fingerprint IS NULL AND run = ?1)", (run, scope_id))
             db.execute("DELETE FROM journal WHERE scope_id = ?", (scope_id,))
+            db.execute("DELETE FROM journal_batches WHERE scope_id = ?", (scope_id,))
+            db.execute("DELETE FROM temp.fold")
 
     def last_count(self, scope_id: int) -> int | None:
         row = self._db.execute("SELECT last_count FROM scopes WHERE id = ?", (scope_id,)).fetchone()
