@@ -350,6 +350,45 @@ def test_a_dead_runs_journal_is_folded_by_the_next_run_including_an_earlier_vers
     nxt.close()
 
 
+def test_prefold_between_batches_gives_the_same_state_and_a_crash_loses_nothing(tmp_path):
+    """The engine lets the state unpack its journal while the reader waits for a lane; the folded state is
+    the same as with one flush at the end, and a run that dies after prefolding loses nothing."""
+    from airflow_provider_segexport.export.state import ExportState
+
+    def run(state, sid, prefold):
+        for b in range(6):
+            state.confirm(sid, [(m, m + b, f"k{m}") for m in range(b * 100, b * 100 + 150)], "r1")  # overlaps
+            if prefold and b % 2:
+                state.prefold(sid)
+        state.seen(sid, [9000], "r1")
+
+    expected = ExportState("scope", tmp_path / "plain")
+    sid = expected.scope_id("s")
+    expected.confirm(sid, [(9000, 1, "k9000")], "r0")
+    end_of_segment(expected, sid)
+    run(expected, sid, prefold=False)
+    end_of_segment(expected, sid)
+    want = expected.lookup(sid, list(range(700)) + [9000])
+
+    state = ExportState("scope", tmp_path / "prefolded")
+    sid2 = state.scope_id("s")
+    state.confirm(sid2, [(9000, 1, "k9000")], "r0")
+    end_of_segment(state, sid2)
+    run(state, sid2, prefold=True)
+    state._db.close()  # killed after prefolding: the TEMP table is gone, the journal is not
+    again = ExportState("scope", tmp_path / "prefolded")
+    assert again.scope_id("s") == sid2
+    assert again.lookup(sid2, list(range(700)) + [9000]) == want
+    assert len(want) == 651 and want[120] == (120 + 1, "r1")  # the later batch's fingerprint won
+
+    live = ExportState("scope", tmp_path / "live")
+    sid3 = live.scope_id("s")
+    run(live, sid3, prefold=True)
+    end_of_segment(live, sid3)
+    assert live.lookup(sid3, list(range(700))) == {m: v for m, v in want.items() if m != 9000}
+    assert live.leavers(sid3, "r1") == [] and expected.leavers(sid, "r1") == []
+
+
 def test_table_prefix_must_be_an_identifier(tmp_path, monkeypatch):
     monkeypatch.setenv("AIRFLOW_CONN_STATE_SQLITE", json.dumps({"conn_type": "sqlite",
                                                                 "host": str(tmp_path / "s.db")}))

@@ -352,8 +352,13 @@ class ExportEngine:
             except NotImplementedError:  # a backend that only answers lookups
                 pass
 
+        prefold = sid is not None and not self.dry_run
+
         def submit(records: list[Record]) -> None:
-            slots.acquire()
+            if not slots.acquire(blocking=False):  # ahead of the lanes: a moment for the state's own work
+                if prefold:
+                    self.state.prefold(sid)
+                slots.acquire()
             if self._failure is not None:
                 slots.release()
                 self._not_sent(stats, records)

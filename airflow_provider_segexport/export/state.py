@@ -38,9 +38,9 @@ from airflow_provider_segexport.http import decode_json, encode_json
 
 
 @contextmanager
-def _transaction(db: sqlite3.Connection):
+def _transaction(db: sqlite3.Connection, immediate: bool = True):
     """An explicit transaction on an autocommit connection (one commit for a whole executemany)."""
-    db.execute("BEGIN IMMEDIATE")
+    db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
     try:
         yield db
     except BaseException:
@@ -245,6 +245,10 @@ class ExportStateBackend(ABC):
         """Chunks of (member, fingerprint, 1 if confirmed by ``run_id`` else 0), ordered by member."""
         raise NotImplementedError
 
+    def prefold(self, scope_id: int) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Called while the reader thread waits for a free lane: backends that journal writes may do part
+        of :meth:`flush`'s work now (bounded, quick), so less of it is left for the segment's end."""
+
     def flush(self, scope_id: int) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Called when a segment's batches are all answered, before :meth:`leavers`: backends that journal
         writes during the run fold the journal into the member table here."""
@@ -272,6 +276,7 @@ class ExportState(ExportStateBackend):
         self.scope = scope
         self.path, self._db = _open_sqlite(state_dir, "export_state.sqlite", timeout=60, isolation_level=None)
         self._lock = threading.Lock()
+        self._unpacked: dict[int, int] = {}  # scope id -> last journal_batches rowid unpacked into temp.fold
         _use_wal(self._db)
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(
@@ -296,39 +301,61 @@ class ExportState(ExportStateBackend):
         self.flush(sid)  # what a run that died had confirmed
         return sid
 
+    def prefold(self, scope_id: int) -> None:
+        """Unpack the batches journaled since the last call into the fold table (not durable: the journal
+        stays until :meth:`flush`, which takes over from where this left off)."""
+        with self._lock:
+            with _transaction(self._db, immediate=False):  # reads the journal, writes only the TEMP table
+                done = self._unpack_journal(scope_id)
+            self._unpacked[scope_id] = done  # once committed
+
+    def _unpack_journal(self, scope_id: int) -> int:
+        """Unpack the journal after the last unpacked batch; return the new last batch's rowid."""
+        db = self._db
+        # The journal, in order, into a TEMP table (not written to the state file's WAL): what a run of an
+        # earlier version left in the row journal, then the packed rows (one per batch), streamed.
+        db.execute("CREATE TEMP TABLE IF NOT EXISTS fold (scope_id INTEGER NOT NULL, member INTEGER NOT NULL, "
+                   "fingerprint INTEGER, dest_key TEXT, run TEXT NOT NULL)")
+        done = self._unpacked.get(scope_id)
+        if done is None:  # first call for this segment in this process: start afresh
+            db.execute("DELETE FROM temp.fold WHERE scope_id = ?", (scope_id,))
+            db.execute("INSERT INTO temp.fold SELECT scope_id, member, fingerprint, dest_key, run FROM journal "
+                       "WHERE scope_id = ? ORDER BY rowid", (scope_id,))
+            done = 0
+        for rowid, run, packed, packed_fps, keys in db.execute(
+                "SELECT rowid, run, members, fingerprints, dest_keys FROM journal_batches "
+                "WHERE scope_id = ? AND rowid > ? ORDER BY rowid", (scope_id, done)):
+            members = _unpack(packed)
+            if packed_fps is None:
+                db.executemany("INSERT INTO temp.fold (scope_id, member, run) VALUES (?, ?, ?)",
+                               zip(repeat(scope_id), members, repeat(run)))
+            else:
+                db.executemany("INSERT INTO temp.fold VALUES (?, ?, ?, ?, ?)",
+                               zip(repeat(scope_id), members, _unpack(packed_fps), decode_json(keys), repeat(run),
+                                   strict=False))
+            done = rowid
+        return done
+
     def flush(self, scope_id: int) -> None:
         with self._lock, _transaction(self._db):
             db = self._db
-            # The journal, in order, into a TEMP table (not written to the state file's WAL): what a run of
-            # an earlier version left in the row journal, then the packed rows (one per batch), streamed.
-            db.execute("CREATE TEMP TABLE IF NOT EXISTS fold (member INTEGER NOT NULL, fingerprint INTEGER, "
-                       "dest_key TEXT, run TEXT NOT NULL)")
-            db.execute("DELETE FROM temp.fold")
-            db.execute("INSERT INTO temp.fold SELECT member, fingerprint, dest_key, run FROM journal "
-                       "WHERE scope_id = ? ORDER BY rowid", (scope_id,))
-            for run, packed, packed_fps, keys in db.execute(
-                    "SELECT run, members, fingerprints, dest_keys FROM journal_batches WHERE scope_id = ? "
-                    "ORDER BY rowid", (scope_id,)):
-                members = _unpack(packed)
-                if packed_fps is None:
-                    db.executemany("INSERT INTO temp.fold (member, run) VALUES (?, ?)", zip(members, repeat(run)))
-                else:
-                    db.executemany("INSERT INTO temp.fold VALUES (?, ?, ?, ?)",
-                                   zip(members, _unpack(packed_fps), decode_json(keys), repeat(run), strict=False))
+            self._unpack_journal(scope_id)
+            self._unpacked.pop(scope_id, None)  # whatever happens below, the next call starts afresh
             # one sorted pass (a later confirmation of a member wins), then the "seen" marks
             db.execute(
                 "INSERT INTO members (scope_id, member, fingerprint, dest_key, confirmed_run, seen_run) "
-                "SELECT ?, member, fingerprint, dest_key, run, run FROM temp.fold "
-                "WHERE fingerprint IS NOT NULL ORDER BY member, rowid "
+                "SELECT scope_id, member, fingerprint, dest_key, run, run FROM temp.fold "
+                "WHERE scope_id = ? AND fingerprint IS NOT NULL ORDER BY member, rowid "
                 "ON CONFLICT (scope_id, member) DO UPDATE SET fingerprint = excluded.fingerprint, "
                 "dest_key = excluded.dest_key, confirmed_run = excluded.confirmed_run, seen_run = excluded.seen_run",
                 (scope_id,))
-            for (run,) in db.execute("SELECT DISTINCT run FROM temp.fold WHERE fingerprint IS NULL").fetchall():
+            for (run,) in db.execute("SELECT DISTINCT run FROM temp.fold WHERE scope_id = ? AND fingerprint IS NULL",
+                                     (scope_id,)).fetchall():
                 db.execute("UPDATE members SET seen_run = ?1 WHERE scope_id = ?2 AND member IN (SELECT member "
-                           "FROM temp.fold WHERE fingerprint IS NULL AND run = ?1)", (run, scope_id))
+                           "FROM temp.fold WHERE scope_id = ?2 AND fingerprint IS NULL AND run = ?1)", (run, scope_id))
             db.execute("DELETE FROM journal WHERE scope_id = ?", (scope_id,))
             db.execute("DELETE FROM journal_batches WHERE scope_id = ?", (scope_id,))
-            db.execute("DELETE FROM temp.fold")
+            db.execute("DELETE FROM temp.fold WHERE scope_id = ?", (scope_id,))
 
     def last_count(self, scope_id: int) -> int | None:
         row = self._db.execute("SELECT last_count FROM scopes WHERE id = ?", (scope_id,)).fetchone()
