@@ -96,6 +96,15 @@ def airflow_db(airflow_home) -> Path:
     return airflow_home
 
 
+def refreshed_warehouse(path: Path, profiles: int, seed: int = 42) -> Path:
+    """A sample warehouse at ``path``, built and with its segments refreshed (what the DAG's refresh task does)."""
+    from airflow_provider_segexport import warehouse
+
+    warehouse.build(path, profiles=profiles, seed=seed)
+    warehouse.refresh(path)
+    return path
+
+
 def run_dag(dag_id: str, conf: dict | None = None, bundle: str = "test-dags"):
     """Run a DAG with dag.test(); return (state, {task_id: return_value XCom})."""
     from airflow.dag_processing.dagbag import DagBag

@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from airflow_provider_segexport import demo, warehouse
-from tests.conftest import REPO
+from tests.conftest import REPO, refreshed_warehouse
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -38,9 +38,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def standalone(tmp_path_factory):
     work = tmp_path_factory.mktemp("ui")
-    wh = work / "warehouse.db"
-    warehouse.build(wh, profiles=2000, seed=42)
-    warehouse.refresh(wh)
+    wh = refreshed_warehouse(work / "warehouse.db", 2000)
     seed = work / "seed.json"
     seed.write_text(json.dumps(warehouse.sandbox_seed(wh)))
     sandbox, info = demo.start_sandbox(work, seed, 0)

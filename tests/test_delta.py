@@ -15,7 +15,7 @@ import pytest
 
 from airflow_provider_segexport import warehouse
 from tests.bench.run import OURS as EXPORT_DRIVER
-from tests.conftest import REPO, run_dag
+from tests.conftest import REPO, refreshed_warehouse, run_dag
 
 SQL = "SELECT * FROM segment_export WHERE segment_name = {segment} ORDER BY customer_id"
 
@@ -51,9 +51,7 @@ def change_segment(db, *, changed: int, leaving: int, new: int, leaving_offset: 
 
 def make_warehouse(tmp_path, monkeypatch, profiles: int, seed: int):
     """A refreshed sample warehouse behind the ``warehouse`` connection."""
-    wh = tmp_path / "wh.db"
-    warehouse.build(wh, profiles=profiles, seed=seed)
-    warehouse.refresh(wh)
+    wh = refreshed_warehouse(tmp_path / "wh.db", profiles, seed)
     monkeypatch.setenv("AIRFLOW_CONN_WAREHOUSE", json.dumps({"conn_type": "sqlite", "host": str(wh)}))
     return wh
 

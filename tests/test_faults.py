@@ -23,7 +23,7 @@ from collections import Counter
 import pytest
 
 from airflow_provider_segexport import warehouse
-from tests.conftest import REPO, SandboxClient
+from tests.conftest import REPO, SandboxClient, refreshed_warehouse
 from tests.test_mailchimp_export import audience, expected
 
 SQL = "SELECT * FROM segment_export WHERE segment_name = {segment} ORDER BY customer_id"
@@ -80,10 +80,7 @@ def conf(sandbox, state_dir, **kw) -> dict:
 
 @pytest.fixture(scope="module")
 def wh_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("faults-wh") / "warehouse.db"
-    warehouse.build(path, profiles=PROFILES, seed=42)
-    warehouse.refresh(path)
-    return path
+    return refreshed_warehouse(tmp_path_factory.mktemp("faults-wh") / "warehouse.db", PROFILES)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import sqlite3
 import pytest
 
 from airflow_provider_segexport import warehouse
-from tests.conftest import run_dag
+from tests.conftest import refreshed_warehouse, run_dag
 
 SQL = "SELECT * FROM segment_export WHERE segment_name = {segment} ORDER BY customer_id"
 PROFILES = 4000
@@ -20,10 +20,7 @@ PROFILES = 4000
 
 @pytest.fixture(scope="module")
 def wh_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("wh") / "warehouse.db"
-    warehouse.build(path, profiles=PROFILES, seed=42)
-    warehouse.refresh(path)
-    return path
+    return refreshed_warehouse(tmp_path_factory.mktemp("wh") / "warehouse.db", PROFILES)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ import sqlite3
 import pytest
 
 from airflow_provider_segexport import warehouse
-from tests.conftest import run_dag
+from tests.conftest import refreshed_warehouse, run_dag
 from tests.test_mailchimp_export import audience
 
 SQL = "SELECT * FROM segment_export WHERE segment_name = {segment} ORDER BY customer_id"
@@ -98,10 +98,7 @@ def assert_clean(logs: str, sandbox, emails: list[str] = ()) -> None:
 
 @pytest.fixture(scope="module")
 def wh_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("secrets-wh") / "warehouse.db"
-    warehouse.build(path, profiles=2000, seed=11)
-    warehouse.refresh(path)
-    return path
+    return refreshed_warehouse(tmp_path_factory.mktemp("secrets-wh") / "warehouse.db", 2000, seed=11)
 
 
 @pytest.fixture

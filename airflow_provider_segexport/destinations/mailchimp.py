@@ -150,10 +150,7 @@ class MailchimpDestination(Destination):
                               "Mailchimp refused this address permanently in an earlier run; not sent again",
                               previous)
         merge: dict[str, Any] = {}
-        converters = self._converter_cache
-        if converters is None or self._converter_types is not self.field_types:
-            converters = self._build_converters()
-        for tag, convert in converters:
+        for tag, convert in self._converters():
             value = payload.get(tag, _ABSENT)
             if value is _ABSENT:
                 continue
@@ -168,25 +165,27 @@ class MailchimpDestination(Destination):
                 return Reject(record.segment, record.row, record.key, reason, tag,
                               f"merge field {tag} ({self.field_types.get(tag, {}).get('type', 'text')}): {problem}")
             merge[tag] = value
+        record.payload = self._member(email, merge, record.segment)
+        return record
+
+    def _member(self, email: str, merge: dict[str, Any], segment: str) -> dict[str, Any]:
+        """The batch-subscribe member, keys in a fixed order."""
         member: dict[str, Any] = {"email_address": email, "status_if_new": self.status_if_new}
         if merge:
             member["merge_fields"] = merge
         if self.tag_segments:
-            member["tags"] = [record.segment]
-        record.payload = member
-        return record
+            member["tags"] = [segment]
+        return member
 
     def prepare_many(self, records: list[Record]) -> tuple[list[Record], list[Reject]]:
         """:meth:`prepare` for a chunk; text merge fields holding plain text (the usual case) are inlined."""
-        converters = self._converter_cache
-        if converters is None or self._converter_types is not self.field_types:
-            converters = self._build_converters()
+        converters = self._converters()
         refusals = self.refusals
         if (any(c is not None for _, c in converters) or (self.mirror and not self.state_managed)
                 or (refusals is not None and refusals.known)):
             return super().prepare_many(records)
         tags = [tag for tag, _ in converters]
-        email_field, status, tag_segments = self.email_field, self.status_if_new, self.tag_segments
+        email_field, member = self.email_field, self._member
         out: list[Record] = []
         rejects: list[Reject] = []
         for r in records:
@@ -199,20 +198,18 @@ class MailchimpDestination(Destination):
                         break
                     merge[tag] = value
             else:
-                member: dict[str, Any] = {"email_address": payload[email_field], "status_if_new": status}
-                if merge:
-                    member["merge_fields"] = merge
-                if tag_segments:
-                    member["tags"] = [r.segment]
-                r.payload = member
+                r.payload = member(payload[email_field], merge, r.segment)
                 out.append(r)
                 continue
             item = self.prepare(r)  # a value to convert or refuse: the one-by-one path
             (out if item.__class__ is Record else rejects).append(item)
         return out, rejects
 
-    def _build_converters(self) -> list:
-        """(merge tag, converter or None for plain text) in mapping order, from the audience's field types."""
+    def _converters(self) -> list:
+        """(merge tag, converter or None for plain text) in mapping order, from the audience's field types
+        (built again only when they change)."""
+        if self._converter_cache is not None and self._converter_types is self.field_types:
+            return self._converter_cache
         self._converter_types = self.field_types
         self._converter_cache = [
             (tag, None if self.field_types.get(tag, {}).get("type", "text") == "text" else convert_merge_value)

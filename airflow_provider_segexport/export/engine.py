@@ -35,6 +35,7 @@ from airflow_provider_segexport.export.records import (
     Reject,
     RowValidator,
     member_id,
+    row_of,
 )
 from airflow_provider_segexport.export.report import (
     OUTCOMES,
@@ -51,10 +52,6 @@ log = logging.getLogger(__name__)
 
 
 _CONFIRMED = frozenset({"created", "updated", "unchanged"})
-
-
-def _row_of(item: Reject) -> int:
-    return item.row
 
 
 def _default_member_key(record: Record) -> str:
@@ -383,7 +380,7 @@ class ExportEngine:
             if prepare and records:
                 records, refused = d.prepare_many(records)
                 if refused:
-                    rejects = sorted(rejects + refused, key=_row_of) if rejects else refused
+                    rejects = sorted(rejects + refused, key=row_of) if rejects else refused
             if rejects:
                 self._reject_many(stats, rejects)
                 progress.advance(len(rejects), stats.counts)

@@ -172,24 +172,6 @@ class _IntMap:
     def __len__(self) -> int:
         return self._n
 
-    def setdefault(self, key: int, value: int) -> int | None:
-        """The value stored for ``key``, or None after storing ``value`` for it (one probe either way)."""
-        keys, mask = self._keys, self._mask
-        i = key & mask
-        while True:
-            k = keys[i]
-            if k == 0:
-                keys[i] = key
-                if self._vals is not None:
-                    self._vals[i] = value
-                self._n += 1
-                if 2 * self._n > mask:
-                    self._grow()
-                return None
-            if k == key:
-                return self._vals[i] if self._vals is not None else 0
-            i = (i + 1) & mask
-
     def replace(self, key: int, value: int) -> None:
         """Store ``value`` for a ``key`` that is in the map."""
         keys, mask = self._keys, self._mask
@@ -199,7 +181,7 @@ class _IntMap:
         self._vals[i] = value
 
     def setdefault_many(self, keys: list[int], values: list[int] | None = None) -> list[int | None]:
-        """:meth:`setdefault` for many keys in order (one call, for the engine's chunks)."""
+        """Per key, in order: the value stored for it, or None after storing its value (``values[n]``)."""
         out: list[int | None] = []
         append = out.append
         table, vals, mask = self._keys, self._vals, self._mask
@@ -226,9 +208,8 @@ class _IntMap:
     def _grow(self) -> None:
         keys, vals = self._keys, self._vals
         self.__init__(2 * (self._mask + 1), vals is not None)
-        for i, k in enumerate(keys):
-            if k:
-                self.setdefault(k, vals[i] if vals is not None else 0)
+        used = [i for i, k in enumerate(keys) if k]
+        self.setdefault_many([keys[i] for i in used], [vals[i] for i in used] if vals is not None else None)
 
 
 class Deduper:
@@ -249,23 +230,7 @@ class Deduper:
 
     def check(self, value: str, key: str, segment_index: int) -> bool:
         """True if ``value`` is new for this export (or the same member seen in another segment)."""
-        return self.check_id(member_id(value), key, segment_index)
-
-    def check_id(self, vid: int, key: str, segment_index: int) -> bool:
-        """:meth:`check` for a value already reduced to its :func:`member_id`."""
-        vid = vid or 1
-        k = ((hash(key) & 0x7FFFFFFFFFFFFF) << 8) | (segment_index & 0xFF)
-        stored = self._by_value.setdefault(vid, k)
-        if stored is None:
-            return True
-        if stored >> 8 != k >> 8 or (stored & 0xFF) == (k & 0xFF):
-            return False
-        self._by_value.replace(vid, k)
-        return True
-
-    def check_key(self, key: str, segment_index: int) -> bool:
-        """True the first time ``key`` (a customer) appears in this segment."""
-        return self._keys.setdefault(_key_hash(key, segment_index), 0) is None
+        return self._check_values([key], [member_id(value)], segment_index & 0xFF)[0]
 
     def check_many(self, keys: list[str], vids: list[int], segment_index: int) -> list[int]:
         """Both checks for a chunk of rows in order: per row 0 (new), ``KEY_SEEN`` (the key twice in this
@@ -274,15 +239,26 @@ class Deduper:
         key_new = self._keys.setdefault_many([_key_hash(k, seg) for k in keys])
         out = [0 if new is None else KEY_SEEN for new in key_new]
         fresh = [i for i, new in enumerate(key_new) if new is None]
-        tags = [((hash(keys[i]) & 0x7FFFFFFFFFFFFF) << 8) | seg for i in fresh]
-        stored = self._by_value.setdefault_many([vids[i] or 1 for i in fresh], tags)
-        for i, k, s in zip(fresh, tags, stored, strict=True):
-            if s is None:
-                continue
-            if s >> 8 != k >> 8 or (s & 0xFF) == seg:
+        for i, ok in zip(fresh, self._check_values([keys[i] for i in fresh], [vids[i] for i in fresh], seg),
+                         strict=True):
+            if not ok:
                 out[i] = VALUE_SEEN
+        return out
+
+    def _check_values(self, keys: list[str], vids: list[int], seg: int) -> list[bool]:
+        """Per (key, value id) in order: False if another key holds the value, or this key already did in
+        this segment; a value held by the same key in another segment is the same member (True)."""
+        tags = [((hash(key) & 0x7FFFFFFFFFFFFF) << 8) | seg for key in keys]
+        ids = [vid or 1 for vid in vids]
+        out = []
+        for vid, k, s in zip(ids, tags, self._by_value.setdefault_many(ids, tags), strict=True):
+            if s is None:
+                out.append(True)
+            elif s >> 8 != k >> 8 or (s & 0xFF) == seg:
+                out.append(False)
             else:  # the same member in another segment
-                self._by_value.replace(vids[i] or 1, k)
+                self._by_value.replace(vid, k)
+                out.append(True)
         return out
 
 
@@ -390,7 +366,7 @@ class RowValidator:
             return mapped, rejects
         records, duplicates = self._dedupe(mapped)
         if duplicates:
-            rejects = sorted(rejects + duplicates, key=_row_of) if rejects else duplicates
+            rejects = sorted(rejects + duplicates, key=row_of) if rejects else duplicates
         return records, rejects
 
     def _map(self, row_number: int, row: Any) -> Record | Reject:
@@ -464,7 +440,7 @@ class RowValidator:
         return kept, rejects
 
 
-def _row_of(item: Reject) -> int:
+def row_of(item: Reject) -> int:
     return item.row
 
 

@@ -133,9 +133,10 @@ class SqlSource(Source):
         for chunk in self.chunks(columns):
             yield from chunk
 
-    def chunks(self, columns: list[str], size: int = 0) -> Iterator[list[tuple]]:
-        """Only ``columns`` are fetched, ``chunk_size`` rows at a time (the query is wrapped in a projection;
-        if the database refuses the wrapped query, the query runs as written and the columns are picked)."""
+    def chunks(self, columns: list[str], size: int = 2000) -> Iterator[list[tuple]]:
+        """Only ``columns`` are fetched, ``chunk_size`` rows at a time, whatever ``size`` (the query is wrapped
+        in a projection; if the database refuses the wrapped query, the query runs as written and the
+        columns are picked)."""
         quote = _quote_for(_dialect_of(self.hook()))
         projected = (f"SELECT {', '.join(quote(c) for c in columns)} FROM "
                      f"({self.sql.rstrip().rstrip(';')}) segexport_q")
