@@ -120,6 +120,10 @@ with DAG(
             full_refresh="{{ params.full_refresh }}",
             allow_large_changes="{{ params.allow_large_changes }}",
             apply_plan="{{ params.apply_plan }}",
+            # The sample warehouse bumps a profile's updated_at whenever it changes (and a profile joins a
+            # segment only through such a change): a scheduled run reads only the rows changed since the last
+            # complete export. full_refresh (or mirror mode) reads every row.
+            change_column="updated_at",
             mailchimp_conn_id="mailchimp_default",
             pool="mailchimp_default",
             pool_slots=DESTINATIONS["mailchimp"][2],

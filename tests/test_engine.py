@@ -265,3 +265,83 @@ def test_delta_fingerprint_covers_values_and_destination_settings(tmp_path):
     assert sent == ["u4@example.com"] and totals["skipped"] == 29
     totals, sent = export(Tagged("v2"), changed, "r4")  # a setting that shapes every payload changed
     assert len(sent) == 30 and totals["skipped"] == 0
+
+
+def test_change_column_reads_only_rows_changed_since_the_last_complete_export(tmp_path, monkeypatch):
+    """With a change column, a delta run reads only the rows whose value is >= the watermark the last complete
+    export recorded (the highest value before it read anything); the rest count as unchanged, unread."""
+    from airflow_provider_segexport.export.state import ExportState
+
+    logged: list[str] = []
+    logger = logging.getLogger("test.change_column")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(type("H", (logging.Handler,), {"emit": lambda self, r: logged.append(r.getMessage())})())
+    path = tmp_path / "wh.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE p (customer_id TEXT, email TEXT, first_name TEXT, updated_at TEXT)")
+    db.executemany("INSERT INTO p VALUES (?, ?, 'A', ?)",
+                   [(f"C{i:02d}", f"u{i}@example.com", f"2026-01-01T00:00:{i % 7:02d}Z") for i in range(50)])
+    db.commit()
+    monkeypatch.setenv("AIRFLOW_CONN_WH", json.dumps({"conn_type": "sqlite", "host": str(path)}))
+
+    def export(run_id, dest=None, **kw):
+        dest = dest or Recorder()
+        (seg,) = segments_from_spec(["a"], sql="SELECT * FROM p ORDER BY customer_id", sql_conn_id="wh")
+        state = ExportState("recorder:target", tmp_path / "state")
+        try:
+            summary = run(dest, [seg], tmp_path, state=state, run_id=run_id, change_column="updated_at", logger=logger,
+                          **kw)
+        finally:
+            state.close()
+        return summary, sorted(dest.sent)
+
+    summary, sent = export("r1")
+    assert len(sent) == 50 and summary["change_column"]["a"]["advanced_to"] == "2026-01-01T00:00:06Z"
+
+    db.execute("UPDATE p SET first_name = 'B', updated_at = '2026-01-02T00:00:00Z' WHERE customer_id IN ('C01', 'C02')")
+    db.execute("UPDATE p SET updated_at = '2026-01-02T00:00:00Z' WHERE customer_id = 'C03'")  # touched, same values
+    db.execute("UPDATE p SET first_name = 'Z' WHERE customer_id = 'C04'")  # changed WITHOUT its change column
+    db.execute("INSERT INTO p VALUES ('C98', 'new@example.com', 'N', NULL)")  # NULL: always read
+    db.commit()
+    summary, sent = export("r2")
+    assert sent == ["new@example.com", "u1@example.com", "u2@example.com"]  # not u4: its row was not read
+    t = summary["totals"]
+    assert (t["rows"], t["created"], t["skipped"]) == (51, 3, 48)
+    assert summary["change_column"]["a"]["since"] == "2026-01-01T00:00:06Z"
+    assert any("reading only the rows whose updated_at is >= 2026-01-01T00:00:06Z" in m for m in logged)
+
+    # a failed run does not move the watermark: the retry reads the same rows again
+    db.execute("UPDATE p SET first_name = 'C', updated_at = '2026-01-03T00:00:00Z' WHERE customer_id = 'C05'")
+    db.commit()
+    with pytest.raises(ExportError):
+        export("r3", Recorder(fail_after=0))
+    summary, sent = export("r4")
+    assert sent == ["u5@example.com"] and summary["change_column"]["a"]["since"] == "2026-01-02T00:00:00Z"
+
+    # mirror mode, full_refresh and changed destination settings read every row (u4's change is found)
+    mirror = Recorder()
+    mirror.mirror = True
+    mirror.remove_members = lambda segment, keys: len(keys)
+    summary, sent = export("r5", mirror)
+    assert sent == ["u4@example.com"] and summary["change_column"]["a"]["since"] is None
+    assert any("reading every row (mirror mode" in m for m in logged)
+    summary, sent = export("r6", full_refresh=True)
+    assert len(sent) == 51
+
+    # a destination setting that shapes the payloads changed: every row is read (the first segment's changed rows,
+    # queried ahead while the destination was checked, are dropped unread) and every member sent
+    class Retagged(Recorder):
+        def fingerprint_config(self):
+            return super().fingerprint_config() + b"v2"
+
+    db.execute("UPDATE p SET first_name = 'D', updated_at = '2026-01-04T00:00:00Z' WHERE customer_id = 'C06'")
+    db.commit()
+    summary, sent = export("r7", Retagged())
+    assert len(sent) == 51 and summary["change_column"]["a"]["since"] is None
+    assert any("settings or the mapping changed since the last export" in m for m in logged)
+    assert not [t for t in threading.enumerate() if t.name == "segexport-prefetch"]
+
+    with pytest.raises(ExportError, match="change_column 'changed' is not a column of segment 'a'"):
+        (seg,) = segments_from_spec(["a"], sql="SELECT * FROM p", sql_conn_id="wh")
+        run(Recorder(), [seg], tmp_path, state=ExportState("recorder:target", tmp_path / "state"),
+            change_column="changed")

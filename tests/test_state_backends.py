@@ -10,15 +10,18 @@ import sqlite3
 import threading
 import time
 import tracemalloc
+from datetime import UTC, datetime
 
 import pytest
 import sqlalchemy as sa
 
 from airflow_provider_segexport import warehouse
+from airflow_provider_segexport.export.sources import decode_watermark, encode_watermark
 from airflow_provider_segexport.export.state import (
     ExportState,
     ExportStateBackend,
     SqlConnectionExportState,
+    Watermark,
     open_export_state,
 )
 from tests.conftest import run_dag
@@ -60,7 +63,7 @@ def open_state(request, tmp_path, monkeypatch):
 def _drop_pg_tables(pg: dict) -> None:
     engine = sa.create_engine(pg["url"])
     with engine.begin() as conn:
-        conn.execute(sa.text("DROP TABLE IF EXISTS segexport_members, segexport_scopes"))
+        conn.execute(sa.text("DROP TABLE IF EXISTS segexport_members, segexport_scopes, segexport_watermarks"))
     engine.dispose()
 
 
@@ -176,6 +179,20 @@ def test_last_count(open_state):
     assert (state.last_count(a), state.last_count(b)) == (1_000_000, 0)
     state.set_last_count(a, 42, "r2")
     assert open_state().last_count(a) == 42
+
+
+def test_watermarks_per_segment_survive_reopening_and_are_replaced(open_state):
+    state = open_state()
+    a, b = state.scope_id("a"), state.scope_id("b")
+    assert state.watermark(a) is None
+    when = datetime(2026, 8, 1, 5, 59, 24, tzinfo=UTC)
+    state.set_watermark(a, Watermark("updated_at", encode_watermark(when), b"\x00salt\xff" * 2), "r1")
+    state.set_watermark(b, Watermark("version", encode_watermark(41), b"s"), "r1")
+    state.set_watermark(b, Watermark("version", encode_watermark(42), b"t"), "r2")
+    again = open_state()
+    wm = again.watermark(a)
+    assert (wm.column, decode_watermark(wm.value), wm.salt) == ("updated_at", when, b"\x00salt\xff" * 2)
+    assert again.watermark(b) == Watermark("version", encode_watermark(42), b"t")
 
 
 def test_scopes_and_segments_are_isolated(open_state):
@@ -465,8 +482,8 @@ def test_postgres_role_with_only_the_documented_grants(state_pg, postgres_url, m
     with admin.begin() as conn:
         conn.execute(sa.text("DROP ROLE IF EXISTS segexport_worker"))
         conn.execute(sa.text("CREATE ROLE segexport_worker LOGIN"))
-        conn.execute(sa.text("GRANT SELECT, INSERT, UPDATE, DELETE ON segexport_scopes, segexport_members "
-                             "TO segexport_worker"))
+        conn.execute(sa.text("GRANT SELECT, INSERT, UPDATE, DELETE ON segexport_scopes, segexport_members, "
+                             "segexport_watermarks TO segexport_worker"))
         conn.execute(sa.text("GRANT USAGE ON SEQUENCE segexport_scopes_id_seq TO segexport_worker"))
     monkeypatch.setenv("AIRFLOW_CONN_STATE_PG_WORKER", json.dumps({
         "conn_type": "postgres", "host": postgres_url["host"], "port": postgres_url["port"],
@@ -479,7 +496,8 @@ def test_postgres_role_with_only_the_documented_grants(state_pg, postgres_url, m
         state.set_last_count(sid, 12_000, "r1")
         state.seen(sid, list(range(6000)), "r2")
         state.forget(sid, [m for m, _ in state.leavers(sid, "r2")])
-        assert state.member_count(sid) == 6000 and state.last_count(sid) == 12_000
+        state.set_watermark(sid, Watermark("updated_at", '{"str": "2026-08-01"}', b"s"), "r2")
+        assert state.member_count(sid) == 6000 and state.last_count(sid) == 12_000 and state.watermark(sid)
     finally:
         state.close()
         with admin.begin() as conn:

@@ -45,6 +45,12 @@ _ABSENT = object()
 _DATE_FORMATS = {"MM/DD/YYYY": "%m/%d/%Y", "DD/MM/YYYY": "%d/%m/%Y", "MM/DD": "%m/%d", "DD/MM": "%d/%m"}
 
 
+def is_permanent_refusal(message: str | None) -> bool:
+    """Whether Mailchimp's refusal is for good (the address was forgotten, permanently deleted, or is in a
+    compliance state): such members are remembered and rejected up front by later runs."""
+    return bool(message) and any(m in message.lower() for m in PERMANENT_MARKERS)
+
+
 def _digest(email: str) -> bytes:
     return hashlib.blake2b(email.strip().lower().encode("utf-8"), digest_size=8).digest()
 
@@ -95,7 +101,7 @@ class MailchimpDestination(Destination):
 
     # -- pre-flight -------------------------------------------------------------------------------
     def preflight(self, segments: list[Segment], dry_run: bool) -> None:
-        self.audience = self.hook.get_audience(self.target)
+        self.audience = self.audience or self.hook.get_audience(self.target)  # the operator may have read it
         fields = {f["tag"]: f for f in self.hook.get_merge_fields(self.target)}
         missing = [t for t in self.merge_map if t not in fields]
         bad_tags = [t for t in missing if not (t.isascii() and t.replace("_", "").isalnum() and len(t) <= 10)]
@@ -242,7 +248,7 @@ class MailchimpDestination(Destination):
         return out
 
     def remember_refusal(self, email: str, message: str | None) -> None:
-        if self.refusals is not None and message and any(m in message.lower() for m in PERMANENT_MARKERS):
+        if self.refusals is not None and is_permanent_refusal(message):
             self.refusals.add(email, message)
 
     # -- after a segment -------------------------------------------------------------------------------
@@ -319,6 +325,7 @@ class MailchimpBatchOperationsDestination(MailchimpDestination):
     """
 
     ops_per_batch = 100
+    confirms_later = True
 
     def __init__(self, *args: Any, work_dir: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

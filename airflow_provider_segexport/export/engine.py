@@ -17,6 +17,8 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import operator
+import queue
 import threading
 import time
 from collections import Counter
@@ -44,14 +46,18 @@ from airflow_provider_segexport.export.report import (
     SegmentStats,
     summary_table,
 )
-from airflow_provider_segexport.export.sources import Segment
-from airflow_provider_segexport.export.state import ExportStateBackend
+from airflow_provider_segexport.export.sources import Segment, decode_watermark, encode_watermark
+from airflow_provider_segexport.export.state import ExportStateBackend, Watermark
 from airflow_provider_segexport.http import encode_json
 
 log = logging.getLogger(__name__)
 
 
 _CONFIRMED = frozenset({"created", "updated", "unchanged"})
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 def _default_member_key(record: Record) -> str:
@@ -131,6 +137,9 @@ class Destination:
 
     #: True when the engine keeps export state (delta exports; mirror leavers come from the state)
     state_managed = False
+    #: True when ``send`` only queues the work and the destination confirms it after the engine returns
+    #: (deferrable mode): the change-column watermark is then advanced by whoever confirms it
+    confirms_later = False
     #: whether members who left the segment are removed (mirror mode)
     mirror = False
 
@@ -158,6 +167,64 @@ class Destination:
 
     def close(self) -> None:
         """Release threads and connections."""
+
+
+_END = object()
+
+
+class _Prefetch:
+    """A source's chunks, read by a thread ahead of the reader (at most ``depth`` chunks ahead). The
+    source's connection and cursor live and die in that thread."""
+
+    def __init__(self, source: Any, columns: list[str], depth: int = 4) -> None:
+        self._queue: queue.Queue = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(source, columns), name="segexport-prefetch",
+                                        daemon=True)
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, source: Any, columns: list[str]) -> None:
+        try:
+            chunks = source.chunks(columns)
+            try:
+                for chunk in chunks:
+                    if not self._put(chunk):
+                        return
+            finally:
+                chunks.close()
+            self._put(_END)
+        except BaseException as exc:  # noqa: BLE001 - raised in the reader
+            self._put(exc)
+
+    def __iter__(self) -> Iterator[list]:
+        try:
+            while True:
+                item = self._queue.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        while True:  # unblock a pending put
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join(timeout=30)
 
 
 @contextmanager
@@ -196,6 +263,7 @@ class ExportEngine:
         allow_large_changes: bool = False,
         plan_out: Any = None,
         plan_in: Any = None,
+        change_column: str | None = None,
     ) -> None:
         self.destination = destination
         self.segments = list(segments)
@@ -217,6 +285,12 @@ class ExportEngine:
         self._scope_ids: dict[str, int] = {}
         self._snapshots: dict[int, Any] = {}
         self._fp_salt = b""  # set by run() from the destination's fingerprint_config()
+        self.change_column = change_column or None
+        self._totals: dict[str, int] | None = None  # row counts per segment, once counted (see _counts)
+        self._estimates: dict[str, int] = {}
+        self._members_before: dict[int, int] = {}  # scope id -> members with state before this run
+        self._prefetch: tuple | None = None  # (segment, since, columns, _Prefetch) for the first segment
+        self._watermarks: dict[str, dict] = {}  # segment -> what the summary reports about the change column
         destination.state_managed = state is not None
         self._custom_member_key = type(destination).member_key is not Destination.member_key
         if (plan_out is not None or plan_in is not None) and state is None:
@@ -237,10 +311,39 @@ class ExportEngine:
         names = [s.name for s in self.segments]
         if len(set(names)) != len(names):
             raise ExportError(f"Segment names must be unique in one export; got {names}.")
-        totals: dict[str, int] = {}
         for seg in self.segments:
-            d.mapping.check_columns(seg.source.columns(), f"Segment '{seg.name}' ({seg.source.description})")
-            totals[seg.name] = seg.source.count()
+            columns = seg.source.columns()
+            d.mapping.check_columns(columns, f"Segment '{seg.name}' ({seg.source.description})")
+            if self.change_column and self.change_column not in columns:
+                raise ExportError(
+                    f"change_column '{self.change_column}' is not a column of segment '{seg.name}' "
+                    f"({seg.source.description}); its columns: {', '.join(columns)}. Name the column that changes "
+                    "whenever a row changes (e.g. updated_at), or leave change_column unset.")
+        if self.state is not None:
+            for seg in self.segments:
+                self._scope_ids[seg.name] = self.state.scope_id(seg.name)
+        # While the destination is checked, the segments are counted (one query each, in the database) and the
+        # first segment's rows start streaming in; on a repeat export the counts are awaited only before the
+        # first send.
+        self._counter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segexport-count")
+        self._counting = self._counter.submit(self._count_segments)
+        try:
+            self._start_prefetch()
+            d.preflight(self.segments, self.dry_run)
+        except BaseException:
+            self._counts()  # a source error or a limit is the first thing to fix: reported before the destination's
+            raise
+        finally:
+            self._counter.shutdown(wait=False)
+
+    def _counts(self) -> dict[str, int]:
+        """The segments' row counts. The first call waits for the count queries and applies the limits and the
+        size circuit breaker: it is made before anything is sent."""
+        if self._totals is not None:
+            return self._totals
+        d = self.destination
+        totals = self._counting.result()
+        for seg in self.segments:
             if d.max_per_segment is not None and totals[seg.name] > d.max_per_segment:
                 raise ExportLimitExceeded(
                     f"Segment '{seg.name}' has {totals[seg.name]:,} members; {d.name} accepts at most "
@@ -256,8 +359,7 @@ class ExportEngine:
             )
         if self.state is not None:
             for seg in self.segments:
-                sid = self._scope_ids[seg.name] = self.state.scope_id(seg.name)
-                last = self.state.last_count(sid)
+                last = self.state.last_count(self._scope_ids[seg.name])
                 now = totals[seg.name]
                 if last and not self.allow_large_changes and self.max_size_change:
                     ratio = max(now, 1) / last if now >= last else last / max(now, 1)
@@ -269,8 +371,12 @@ class ExportEngine:
                             "run again with allow_large_changes=True (DAG param); otherwise check the upstream "
                             "segment model."
                         )
-        d.preflight(self.segments, self.dry_run)
+        self._totals = totals
+        self.log.info("Counted %s rows in all (%s)", f"{total:,}", ", ".join(f"{k}: {v:,}" for k, v in totals.items()))
         return totals
+
+    def _count_segments(self) -> dict[str, int]:
+        return {seg.name: seg.source.count() for seg in self.segments}
 
     # -- run ---------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -278,11 +384,18 @@ class ExportEngine:
         d = self.destination
         mode = "DRY RUN: nothing will be sent" if self.dry_run else f"to {d.name} '{d.target}'"
         self.log.info("::group::Pre-flight checks")
-        totals = self._preflight()
+        self._preflight()
         self._fp_salt = blake2b(d.fingerprint_config(), digest_size=16).digest()
-        self._deduper = Deduper(sum(totals.values()))
-        self.log.info("Exporting %d segment(s), %s rows in all, %s; batches of %d, up to %d in flight",
-                      len(totals), f"{sum(totals.values()):,}", mode, d.batch_size, d.max_in_flight)
+        # The last export's sizes (export state) size the dedupe tables while the segments are still counted;
+        # without them the counts are awaited now.
+        lasts = [self.state.last_count(self._scope_ids[s.name]) for s in self.segments] if self.state else [None]
+        self._estimates = ({s.name: n for s, n in zip(self.segments, lasts, strict=True)}
+                           if all(lasts) else dict(self._counts()))
+        self._deduper = Deduper(sum(self._estimates.values()))
+        self.log.info("Exporting %d segment(s), %s, %s; batches of %d, up to %d in flight", len(self.segments),
+                      f"{sum(self._totals.values()):,} rows in all" if self._totals is not None else
+                      f"about {sum(self._estimates.values()):,} rows in all (counting)", mode, d.batch_size,
+                      d.max_in_flight)
         self.log.info("::endgroup::")
         try:
             with _tuned_for_export(), ThreadPoolExecutor(max_workers=d.max_in_flight,
@@ -290,12 +403,16 @@ class ExportEngine:
                 slots = threading.BoundedSemaphore(2 * d.max_in_flight)  # in flight + ready
                 for seg in self.segments:
                     if self._failure is not None:  # segments never started: every row is not sent
-                        stats = self._stats[seg.name] = SegmentStats(seg.name, totals[seg.name])
-                        stats.read = totals[seg.name]
-                        stats.counts["not_sent"] = totals[seg.name]
+                        total = self._counts()[seg.name]
+                        stats = self._stats[seg.name] = SegmentStats(seg.name, total)
+                        stats.read = total
+                        stats.counts["not_sent"] = total
                         continue
-                    self._run_segment(seg, totals[seg.name], pool, slots)
+                    self._run_segment(seg, pool, slots)
         finally:
+            if self._prefetch is not None:  # the run stopped before reading: stop the prefetch thread
+                self._prefetch[3].close()
+                self._prefetch = None
             self.rejects.close()
             if self._plan_fh is not None:
                 self._plan_fh.write("".join(self._plan_lines))
@@ -333,17 +450,20 @@ class ExportEngine:
             )
         return summary
 
-    def _run_segment(self, seg: Segment, total: int, pool: ThreadPoolExecutor,
-                     slots: threading.BoundedSemaphore) -> None:
+    def _run_segment(self, seg: Segment, pool: ThreadPoolExecutor, slots: threading.BoundedSemaphore) -> None:
         d = self.destination
+        total = (self._totals or self._estimates)[seg.name]  # the count, or until it is known the last one
         stats = self._stats[seg.name] = SegmentStats(seg.name, total)
         progress = Progress(self.log, f"{d.name} segment '{seg.name}'", total, self.progress_interval)
         validate = RowValidator(d.mapping, seg.name, self._deduper, self.segments.index(seg))
         pending: list[Future] = []
         batch: list[Record] = []
         sid = self._scope_ids.get(seg.name)
-        prev_members = self.state.member_count(sid) if sid is not None else 0
-        if sid is not None and prev_members:
+        prev_members = self._member_count(sid) if sid is not None else 0
+        source, since = seg.source, self._since(seg, sid, prev_members)
+        if since is not None:  # only the rows changed since the last complete export are read
+            source = seg.source.changed_since(self.change_column, since)
+        elif sid is not None and prev_members:
             try:  # the segment's state in memory for the delta lookups (17 bytes a member)
                 self._snapshots[sid] = self.state.snapshot(sid, self.run_id)
             except NotImplementedError:  # a backend that only answers lookups
@@ -352,6 +472,8 @@ class ExportEngine:
         prefold = sid is not None and not self.dry_run
 
         def submit(records: list[Record]) -> None:
+            if self._totals is None:
+                self._counts()  # the limits, before the first send
             if not slots.acquire(blocking=False):  # ahead of the lanes: a moment for the state's own work
                 if prefold:
                     self.state.prefold(sid)
@@ -370,38 +492,54 @@ class ExportEngine:
         prepare = type(d).prepare is not Destination.prepare or type(d).prepare_many is not Destination.prepare_many
         size = d.batch_size
         row_number = 0
+        columns, high, change = self._read_columns(validate), None, None
+        if self.change_column and sid is not None:  # its highest value read: the next run's watermark
+            change = operator.itemgetter(columns.index(self.change_column))
+        chunks = self._prefetched(seg, since, columns) or source.chunks(columns)
         # Chunk by chunk: validate, drop what the export state says is unchanged (delta), let the
         # destination convert the rest, then cut it into batches of the destination's size.
-        for rows in seg.source.chunks(validate.columns):
-            records, rejects = validate.many(rows, row_number + 1)
-            row_number += len(rows)
-            if sid is not None and records:  # unchanged since the last confirmed export: not converted at all
-                records = self._delta(sid, records, stats, progress)
-            if prepare and records:
-                records, refused = d.prepare_many(records)
-                if refused:
-                    rejects = sorted(rejects + refused, key=row_of) if rejects else refused
-            if rejects:
-                self._reject_many(stats, rejects)
-                progress.advance(len(rejects), stats.counts)
-            if sid is not None and records:  # sent as encoded here (the state journal keeps the fingerprint)
-                if type(d).encode is Destination.encode:
-                    for r in records:
-                        r.body = encode_json(r.payload)
-                else:
-                    for r in records:
-                        r.body = d.encode(r)
-            batch.extend(records)
-            while len(batch) >= size:
-                submit(batch[:size])
-                batch = batch[size:]
-            if self._failure is not None:
-                break
+        try:
+            for rows in chunks:
+                if change is not None:
+                    high = self._highest(high, rows, change)
+                records, rejects = validate.many(rows, row_number + 1)
+                row_number += len(rows)
+                if sid is not None and records:  # unchanged since the last confirmed export: not converted at all
+                    records = self._delta(sid, records, stats, progress)
+                if prepare and records:
+                    records, refused = d.prepare_many(records)
+                    if refused:
+                        rejects = sorted(rejects + refused, key=row_of) if rejects else refused
+                if rejects:
+                    self._reject_many(stats, rejects)
+                    progress.advance(len(rejects), stats.counts)
+                if sid is not None and records:  # sent as encoded here (the state journal keeps the fingerprint)
+                    if type(d).encode is Destination.encode:
+                        for r in records:
+                            r.body = encode_json(r.payload)
+                    else:
+                        for r in records:
+                            r.body = d.encode(r)
+                batch.extend(records)
+                while len(batch) >= size:
+                    submit(batch[:size])
+                    batch = batch[size:]
+                if self._failure is not None:
+                    break
+        finally:
+            chunks.close()  # the cursor (and the prefetch thread) even when the reading stopped early
+        stats.total = progress.total = total = self._counts()[seg.name]
         stats.read = row_number
         if self._failure is not None and total > row_number:  # rows never read are not sent either
             with self._lock:
                 stats.counts["not_sent"] += total - row_number
             stats.read = total
+        elif since is not None:  # the rows not read: unchanged since the watermark
+            unread = max(0, total - row_number)
+            with self._lock:
+                stats.counts["skipped"] += unread
+            stats.read = row_number + unread
+            progress.advance(unread, stats.counts)
         while batch and self._failure is None:
             submit(batch[: d.batch_size])
             batch = batch[d.batch_size:]
@@ -415,10 +553,114 @@ class ExportEngine:
                 stats.counts[key] += value
             if sid is not None:
                 self._finish_state(seg, sid, total, prev_members, stats)
+                self._advance_watermark(seg, sid, since, high)
         self._snapshots.pop(sid, None)
         stats.duration = time.monotonic() - stats.started
         progress.emit(stats.counts)
         self.log.info("::endgroup::")
+
+    # -- change column (watermark) ------------------------------------------------------------------
+    def _since(self, seg: Segment, sid: int | None, prev_members: int) -> Any:
+        """The watermark to read from (rows whose change column is >= it), or None to read every row."""
+        col = self.change_column
+        if col is None or sid is None:
+            return None
+        report = self._watermarks[seg.name] = {"column": col, "since": None}
+        since, why = self._watermark_for(sid, prev_members, check_salt=True)
+        if why is not None:
+            self.log.info("Segment '%s': reading every row (%s).", seg.name, why)
+            return None
+        report["since"] = _text(since)
+        self.log.info("Segment '%s': reading only the rows whose %s is >= %s (or NULL); the others are unchanged "
+                      "since the last complete export.", seg.name, col, _text(since))
+        return since
+
+    def _watermark_for(self, sid: int, prev_members: int, check_salt: bool) -> tuple[Any, str | None]:
+        """(the watermark, None) or (None, why every row is read)."""
+        col, d = self.change_column, self.destination
+        why = None
+        wm = self.state.watermark(sid)
+        if d.mirror:
+            why = "mirror mode finds the members who left by reading the whole segment"
+        elif self.full_refresh:
+            why = "full_refresh"
+        elif not prev_members or wm is None:
+            why = "no complete export recorded a watermark yet"
+        elif wm.column != col:
+            why = f"the last export's change column was '{wm.column}'"
+        elif check_salt and wm.salt != self._fp_salt:
+            why = f"{d.name}'s settings or the mapping changed since the last export: every member is due"
+        return (None, why) if why is not None else (decode_watermark(wm.value), None)
+
+    def _read_columns(self, validate: RowValidator) -> list[str]:
+        """What is read: the validator's columns, and the change column (its highest value is the next run's
+        watermark)."""
+        columns = validate.columns
+        if self.change_column and self.state is not None and self.change_column not in columns:
+            columns = [*columns, self.change_column]
+        return columns
+
+    def _start_prefetch(self) -> None:
+        """With a watermark, the first segment's changed rows are queried while the destination is checked and the
+        segments counted: the query scans the whole segment in the database and returns few rows. (A full read
+        is not prefetched: its first rows come at once, and a reading thread would contend with the reader.)"""
+        seg = self.segments[0]
+        sid = self._scope_ids.get(seg.name)
+        if not self.change_column or sid is None:
+            return
+        # optimistic: the destination's settings (the salt) are checked after the pre-flight
+        since, _ = self._watermark_for(sid, self._member_count(sid), check_salt=False)
+        if since is None:
+            return
+        source = seg.source.changed_since(self.change_column, since)
+        columns = self._read_columns(RowValidator(self.destination.mapping, seg.name, None, 0))
+        self._prefetch = (seg.name, _text(since), columns, _Prefetch(source, columns))
+
+    def _prefetched(self, seg: Segment, since: Any, columns: list[str]) -> Iterator[list] | None:
+        """The prefetched chunks if they are what the segment reads now; else None (and the prefetch stops)."""
+        if self._prefetch is None:
+            return None
+        name, prefetched_since, prefetched_columns, prefetch = self._prefetch
+        self._prefetch = None
+        if (name, prefetched_since, prefetched_columns) == (seg.name, _text(since), columns):
+            return iter(prefetch)
+        prefetch.close()
+        return None
+
+    def _member_count(self, sid: int) -> int:
+        if sid not in self._members_before:
+            self._members_before[sid] = self.state.member_count(sid)
+        return self._members_before[sid]
+
+    def _highest(self, high: Any, rows: list, change: Any) -> Any:
+        values = [v for v in map(change, rows) if v is not None]
+        try:
+            top = max(values, default=None)
+            return top if high is None or (top is not None and top > high) else high
+        except TypeError as exc:
+            raise ExportError(f"change_column '{self.change_column}' holds values of different types ({exc}); "
+                              "use a timestamp, date or number column.") from exc
+
+    def _advance_watermark(self, seg: Segment, sid: int, since: Any, high: Any) -> None:
+        """After a complete export of the segment: the next run reads from the highest change-column value this
+        one read. The rows were read in one query (one snapshot of the database): a row changed after it gets a
+        higher value (the column must only grow), so the next run reads it; a row at the watermark itself is
+        read again and found unchanged."""
+        if self.change_column is None or self.dry_run or self.destination.mirror or high is None:
+            return
+        self._watermarks[seg.name]["high"] = _text(high)
+        try:
+            if since is not None and not high > since:  # nothing newer: the watermark stays
+                return
+        except TypeError:  # the column's type changed since: the new values decide
+            pass
+        wm = Watermark(self.change_column, encode_watermark(high), self._fp_salt)
+        if self.destination.confirms_later:  # advanced once the destination confirms the work
+            self._watermarks[seg.name]["pending"] = {"scope_id": sid, "column": wm.column, "value": wm.value,
+                                                     "salt": wm.salt.hex()}
+        else:
+            self.state.set_watermark(sid, wm, self.run_id)
+            self._watermarks[seg.name]["advanced_to"] = _text(high)
 
     def _send_batch(self, seg: Segment, records: list[Record], stats: SegmentStats, progress: Progress) -> None:
         if self._failure is not None:  # a batch that was waiting when another one failed
@@ -632,4 +874,4 @@ class ExportEngine:
             "duration_s": round(duration, 3),
             "rows_per_second": round(totals["rows"] / duration, 1) if duration > 0 else None,
             "http": d.http_stats(),
-        }
+        } | ({"change_column": self._watermarks} if self._watermarks else {})

@@ -14,6 +14,8 @@ import operator
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import date, datetime
+from decimal import Decimal
 from typing import Any
 
 _SEGMENT_NAME = re.compile(r"^[A-Za-z0-9_.: -]{1,100}$")
@@ -34,6 +36,13 @@ class Source:
     def count(self) -> int:
         raise NotImplementedError
 
+    def changed_since(self, column: str, value: Any) -> Source:
+        """The rows whose ``column`` is ``>= value`` or NULL (a NULL change column always counts as changed).
+
+        This generic version still reads every row (and skips the others before any other work); SQL
+        sources push the condition into the query, where an index on the column makes it cheap."""
+        return _ChangedSince(self, column, value)
+
     def rows(self) -> Iterator[dict[str, Any]]:
         raise NotImplementedError
 
@@ -50,6 +59,30 @@ class Source:
         rows = self.tuples(columns)
         while chunk := list(itertools.islice(rows, size)):
             yield chunk
+
+
+@dataclass
+class _ChangedSince(Source):
+    source: Source
+    column: str
+    since: Any
+
+    @property
+    def description(self) -> str:
+        return self.source.description
+
+    def columns(self) -> list[str]:
+        return self.source.columns()
+
+    def count(self) -> int:
+        return sum(1 for _ in self.rows())
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        column, since = self.column, self.since
+        for row in self.source.rows():
+            value = row.get(column)
+            if value is None or value >= since:
+                yield row
 
 
 @dataclass
@@ -109,6 +142,15 @@ class SqlSource(Source):
         finally:
             cursor.close()
             conn.close()
+
+    def changed_since(self, column: str, value: Any) -> SqlSource:
+        """The query wrapped in ``WHERE column >= <value> OR column IS NULL`` (the value as a SQL literal, so
+        the query's own parameters keep their places)."""
+        quote = _quote_for(_dialect_of(self.hook()))
+        col = quote(column)
+        sql = (f"SELECT * FROM ({self.sql.rstrip().rstrip(';')}) segexport_c "
+               f"WHERE {col} >= {sql_literal(value)} OR {col} IS NULL")
+        return SqlSource(self.conn_id, sql, self.parameters, self.chunk_size, self._hook)
 
     def _fetch(self, conn, cursor) -> Iterator[list[tuple]]:
         """The result in ``chunk_size`` chunks (fetchmany); closes the cursor and connection at the end."""
@@ -247,6 +289,51 @@ class FileSource(Source):
             raise SourceError("Reading Parquet needs pyarrow: pip install 'airflow-provider-segexport[parquet]'") from exc
         fh = self.path.open("rb")
         return pq.ParquetFile(fh if not isinstance(fh, io.TextIOBase) else fh.buffer)
+
+
+def sql_literal(value: Any) -> str:
+    """A change column's value as a SQL literal: numbers as they are, text and date/times quoted (ISO 8601,
+    which PostgreSQL, MySQL, Snowflake, BigQuery and SQLite's text dates all compare correctly)."""
+    if isinstance(value, bool) or value is None:
+        raise SourceError(f"A change column cannot hold {value!r}: use a timestamp, date, number or sortable text.")
+    if isinstance(value, (int, float, Decimal)):
+        return str(value)
+    if isinstance(value, datetime):
+        text = value.isoformat(sep=" ")
+    elif isinstance(value, date):
+        text = value.isoformat()
+    elif isinstance(value, str):
+        text = value
+    else:
+        raise SourceError(f"A change column of type {type(value).__name__} is not supported: use a timestamp, "
+                          "date, number or sortable text.")
+    if "\\" in text or "\x00" in text:
+        raise SourceError("A change column's text value holds a backslash or NUL character; use a timestamp, "
+                          "date or number column.")
+    return "'" + text.replace("'", "''") + "'"
+
+
+def encode_watermark(value: Any) -> str:
+    """A change column's value as stored in the export state (its type kept)."""
+    sql_literal(value)  # the same types are accepted
+    if isinstance(value, datetime):
+        return json.dumps({"datetime": value.isoformat()})
+    if isinstance(value, date):
+        return json.dumps({"date": value.isoformat()})
+    if isinstance(value, Decimal):
+        return json.dumps({"decimal": str(value)})
+    return json.dumps({type(value).__name__: value})
+
+
+def decode_watermark(text: str) -> Any:
+    ((kind, value),) = json.loads(text).items()
+    if kind == "datetime":
+        return datetime.fromisoformat(value)
+    if kind == "date":
+        return date.fromisoformat(value)
+    if kind == "decimal":
+        return Decimal(value)
+    return value
 
 
 def _dialect_of(hook: Any) -> str:

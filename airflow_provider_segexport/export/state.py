@@ -23,6 +23,7 @@ from abc import ABC, abstractmethod
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import repeat
 from pathlib import Path
@@ -187,6 +188,18 @@ def _unpack(packed: bytes) -> array:
     return values
 
 
+@dataclass(frozen=True)
+class Watermark:
+    """How far a segment's change column had got when its last complete export started.
+
+    ``value`` is the column's highest value then, encoded by :func:`sources.encode_watermark`; ``salt``
+    identifies the destination settings of that export (a change there makes every member due again)."""
+
+    column: str
+    value: str
+    salt: bytes
+
+
 class ExportStateBackend(ABC):
     """The interface the export engine uses; the semantics are the same in every backend.
 
@@ -234,6 +247,15 @@ class ExportStateBackend(ABC):
     @abstractmethod
     def leavers(self, scope_id: int, run_id: str) -> list[tuple[int, str]]:
         """Members confirmed earlier that this run did not see: (member, destination key)."""
+
+    @abstractmethod
+    def watermark(self, scope_id: int) -> Watermark | None:
+        """The change-column watermark the last complete export of the segment recorded (None: none)."""
+
+    @abstractmethod
+    def set_watermark(self, scope_id: int, watermark: Watermark, run_id: str) -> None:
+        """Record the watermark after every row changed up to it was confirmed (or refused) by the
+        destination."""
 
     def snapshot(self, scope_id: int, run_id: str) -> StateSnapshot:
         """Every member's (fingerprint, confirmed by ``run_id``?) of a segment, in memory (17 bytes a member),
@@ -290,6 +312,8 @@ class ExportState(ExportStateBackend):
                 fingerprint INTEGER, dest_key TEXT, run TEXT NOT NULL);
             CREATE TABLE IF NOT EXISTS journal_batches (scope_id INTEGER NOT NULL, run TEXT NOT NULL,
                 members BLOB NOT NULL, fingerprints BLOB, dest_keys BLOB);
+            CREATE TABLE IF NOT EXISTS watermarks (scope_id INTEGER PRIMARY KEY, column_name TEXT NOT NULL,
+                value TEXT NOT NULL, salt BLOB NOT NULL, run TEXT);
             """
         )
 
@@ -368,6 +392,17 @@ class ExportState(ExportStateBackend):
         with self._lock:
             self._db.execute("UPDATE scopes SET last_count = ?, last_run = ?, updated_at = ? WHERE id = ?",
                              (count, run_id, time.time(), scope_id))
+
+    def watermark(self, scope_id: int) -> Watermark | None:
+        with self._lock:
+            row = self._db.execute("SELECT column_name, value, salt FROM watermarks WHERE scope_id = ?",
+                                   (scope_id,)).fetchone()
+        return Watermark(row[0], row[1], bytes(row[2])) if row else None
+
+    def set_watermark(self, scope_id: int, watermark: Watermark, run_id: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO watermarks VALUES (?, ?, ?, ?, ?)",
+                             (scope_id, watermark.column, watermark.value, watermark.salt, run_id))
 
     def lookup(self, scope_id: int, members: list[int]) -> dict[int, tuple[int, str | None]]:
         """member -> (fingerprint, confirmed_run) for the members that have state."""
@@ -476,6 +511,14 @@ class SqlConnectionExportState(ExportStateBackend):
             sa.Column("confirmed_run", sa.String(250)),
             sa.Column("seen_run", sa.String(250)),
         )  # no other index: every query filters on scope_id, the primary key's first column
+        self.watermarks = sa.Table(
+            f"{table_prefix}watermarks", metadata,
+            sa.Column("scope_id", sa.BigInteger, primary_key=True, autoincrement=False),
+            sa.Column("column_name", sa.String(250), nullable=False),
+            sa.Column("value", sa.Text, nullable=False),
+            sa.Column("salt", sa.LargeBinary(64), nullable=False),
+            sa.Column("run", sa.String(250)),
+        )
         self._create_tables(metadata)
         self._confirm_stmt = self._upsert_statement()
         self._lookup_stmt = self._pg_lookup_statement() if self.dialect == "postgresql" else None
@@ -563,6 +606,19 @@ class SqlConnectionExportState(ExportStateBackend):
             written = self._written.pop(scope_id, 0)
         if self.dialect == "postgresql" and written >= ANALYZE_AFTER_WRITES:
             self._analyze()
+
+    def watermark(self, scope_id: int) -> Watermark | None:
+        w = self.watermarks
+        with self._engine.connect() as conn:
+            row = conn.execute(sa.select(w.c.column_name, w.c.value, w.c.salt).where(w.c.scope_id == scope_id)).first()
+        return Watermark(row[0], row[1], bytes(row[2])) if row else None
+
+    def set_watermark(self, scope_id: int, watermark: Watermark, run_id: str) -> None:
+        w = self.watermarks
+        values = {"column_name": watermark.column, "value": watermark.value, "salt": watermark.salt, "run": run_id}
+        with self._engine.begin() as conn:  # one writer per segment at a time (the task): update, else insert
+            if not conn.execute(sa.update(w).where(w.c.scope_id == scope_id).values(**values)).rowcount:
+                conn.execute(sa.insert(w).values(scope_id=scope_id, **values))
 
     def _analyze(self) -> None:
         """Refresh the planner's statistics after a run wrote many rows (a segment's end, once per run).

@@ -36,6 +36,12 @@ class BaseSegmentExportOperator(BaseOperator):
     :param max_rejects_share: fail the task when more than this share of rows is rejected (e.g. 0.05).
     :param progress_interval: seconds between progress lines in the log.
     :param delta: keep export state and send only new and changed members (default True).
+    :param change_column: a source column that changes whenever a row's exported values change or the row
+        joins the segment (e.g. ``updated_at``). With it, a delta run reads only the rows whose value is at
+        least the highest one seen when the last complete export started (the condition is pushed into the
+        SQL query: index the column); the other rows count as unchanged without being read. Not used with
+        mirror mode or ``full_refresh``, nor before one complete export recorded its watermark. Rows the
+        destination refused are tried again when they change.
     :param full_refresh: ignore the export state and send every member (a retried task still resumes).
     :param max_removal_share: mirror mode stops before removing more than this share of the members
         exported before (default 0.2), unless ``allow_large_changes``.
@@ -47,11 +53,13 @@ class BaseSegmentExportOperator(BaseOperator):
     """
 
     template_fields: Sequence[str] = ("segments", "sql", "path", "rejects_path", "dry_run", "state_dir",
-                                      "state_conn_id", "full_refresh", "allow_large_changes", "apply_plan")
+                                      "state_conn_id", "full_refresh", "allow_large_changes", "apply_plan",
+                                      "change_column")
     template_fields_renderers = {"sql": "sql"}
     #: templated fields that are always text, even in a DAG with ``render_template_as_native_obj``
     #: (which would turn an all-digit ID such as "0000000000" into the number 0)
-    text_template_fields: Sequence[str] = ("sql", "path", "rejects_path", "state_dir", "state_conn_id", "apply_plan")
+    text_template_fields: Sequence[str] = ("sql", "path", "rejects_path", "state_dir", "state_conn_id", "apply_plan",
+                                           "change_column")
     ui_color = "#e8f4fd"
 
     def render_template_fields(self, context, jinja_env=None) -> None:
@@ -81,6 +89,7 @@ class BaseSegmentExportOperator(BaseOperator):
         progress_interval: float = 10.0,
         chunk_size: int = 5000,
         delta: bool = True,
+        change_column: str | None = None,
         full_refresh: bool | str = False,
         max_removal_share: float = 0.2,
         max_size_change: float = 2.0,
@@ -91,6 +100,7 @@ class BaseSegmentExportOperator(BaseOperator):
         super().__init__(**kwargs)
         self.apply_plan = apply_plan
         self.delta = delta
+        self.change_column = change_column
         self.full_refresh = full_refresh
         self.max_removal_share = max_removal_share
         self.max_size_change = max_size_change
@@ -188,6 +198,7 @@ class BaseSegmentExportOperator(BaseOperator):
                 allow_large_changes=_flag(self.allow_large_changes),
                 plan_out=self.plan_path(context) if self.delta and self.is_dry_run() else None,
                 plan_in=ObjectStoragePath(str(self.apply_plan)) if self.apply_plan else None,
+                change_column=self.change_column if self.delta else None,
             )
             summary = engine.run()
             summary = self.after_export(destination, summary, context)

@@ -11,10 +11,11 @@ from airflow_provider_segexport.destinations.mailchimp import (
     MailchimpBatchOperationsDestination,
     MailchimpDestination,
     answer_statuses,
+    is_permanent_refusal,
 )
 from airflow_provider_segexport.export.records import VENDOR_REJECTED, FieldMapping, Reject, redact_emails
 from airflow_provider_segexport.export.report import RejectsWriter, summary_table
-from airflow_provider_segexport.export.state import RefusalStore
+from airflow_provider_segexport.export.state import RefusalStore, Watermark
 from airflow_provider_segexport.hooks.mailchimp import MailchimpHook
 from airflow_provider_segexport.links import MAILCHIMP_AUDIENCE_URL_KEY, MailchimpAudienceLink
 from airflow_provider_segexport.operators.base import BaseSegmentExportOperator
@@ -149,6 +150,7 @@ class MailchimpSegmentExportOperator(BaseSegmentExportOperator):
         prior_rejects = summary["rejects"]["count"]
         writer.count = prior_rejects
         counts = {seg: {k: 0 for k in ("created", "updated", "unchanged", "rejected")} for seg in summary["segments"]}
+        incomplete: set[str] = set()
         state = self.open_state()
         scope_ids = {seg: state.scope_id(seg) for seg in summary["segments"]} if state is not None else {}
         try:
@@ -187,8 +189,10 @@ class MailchimpSegmentExportOperator(BaseSegmentExportOperator):
                                 confirmed.setdefault(seg, []).append((member, fp, email))
                         if status == "rejected":
                             writer.write(Reject(seg, row, key, VENDOR_REJECTED, None, "Mailchimp refused the member", msg))
-                            if msg and any(m in msg.lower() for m in ("permanently deleted", "compliance state")):
+                            if is_permanent_refusal(msg):
                                 refusals.add(email, msg)
+                        if status == "rejected" and (op in op_error or op not in per_op):
+                            incomplete.add(seg)  # Mailchimp did not process it: not past the watermark
                 for seg, rows in confirmed.items():
                     state.confirm(scope_ids[seg], rows, run_id)
                 for seg, members in refused.items():
@@ -196,6 +200,7 @@ class MailchimpSegmentExportOperator(BaseSegmentExportOperator):
             if state is not None:
                 for sid in scope_ids.values():
                     state.flush(sid)
+                self._advance_watermarks(state, summary, incomplete, run_id)
         finally:
             refusals.close()
             if state is not None:
@@ -218,11 +223,27 @@ class MailchimpSegmentExportOperator(BaseSegmentExportOperator):
         self.log.info("Mailchimp processed the batch operations:\n%s", summary_table(summary))
         return summary
 
+    def _advance_watermarks(self, state, summary: dict, incomplete: set[str], run_id: str) -> None:
+        """The change-column watermarks the export left pending, now that Mailchimp processed its work:
+        advanced for the segments whose every operation Mailchimp processed (else the next run reads the
+        same rows again and sends what is still due)."""
+        for seg, info in (summary.get("change_column") or {}).items():
+            pending = info.pop("pending", None)
+            if pending is None:
+                continue
+            if seg in incomplete:
+                self.log.warning("Segment '%s': some batch operations failed; the change-column watermark stays "
+                                 "where it was, so the next run reads those rows again.", seg)
+                continue
+            state.set_watermark(int(pending["scope_id"]), Watermark(pending["column"], pending["value"],
+                                                                   bytes.fromhex(pending["salt"])), run_id)
+            info["advanced_to"] = info.get("high")
+
     def before_export(self, destination: MailchimpDestination, context) -> None:
         """Push the audience link first (the UI button works even if the export fails)."""
         hook = destination.hook
         try:
-            audience = hook.get_audience(str(self.audience_id))
+            audience = destination.audience = hook.get_audience(str(self.audience_id))  # pre-flight needs it too
         except Exception:  # noqa: BLE001 - the pre-flight check reports it properly
             return
         host = hook.base_url.split("//", 1)[-1].split(".", 1)[0]

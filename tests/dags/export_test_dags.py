@@ -25,6 +25,7 @@ def _export(**kw):
         full_refresh="{{ params.full_refresh }}",
         allow_large_changes="{{ params.allow_large_changes }}",
         apply_plan="{{ params.apply_plan }}",
+        change_column="{{ params.change_column }}",
         progress_interval=1,
         retries=0,
         **kw,
@@ -33,7 +34,7 @@ def _export(**kw):
 
 PARAMS = {"audience_id": "", "segments": [], "sql": "", "mode": "upsert", "dry_run": False,
           "merge_fields": {}, "state_dir": None, "state_conn_id": None, "full_refresh": False,
-          "allow_large_changes": False, "apply_plan": ""}
+          "allow_large_changes": False, "apply_plan": "", "change_column": ""}
 
 for dag_id, kwargs in (("mailchimp_export_test", {}),
                        ("mailchimp_export_deferred_test", {"deferrable": True, "poll_interval": 0.5})):
