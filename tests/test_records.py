@@ -223,3 +223,30 @@ def test_chunk_validation_gives_exactly_the_row_by_row_answers():
     assert {r.reason for r in rejects} >= {R.DUPLICATE, R.MISSING_EMAIL, R.INVALID_EMAIL, R.MISSING_VALUE,
                                            R.TOO_LONG, R.MISSING_KEY}
     assert len(records) + len(rejects) == len(rows)
+
+
+def test_mailchimp_chunk_preparation_gives_exactly_the_one_by_one_answers(tmp_path):
+    """Mailchimp's inlined chunk path (text merge fields) must answer as ``prepare`` does one by one, also when
+    some members were refused for good in an earlier run (they are rejected up front, the others inlined)."""
+    import copy
+
+    from airflow_provider_segexport.destinations.mailchimp import MailchimpDestination
+    from airflow_provider_segexport.export.records import Deduper
+    from airflow_provider_segexport.export.state import RefusalStore
+
+    mapping = FieldMapping({"email": "email", "FNAME": "first_name", "CITY": "city"})
+    refusals = RefusalStore("mailchimp:test:aud", tmp_path)
+    refusals.add("bob@example.com", "bob@example.com was permanently deleted and cannot be re-imported")
+    refusals.add("cy@example.com", "")  # a reason Mailchimp left empty: still not a reject of its own
+    dest = MailchimpDestination(None, "aud", mapping, refusals=refusals)
+    dest.field_types = {"FNAME": {"type": "text"}, "CITY": {"type": "text"}}
+    rows = [("C1", "ann@example.com", "Ann", "Paris"), ("C2", "Bob@Example.com", "Bob", None),
+            ("C3", "cy@example.com", "Cy", "Rome"), ("C4", "di@example.com", "D" * 300, "Oslo"),
+            ("C5", "ed@example.com", None, None)]
+    records, _ = RowValidator(mapping, "vip", Deduper(), 0).many(rows, 1)
+    expected = [dest.prepare(r) for r in copy.deepcopy(records)]
+    got, rejected = dest.prepare_many(records)
+    assert got == [r for r in expected if isinstance(r, Record)]
+    assert rejected == [r for r in expected if isinstance(r, Reject)]
+    assert [r.reason for r in rejected] == [R.PREVIOUSLY_REFUSED, R.TOO_LONG]
+    refusals.close()

@@ -186,15 +186,18 @@ class MailchimpDestination(Destination):
     def prepare_many(self, records: list[Record]) -> tuple[list[Record], list[Reject]]:
         """:meth:`prepare` for a chunk; text merge fields holding plain text (the usual case) are inlined."""
         converters = self._converters()
-        refusals = self.refusals
-        if (any(c is not None for _, c in converters) or (self.mirror and not self.state_managed)
-                or (refusals is not None and refusals.known)):
+        if any(c is not None for _, c in converters) or (self.mirror and not self.state_managed):
             return super().prepare_many(records)
         tags = [tag for tag, _ in converters]
         email_field, member = self.email_field, self._member
+        refused = self.refusals.known if self.refusals is not None else {}
         out: list[Record] = []
         rejects: list[Reject] = []
         for r in records:
+            if refused and r.member in refused:  # refused for good earlier: the one-by-one path rejects it
+                item = self.prepare(r)
+                (out if item.__class__ is Record else rejects).append(item)
+                continue
             payload = r.payload
             merge = {}
             for tag in tags:

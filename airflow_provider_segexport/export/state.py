@@ -379,7 +379,10 @@ class ExportState(ExportStateBackend):
                            "FROM temp.fold WHERE scope_id = ?2 AND fingerprint IS NULL AND run = ?1)", (run, scope_id))
             db.execute("DELETE FROM journal WHERE scope_id = ?", (scope_id,))
             db.execute("DELETE FROM journal_batches WHERE scope_id = ?", (scope_id,))
-            db.execute("DELETE FROM temp.fold WHERE scope_id = ?", (scope_id,))
+            if self._unpacked:  # another segment's journal is being unpacked too
+                db.execute("DELETE FROM temp.fold WHERE scope_id = ?", (scope_id,))
+            else:  # dropping it is several times quicker than deleting a million rows
+                db.execute("DROP TABLE temp.fold")
 
     def last_count(self, scope_id: int) -> int | None:
         row = self._db.execute("SELECT last_count FROM scopes WHERE id = ?", (scope_id,)).fetchone()
