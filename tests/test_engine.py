@@ -345,3 +345,49 @@ def test_change_column_reads_only_rows_changed_since_the_last_complete_export(tm
         (seg,) = segments_from_spec(["a"], sql="SELECT * FROM p", sql_conn_id="wh")
         run(Recorder(), [seg], tmp_path, state=ExportState("recorder:target", tmp_path / "state"),
             change_column="changed")
+
+
+@pytest.mark.parametrize("column_type", ["timestamptz", "timestamp", "date", "bigint", "text"])
+def test_change_column_watermark_round_trips_through_postgres_types(column_type, state_pg, tmp_path):
+    """The watermark is read from PostgreSQL as a Python value (datetime with or without a zone, date, int,
+    text), kept in the export state, and written back into the next query as a literal PostgreSQL compares
+    with the column: only the rows changed since are read."""
+    sa = pytest.importorskip("sqlalchemy")
+    from airflow_provider_segexport.export.state import ExportState
+
+    values = {"timestamptz": ("TIMESTAMPTZ '2026-01-0{}T10:00:00+02:00'", "TIMESTAMPTZ '2026-02-01T00:00:00Z'"),
+              "timestamp": ("TIMESTAMP '2026-01-0{} 10:00:00.5'", "TIMESTAMP '2026-02-01 00:00:00'"),
+              "date": ("DATE '2026-01-0{}'", "DATE '2026-02-01'"),
+              "bigint": ("{}", "100"),
+              "text": ("'v0{}'", "'v10'")}[column_type]
+    from airflow.sdk import BaseHook
+
+    engine = BaseHook.get_connection(state_pg).get_hook().get_sqlalchemy_engine()
+    table = f"people_{column_type}"
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
+        conn.execute(sa.text(f"CREATE TABLE {table} (customer_id TEXT, email TEXT, first_name TEXT, "
+                             f"changed {column_type})"))
+        for i in range(1, 10):
+            conn.execute(sa.text(f"INSERT INTO {table} VALUES ('C{i}', 'u{i}@example.com', 'A', "
+                                 f"{values[0].format(i)})"))
+
+    def export(run_id):
+        dest = Recorder()
+        (seg,) = segments_from_spec(["a"], sql=f"SELECT * FROM {table}", sql_conn_id=state_pg)
+        state = ExportState("recorder:target", tmp_path / "state")
+        try:
+            summary = run(dest, [seg], tmp_path, state=state, run_id=run_id, change_column="changed")
+        finally:
+            state.close()
+        return summary, sorted(dest.sent)
+
+    summary, sent = export("r1")
+    assert len(sent) == 9 and summary["change_column"]["a"]["advanced_to"] is not None
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"UPDATE {table} SET first_name = 'B', changed = {values[1]} WHERE customer_id = 'C3'"))
+        conn.execute(sa.text(f"UPDATE {table} SET first_name = 'Z' WHERE customer_id = 'C2'"))  # not bumped
+    summary, sent = export("r2")
+    assert sent == ["u3@example.com"], summary
+    assert summary["totals"]["skipped"] == 8
+    engine.dispose()
