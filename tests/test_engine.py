@@ -341,6 +341,14 @@ def test_change_column_reads_only_rows_changed_since_the_last_complete_export(tm
     assert any("settings or the mapping changed since the last export" in m for m in logged)
     assert not [t for t in threading.enumerate() if t.name == "segexport-prefetch"]
 
+    class Gone(Retagged):  # the pre-flight fails while the changed rows are being queried: the query stops too
+        def preflight(self, segments, dry_run):
+            raise ExportError("the audience is gone")
+
+    with pytest.raises(ExportError, match="the audience is gone"):
+        export("r8", Gone())
+    assert not [t for t in threading.enumerate() if t.name == "segexport-prefetch"]
+
     with pytest.raises(ExportError, match="change_column 'changed' is not a column of segment 'a'"):
         (seg,) = segments_from_spec(["a"], sql="SELECT * FROM p", sql_conn_id="wh")
         run(Recorder(), [seg], tmp_path, state=ExportState("recorder:target", tmp_path / "state"),

@@ -384,13 +384,17 @@ class ExportEngine:
         d = self.destination
         mode = "DRY RUN: nothing will be sent" if self.dry_run else f"to {d.name} '{d.target}'"
         self.log.info("::group::Pre-flight checks")
-        self._preflight()
-        self._fp_salt = blake2b(d.fingerprint_config(), digest_size=16).digest()
-        # The last export's sizes (export state) size the dedupe tables while the segments are still counted;
-        # without them the counts are awaited now.
-        lasts = [self.state.last_count(self._scope_ids[s.name]) for s in self.segments] if self.state else [None]
-        self._estimates = ({s.name: n for s, n in zip(self.segments, lasts, strict=True)}
-                           if all(lasts) else dict(self._counts()))
+        try:
+            self._preflight()
+            self._fp_salt = blake2b(d.fingerprint_config(), digest_size=16).digest()
+            # The last export's sizes (export state) size the dedupe tables while the segments are still
+            # counted; without them the counts are awaited now.
+            lasts = [self.state.last_count(self._scope_ids[s.name]) for s in self.segments] if self.state else [None]
+            self._estimates = ({s.name: n for s, n in zip(self.segments, lasts, strict=True)}
+                               if all(lasts) else dict(self._counts()))
+        except BaseException:
+            self._stop_prefetch()
+            raise
         self._deduper = Deduper(sum(self._estimates.values()))
         self.log.info("Exporting %d segment(s), %s, %s; batches of %d, up to %d in flight", len(self.segments),
                       f"{sum(self._totals.values()):,} rows in all" if self._totals is not None else
@@ -410,9 +414,7 @@ class ExportEngine:
                         continue
                     self._run_segment(seg, pool, slots)
         finally:
-            if self._prefetch is not None:  # the run stopped before reading: stop the prefetch thread
-                self._prefetch[3].close()
-                self._prefetch = None
+            self._stop_prefetch()
             self.rejects.close()
             if self._plan_fh is not None:
                 self._plan_fh.write("".join(self._plan_lines))
@@ -621,11 +623,17 @@ class ExportEngine:
         if self._prefetch is None:
             return None
         name, prefetched_since, prefetched_columns, prefetch = self._prefetch
+        if (name, prefetched_since, prefetched_columns) != (seg.name, _text(since), columns):
+            self._stop_prefetch()
+            return None
         self._prefetch = None
-        if (name, prefetched_since, prefetched_columns) == (seg.name, _text(since), columns):
-            return iter(prefetch)
-        prefetch.close()
-        return None
+        return iter(prefetch)
+
+    def _stop_prefetch(self) -> None:
+        """The run stopped before reading the prefetched rows: stop the thread (and close its cursor)."""
+        if self._prefetch is not None:
+            self._prefetch[3].close()
+            self._prefetch = None
 
     def _member_count(self, sid: int) -> int:
         if sid not in self._members_before:

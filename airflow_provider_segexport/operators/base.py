@@ -38,10 +38,11 @@ class BaseSegmentExportOperator(BaseOperator):
     :param delta: keep export state and send only new and changed members (default True).
     :param change_column: a source column that changes whenever a row's exported values change or the row
         joins the segment (e.g. ``updated_at``). With it, a delta run reads only the rows whose value is at
-        least the highest one seen when the last complete export started (the condition is pushed into the
-        SQL query: index the column); the other rows count as unchanged without being read. Not used with
-        mirror mode or ``full_refresh``, nor before one complete export recorded its watermark. Rows the
-        destination refused are tried again when they change.
+        least the highest one the last complete export read (the condition is pushed into the SQL query:
+        index the column); the other rows count as skipped (unchanged) without being read. Every row is
+        read in mirror mode, with ``full_refresh``, before a complete export recorded a watermark and after
+        a change of the settings that shape the payloads. Rows the destination refused are tried again
+        when they change. Templated.
     :param full_refresh: ignore the export state and send every member (a retried task still resumes).
     :param max_removal_share: mirror mode stops before removing more than this share of the members
         exported before (default 0.2), unless ``allow_large_changes``.
