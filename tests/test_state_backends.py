@@ -498,6 +498,15 @@ def test_postgres_role_with_only_the_documented_grants(state_pg, postgres_url, m
         state.forget(sid, [m for m, _ in state.leavers(sid, "r2")])
         state.set_watermark(sid, Watermark("updated_at", '{"str": "2026-08-01"}', b"s"), "r2")
         assert state.member_count(sid) == 6000 and state.last_count(sid) == 12_000 and state.watermark(sid)
+        state.close()
+        # State created before the watermarks table existed, and a role that may not create it: exports
+        # without change_column go on; with it, the error gives the DDL to run as the owner.
+        with admin.begin() as conn:
+            conn.execute(sa.text("DROP TABLE segexport_watermarks"))
+        state = SqlConnectionExportState("mailchimp:mc:aud1", "state_pg_worker")
+        assert state.member_count(sid) == 6000
+        with pytest.raises(RuntimeError, match="(?s)may not create it.*CREATE TABLE segexport_watermarks"):
+            state.watermark(sid)
     finally:
         state.close()
         with admin.begin() as conn:

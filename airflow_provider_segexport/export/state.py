@@ -514,15 +514,22 @@ class SqlConnectionExportState(ExportStateBackend):
             sa.Column("confirmed_run", sa.String(250)),
             sa.Column("seen_run", sa.String(250)),
         )  # no other index: every query filters on scope_id, the primary key's first column
+        self._create_tables(metadata)
+        # The watermarks (change_column) came later: a role that may not create tables keeps working without
+        # them; the table is created here when this role may, else the first change_column export says how.
         self.watermarks = sa.Table(
-            f"{table_prefix}watermarks", metadata,
+            f"{table_prefix}watermarks", sa.MetaData(),
             sa.Column("scope_id", sa.BigInteger, primary_key=True, autoincrement=False),
             sa.Column("column_name", sa.String(250), nullable=False),
             sa.Column("value", sa.Text, nullable=False),
             sa.Column("salt", sa.LargeBinary(64), nullable=False),
             sa.Column("run", sa.String(250)),
         )
-        self._create_tables(metadata)
+        self._watermarks_error: Exception | None = None
+        try:
+            self.watermarks.create(self._engine, checkfirst=True)
+        except sa.exc.DBAPIError as exc:
+            self._watermarks_error = exc
         self._confirm_stmt = self._upsert_statement()
         self._lookup_stmt = self._pg_lookup_statement() if self.dialect == "postgresql" else None
         self._written: dict[int, int] = {}  # rows confirmed or forgotten per scope id (see set_last_count)
@@ -610,13 +617,29 @@ class SqlConnectionExportState(ExportStateBackend):
         if self.dialect == "postgresql" and written >= ANALYZE_AFTER_WRITES:
             self._analyze()
 
+    def _check_watermarks_table(self) -> None:
+        if self._watermarks_error is None:
+            return
+        try:  # created by another role since?
+            self.watermarks.create(self._engine, checkfirst=True)
+            self._watermarks_error = None
+        except sa.exc.DBAPIError as exc:
+            ddl = str(sa.schema.CreateTable(self.watermarks).compile(self._engine)).strip()
+            raise RuntimeError(
+                f"change_column needs the export state table {self.watermarks.name} in connection "
+                f"'{self.conn_id}', and this connection may not create it ({type(exc.orig).__name__}). Create it "
+                f"once as the tables' owner and grant SELECT, INSERT, UPDATE on it to this role:\n{ddl}"
+            ) from exc
+
     def watermark(self, scope_id: int) -> Watermark | None:
+        self._check_watermarks_table()
         w = self.watermarks
         with self._engine.connect() as conn:
             row = conn.execute(sa.select(w.c.column_name, w.c.value, w.c.salt).where(w.c.scope_id == scope_id)).first()
         return Watermark(row[0], row[1], bytes(row[2])) if row else None
 
     def set_watermark(self, scope_id: int, watermark: Watermark, run_id: str) -> None:
+        self._check_watermarks_table()
         w = self.watermarks
         values = {"column_name": watermark.column, "value": watermark.value, "salt": watermark.salt, "run": run_id}
         with self._engine.begin() as conn:  # one writer per segment at a time (the task): update, else insert
