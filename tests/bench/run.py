@@ -291,12 +291,12 @@ def chart(results: dict, path: Path) -> None:
               m["delta_after_1pct_change_reading_every_row"]["wall_s"],
               m["alternative_official_client_sequential"]["wall_s_scaled_to_profiles"]]
     colors = ["#9e9e9e", "#017cee", "#5fb3f9", "#90caf9", "#e57373"]
-    fig, ax = plt.subplots(figsize=(8, 3.2), dpi=120)
+    fig, ax = plt.subplots(figsize=(8, 3.6), dpi=120)
     bars = ax.barh(labels[::-1], values[::-1], color=colors[::-1])
     for bar, v in zip(bars, values[::-1], strict=True):
         ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {v:,.0f} s", va="center")
     lm = results["latency_model"]
-    ax.set_title(f"Mailchimp export of {results['profiles']:,} profiles "
+    ax.set_title(f"Mailchimp export of {results['profiles']:,} profiles\n"
                  f"(sandbox latency {lm['base_ms']:.0f} ms + {lm['per_item_ms']} ms/member per call)", fontsize=9)
     ax.set_xlabel("wall time (s), lower is better")
     ax.set_xlim(0, max(values) * 1.2)
