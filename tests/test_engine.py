@@ -399,3 +399,24 @@ def test_change_column_watermark_round_trips_through_postgres_types(column_type,
     assert sent == ["u3@example.com"], summary
     assert summary["totals"]["skipped"] == 8
     engine.dispose()
+
+
+@pytest.mark.parametrize(("sql", "counted"), [
+    ("SELECT * FROM t ORDER BY customer_id", "SELECT * FROM t"),
+    ("SELECT * FROM t WHERE s = 'x ORDER BY y' ORDER BY a, b DESC", "SELECT * FROM t WHERE s = 'x ORDER BY y'"),
+    ("SELECT 'it''s' AS x FROM t\norder\n  by lower(x) /* last */", "SELECT 'it''s' AS x FROM t"),
+    ("SELECT * FROM border_by ORDER BY x -- newest first", "SELECT * FROM border_by"),
+    # kept whole: a LIMIT/OFFSET/FOR after it, an ORDER BY in a window, a subquery, a comment or a quoted name
+    ("SELECT * FROM t ORDER BY a LIMIT 10", None),
+    ("SELECT * FROM t ORDER BY a OFFSET 5 ROWS", None),
+    ("SELECT * FROM t ORDER BY a FOR UPDATE", None),
+    ("SELECT row_number() OVER (ORDER BY a) FROM t", None),
+    ("SELECT * FROM (SELECT * FROM t ORDER BY a) q", None),
+    ("SELECT * FROM t -- ORDER BY a\n", None),
+    ('SELECT * FROM t WHERE a = "ORDER BY"', None),
+])
+def test_the_count_query_drops_only_a_final_order_by(sql, counted):
+    """COUNT(*) over a query that ends with ORDER BY made SQLite sort the whole segment just to count it."""
+    from airflow_provider_segexport.export.sources import _without_final_order_by
+
+    assert _without_final_order_by(sql) == (counted if counted is not None else sql)

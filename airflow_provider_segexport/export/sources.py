@@ -136,7 +136,10 @@ class SqlSource(Source):
             conn.close()
 
     def count(self) -> int:
-        conn, cursor = self._execute(f"SELECT COUNT(*) FROM ({self.sql.rstrip().rstrip(';')}) segexport_q")
+        # A final ORDER BY does not change how many rows there are, and some databases (SQLite) would sort
+        # the whole segment just to count it.
+        sql = _without_final_order_by(self.sql.rstrip().rstrip(";"))
+        conn, cursor = self._execute(f"SELECT COUNT(*) FROM ({sql}) segexport_q")
         try:
             return int(cursor.fetchone()[0])
         finally:
@@ -289,6 +292,56 @@ class FileSource(Source):
             raise SourceError("Reading Parquet needs pyarrow: pip install 'airflow-provider-segexport[parquet]'") from exc
         fh = self.path.open("rb")
         return pq.ParquetFile(fh if not isinstance(fh, io.TextIOBase) else fh.buffer)
+
+
+_WORD = re.compile(r"[A-Za-z_]+")
+
+
+def _without_final_order_by(sql: str) -> str:
+    """``sql`` without its final top-level ``ORDER BY ...`` clause, when that is the last clause (no LIMIT,
+    OFFSET, FETCH or FOR after it); otherwise ``sql`` unchanged. Quotes, comments and parentheses are
+    skipped, so an ORDER BY inside a window, a subquery or a string is never touched."""
+    depth, i, n = 0, 0, len(sql)
+    order_at = None
+    after: list[str] = []
+    while i < n:
+        c = sql[i]
+        if c in "'\"`":
+            end = sql.find(c, i + 1)
+            while end != -1 and c == "'" and sql[end + 1: end + 2] == "'":  # '' inside a string
+                end = sql.find(c, end + 2)
+            if end == -1:
+                return sql
+            i = end + 1
+            continue
+        if sql.startswith("--", i):
+            end = sql.find("\n", i)
+            i = n if end == -1 else end + 1
+            continue
+        if sql.startswith("/*", i):
+            end = sql.find("*/", i + 2)
+            if end == -1:
+                return sql
+            i = end + 2
+            continue
+        if c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+        elif depth == 0 and (c.isalpha() or c == "_") and (i == 0 or not (sql[i - 1].isalnum() or sql[i - 1] == "_")):
+            word = _WORD.match(sql, i).group().upper()
+            if word == "ORDER":
+                rest = _WORD.match(sql, i + 5 + len(sql[i + 5:]) - len(sql[i + 5:].lstrip()))
+                if rest is not None and rest.group().upper() == "BY":
+                    order_at, after = i, []
+            elif order_at is not None:
+                after.append(word)
+            i += len(word)
+            continue
+        i += 1
+    if order_at is None or depth != 0 or {"LIMIT", "OFFSET", "FETCH", "FOR", "UNION", "EXCEPT", "INTERSECT"} & set(after):
+        return sql
+    return sql[:order_at].rstrip()
 
 
 def sql_literal(value: Any) -> str:
