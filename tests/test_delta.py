@@ -238,3 +238,30 @@ def test_change_column_run_reads_only_changed_rows_and_misses_nothing(dag_id, ai
     state, xcom = run_dag("mailchimp_export_test", {**cfg, "change_column": ""})
     t = xcom["export"]["totals"]
     assert state == "success" and t["created"] + t["updated"] == 0 and t["skipped"] + t["rejected"] == 20_000, t
+
+
+def test_deferrable_watermark_stays_for_a_segment_whose_batch_operations_failed(tmp_path):
+    """Deferrable mode: the engine leaves the watermark pending; once Mailchimp processed the operations it is
+    advanced only for the segments whose every operation Mailchimp processed (a failed operation's rows must
+    be read again by the next run, or their changes would never be sent)."""
+    from airflow_provider_segexport.export.state import ExportState, Watermark
+    from airflow_provider_segexport.operators.mailchimp import MailchimpSegmentExportOperator
+
+    state = ExportState("mailchimp:mc:aud", tmp_path)
+    a, b = state.scope_id("a"), state.scope_id("b")
+    old = Watermark("updated_at", '{"str": "2026-01-01"}', b"salt")
+    state.set_watermark(a, old, "r1")
+    state.set_watermark(b, old, "r1")
+    pending = {"column": "updated_at", "value": '{"str": "2026-02-01"}', "salt": b"salt".hex()}
+    summary = {"change_column": {
+        "a": {"column": "updated_at", "since": "2026-01-01", "high": "2026-02-01", "pending": {"scope_id": a, **pending}},
+        "b": {"column": "updated_at", "since": "2026-01-01", "high": "2026-02-01", "pending": {"scope_id": b, **pending}},
+    }}
+    op = MailchimpSegmentExportOperator(task_id="t", audience_id="aud", segments=["a", "b"], sql="SELECT 1",
+                                        sql_conn_id="wh")
+    op._advance_watermarks(state, summary, incomplete={"a"}, run_id="r2")
+    assert state.watermark(a) == old
+    assert state.watermark(b) == Watermark("updated_at", '{"str": "2026-02-01"}', b"salt")
+    assert "advanced_to" not in summary["change_column"]["a"] and summary["change_column"]["b"]["advanced_to"]
+    assert not any("pending" in s for s in summary["change_column"].values())  # not left in the XCom
+    state.close()
