@@ -194,23 +194,20 @@ class MailchimpDestination(Destination):
         out: list[Record] = []
         rejects: list[Reject] = []
         for r in records:
-            if refused and r.member in refused:  # refused for good earlier: the one-by-one path rejects it
-                item = self.prepare(r)
-                (out if item.__class__ is Record else rejects).append(item)
-                continue
-            payload = r.payload
-            merge = {}
-            for tag in tags:
-                value = payload.get(tag)
-                if value is not None:
-                    if value.__class__ is not str or len(value) > TEXT_MAX:
-                        break
-                    merge[tag] = value
-            else:
-                r.payload = member(payload[email_field], merge, r.segment)
-                out.append(r)
-                continue
-            item = self.prepare(r)  # a value to convert or refuse: the one-by-one path
+            if not (refused and r.member in refused):
+                payload = r.payload
+                merge = {}
+                for tag in tags:
+                    value = payload.get(tag)
+                    if value is not None:
+                        if value.__class__ is not str or len(value) > TEXT_MAX:
+                            break
+                        merge[tag] = value
+                else:
+                    r.payload = member(payload[email_field], merge, r.segment)
+                    out.append(r)
+                    continue
+            item = self.prepare(r)  # refused for good earlier, or a value to convert or refuse: one by one
             (out if item.__class__ is Record else rejects).append(item)
         return out, rejects
 

@@ -494,7 +494,7 @@ class ExportEngine:
         prepare = type(d).prepare is not Destination.prepare or type(d).prepare_many is not Destination.prepare_many
         size = d.batch_size
         row_number = 0
-        columns, high, change = self._read_columns(validate), None, None
+        columns, high, change = self._read_columns(), None, None
         if self.change_column and sid is not None:  # its highest value read: the next run's watermark
             change = operator.itemgetter(columns.index(self.change_column))
         chunks = self._prefetched(seg, since, columns) or source.chunks(columns)
@@ -594,10 +594,10 @@ class ExportEngine:
             why = f"{d.name}'s settings or the mapping changed since the last export: every member is due"
         return (None, why) if why is not None else (decode_watermark(wm.value), None)
 
-    def _read_columns(self, validate: RowValidator) -> list[str]:
-        """What is read: the validator's columns, and the change column (its highest value is the next run's
-        watermark)."""
-        columns = validate.columns
+    def _read_columns(self) -> list[str]:
+        """What is read: the mapped columns (the validator's), and the change column (its highest value is the
+        next run's watermark)."""
+        columns = self.destination.mapping.source_columns
         if self.change_column and self.state is not None and self.change_column not in columns:
             columns = [*columns, self.change_column]
         return columns
@@ -615,7 +615,7 @@ class ExportEngine:
         if since is None:
             return
         source = seg.source.changed_since(self.change_column, since)
-        columns = self._read_columns(RowValidator(self.destination.mapping, seg.name, None, 0))
+        columns = self._read_columns()
         self._prefetch = (seg.name, _text(since), columns, _Prefetch(source, columns))
 
     def _prefetched(self, seg: Segment, since: Any, columns: list[str]) -> Iterator[list] | None:
@@ -664,8 +664,7 @@ class ExportEngine:
             pass
         wm = Watermark(self.change_column, encode_watermark(high), self._fp_salt)
         if self.destination.confirms_later:  # advanced once the destination confirms the work
-            self._watermarks[seg.name]["pending"] = {"scope_id": sid, "column": wm.column, "value": wm.value,
-                                                     "salt": wm.salt.hex()}
+            self._watermarks[seg.name]["pending"] = {"scope_id": sid, **wm.as_dict()}
         else:
             self.state.set_watermark(sid, wm, self.run_id)
             self._watermarks[seg.name]["advanced_to"] = _text(high)

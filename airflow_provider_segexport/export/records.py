@@ -141,6 +141,11 @@ class FieldMapping:
             )
         self.required = frozenset(self.required)
 
+    @property
+    def source_columns(self) -> list[str]:
+        """The source columns a row must carry, in order: the key column first, then the mapped ones."""
+        return list(dict.fromkeys([self.key_column, *self.fields.values()]))
+
     def check_columns(self, columns: Iterable[str], source: str) -> None:
         have = set(columns)
         wanted = {self.key_column, *self.fields.values()}
@@ -288,10 +293,7 @@ class RowValidator:
         self._email_field = mapping.email_field
         self._dedupe_field = mapping.dedupe_field or mapping.email_field
         #: the source columns a row must carry, in order (the key column first)
-        self.columns: list[str] = [mapping.key_column]
-        for col in mapping.fields.values():
-            if col not in self.columns:
-                self.columns.append(col)
+        self.columns: list[str] = mapping.source_columns
         self._plan = [
             (dest, col, self.columns.index(col), _EMAIL if dest == self._email_field else _VALUE,
              mapping.max_lengths.get(dest), dest in mapping.required)
@@ -352,7 +354,7 @@ class RowValidator:
                             elif value is not None or required:
                                 break  # another type to convert, or a required field missing
                         else:
-                            lowered = email.lower()
+                            lowered = email.lower()  # member_id(lowered), inlined: ~1 µs a row less
                             member = int.from_bytes(blake2b(lowered.encode("utf-8"), digest_size=8).digest(),
                                                     "big", signed=True)
                             mapped.append(Record(seg, row_number, key, payload, lowered, member))

@@ -7,6 +7,7 @@ Parquet batch by batch), so a segment is never held whole in memory.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import itertools
 import json
@@ -153,7 +154,7 @@ class SqlSource(Source):
         col = quote(column)
         sql = (f"SELECT * FROM ({self.sql.rstrip().rstrip(';')}) segexport_c "
                f"WHERE {col} >= {sql_literal(value)} OR {col} IS NULL")
-        return SqlSource(self.conn_id, sql, self.parameters, self.chunk_size, self._hook)
+        return dataclasses.replace(self, sql=sql)
 
     def _fetch(self, conn, cursor) -> Iterator[list[tuple]]:
         """The result in ``chunk_size`` chunks (fetchmany); closes the cursor and connection at the end."""

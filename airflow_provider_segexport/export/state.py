@@ -21,7 +21,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -198,6 +198,14 @@ class Watermark:
     column: str
     value: str
     salt: bytes
+
+    def as_dict(self) -> dict[str, str]:
+        """JSON-ready (a deferred task carries it in its trigger event until the destination confirmed)."""
+        return {"column": self.column, "value": self.value, "salt": self.salt.hex()}
+
+    @classmethod
+    def from_dict(cls, item: Mapping[str, Any]) -> Watermark:
+        return cls(item["column"], item["value"], bytes.fromhex(item["salt"]))
 
 
 class ExportStateBackend(ABC):

@@ -210,6 +210,23 @@ class BaseSegmentExportOperator(BaseOperator):
                 state.close()  # the SQL backend's connection pool, or the SQLite file
         return summary
 
+    def _advance_watermarks(self, state, summary: dict, incomplete: set[str], run_id: str) -> None:
+        """Deferrable mode, once the destination processed the work: the change-column watermarks the export
+        left pending are advanced for the segments whose every operation was processed (for the others the
+        next run reads the same rows again and sends what is still due)."""
+        from airflow_provider_segexport.export.state import Watermark
+
+        for seg, info in (summary.get("change_column") or {}).items():
+            pending = info.pop("pending", None)
+            if pending is None:
+                continue
+            if seg in incomplete:
+                self.log.warning("Segment '%s': some operations failed; the change-column watermark stays where it "
+                                 "was, so the next run reads those rows again.", seg)
+                continue
+            state.set_watermark(int(pending["scope_id"]), Watermark.from_dict(pending), run_id)
+            info["advanced_to"] = info.get("high")
+
     def on_kill(self) -> None:
         if self._destination is not None:
             self._destination.close()

@@ -15,7 +15,7 @@ from airflow_provider_segexport.destinations.mailchimp import (
 )
 from airflow_provider_segexport.export.records import VENDOR_REJECTED, FieldMapping, Reject, redact_emails
 from airflow_provider_segexport.export.report import RejectsWriter, summary_table
-from airflow_provider_segexport.export.state import RefusalStore, Watermark
+from airflow_provider_segexport.export.state import RefusalStore
 from airflow_provider_segexport.hooks.mailchimp import MailchimpHook
 from airflow_provider_segexport.links import MAILCHIMP_AUDIENCE_URL_KEY, MailchimpAudienceLink
 from airflow_provider_segexport.operators.base import BaseSegmentExportOperator
@@ -222,22 +222,6 @@ class MailchimpSegmentExportOperator(BaseSegmentExportOperator):
         summary["mailchimp_batches"] = [group["batch_id"] for group in groups]
         self.log.info("Mailchimp processed the batch operations:\n%s", summary_table(summary))
         return summary
-
-    def _advance_watermarks(self, state, summary: dict, incomplete: set[str], run_id: str) -> None:
-        """The change-column watermarks the export left pending, now that Mailchimp processed its work:
-        advanced for the segments whose every operation Mailchimp processed (else the next run reads the
-        same rows again and sends what is still due)."""
-        for seg, info in (summary.get("change_column") or {}).items():
-            pending = info.pop("pending", None)
-            if pending is None:
-                continue
-            if seg in incomplete:
-                self.log.warning("Segment '%s': some batch operations failed; the change-column watermark stays "
-                                 "where it was, so the next run reads those rows again.", seg)
-                continue
-            state.set_watermark(int(pending["scope_id"]), Watermark(pending["column"], pending["value"],
-                                                                   bytes.fromhex(pending["salt"])), run_id)
-            info["advanced_to"] = info.get("high")
 
     def before_export(self, destination: MailchimpDestination, context) -> None:
         """Push the audience link first (the UI button works even if the export fails)."""
