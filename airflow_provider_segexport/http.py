@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import os
 import random
 import threading
 import time
@@ -21,7 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
+from requests.structures import CaseInsensitiveDict
 
 try:  # msgspec (an Airflow dependency) encodes and decodes JSON several times faster than json
     import msgspec
@@ -42,6 +45,8 @@ except ImportError:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
+#: What a call may carry to take the direct urllib3 path (see VendorSession._transport).
+_DIRECT_KWARGS = frozenset({"data", "timeout", "verify"})
 #: Methods that may be repeated without changing the outcome (RFC 9110 idempotent methods).
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 #: Statuses worth retrying: throttling and transient server errors.
@@ -224,6 +229,9 @@ class VendorSession:
         # milliseconds per request. The proxies (HTTPS_PROXY, NO_PROXY, ...) are resolved once per host.
         self.session.trust_env = False
         self._proxies: dict[str, dict[str, str]] = {}
+        self._pool_size = max(1, pool_size)
+        self._direct: dict[Any, urllib3.PoolManager] = {}
+        self._direct_lock = threading.Lock()
 
     def proxies_for(self, url: str) -> dict[str, str]:
         """The environment's proxies for ``url``'s host (honouring NO_PROXY), resolved once per host."""
@@ -235,6 +243,8 @@ class VendorSession:
 
     def close(self) -> None:
         self.session.close()
+        for pool in self._direct.values():
+            pool.clear()
 
     def url(self, path: str) -> str:
         if path.startswith(("http://", "https://")):
@@ -273,8 +283,7 @@ class VendorSession:
                 headers.update(self._auth())
             try:
                 self.stats.add(requests=1)
-                response = self.session.request(method, url, headers=headers, proxies=self.proxies_for(url),
-                                                **kwargs)
+                response = self._transport(method, url, headers, kwargs)
             except requests.exceptions.SSLError as exc:
                 raise VendorAPIError(
                     self.vendor, None, f"TLS verification failed for {self.base_url}: {_short(exc)}. Check the "
@@ -330,6 +339,55 @@ class VendorSession:
             body = _safe_json(response)
             error_cls = VendorAuthError if status in (401, 403) else VendorAPIError
             raise error_cls(self.vendor, status, message, code=code, body=body, method=method, path=short_path)
+
+    def _transport(self, method: str, url: str, headers: dict[str, str], kwargs: dict[str, Any]) -> requests.Response:
+        """One HTTP exchange. A plain call (a body of bytes or none, no query parameters, no proxy) goes
+        straight to urllib3: requests' per-call machinery (request preparation, cookie jars, hooks, a
+        generator reading the body in 10 KB pieces) costs about 1 ms of CPU per call, ~2 µs a member
+        at 500 members a call. Anything else goes through requests. Both raise requests' exceptions
+        and return a :class:`requests.Response` with its content read."""
+        proxies = self.proxies_for(url)
+        data = kwargs.get("data")
+        if proxies or kwargs.keys() - _DIRECT_KWARGS or not (data is None or data.__class__ is bytes):
+            return self.session.request(method, url, headers=headers, proxies=proxies, **kwargs)
+        timeout = kwargs["timeout"]
+        connect, read = timeout if isinstance(timeout, tuple) else (timeout, timeout)
+        try:
+            raw = self._pool(kwargs["verify"]).urlopen(
+                method, url, body=data, headers={**self.session.headers, **headers}, retries=False,
+                redirect=False, timeout=urllib3.Timeout(connect=connect, read=read), preload_content=True,
+                decode_content=True)
+        except urllib3.exceptions.ConnectTimeoutError as exc:
+            raise requests.ConnectTimeout(exc) from exc
+        except urllib3.exceptions.ReadTimeoutError as exc:
+            raise requests.ReadTimeout(exc) from exc
+        except urllib3.exceptions.SSLError as exc:
+            raise requests.exceptions.SSLError(exc) from exc
+        except urllib3.exceptions.HTTPError as exc:  # refused, reset, closed mid-answer, ...
+            raise requests.ConnectionError(exc) from exc
+        response = requests.Response()
+        response.status_code = raw.status
+        response.headers = CaseInsensitiveDict(raw.headers)
+        response.reason = raw.reason
+        response.url = url
+        response.raw = raw
+        response._content = raw.data
+        response._content_consumed = True
+        response.encoding = requests.utils.get_encoding_from_headers(response.headers)
+        return response
+
+    def _pool(self, verify: bool | str) -> urllib3.PoolManager:
+        pool = self._direct.get(verify)
+        if pool is None:
+            with self._direct_lock:
+                pool = self._direct.get(verify)
+                if pool is None:
+                    tls: dict[str, Any] = {"cert_reqs": "CERT_NONE"} if verify is False else {"cert_reqs": "CERT_REQUIRED"}
+                    if verify is not False:
+                        bundle = requests.utils.DEFAULT_CA_BUNDLE_PATH if verify is True else verify
+                        tls["ca_cert_dir" if os.path.isdir(bundle) else "ca_certs"] = bundle
+                    pool = self._direct[verify] = urllib3.PoolManager(num_pools=4, maxsize=self._pool_size, **tls)
+        return pool
 
     def get_json(self, path: str, **kwargs: Any) -> Any:
         return _safe_json(self.request("GET", path, **kwargs))
