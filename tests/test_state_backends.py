@@ -367,6 +367,33 @@ def test_a_dead_runs_journal_is_folded_by_the_next_run_including_an_earlier_vers
     nxt.close()
 
 
+def test_member_rows_name_runs_by_reference_and_rows_of_earlier_versions_still_count(tmp_path):
+    """Member rows hold a short run reference, not the run id twice (~40 % of a row); rows written by an
+    earlier version hold the run id itself and mean the same: a retry of that very run (full_refresh) sees
+    them as its own, and they are not leavers of it."""
+    from airflow_provider_segexport.export.state import ExportState
+
+    run = "scheduled__2026-11-23T00:00:00+00:00"
+    state = ExportState("mailchimp:mc:aud1", tmp_path)
+    sid = state.scope_id("s")
+    state.confirm(sid, [(1, 10, "a@example.com")], run)
+    end_of_segment(state, sid)
+    stored = state._db.execute("SELECT confirmed_run, seen_run FROM members").fetchall()
+    assert stored == [("#1", "#1")]
+    assert state.lookup(sid, [1]) == {1: (10, run)}
+    # an earlier version's rows: the run id itself
+    state._db.execute("INSERT INTO members VALUES (?, 2, 20, 'b@example.com', ?, ?)", (sid, run, run))
+    state._db.execute("INSERT INTO members VALUES (?, 3, 30, 'c@example.com', 'older', 'older')", (sid,))
+    state.close()
+
+    again = ExportState("mailchimp:mc:aud1", tmp_path)  # a new process: the references are read back
+    assert again.lookup(sid, [1, 2, 3]) == {1: (10, run), 2: (20, run), 3: (30, "older")}
+    snap = again.snapshot(sid, run)
+    assert snap.lookup([1, 2, 3], run) == {1: (10, run), 2: (20, run), 3: (30, None)}
+    assert again.leavers(sid, run) == [(3, "c@example.com")]
+    again.close()
+
+
 def test_prefold_between_batches_gives_the_same_state_and_a_crash_loses_nothing(tmp_path):
     """The engine lets the state unpack its journal while the reader waits for a lane; the folded state is
     the same as with one flush at the end, and a run that dies after prefolding loses nothing."""
