@@ -128,6 +128,56 @@ def test_limits_are_checked_before_anything_is_sent(tmp_path):
     assert dest.batches == []
 
 
+def test_reading_starts_while_the_segment_is_counted_and_sending_waits_for_the_count(tmp_path):
+    """A first export (no size in the export state) reads and validates while COUNT(*) runs; the first send
+    waits for the count (the limits come first), and the dedupe tables are sized once it arrives."""
+    events: list[str] = []
+    counted = threading.Event()
+
+    class SlowCount(ListSource):
+        def count(self):
+            assert read_started.wait(10), "reading did not start while the segment was being counted"
+            events.append("counted")
+            counted.set()
+            return super().count()
+
+        def rows(self):
+            events.append("reading")
+            read_started.set()
+            yield from self._rows
+
+    class Watching(Recorder):
+        def send(self, segment, records):
+            events.append("send")
+            return super().send(segment, records)
+
+    read_started = threading.Event()
+    dest = Watching()
+    data = rows(50) + [{"customer_id": "C999", "email": "U3@example.com", "first_name": "A"}]  # a duplicate
+    summary = run(dest, [Segment("a", SlowCount(data))], tmp_path)
+    assert events.index("reading") < events.index("counted") < events.index("send")
+    assert summary["totals"]["created"] == 50 and summary["totals"]["rejected"] == 1
+    dest.max_per_segment = 20  # the limit still stops the export before anything is sent
+    events.clear()
+    read_started.clear()
+    with pytest.raises(ExportLimitExceeded, match="Nothing was sent"):
+        run(dest, [Segment("a", SlowCount(rows(30)))], tmp_path)
+    assert "send" not in events
+
+
+def test_deduper_reserve_keeps_what_it_has_seen():
+    from airflow_provider_segexport.export.records import Deduper, member_id
+
+    d = Deduper()
+    values = [f"u{i}@example.com" for i in range(3000)]
+    assert d.check_many([f"C{i}" for i in range(3000)], [member_id(v) for v in values], 0) == [0] * 3000
+    d.reserve(1_000_000)
+    assert d._by_value._mask + 1 == 1 << 21 and len(d) == 3000
+    again = d.check_many(["C1", "X1"], [member_id(values[1]), member_id(values[2])], 0)
+    assert again == [1, 2]  # the key twice in the segment; the value held by another key
+    assert d.check_many(["C5"], [member_id(values[5])], 1) == [0]  # the same member in another segment
+
+
 def test_dry_run_sends_nothing(tmp_path):
     dest = Recorder()
     data = rows(20) + [{"customer_id": "X", "email": "bad", "first_name": "A"}]

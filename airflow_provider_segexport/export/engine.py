@@ -372,6 +372,7 @@ class ExportEngine:
                             "segment model."
                         )
         self._totals = totals
+        self._deduper.reserve(total)
         self.log.info("Counted %s rows in all (%s)", f"{total:,}", ", ".join(f"{k}: {v:,}" for k, v in totals.items()))
         return totals
 
@@ -387,19 +388,20 @@ class ExportEngine:
         try:
             self._preflight()
             self._fp_salt = blake2b(d.fingerprint_config(), digest_size=16).digest()
-            # The last export's sizes (export state) size the dedupe tables while the segments are still
-            # counted; without them the counts are awaited now.
-            lasts = [self.state.last_count(self._scope_ids[s.name]) for s in self.segments] if self.state else [None]
-            self._estimates = ({s.name: n for s, n in zip(self.segments, lasts, strict=True)}
-                               if all(lasts) else dict(self._counts()))
+            # Reading starts while the segments are still counted (the first send waits for the counts: the
+            # limits). The last export's sizes (export state) size the dedupe tables meanwhile; without them
+            # the tables are sized when the counts arrive.
+            lasts = [self.state.last_count(self._scope_ids[s.name]) if self.state else None for s in self.segments]
+            self._estimates = {s.name: n or 0 for s, n in zip(self.segments, lasts, strict=True)}
         except BaseException:
             self._stop_prefetch()
             raise
         self._deduper = Deduper(sum(self._estimates.values()))
+        estimate = sum(self._estimates.values())
         self.log.info("Exporting %d segment(s), %s, %s; batches of %d, up to %d in flight", len(self.segments),
                       f"{sum(self._totals.values()):,} rows in all" if self._totals is not None else
-                      f"about {sum(self._estimates.values()):,} rows in all (counting)", mode, d.batch_size,
-                      d.max_in_flight)
+                      f"about {estimate:,} rows in all (counting)" if all(lasts) else "rows being counted", mode,
+                      d.batch_size, d.max_in_flight)
         self.log.info("::endgroup::")
         try:
             with _tuned_for_export(), ThreadPoolExecutor(max_workers=d.max_in_flight,
@@ -475,7 +477,7 @@ class ExportEngine:
 
         def submit(records: list[Record]) -> None:
             if self._totals is None:
-                self._counts()  # the limits, before the first send
+                stats.total = progress.total = self._counts()[seg.name]  # the limits, before the first send
             if not slots.acquire(blocking=False):  # ahead of the lanes: a moment for the state's own work
                 if prefold:
                     self.state.prefold(sid)
@@ -490,7 +492,9 @@ class ExportEngine:
             if len(pending) > 4 * d.max_in_flight:
                 pending[:] = [f for f in pending if not f.done()]
 
-        self.log.info("::group::Segment '%s' -> %s '%s': %s rows", seg.name, d.name, d.target, f"{total:,}")
+        self.log.info("::group::Segment '%s' -> %s '%s': %s", seg.name, d.name, d.target,
+                      f"{total:,} rows" if self._totals is not None else
+                      f"about {total:,} rows (counting)" if total else "rows being counted")
         prepare = type(d).prepare is not Destination.prepare or type(d).prepare_many is not Destination.prepare_many
         size = d.batch_size
         row_number = 0

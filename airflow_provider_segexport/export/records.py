@@ -210,9 +210,9 @@ class _IntMap:
                 i = (i + 1) & mask
         return out
 
-    def _grow(self) -> None:
+    def _grow(self, capacity: int | None = None) -> None:
         keys, vals = self._keys, self._vals
-        self.__init__(2 * (self._mask + 1), vals is not None)
+        self.__init__(capacity or 2 * (self._mask + 1), vals is not None)
         used = [i for i, k in enumerate(keys) if k]
         self.setdefault_many([keys[i] for i in used], [vals[i] for i in used] if vals is not None else None)
 
@@ -226,12 +226,20 @@ class Deduper:
     """
 
     def __init__(self, expected: int = 0) -> None:
-        capacity = 1 << max(12, (2 * max(1, expected) - 1).bit_length())
+        capacity = _capacity(expected)
         self._by_value = _IntMap(capacity)  # member id of the value -> key hash << 8 | segment
         self._keys = _IntMap(capacity, values=False)  # hashes of (key, segment)
 
     def __len__(self) -> int:
         return len(self._by_value)
+
+    def reserve(self, expected: int) -> None:
+        """Make room for ``expected`` members in one step (when the count arrives after reading began)
+        instead of doubling again and again on the way there."""
+        capacity = _capacity(expected)
+        for table in (self._by_value, self._keys):
+            if capacity > table._mask + 1:
+                table._grow(capacity)
 
     def check(self, value: str, key: str, segment_index: int) -> bool:
         """True if ``value`` is new for this export (or the same member seen in another segment)."""
@@ -268,6 +276,11 @@ class Deduper:
 
 
 KEY_SEEN, VALUE_SEEN = 1, 2
+
+
+def _capacity(expected: int) -> int:
+    """Slots for ``expected`` members: a power of two, at most half full."""
+    return 1 << max(12, (2 * max(1, expected) - 1).bit_length())
 
 
 def _key_hash(key: str, segment_index: int) -> int:

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import hashlib
 import io
 import json
 import re
 import tarfile
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -37,6 +40,8 @@ from airflow_provider_segexport.sandbox.core import Emulator
 MAX_BATCH_MEMBERS = 500
 MAX_SEGMENT_ITEMS = 500
 MAX_CONNECTIONS = 10
+#: Calls carrying more members than this are processed off the event loop (see ``_wrap``).
+_INLINE_ITEMS = 50
 MAX_COUNT = 1000
 STATUSES = {"subscribed", "unsubscribed", "cleaned", "pending", "transactional"}
 _EMAIL_RE = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$")
@@ -142,6 +147,8 @@ class MailchimpEmulator(Emulator):
         self.account_id = sandbox.token()[:24]
         self.audience_id = sandbox.token()[:10]
         self.in_flight = 0
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mailchimp-emulator")
+        self._handling = threading.Lock()
         self.batches: dict[str, dict] = {}
         self.batch_results: dict[str, bytes] = {}
         self._batch_queue: asyncio.Queue | None = None
@@ -297,19 +304,32 @@ class MailchimpEmulator(Emulator):
                 fault = await self.before(request, route, items)
                 if fault is not None:
                     return fault
-                status, payload = handler(request.method, request.path_params, dict(request.query_params), body)
-                if status == 204:
-                    response = Response(status_code=204)
-                elif status >= 400:
-                    response = payload
+                args = (request.method, request.path_params, dict(request.query_params), body)
+                if items > _INLINE_ITEMS:
+                    # A big call's work (~10 ms for 500 members) runs on the emulator's worker thread,
+                    # one call at a time as before: the event loop keeps sending the answers that are due
+                    # meanwhile instead of holding them until this call is processed (a real vendor
+                    # serves concurrent calls in parallel; the latency model must not grow with the load).
+                    status, body_or_response = await asyncio.get_running_loop().run_in_executor(
+                        self._worker, contextvars.copy_context().run, self._handle_and_encode, handler, args)
                 else:
-                    response = Response(msgspec.json.encode(payload), status_code=status,
-                                        media_type="application/json")
+                    status, body_or_response = self._handle_and_encode(handler, args)
+                response = body_or_response if isinstance(body_or_response, Response) else Response(
+                    body_or_response, status_code=status, media_type="application/json")
                 return await self.after(request, response)  # an injected "after" fault loses the answer
             finally:
                 self.in_flight -= 1
 
         return endpoint
+
+    def _handle_and_encode(self, handler, args) -> tuple[int, Response | bytes]:
+        with self._handling:  # one handler at a time, on the worker thread or the event loop's
+            status, payload = handler(*args)
+        if status == 204:
+            return status, Response(status_code=204)
+        if status >= 400:
+            return status, payload
+        return status, msgspec.json.encode(payload)
 
     def _audience(self, list_id: str) -> Audience | JSONResponse:
         aud = self.audiences.get(list_id)
