@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 #: What a call may carry to take the direct urllib3 path (see VendorSession._transport).
 _DIRECT_KWARGS = frozenset({"data", "timeout", "verify"})
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 #: Methods that may be repeated without changing the outcome (RFC 9110 idempotent methods).
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 #: Statuses worth retrying: throttling and transient server errors.
@@ -365,6 +366,8 @@ class VendorSession:
             raise requests.exceptions.SSLError(exc) from exc
         except urllib3.exceptions.HTTPError as exc:  # refused, reset, closed mid-answer, ...
             raise requests.ConnectionError(exc) from exc
+        if raw.status in _REDIRECTS and raw.headers.get("Location"):  # rare: requests follows it as usual
+            return self.session.request(method, url, headers=headers, proxies=proxies, **kwargs)
         response = requests.Response()
         response.status_code = raw.status
         response.headers = CaseInsensitiveDict(raw.headers)

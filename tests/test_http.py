@@ -236,6 +236,14 @@ def test_plain_calls_skip_requests_machinery_with_the_same_headers_and_answers(s
     assert sent[0]["content-type"] == "application/json"
 
 
+def test_a_redirect_on_the_direct_path_is_followed(server):
+    moved = (307, {"Location": "/moved"}, None)
+    script, url = server(moved, moved, (200, {}, {"ok": 1}))
+    s = VendorSession("Vendor", url, retry=fast_policy())
+    assert s.get_json("/old") == {"ok": 1}  # the direct call's 307 hands the call to requests, which follows it
+    assert [p for _, p, _ in script.received] == ["/old", "/old", "/moved"]
+
+
 def test_read_timeout_on_the_direct_path_is_retried_only_when_safe(server):
     """A read timeout may mean the vendor processed the call: a safe call is repeated, an unsafe one is not."""
     script, url = server((200, {}, {"ok": 1}))
