@@ -388,6 +388,7 @@ class ExportEngine:
         try:
             self._preflight()
             self._fp_salt = blake2b(d.fingerprint_config(), digest_size=16).digest()
+            self._fp_hasher = blake2b(digest_size=8, salt=self._fp_salt)
             # Reading starts while the segments are still counted (the first send waits for the counts: the
             # limits). The last export's sizes (export state) size the dedupe tables meanwhile; without them
             # the tables are sized when the counts arrive.
@@ -717,10 +718,12 @@ class ExportEngine:
                 r.member = member_id(d.member_key(r))
         # The fingerprint is of the validated values (mapping order), salted with the destination's settings
         # (fingerprint_config): what decides the payload, known before the destination converts anything.
-        salt = self._fp_salt
+        hasher = self._fp_hasher  # copying a keyed hasher is ~0.5 µs cheaper than making one (same digest)
+        from_bytes = int.from_bytes
         for r in records:
-            r.fp = int.from_bytes(blake2b(encode_json(r.payload), digest_size=8, salt=salt).digest(), "big",
-                                  signed=True)
+            h = hasher.copy()
+            h.update(encode_json(r.payload))
+            r.fp = from_bytes(h.digest(), "big", signed=True)
         snapshot = self._snapshots.get(sid)
         if snapshot is not None:
             known = snapshot.lookup([r.member for r in records], self.run_id)

@@ -161,7 +161,12 @@ class FieldMapping:
 
 def member_id(value: str) -> int:
     """Stable 64-bit id of a member's destination key (email lower-cased, or an ID); kept in export state."""
-    return int.from_bytes(blake2b(value.strip().lower().encode("utf-8"), digest_size=8).digest(), "big", signed=True)
+    h = _MEMBER_HASHER.copy()  # copying a hasher is ~0.3 µs cheaper than making one (same digest)
+    h.update(value.strip().lower().encode("utf-8"))
+    return int.from_bytes(h.digest(), "big", signed=True)
+
+
+_MEMBER_HASHER = blake2b(digest_size=8)
 
 
 class _IntMap:
@@ -355,6 +360,7 @@ class RowValidator:
         seg = self.segment
         slow = self._map
         match = _EMAIL_ASCII.match
+        hasher, from_bytes = _MEMBER_HASHER, int.from_bytes
         email_index = self._email_index
         values = self._fast_values
         mapped: list[Record] = []
@@ -389,8 +395,9 @@ class RowValidator:
                                 break  # another type to convert, or a required field missing
                         else:
                             lowered = email.lower()  # member_id(lowered), inlined: ~1 µs a row less
-                            member = int.from_bytes(blake2b(lowered.encode("utf-8"), digest_size=8).digest(),
-                                                    "big", signed=True)
+                            h = hasher.copy()
+                            h.update(lowered.encode("utf-8"))
+                            member = from_bytes(h.digest(), "big", signed=True)
                             mapped.append(Record(seg, row_number, key, payload, lowered, member))
                             continue
                         item = slow(row_number, row)
