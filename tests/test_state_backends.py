@@ -433,6 +433,57 @@ def test_prefold_between_batches_gives_the_same_state_and_a_crash_loses_nothing(
     assert live.leavers(sid3, "r1") == [] and expected.leavers(sid, "r1") == []
 
 
+def test_presort_while_the_last_batches_are_in_flight_gives_the_same_state(tmp_path):
+    """Once a segment's rows are read, the state sorts what was confirmed so far while the last batches are in
+    flight; their confirmations (one of them later than a presorted one for the same member: it wins) and
+    "seen" marks still arrive, through the journal's own connection even while the sort holds the other one.
+    The folded state is the one of a plain flush; a run that dies after the presort loses nothing."""
+    from airflow_provider_segexport.export.state import ExportState
+
+    def run(state, sid, presort):
+        for b in range(4):
+            state.confirm(sid, [(m, m + b, f"k{m}") for m in range(b * 100, b * 100 + 150)], "r1")
+        state.seen(sid, [9000], "r1")
+        if presort:
+            state.presort(sid)
+        state.confirm(sid, [(m, m + 7, f"k{m}") for m in range(420, 470)], "r1")  # after: wins for 420..449
+        state.seen(sid, [9001], "r1")
+
+    def prepared(name):
+        state = ExportState("scope", tmp_path / name)
+        sid = state.scope_id("s")
+        state.confirm(sid, [(9000, 1, "k9000"), (9001, 2, "k9001"), (9002, 3, "k9002")], "r0")
+        end_of_segment(state, sid)
+        return state, sid
+
+    plain, sid = prepared("plain")
+    run(plain, sid, presort=False)
+    end_of_segment(plain, sid)
+    want = plain.lookup(sid, list(range(600)) + [9000, 9001, 9002])
+    assert want[430] == (437, "r1") and want[330] == (333, "r1") and len(want) == 473
+    assert plain.leavers(sid, "r1") == [(9002, "k9002")]
+
+    state, sid2 = prepared("presorted")
+    run(state, sid2, presort=True)
+    end_of_segment(state, sid2)
+    assert state.lookup(sid2, list(range(600)) + [9000, 9001, 9002]) == want
+    assert state.leavers(sid2, "r1") == [(9002, "k9002")]
+    assert state._db.execute("SELECT name FROM temp.sqlite_master WHERE name LIKE 'sorted%'").fetchall() == []
+
+    with plain._lock:  # what a presort holds while it sorts: a confirmation still goes through at once
+        worker = threading.Thread(target=plain.confirm, args=(sid, [(1, 1, "k1")], "r1"))
+        worker.start()
+        worker.join(10)
+        assert not worker.is_alive()
+
+    dead, sid3 = prepared("dead")
+    run(dead, sid3, presort=True)
+    dead.close()  # killed after the presort, before the flush: the TEMP tables are gone, the journal is not
+    again = ExportState("scope", tmp_path / "dead")
+    assert again.scope_id("s") == sid3
+    assert again.lookup(sid3, list(range(600)) + [9000, 9001, 9002]) == want
+
+
 def test_table_prefix_must_be_an_identifier(tmp_path, monkeypatch):
     monkeypatch.setenv("AIRFLOW_CONN_STATE_SQLITE", json.dumps({"conn_type": "sqlite",
                                                                 "host": str(tmp_path / "s.db")}))

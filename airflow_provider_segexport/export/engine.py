@@ -552,6 +552,8 @@ class ExportEngine:
             batch = batch[d.batch_size:]
         if batch:  # read and valid, but the export stopped before they were batched
             self._not_sent(stats, batch)
+        if prefold and self._failure is None and any(not f.done() for f in pending):
+            self.state.presort(sid)  # while the last batches are in flight
         for fut in pending:
             fut.result()
         if self._failure is None:
