@@ -397,8 +397,8 @@ class ExportEngine:
         except BaseException:
             self._stop_prefetch()
             raise
-        self._deduper = Deduper(sum(self._estimates.values()))
         estimate = sum(self._estimates.values())
+        self._deduper = Deduper(estimate)
         self.log.info("Exporting %d segment(s), %s, %s; batches of %d, up to %d in flight", len(self.segments),
                       f"{sum(self._totals.values()):,} rows in all" if self._totals is not None else
                       f"about {estimate:,} rows in all (counting)" if all(lasts) else "rows being counted", mode,
