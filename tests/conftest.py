@@ -105,8 +105,9 @@ def refreshed_warehouse(path: Path, profiles: int, seed: int = 42) -> Path:
     return path
 
 
-def run_dag(dag_id: str, conf: dict | None = None, bundle: str = "test-dags"):
-    """Run a DAG with dag.test(); return (state, {task_id: return_value XCom})."""
+def run_dag(dag_id: str, conf: dict | None = None, bundle: str = "test-dags", retries: int | None = None):
+    """Run a DAG with dag.test(); return (state, {task_id: return_value XCom}). ``retries`` overrides the
+    tasks' own (0: a failing task fails the run at once instead of waiting for its retry delay)."""
     from airflow.dag_processing.dagbag import DagBag
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
@@ -116,6 +117,9 @@ def run_dag(dag_id: str, conf: dict | None = None, bundle: str = "test-dags"):
     bag = DagBag(dag_folder=str(folder))
     assert not bag.import_errors, bag.import_errors
     dag = bag.dags[dag_id]
+    if retries is not None:
+        for task in dag.tasks:
+            task.retries = retries
     dr = dag.test(run_conf=conf or {})
     values = {}
     with create_session() as session:

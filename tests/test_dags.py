@@ -78,3 +78,25 @@ def test_destination_without_connection_is_skipped_not_failed(airflow_db, demo_e
     monkeypatch.delenv("AIRFLOW_CONN_MAILCHIMP_DEFAULT")
     state, xcom = run_dag("segment_export", {"segments": ["vip_customers"]}, bundle="dags-folder")
     assert state == "success" and "export_mailchimp" not in xcom and xcom["report"] == []
+
+
+def test_export_with_connections_in_the_metadata_database(airflow_db, demo_env, sandbox, monkeypatch):
+    """Connections kept in Airflow's database (as `make demo` and most deployments do) reach a task through
+    the supervisor, one request at a time: the segment's count, its rows and the changed rows are read from
+    several threads at once, and each of them must still find the connection."""
+    from airflow.models import Connection
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        session.query(Connection).filter(Connection.conn_id == "segexport_warehouse").delete()
+        session.add(Connection(conn_id="segexport_warehouse", conn_type="sqlite", host=str(demo_env)))
+    monkeypatch.delenv("AIRFLOW_CONN_SEGEXPORT_WAREHOUSE")
+    try:
+        for _ in range(2):  # the second run reads the changed rows (prefetch) while counting
+            state, xcom = run_dag("segment_export", {"segments": ["vip_customers", "newsletter_fr"]},
+                                  bundle="dags-folder", retries=0)
+            assert state == "success", xcom
+            assert xcom["export_mailchimp"]["totals"]["rows"] > 0
+    finally:
+        with create_session() as session:
+            session.query(Connection).filter(Connection.conn_id == "segexport_warehouse").delete()

@@ -13,6 +13,7 @@ import itertools
 import json
 import operator
 import re
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -86,6 +87,13 @@ class _ChangedSince(Source):
                 yield row
 
 
+#: Opening a database connection makes the hook look its Airflow connection up. Inside a task that lookup
+#: goes to the task supervisor over one channel, which answers one request at a time: the segment's count,
+#: its rows and the changed rows are opened from several threads, so they take turns (only for the
+#: opening; the queries themselves run at the same time).
+_CONNECTING = threading.Lock()
+
+
 @dataclass
 class SqlSource(Source):
     """Rows of ``sql`` run on the Airflow connection ``conn_id`` (any common.sql ``DbApiHook``)."""
@@ -115,7 +123,8 @@ class SqlSource(Source):
         return self._hook
 
     def _execute(self, sql: str):
-        conn = self.hook().get_conn()
+        with _CONNECTING:  # see _CONNECTING
+            conn = self.hook().get_conn()
         cursor = conn.cursor()
         try:
             if self.parameters:
