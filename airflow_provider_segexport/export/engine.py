@@ -376,6 +376,12 @@ class ExportEngine:
         self.log.info("Counted %s rows in all (%s)", f"{total:,}", ", ".join(f"{k}: {v:,}" for k, v in totals.items()))
         return totals
 
+    def _size_text(self, rows: int, where: str = "") -> str:
+        """How many rows, as known now: counted, estimated from the last export while counting, or not yet."""
+        if self._totals is not None:
+            return f"{rows:,} rows{where}"
+        return f"about {rows:,} rows{where} (counting)" if rows else "rows being counted"
+
     def _count_segments(self) -> dict[str, int]:
         return {seg.name: seg.source.count() for seg in self.segments}
 
@@ -400,9 +406,8 @@ class ExportEngine:
         estimate = sum(self._estimates.values())
         self._deduper = Deduper(estimate)
         self.log.info("Exporting %d segment(s), %s, %s; batches of %d, up to %d in flight", len(self.segments),
-                      f"{sum(self._totals.values()):,} rows in all" if self._totals is not None else
-                      f"about {estimate:,} rows in all (counting)" if all(lasts) else "rows being counted", mode,
-                      d.batch_size, d.max_in_flight)
+                      self._size_text(sum(self._totals.values()) if self._totals is not None else
+                                      estimate if all(lasts) else 0, " in all"), mode, d.batch_size, d.max_in_flight)
         self.log.info("::endgroup::")
         try:
             with _tuned_for_export(), ThreadPoolExecutor(max_workers=d.max_in_flight,
@@ -493,9 +498,7 @@ class ExportEngine:
             if len(pending) > 4 * d.max_in_flight:
                 pending[:] = [f for f in pending if not f.done()]
 
-        self.log.info("::group::Segment '%s' -> %s '%s': %s", seg.name, d.name, d.target,
-                      f"{total:,} rows" if self._totals is not None else
-                      f"about {total:,} rows (counting)" if total else "rows being counted")
+        self.log.info("::group::Segment '%s' -> %s '%s': %s", seg.name, d.name, d.target, self._size_text(total))
         prepare = type(d).prepare is not Destination.prepare or type(d).prepare_many is not Destination.prepare_many
         size = d.batch_size
         row_number = 0

@@ -184,10 +184,6 @@ class _IntMap:
     def __len__(self) -> int:
         return self._n
 
-    @property
-    def capacity(self) -> int:
-        return self._mask + 1
-
     def setdefault_many(self, keys: np.ndarray, values: np.ndarray | None = None
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per key, in order, as if one at a time: (found, stored value, slot). A key not found is stored with

@@ -305,6 +305,7 @@ class FileSource(Source):
 
 
 _WORD = re.compile(r"[A-Za-z_]+")
+_BY = re.compile(r"\s+BY\b", re.IGNORECASE)
 
 
 def _without_final_order_by(sql: str) -> str:
@@ -341,8 +342,7 @@ def _without_final_order_by(sql: str) -> str:
         elif depth == 0 and (c.isalpha() or c == "_") and (i == 0 or not (sql[i - 1].isalnum() or sql[i - 1] == "_")):
             word = _WORD.match(sql, i).group().upper()
             if word == "ORDER":
-                rest = _WORD.match(sql, i + 5 + len(sql[i + 5:]) - len(sql[i + 5:].lstrip()))
-                if rest is not None and rest.group().upper() == "BY":
+                if _BY.match(sql, i + 5):
                     order_at, after = i, []
             elif order_at is not None:
                 after.append(word)

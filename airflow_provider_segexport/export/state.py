@@ -414,9 +414,6 @@ class ExportState(ExportStateBackend):
         self.prefold(scope_id)
         with self._lock:
             db = self._db
-            mark = self._unpacked.get(scope_id)
-            if mark is None:
-                return
             db.execute(f"DROP TABLE IF EXISTS temp.sorted_{int(scope_id)}")
             db.execute(f"CREATE TEMP TABLE sorted_{int(scope_id)} AS SELECT member, fingerprint, dest_key, run "
                        "FROM temp.fold WHERE scope_id = ? AND fingerprint IS NOT NULL ORDER BY member, rowid",
