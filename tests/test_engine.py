@@ -244,6 +244,23 @@ def test_sql_source_streams_200k_rows_with_bounded_memory(sqlite_conn, tmp_path)
     assert peak < 35 * 1024 * 1024, f"peak {peak / 1e6:.1f} MB"
 
 
+def test_sql_source_threads_open_connections_without_looking_the_airflow_connection_up_again(sqlite_conn,
+                                                                                           monkeypatch):
+    """The count, the rows and the changed rows are opened from threads; inside a task, looking an Airflow
+    connection up from several threads at once fails (the supervisor serves one request at a time). The
+    connection found first, on the task's thread, is the one every later opening uses."""
+    source = SqlSource(sqlite_conn, "SELECT * FROM p WHERE seg = 'big'")
+    assert "email" in source.columns()  # the pre-flight, on the task's thread
+    monkeypatch.delenv("AIRFLOW_CONN_WH")  # a lookup from now on would fail ("isn't defined")
+    counted: list = []
+    worker = threading.Thread(target=lambda: counted.append(source.count()))
+    worker.start()
+    worker.join(60)
+    assert counted == [200_000]
+    changed = source.changed_since("customer_id", "C99999")  # text order: only C99999 itself is >= it
+    assert [c for chunk in changed.chunks(["customer_id"]) for c in chunk] == [("C99999",)]
+
+
 def test_sql_source_reports_sql_errors_clearly(sqlite_conn):
     source = SqlSource(sqlite_conn, "SELECT * FROM no_such_table")
     with pytest.raises(Exception, match="no such table: no_such_table"):

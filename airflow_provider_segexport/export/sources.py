@@ -13,7 +13,6 @@ import itertools
 import json
 import operator
 import re
-import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -87,13 +86,6 @@ class _ChangedSince(Source):
                 yield row
 
 
-#: Opening a database connection makes the hook look its Airflow connection up. Inside a task that lookup
-#: goes to the task supervisor over one channel, which answers one request at a time: the segment's count,
-#: its rows and the changed rows are opened from several threads, so they take turns (only for the
-#: opening; the queries themselves run at the same time).
-_CONNECTING = threading.Lock()
-
-
 @dataclass
 class SqlSource(Source):
     """Rows of ``sql`` run on the Airflow connection ``conn_id`` (any common.sql ``DbApiHook``)."""
@@ -113,18 +105,25 @@ class SqlSource(Source):
             from airflow.providers.common.sql.hooks.sql import DbApiHook
             from airflow.sdk import BaseHook
 
-            hook = BaseHook.get_connection(self.conn_id).get_hook()
+            connection = BaseHook.get_connection(self.conn_id)
+            hook = connection.get_hook()
             if not isinstance(hook, DbApiHook):
                 raise SourceError(
                     f"Connection '{self.conn_id}' is of type '{getattr(hook, 'conn_type', '?')}', not a SQL "
                     "database: use a connection whose hook is a common.sql DbApiHook (sqlite, postgres, ...)."
                 )
+            # Opening a database connection makes many hooks (SQLite's among them) look their Airflow connection
+            # up again, and the count, the rows and the changed rows are opened from threads of their own. Inside
+            # a task that lookup goes to the task supervisor, which cannot serve several threads at once (the
+            # lookup then fails: "conn_id ... isn't defined"), so the hook keeps the connection found here, on
+            # the task's thread (the pre-flight's column check comes first).
+            conn_id = self.conn_id
+            hook.get_connection = lambda cid: connection if cid == conn_id else BaseHook.get_connection(cid)
             self._hook = hook
         return self._hook
 
     def _execute(self, sql: str):
-        with _CONNECTING:  # see _CONNECTING
-            conn = self.hook().get_conn()
+        conn = self.hook().get_conn()
         cursor = conn.cursor()
         try:
             if self.parameters:
