@@ -152,6 +152,28 @@ def test_forget(open_state):
     assert set(state.lookup(sid, list(range(1200)))) == set(range(1, 1200, 2))
 
 
+def test_a_forgotten_address_and_a_folded_journal_leave_no_trace_in_the_state_file(tmp_path):
+    """Privacy: deleted rows are zeroed in the SQLite state file on every platform (not only where SQLite
+    does so by default, as on Debian), so a member forgotten after a permanent refusal is not readable in the
+    file's free pages; nor are the folded journal's copies of the addresses."""
+    state = ExportState("scope", tmp_path)
+    sid = state.scope_id("s")
+    # each address several times: the confirmations must fill whole pages (the page that still holds a
+    # surviving row is rewritten anyway; only a page freed entirely shows whether deleted content is zeroed)
+    keep = [(m, m, f"keep{m}@example.com") for m in range(2000)]
+    gone = [(10_000 + m, m, f"forget-me-{m}@example.com") for m in range(2000)]
+    state.confirm(sid, keep, "r1")
+    state.confirm(sid, gone, "r1")
+    end_of_segment(state, sid)  # the journal's rows (both batches) are folded, then deleted
+    state.forget(sid, [m for m, _, _ in gone])
+    for db in (state._journal, state._db):
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    data = (tmp_path / "export_state.sqlite").read_bytes()
+    assert data.count(b"@example.com") >= 2000 and b"keep1999@example.com" in data
+    assert b"forget-me-" not in data
+    state.close()
+
+
 def test_seen_and_leavers(open_state):
     state = open_state()
     sid = state.scope_id("all_customers")

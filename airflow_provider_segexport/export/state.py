@@ -318,6 +318,11 @@ class ExportState(ExportStateBackend):
         self._unpacked: dict[int, int] = {}  # scope id -> last journal_batches rowid unpacked into temp.fold
         _use_wal(self._db)
         self._db.execute("PRAGMA synchronous=NORMAL")
+        # Deleted rows are zeroed in the state file (a forgotten address, a folded journal must not linger in
+        # it; Debian's SQLite does so by default, others do not), not in the TEMP tables of the fold: they live
+        # in an unlinked file of this connection (zeroing them cost ~0.4 s at the end of a 1,000,000-member fold)
+        self._db.execute("PRAGMA main.secure_delete=ON")
+        self._db.execute("PRAGMA temp.secure_delete=OFF")
         self._db.executescript(
             """
             CREATE TABLE IF NOT EXISTS scopes (id INTEGER PRIMARY KEY, scope TEXT NOT NULL, segment TEXT NOT NULL,
@@ -340,6 +345,7 @@ class ExportState(ExportStateBackend):
         # the journal keeps taking them while this one sorts what was journaled so far (presort).
         self._journal = sqlite3.connect(self.path, check_same_thread=False, timeout=60, isolation_level=None)
         self._journal.execute("PRAGMA synchronous=NORMAL")
+        self._journal.execute("PRAGMA secure_delete=ON")
         self._journal_lock = threading.Lock()
         self._presorted: dict[int, int] = {}  # scope id -> last temp.fold rowid copied into its sorted table
 
