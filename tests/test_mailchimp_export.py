@@ -206,6 +206,27 @@ def test_deferrable_reaches_the_same_audience(airflow_db, mailchimp_conn, wh, sa
     assert any(k.startswith("mailchimp POST batches") for k in sandbox.requests()["counts"])
 
 
+def test_answers_compressed_with_gzip_are_read_the_same(airflow_db, mailchimp_conn, wh, sandbox, tmp_path):
+    """Mailchimp's servers have been reported to gzip their answers (see the emulator's ``gzip_answers``): the
+    export reads compressed answers (the batch calls' through urllib3, the others' through requests) and ends
+    with the same audience and the same outcomes as with plain answers."""
+    state, plain = run_dag("mailchimp_export_test", conf(sandbox, SEGMENTS, state_dir=str(tmp_path / "plain")))
+    assert state == "success"
+    plain_audience = audience(sandbox)
+    seed = warehouse.sandbox_seed(wh)
+    seed["mailchimp"] = {**seed["mailchimp"], "gzip_answers": True}
+    sandbox.session.post(f"{sandbox.admin}/seed", json=seed, timeout=60).raise_for_status()
+    emulator = sandbox.server.sandbox.emulators["mailchimp"]
+    calls_before = sandbox.requests()["counts"]["mailchimp POST list"]
+    state, gz = run_dag("mailchimp_export_test", conf(sandbox, SEGMENTS, state_dir=str(tmp_path / "gzip")))
+    assert state == "success"
+    assert audience(sandbox) == plain_audience
+    assert gz["export"]["totals"] == plain["export"]["totals"]
+    assert gz["export"]["rejects"]["by_reason"] == plain["export"]["rejects"]["by_reason"]
+    batch_calls = sandbox.requests()["counts"]["mailchimp POST list"] - calls_before
+    assert batch_calls >= 2 and emulator.gzipped > batch_calls  # every batch answer, and the audience's
+
+
 def test_delta_fingerprint_follows_the_settings_that_shape_mailchimp_payloads():
     """What a delta run compares besides a member's values: a changed merge-field type or date format,
     status_if_new or tagging re-sends every member; the same settings (another instance) do not."""

@@ -10,7 +10,10 @@ with a tar.gz results archive fetched without auth; OAuth metadata for access to
 Configurable (class attributes or ``seed["mailchimp"]``): ``fake_domains`` (domains refused as
 "looks fake", empty by default although real Mailchimp refuses ``example.com``),
 ``report_unchanged`` (whether unchanged existing members appear in ``updated_members``; default
-False: they appear in no array, as observed reports say).
+False: they appear in no array, as observed reports say); ``gzip_answers`` (answers of 512 bytes or more
+gzip-compressed, ``Content-Encoding: gzip``, when the client's ``Accept-Encoding`` allows it, as
+Mailchimp's servers have been reported to send them (gomfunkel/node-mailchimp#46, 2015;
+mailchimp/mailchimp-client-lib-codegen#325, 2023: not in the API reference); off by default).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextvars
+import gzip
 import hashlib
 import io
 import json
@@ -139,6 +143,8 @@ class MailchimpEmulator(Emulator):
     dc = "us1"
     fake_domains: set[str] = set()
     report_unchanged = False
+    gzip_answers = False
+    GZIP_MIN_BYTES = 512
 
     def __init__(self, sandbox) -> None:
         super().__init__(sandbox)
@@ -163,6 +169,8 @@ class MailchimpEmulator(Emulator):
         self.batches.clear()
         self.batch_results.clear()
         seed = self.sandbox.seed.get("mailchimp", {})
+        self.gzip_answers = bool(seed.get("gzip_answers", type(self).gzip_answers))
+        self.gzipped = 0  # answers sent compressed since the last reset
         audience = self.audiences[self.audience_id]
         for m in seed.get("members", []):
             email = m["email_address"].strip()
@@ -305,15 +313,17 @@ class MailchimpEmulator(Emulator):
                 if fault is not None:
                     return fault
                 args = (request.method, request.path_params, dict(request.query_params), body)
+                gzip_ok = self.gzip_answers and "gzip" in request.headers.get("accept-encoding", "").lower()
                 if items > _INLINE_ITEMS:
                     # A big call's work (~10 ms for 500 members) runs on the emulator's worker thread,
                     # one call at a time as before: the event loop keeps sending the answers that are due
                     # meanwhile instead of holding them until this call is processed (a real vendor
                     # serves concurrent calls in parallel; the latency model must not grow with the load).
                     status, body_or_response = await asyncio.get_running_loop().run_in_executor(
-                        self._worker, contextvars.copy_context().run, self._handle_and_encode, handler, args)
+                        self._worker, contextvars.copy_context().run, self._handle_and_encode, handler, args,
+                        gzip_ok)
                 else:
-                    status, body_or_response = self._handle_and_encode(handler, args)
+                    status, body_or_response = self._handle_and_encode(handler, args, gzip_ok)
                 response = body_or_response if isinstance(body_or_response, Response) else Response(
                     body_or_response, status_code=status, media_type="application/json")
                 return await self.after(request, response)  # an injected "after" fault loses the answer
@@ -322,14 +332,20 @@ class MailchimpEmulator(Emulator):
 
         return endpoint
 
-    def _handle_and_encode(self, handler, args) -> tuple[int, Response | bytes]:
+    def _handle_and_encode(self, handler, args, gzip_ok: bool = False) -> tuple[int, Response | bytes]:
         with self._handling:  # one handler at a time, on the worker thread or the event loop's
             status, payload = handler(*args)
-        if status == 204:
-            return status, Response(status_code=204)
-        if status >= 400:
-            return status, payload
-        return status, msgspec.json.encode(payload)
+            if status == 204:
+                return status, Response(status_code=204)
+            if status >= 400:
+                return status, payload
+            body = msgspec.json.encode(payload)
+            if not (gzip_ok and len(body) >= self.GZIP_MIN_BYTES):
+                return status, body
+            self.gzipped += 1
+        return status, Response(gzip.compress(body, compresslevel=1), status_code=status,
+                                media_type="application/json",
+                                headers={"Content-Encoding": "gzip", "Vary": "Accept-Encoding"})
 
     def _audience(self, list_id: str) -> Audience | JSONResponse:
         aud = self.audiences.get(list_id)

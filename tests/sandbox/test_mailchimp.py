@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
 import io
 import json
@@ -253,3 +254,30 @@ def test_basic_auth_header_shape_of_the_official_client(mc):
     s, base, _ = mc
     token = base64.b64encode(f"user:{s.auth[1]}".encode()).decode()
     assert requests.get(f"{base}/", headers={"Authorization": f"Basic {token}"}, verify=s.verify).status_code == 200
+
+
+def test_gzip_answers_only_when_configured_and_accepted(mc, sandbox):
+    """``gzip_answers`` (seed option): big answers are gzip-compressed when the client's Accept-Encoding
+    allows it, never when it asks for identity, never errors; off by default."""
+    s, base, list_id = mc
+    body = {"members": [{"email_address": f"gz{i}@example.com", "status_if_new": "subscribed"} for i in range(20)],
+            "update_existing": True}
+
+    def post(encoding: str) -> requests.Response:
+        return s.post(f"{base}/lists/{list_id}", json=body, headers={"Accept-Encoding": encoding}, stream=True)
+
+    assert "Content-Encoding" not in post("gzip").headers  # off by default
+    sandbox.session.post(f"{sandbox.admin}/seed", json={"mailchimp": {"gzip_answers": True}}).raise_for_status()
+    try:
+        r = post("gzip, deflate")
+        assert r.headers["Content-Encoding"] == "gzip" and r.headers["Vary"] == "Accept-Encoding"
+        raw = r.raw.read(decode_content=False)
+        assert raw[:2] == b"\x1f\x8b" and json.loads(gzip.decompress(raw))["total_created"] == 20
+        assert "Content-Encoding" not in post("identity").headers
+        small = s.get(f"{base}/ping", headers={"Accept-Encoding": "gzip"})  # under 512 bytes: plain
+        assert "Content-Encoding" not in small.headers and small.json()["health_status"]
+        bad = s.post(f"{base}/lists/{list_id}", json={"members": body["members"] * 30},
+                     headers={"Accept-Encoding": "gzip"})  # an error (over 500 members) stays plain problem+json
+        assert bad.status_code == 400 and "Content-Encoding" not in bad.headers
+    finally:
+        sandbox.session.post(f"{sandbox.admin}/seed", json={}).raise_for_status()
