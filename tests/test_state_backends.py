@@ -506,6 +506,69 @@ def test_presort_while_the_last_batches_are_in_flight_gives_the_same_state(tmp_p
     assert again.lookup(sid3, list(range(600)) + [9000, 9001, 9002]) == want
 
 
+def test_an_early_background_presort_then_the_last_one_give_the_same_state(tmp_path):
+    """Once most of a big segment is read, the state sorts its journal so far in a background thread; the
+    reader's lookups (and its unpacking, which then waits for the next chance) and the confirmations go on
+    meanwhile; the last presort sorts only what came after it. Later confirmations of a member sorted early
+    win; the folded state is the one of a plain flush, and a run that dies after the early presort loses
+    nothing."""
+    from airflow_provider_segexport.export.state import ExportState
+
+    def run(state, sid, early):
+        for b in range(4):
+            state.confirm(sid, [(m, m + b, f"k{m}") for m in range(b * 100, b * 100 + 150)], "r1")
+        state.seen(sid, [9000], "r1")
+        if early:
+            state.presort_early(sid)
+            state.presort_early(sid)  # once per segment
+        state.confirm(sid, [(m, m + 7, f"k{m}") for m in range(420, 470)], "r1")  # later: wins for 420..449
+        state.confirm(sid, [(m, m + 9, f"k{m}") for m in range(10, 20)], "r1")  # later than the early sort
+        if early:
+            state.presort(sid)  # the last one: after the early one, only what came since
+        state.confirm(sid, [(m, m + 11, f"k{m}") for m in range(15, 18)], "r1")  # after both
+        state.seen(sid, [9001], "r1")
+
+    def prepared(name):
+        state = ExportState("scope", tmp_path / name)
+        sid = state.scope_id("s")
+        state.confirm(sid, [(9000, 1, "k9000"), (9001, 2, "k9001"), (9002, 3, "k9002")], "r0")
+        end_of_segment(state, sid)
+        return state, sid
+
+    members = list(range(600)) + [9000, 9001, 9002]
+    plain, sid = prepared("plain")
+    run(plain, sid, early=False)
+    end_of_segment(plain, sid)
+    want = plain.lookup(sid, members)
+    assert want[430] == (437, "r1") and want[12] == (21, "r1") and want[16] == (27, "r1") and len(want) == 473
+
+    state, sid2 = prepared("early")
+    run(state, sid2, early=True)
+    assert [n for n, _ in state._presorted[sid2]] == [f"temp.sorted_{sid2}_0", f"temp.sorted_{sid2}_1"]
+    end_of_segment(state, sid2)
+    assert state.lookup(sid2, members) == want
+    assert state.leavers(sid2, "r1") == plain.leavers(sid, "r1") == [(9002, "k9002")]
+    assert state._db.execute("SELECT name FROM temp.sqlite_master WHERE name LIKE 'sorted%'").fetchall() == []
+
+    # while a presort holds the main connection, the reader's lookups and unpacking do not wait for it
+    with state._lock:
+        reader = threading.Thread(target=lambda: (state.lookup(sid2, members), state.prefold(sid2)))
+        reader.start()
+        reader.join(10)
+        assert not reader.is_alive()
+
+    dead, sid3 = prepared("dead")
+    for b in range(4):
+        dead.confirm(sid3, [(m, m + b, f"k{m}") for m in range(b * 100, b * 100 + 150)], "r1")
+    dead.presort_early(sid3)
+    dead._join_early(sid3)
+    dead.close()  # killed after the early presort: the TEMP tables are gone, the journal is not
+    again = ExportState("scope", tmp_path / "dead")
+    assert again.scope_id("s") == sid3
+    got = again.lookup(sid3, members)
+    assert got[120] == (121, "r1") and got[399] == (402, "r1") and len(got) == 453
+
+
 def test_table_prefix_must_be_an_identifier(tmp_path, monkeypatch):
     monkeypatch.setenv("AIRFLOW_CONN_STATE_SQLITE", json.dumps({"conn_type": "sqlite",
                                                                 "host": str(tmp_path / "s.db")}))

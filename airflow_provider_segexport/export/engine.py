@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 
 
 _CONFIRMED = frozenset({"created", "updated", "unchanged"})
+#: a segment of at least this many rows has its state's journal sorted in the background once this share is read
+EARLY_PRESORT_MIN = 100_000
+EARLY_PRESORT_SHARE = 0.85
 
 
 def _text(value: Any) -> str | None:
@@ -486,7 +489,7 @@ class ExportEngine:
                 stats.total = progress.total = self._counts()[seg.name]  # the limits, before the first send
             if not slots.acquire(blocking=False):  # ahead of the lanes: a moment for the state's own work
                 if prefold:
-                    self.state.prefold(sid)
+                    self.state.prefold(sid)  # not while a background presort holds the state's connection
                 slots.acquire()
             if self._failure is not None:
                 slots.release()
@@ -506,6 +509,9 @@ class ExportEngine:
         if self.change_column and sid is not None:  # its highest value read: the next run's watermark
             change = operator.itemgetter(columns.index(self.change_column))
         chunks = self._prefetched(seg, since, columns) or source.chunks(columns)
+        # a big segment's journal is sorted in the background once most rows are read (by the count), so that less
+        # of it is left for the segment's end (~2 s at 1,000,000 members)
+        early = prefold
         # Chunk by chunk: validate, drop what the export state says is unchanged (delta), let the
         # destination convert the rest, then cut it into batches of the destination's size.
         try:
@@ -531,6 +537,10 @@ class ExportEngine:
                         for r in records:
                             r.body = d.encode(r)
                 batch.extend(records)
+                if early and self._totals is not None and row_number >= EARLY_PRESORT_SHARE * self._totals[seg.name]:
+                    early = False  # most rows read: the state sorts its journal so far in the background
+                    if self._totals[seg.name] >= EARLY_PRESORT_MIN:
+                        self.state.presort_early(sid)
                 while len(batch) >= size:
                     submit(batch[:size])
                     batch = batch[size:]

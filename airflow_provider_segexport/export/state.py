@@ -283,6 +283,11 @@ class ExportStateBackend(ABC):
         """Called once a segment's rows are all read, while its last batches are still in flight: backends that
         journal writes may prepare most of :meth:`flush`'s work now, without holding up the confirmations."""
 
+    def presort_early(self, scope_id: int) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Called once, when most of a big segment's rows are read: backends that journal writes may start
+        :meth:`presort`'s work for what was confirmed so far in the background, without holding up the reader,
+        its lookups or the confirmations."""
+
     def flush(self, scope_id: int) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Called when a segment's batches are all answered, before :meth:`leavers`: backends that journal
         writes during the run fold the journal into the member table here."""
@@ -341,13 +346,15 @@ class ExportState(ExportStateBackend):
         )
         self._refs: dict[str, str] = {}  # run id -> "#<runs.id>"
         self._runs: dict[str, str] = {}  # and back
-        # Confirmations (and "seen" marks, and forgetting) are written through a connection of their own, so
-        # the journal keeps taking them while this one sorts what was journaled so far (presort).
+        # Confirmations (and "seen" marks, and forgetting) are written, and the lookups of a run read, through a
+        # connection of their own, so they go on while this one sorts what was journaled so far (presort).
         self._journal = sqlite3.connect(self.path, check_same_thread=False, timeout=60, isolation_level=None)
         self._journal.execute("PRAGMA synchronous=NORMAL")
         self._journal.execute("PRAGMA secure_delete=ON")
         self._journal_lock = threading.Lock()
-        self._presorted: dict[int, int] = {}  # scope id -> last temp.fold rowid copied into its sorted table
+        # scope id -> the sorted TEMP tables of its confirmations so far: (table, last temp.fold rowid it holds)
+        self._presorted: dict[int, list[tuple[str, int]]] = {}
+        self._early: dict[int, threading.Thread] = {}  # scope id -> its presort running in the background
 
     def _ref(self, run_id: str) -> str:
         """The short reference member rows hold for a run (created on first use)."""
@@ -365,8 +372,8 @@ class ExportState(ExportStateBackend):
             return stored
         run = self._runs.get(stored)
         if run is None:
-            with self._lock:
-                row = self._db.execute("SELECT run FROM runs WHERE id = ?", (int(stored[1:]),)).fetchone()
+            with self._journal_lock:  # not the main connection: a background presort may hold it
+                row = self._journal.execute("SELECT run FROM runs WHERE id = ?", (int(stored[1:]),)).fetchone()
             run = self._runs[stored] = row[0] if row else stored
         return run
 
@@ -378,13 +385,18 @@ class ExportState(ExportStateBackend):
         self.flush(sid)  # what a run that died had confirmed
         return sid
 
-    def prefold(self, scope_id: int) -> None:
+    def prefold(self, scope_id: int, wait: bool = False) -> None:
         """Unpack the batches journaled since the last call into the fold table (not durable: the journal
-        stays until :meth:`flush`, which takes over from where this left off)."""
-        with self._lock:
+        stays until :meth:`flush`, which takes over from where this left off). Without ``wait`` nothing is
+        done while a background presort holds the connection (the reader does not wait for it)."""
+        if not self._lock.acquire(blocking=wait):
+            return
+        try:
             with _transaction(self._db, immediate=False):  # reads the journal, writes only the TEMP table
                 done = self._unpack_journal(scope_id)
             self._unpacked[scope_id] = done  # once committed
+        finally:
+            self._lock.release()
 
     def _unpack_journal(self, scope_id: int) -> int:
         """Unpack the journal after the last unpacked batch; return the new last batch's rowid."""
@@ -414,41 +426,78 @@ class ExportState(ExportStateBackend):
         return done
 
     def presort(self, scope_id: int) -> None:
-        """Unpack the journal and sort the confirmations so far into a TEMP table (~1 s at 1,000,000 members)
-        while the segment's last batches are in flight: the journal connection keeps taking their
-        confirmations, and :meth:`flush` is left with a sorted insert and the few confirmations since."""
-        self.prefold(scope_id)
-        with self._lock:
+        """Unpack the journal and sort the confirmations since the last presort into a TEMP table of their own
+        (~1 s at 1,000,000 members) while the segment's last batches are in flight: the journal connection
+        keeps taking their confirmations (and answering the lookups), and :meth:`flush` is left with sorted
+        inserts and the few confirmations since."""
+        self._join_early(scope_id)  # what it sorted is not sorted again
+        self._presort(scope_id)
+
+    def _presort(self, scope_id: int) -> None:
+        self.prefold(scope_id, wait=True)
+        with self._lock:  # each sort reads where the last one stopped and records its own end under the lock
             db = self._db
-            db.execute(f"DROP TABLE IF EXISTS temp.sorted_{int(scope_id)}")
-            db.execute(f"CREATE TEMP TABLE sorted_{int(scope_id)} AS SELECT member, fingerprint, dest_key, run "
-                       "FROM temp.fold WHERE scope_id = ? AND fingerprint IS NOT NULL ORDER BY member, rowid",
-                       (scope_id,))
+            tables = self._presorted.setdefault(scope_id, [])
+            after = tables[-1][1] if tables else 0
             # rows unpacked later get higher rowids (rows of temp.fold are deleted only by a flush, and this
             # segment's flush comes next)
-            self._presorted[scope_id] = db.execute("SELECT coalesce(max(rowid), 0) FROM temp.fold").fetchone()[0]
+            upto = db.execute("SELECT coalesce(max(rowid), 0) FROM temp.fold").fetchone()[0]
+            name = f"temp.sorted_{int(scope_id)}_{len(tables)}"
+            db.execute(f"DROP TABLE IF EXISTS {name}")
+            # keyed on (member, its place in the journal): the flush merges the sorted tables in that order
+            db.execute(f"CREATE TABLE {name} (member INTEGER NOT NULL, seq INTEGER NOT NULL, fingerprint INTEGER, "
+                       "dest_key TEXT, run TEXT, PRIMARY KEY (member, seq)) WITHOUT ROWID")
+            db.execute(f"INSERT INTO {name} SELECT member, rowid, fingerprint, dest_key, run FROM temp.fold "
+                       "WHERE scope_id = ? AND rowid > ? AND rowid <= ? AND fingerprint IS NOT NULL "
+                       "ORDER BY member, rowid", (scope_id, after, upto))
+            tables.append((name, upto))
+
+    def presort_early(self, scope_id: int) -> None:
+        """:meth:`presort` in a background thread (started once per segment; :meth:`presort` and :meth:`flush`
+        wait for it). SQLite sorts without the GIL, so the reader goes on meanwhile; its lookups go through the
+        journal connection, and its own unpacking waits for the next chance."""
+        if scope_id in self._early or self._presorted.get(scope_id):
+            return
+
+        def run() -> None:
+            try:
+                self._presort(scope_id)
+            except Exception as exc:  # noqa: BLE001 - the segment's own presort and flush do the work instead
+                log.warning("Sorting the export state's journal in the background failed (%s); it is sorted at the "
+                            "segment's end instead.", exc)
+
+        thread = threading.Thread(target=run, name=f"segexport-presort-{scope_id}", daemon=True)
+        self._early[scope_id] = thread
+        thread.start()
+
+    def _join_early(self, scope_id: int) -> None:
+        early = self._early.pop(scope_id, None)
+        if early is not None:
+            early.join()
 
     def flush(self, scope_id: int) -> None:
+        self._join_early(scope_id)
         with self._lock, _transaction(self._db):
             db = self._db
             self._unpack_journal(scope_id)
             self._unpacked.pop(scope_id, None)  # whatever happens below, the next call starts afresh
-            presorted = self._presorted.pop(scope_id, None)
+            tables = self._presorted.pop(scope_id, [])
             # one sorted pass (a later confirmation of a member wins), then the "seen" marks; after a presort,
             # its sorted table first, then the confirmations that came after it (later, so they win)
             upsert = ("INSERT INTO members (scope_id, member, fingerprint, dest_key, confirmed_run, seen_run) "
                       "{select} ON CONFLICT (scope_id, member) DO UPDATE SET fingerprint = excluded.fingerprint, "
                       "dest_key = excluded.dest_key, confirmed_run = excluded.confirmed_run, "
                       "seen_run = excluded.seen_run")
-            if presorted is not None:
-                db.execute(upsert.format(select=f"SELECT ?, member, fingerprint, dest_key, run, run FROM "
-                                                f"temp.sorted_{int(scope_id)} WHERE true ORDER BY rowid"), (scope_id,))
-                db.execute(f"DROP TABLE temp.sorted_{int(scope_id)}")
-            db.execute(
-                upsert.format(select="SELECT scope_id, member, fingerprint, dest_key, run, run FROM temp.fold "
-                                     "WHERE scope_id = ? AND rowid > ? AND fingerprint IS NOT NULL "
-                                     "ORDER BY member, rowid"),
-                (scope_id, presorted or 0))
+            # One ordered pass over the presorted tables and the confirmations since, merged by (member, place in
+            # the journal): SQLite merges the tables' key order and sorts only the rest; a later confirmation wins.
+            arms = [f"SELECT member, seq, fingerprint, dest_key, run FROM {name}" for name, _ in tables]
+            arms.append("SELECT member, rowid AS seq, fingerprint, dest_key, run FROM temp.fold WHERE scope_id = ? "
+                        "AND rowid > ? AND fingerprint IS NOT NULL")
+            db.execute(upsert.format(select=f"SELECT ?, member, fingerprint, dest_key, run, run FROM "
+                                            f"({' UNION ALL '.join(arms)} ORDER BY member, seq) WHERE true"),
+                       (scope_id, scope_id, tables[-1][1] if tables else 0))
+            for name, _ in tables:
+                db.execute(f"DROP TABLE {name}")
             for (run,) in db.execute("SELECT DISTINCT run FROM temp.fold WHERE scope_id = ? AND fingerprint IS NULL",
                                      (scope_id,)).fetchall():
                 db.execute("UPDATE members SET seen_run = ?1 WHERE scope_id = ?2 AND member IN (SELECT member "
@@ -489,8 +538,8 @@ class ExportState(ExportStateBackend):
         for chunk in _chunks(members):
             q = (f"SELECT member, fingerprint, confirmed_run FROM members WHERE scope_id = ? AND member IN "
                  f"({','.join('?' * len(chunk))})")
-            with self._lock:
-                rows = self._db.execute(q, (scope_id, *chunk)).fetchall()
+            with self._journal_lock:  # the journal's connection: a background presort may hold the main one
+                rows = self._journal.execute(q, (scope_id, *chunk)).fetchall()
             for m, fp, run in rows:
                 out[m] = (fp, self._run(run))
         return out
