@@ -584,6 +584,8 @@ class ExportState(ExportStateBackend):
                 "(?, ?))", (scope_id, ref, run_id)))
 
     def close(self) -> None:
+        for scope_id in list(self._early):  # a run that stopped early: its background sort ends first
+            self._join_early(scope_id)
         self._journal.close()
         self._db.close()
 
