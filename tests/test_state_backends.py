@@ -455,6 +455,25 @@ def test_prefold_between_batches_gives_the_same_state_and_a_crash_loses_nothing(
     assert live.leavers(sid3, "r1") == [] and expected.leavers(sid, "r1") == []
 
 
+def confirm_overlapping_batches(state, sid):
+    """Run r1 confirms members 0..449 in four overlapping batches (a later batch's fingerprint wins) and sees
+    member 9000."""
+    for b in range(4):
+        state.confirm(sid, [(m, m + b, f"k{m}") for m in range(b * 100, b * 100 + 150)], "r1")
+    state.seen(sid, [9000], "r1")
+
+
+def prepared_state(tmp_path, name):
+    """A SQLite state whose segment already holds three members confirmed by an earlier run r0."""
+    from airflow_provider_segexport.export.state import ExportState
+
+    state = ExportState("scope", tmp_path / name)
+    sid = state.scope_id("s")
+    state.confirm(sid, [(9000, 1, "k9000"), (9001, 2, "k9001"), (9002, 3, "k9002")], "r0")
+    end_of_segment(state, sid)
+    return state, sid
+
+
 def test_presort_while_the_last_batches_are_in_flight_gives_the_same_state(tmp_path):
     """Once a segment's rows are read, the state sorts what was confirmed so far while the last batches are in
     flight; their confirmations (one of them later than a presorted one for the same member: it wins) and
@@ -463,29 +482,20 @@ def test_presort_while_the_last_batches_are_in_flight_gives_the_same_state(tmp_p
     from airflow_provider_segexport.export.state import ExportState
 
     def run(state, sid, presort):
-        for b in range(4):
-            state.confirm(sid, [(m, m + b, f"k{m}") for m in range(b * 100, b * 100 + 150)], "r1")
-        state.seen(sid, [9000], "r1")
+        confirm_overlapping_batches(state, sid)
         if presort:
             state.presort(sid)
         state.confirm(sid, [(m, m + 7, f"k{m}") for m in range(420, 470)], "r1")  # after: wins for 420..449
         state.seen(sid, [9001], "r1")
 
-    def prepared(name):
-        state = ExportState("scope", tmp_path / name)
-        sid = state.scope_id("s")
-        state.confirm(sid, [(9000, 1, "k9000"), (9001, 2, "k9001"), (9002, 3, "k9002")], "r0")
-        end_of_segment(state, sid)
-        return state, sid
-
-    plain, sid = prepared("plain")
+    plain, sid = prepared_state(tmp_path, "plain")
     run(plain, sid, presort=False)
     end_of_segment(plain, sid)
     want = plain.lookup(sid, list(range(600)) + [9000, 9001, 9002])
     assert want[430] == (437, "r1") and want[330] == (333, "r1") and len(want) == 473
     assert plain.leavers(sid, "r1") == [(9002, "k9002")]
 
-    state, sid2 = prepared("presorted")
+    state, sid2 = prepared_state(tmp_path, "presorted")
     run(state, sid2, presort=True)
     end_of_segment(state, sid2)
     assert state.lookup(sid2, list(range(600)) + [9000, 9001, 9002]) == want
@@ -498,7 +508,7 @@ def test_presort_while_the_last_batches_are_in_flight_gives_the_same_state(tmp_p
         worker.join(10)
         assert not worker.is_alive()
 
-    dead, sid3 = prepared("dead")
+    dead, sid3 = prepared_state(tmp_path, "dead")
     run(dead, sid3, presort=True)
     dead.close()  # killed after the presort, before the flush: the TEMP tables are gone, the journal is not
     again = ExportState("scope", tmp_path / "dead")
@@ -515,9 +525,7 @@ def test_an_early_background_presort_then_the_last_one_give_the_same_state(tmp_p
     from airflow_provider_segexport.export.state import ExportState
 
     def run(state, sid, early):
-        for b in range(4):
-            state.confirm(sid, [(m, m + b, f"k{m}") for m in range(b * 100, b * 100 + 150)], "r1")
-        state.seen(sid, [9000], "r1")
+        confirm_overlapping_batches(state, sid)
         if early:
             state.presort_early(sid)
             state.presort_early(sid)  # once per segment
@@ -528,21 +536,14 @@ def test_an_early_background_presort_then_the_last_one_give_the_same_state(tmp_p
         state.confirm(sid, [(m, m + 11, f"k{m}") for m in range(15, 18)], "r1")  # after both
         state.seen(sid, [9001], "r1")
 
-    def prepared(name):
-        state = ExportState("scope", tmp_path / name)
-        sid = state.scope_id("s")
-        state.confirm(sid, [(9000, 1, "k9000"), (9001, 2, "k9001"), (9002, 3, "k9002")], "r0")
-        end_of_segment(state, sid)
-        return state, sid
-
     members = list(range(600)) + [9000, 9001, 9002]
-    plain, sid = prepared("plain")
+    plain, sid = prepared_state(tmp_path, "plain")
     run(plain, sid, early=False)
     end_of_segment(plain, sid)
     want = plain.lookup(sid, members)
     assert want[430] == (437, "r1") and want[12] == (21, "r1") and want[16] == (27, "r1") and len(want) == 473
 
-    state, sid2 = prepared("early")
+    state, sid2 = prepared_state(tmp_path, "early")
     run(state, sid2, early=True)
     assert [n for n, _ in state._presorted[sid2]] == [f"temp.sorted_{sid2}_0", f"temp.sorted_{sid2}_1"]
     end_of_segment(state, sid2)
@@ -557,9 +558,8 @@ def test_an_early_background_presort_then_the_last_one_give_the_same_state(tmp_p
         reader.join(10)
         assert not reader.is_alive()
 
-    dead, sid3 = prepared("dead")
-    for b in range(4):
-        dead.confirm(sid3, [(m, m + b, f"k{m}") for m in range(b * 100, b * 100 + 150)], "r1")
+    dead, sid3 = prepared_state(tmp_path, "dead")
+    confirm_overlapping_batches(dead, sid3)
     dead.presort_early(sid3)
     dead.close()  # the run stopped (its background sort ends first), then died: the journal stays
     assert "in the background failed" not in caplog.text
