@@ -465,8 +465,6 @@ def confirm_overlapping_batches(state, sid):
 
 def prepared_state(tmp_path, name):
     """A SQLite state whose segment already holds three members confirmed by an earlier run r0."""
-    from airflow_provider_segexport.export.state import ExportState
-
     state = ExportState("scope", tmp_path / name)
     sid = state.scope_id("s")
     state.confirm(sid, [(9000, 1, "k9000"), (9001, 2, "k9001"), (9002, 3, "k9002")], "r0")
@@ -522,8 +520,6 @@ def test_an_early_background_presort_then_the_last_one_give_the_same_state(tmp_p
     meanwhile; the last presort sorts only what came after it. Later confirmations of a member sorted early
     win; the folded state is the one of a plain flush, and a run that dies after the early presort loses
     nothing."""
-    from airflow_provider_segexport.export.state import ExportState
-
     def run(state, sid, early):
         confirm_overlapping_batches(state, sid)
         if early:

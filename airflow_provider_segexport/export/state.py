@@ -482,14 +482,13 @@ class ExportState(ExportStateBackend):
             self._unpack_journal(scope_id)
             self._unpacked.pop(scope_id, None)  # whatever happens below, the next call starts afresh
             tables = self._presorted.pop(scope_id, [])
-            # one sorted pass (a later confirmation of a member wins), then the "seen" marks; after a presort,
-            # its sorted table first, then the confirmations that came after it (later, so they win)
             upsert = ("INSERT INTO members (scope_id, member, fingerprint, dest_key, confirmed_run, seen_run) "
                       "{select} ON CONFLICT (scope_id, member) DO UPDATE SET fingerprint = excluded.fingerprint, "
                       "dest_key = excluded.dest_key, confirmed_run = excluded.confirmed_run, "
                       "seen_run = excluded.seen_run")
             # One ordered pass over the presorted tables and the confirmations since, merged by (member, place in
             # the journal): SQLite merges the tables' key order and sorts only the rest; a later confirmation wins.
+            # Then the "seen" marks.
             arms = [f"SELECT member, seq, fingerprint, dest_key, run FROM {name}" for name, _ in tables]
             arms.append("SELECT member, rowid AS seq, fingerprint, dest_key, run FROM temp.fold WHERE scope_id = ? "
                         "AND rowid > ? AND fingerprint IS NOT NULL")

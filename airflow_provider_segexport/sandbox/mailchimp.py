@@ -335,13 +335,14 @@ class MailchimpEmulator(Emulator):
     def _handle_and_encode(self, handler, args, gzip_ok: bool = False) -> tuple[int, Response | bytes]:
         with self._handling:  # one handler at a time, on the worker thread or the event loop's
             status, payload = handler(*args)
-            if status == 204:
-                return status, Response(status_code=204)
-            if status >= 400:
-                return status, payload
-            body = msgspec.json.encode(payload)
-            if not (gzip_ok and len(body) >= self.GZIP_MIN_BYTES):
-                return status, body
+        if status == 204:
+            return status, Response(status_code=204)
+        if status >= 400:
+            return status, payload
+        body = msgspec.json.encode(payload)
+        if not (gzip_ok and len(body) >= self.GZIP_MIN_BYTES):
+            return status, body
+        with self._handling:
             self.gzipped += 1
         return status, Response(gzip.compress(body, compresslevel=1), status_code=status,
                                 media_type="application/json",
