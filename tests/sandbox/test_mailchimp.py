@@ -281,3 +281,25 @@ def test_gzip_answers_only_when_configured_and_accepted(mc, sandbox):
         assert bad.status_code == 400 and "Content-Encoding" not in bad.headers
     finally:
         sandbox.session.post(f"{sandbox.admin}/seed", json={}).raise_for_status()
+
+
+def test_partial_responses_keep_or_drop_the_named_fields(mc):
+    """``fields`` / ``exclude_fields`` trim any successful answer (dot notation into the objects of an
+    array), batch subscribe included; a path that names nothing is a 422."""
+    s, base, list_id = mc
+    body = {"members": [{"email_address": f"pr{i}@example.com", "status_if_new": "subscribed",
+                         "merge_fields": {"FNAME": f"P{i}"}} for i in range(3)] + [{"email_address": "bad"}],
+            "update_existing": True}
+    full = s.post(f"{base}/lists/{list_id}", json=body).json()
+    assert set(full["new_members"][0]) > {"email_address", "id", "merge_fields", "status"}  # created: full objects
+    body["members"][0]["merge_fields"] = {"FNAME": "Changed"}
+    trimmed = s.post(f"{base}/lists/{list_id}", json=body, params={
+        "fields": "new_members.email_address,updated_members.email_address,errors,total_updated"}).json()
+    assert trimmed == {"new_members": [], "updated_members": [{"email_address": "pr0@example.com"}],
+                       "errors": [full["errors"][0]], "total_updated": 1}
+    member = s.get(f"{base}/lists/{list_id}/members/{h('pr1@example.com')}",
+                   params={"exclude_fields": "merge_fields.FNAME,tags"}).json()
+    assert member["email_address"] == "pr1@example.com" and member["status"] == "subscribed"
+    assert "FNAME" not in member["merge_fields"] and "tags" not in member
+    wrong = s.post(f"{base}/lists/{list_id}", json=body, params={"fields": "new_member.email_address"})
+    assert wrong.status_code == 422 and wrong.json()["title"] == "Requested Fields Invalid"
