@@ -7,7 +7,7 @@ import json
 import pytest
 
 from airflow_provider_segexport.hooks.base import ExportNotAllowed
-from airflow_provider_segexport.hooks.mailchimp import MailchimpHook, subscriber_hash
+from airflow_provider_segexport.hooks.mailchimp import MailchimpHook, decode_batch_answer, subscriber_hash
 from airflow_provider_segexport.http import VendorAPIError, VendorAuthError
 
 
@@ -85,6 +85,41 @@ def test_unknown_audience_says_what_to_check(sandbox, monkeypatch):
     set_conn(monkeypatch, "mc", **mc_conn(sandbox))
     with pytest.raises(VendorAPIError, match="Audience 'nope' does not exist.*audience_id"):
         MailchimpHook("mc").get_audience("nope")
+
+
+def test_batch_answers_come_trimmed_and_a_full_answer_reads_the_same(sandbox, monkeypatch):
+    """Batch subscribe asks for a partial response (the emails and errors, not ~1 KB member objects); a
+    server that ignores ``fields`` sends the full answer, which gives the same outcomes."""
+    import requests
+
+    set_conn(monkeypatch, "mc", **mc_conn(sandbox))
+    hook = MailchimpHook("mc")
+    audience = sandbox.info["mailchimp"]["audience_id"]
+    sizes = []
+    transport = hook.http._transport
+
+    def measured(*args, **kwargs):
+        response = transport(*args, **kwargs)
+        sizes.append(len(response.content))
+        return response
+
+    monkeypatch.setattr(hook.http, "_transport", measured)
+
+    def members(tag):
+        return [{"email_address": f"{tag}{i}@example.com", "status_if_new": "subscribed",
+                 "merge_fields": {"FNAME": "Ann", "LNAME": "Lee"}} for i in range(20)] + [{"email_address": "nope"}]
+
+    trimmed = hook.batch_subscribe(audience, members("trim"))
+    full = requests.post(f"{hook.http.base_url}/lists/{audience}", json={"members": members("full"), "update_existing": True},
+                         auth=("any", sandbox.info["mailchimp"]["api_key"]), verify=sandbox.info["ca_bundle"])
+    assert full.status_code == 200 and len(full.json()["new_members"][0]) > 5  # full member objects
+    decoded = decode_batch_answer(full.content)
+    assert trimmed["new_members"] == [f"trim{i}@example.com" for i in range(20)]
+    assert decoded["new_members"] == [f"full{i}@example.com" for i in range(20)]
+    assert trimmed["updated_members"] == decoded["updated_members"] == []
+    assert [e["email_address"] for e in trimmed["errors"]] == [e["email_address"] for e in decoded["errors"]] == ["nope"]
+    assert trimmed["errors"][0]["error"] == decoded["errors"][0]["error"]
+    assert sizes[-1] * 5 < len(full.content)
 
 
 def test_subscriber_hash_is_md5_of_trimmed_lowercase():
