@@ -334,46 +334,6 @@ def test_delta_fingerprint_covers_values_and_destination_settings(tmp_path):
     assert len(sent) == 30 and totals["skipped"] == 0
 
 
-def test_a_big_segments_state_is_sorted_in_the_background_once_most_rows_are_read(tmp_path, monkeypatch):
-    """Once most of a big segment is read (by its count), the state's journal so far is sorted in the
-    background while the rest is read, looked up and sent; the export state it leaves is the one of an
-    export without it, and a delta run of the same rows skips them all."""
-    from airflow_provider_segexport.export import engine
-    from airflow_provider_segexport.export.state import ExportState
-
-    started = []
-    original = ExportState.presort_early
-
-    def spy(self, sid):  # how many members were confirmed when it started
-        started.append(sum(len(m) // 8 for (m,) in self._journal.execute(
-            "SELECT members FROM journal_batches WHERE scope_id = ? AND fingerprints IS NOT NULL", (sid,))))
-        original(self, sid)
-
-    monkeypatch.setattr(ExportState, "presort_early", spy)
-    data = rows(6000)
-
-    def export(name, early_min, run_id="r1"):
-        monkeypatch.setattr(engine, "EARLY_PRESORT_MIN", early_min)
-        state = ExportState("recorder:target", tmp_path / name)
-        dest = Recorder(delay=0.002)
-        try:
-            totals = run(dest, [Segment("a", ListSource(data))], tmp_path, state=state, run_id=run_id)["totals"]
-            sid = state.scope_id("a")
-            members = sorted(m for m, _ in state.leavers(sid, "another run"))
-            return totals, {m: v for m, v in state.lookup(sid, members).items()}
-        finally:
-            state.close()
-
-    plain_totals, plain_state = export("plain", early_min=10**9)
-    assert started == [] and plain_totals["created"] == 6000 and len(plain_state) == 6000
-    totals, state = export("early", early_min=1000)
-    assert len(started) == 1, "started once"
-    assert 0 < started[0] < 6000  # while the export was running: some batches confirmed, not all
-    assert totals == plain_totals and state == plain_state
-    again, _ = export("early", early_min=1000, run_id="r2")
-    assert again["skipped"] == 6000 and again["created"] == 0
-
-
 def test_change_column_reads_only_rows_changed_since_the_last_complete_export(tmp_path, monkeypatch):
     """With a change column, a delta run reads only the rows whose value is >= the watermark the last complete
     export recorded (the highest value before it read anything); the rest count as unchanged, unread."""

@@ -169,8 +169,9 @@ def test_a_forgotten_address_and_a_folded_journal_leave_no_trace_in_the_state_fi
     for db in (state._journal, state._db):
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     data = (tmp_path / "export_state.sqlite").read_bytes()
-    assert data.count(b"@example.com") >= 2000 and b"keep1999@example.com" in data
+    assert data.count(b"@example.com") >= 1900  # the kept addresses (a few split across the file's pages)
     assert b"forget-me-" not in data
+    assert state.leavers(sid, "r2") == [(m, f"keep{m}@example.com") for m in range(2000)]
     state.close()
 
 
@@ -366,203 +367,134 @@ def test_100k_members_round_trip_time_and_memory(open_state):
     assert leavers_peak < LEAVERS_PEAK_PER_LEAVER * n // 2
 
 
+def earlier_version_tables(db):
+    """The member table and per-member journal of state files written by earlier versions."""
+    db.executescript("""
+        CREATE TABLE IF NOT EXISTS members (scope_id INTEGER NOT NULL, member INTEGER NOT NULL,
+            fingerprint INTEGER NOT NULL, dest_key TEXT NOT NULL, confirmed_run TEXT, seen_run TEXT,
+            PRIMARY KEY (scope_id, member)) WITHOUT ROWID;
+        CREATE TABLE IF NOT EXISTS journal (scope_id INTEGER NOT NULL, member INTEGER NOT NULL,
+            fingerprint INTEGER, dest_key TEXT, run TEXT NOT NULL);
+    """)
+
+
 def test_a_dead_runs_journal_is_folded_by_the_next_run_including_an_earlier_versions_rows(tmp_path):
     """What a run that died had confirmed is kept (the journal is durable per batch) and folded when the next
-    run opens the segment; a state file left by an earlier version (one journal row per member) too."""
-    from airflow_provider_segexport.export.state import ExportState
-
+    run opens the segment; a journal left by an earlier version (one row per member, or batches whose keys are a
+    JSON list) too."""
     dead = ExportState("mailchimp:mc:aud1", tmp_path)
     sid = dead.scope_id("s")
     dead.confirm(sid, [(1, 10, "a@example.com"), (2, 20, "b@example.com")], "r1")
     dead.confirm(sid, [(2, 21, "b@example.com")], "r1")  # a later batch of the same run wins
-    dead._db.execute("INSERT INTO journal VALUES (?, 3, 30, 'c@example.com', 'r0')", (sid,))  # earlier version
+    earlier_version_tables(dead._db)
+    dead._db.execute("INSERT INTO journal VALUES (?, 3, 30, 'c@example.com', 'r0')", (sid,))
+    dead._db.execute("INSERT INTO journal_batches VALUES (?, 'r0', ?, ?, ?)",
+                     (sid, (4).to_bytes(8, "little"), (40).to_bytes(8, "little"), b'["d@example.com"]'))
     dead._db.close()  # no flush: the task was killed
 
     nxt = ExportState("mailchimp:mc:aud1", tmp_path)
     assert nxt.scope_id("s") == sid
-    assert nxt.lookup(sid, [1, 2, 3, 4]) == {1: (10, "r1"), 2: (21, "r1"), 3: (30, "r0")}
+    assert nxt.lookup(sid, [1, 2, 3, 4, 5]) == {1: (10, "r1"), 2: (21, "r1"), 3: (30, "r0"), 4: (40, "r0")}
     assert nxt._db.execute("SELECT COUNT(*) FROM journal").fetchone()[0] == 0
     assert nxt._db.execute("SELECT COUNT(*) FROM journal_batches").fetchone()[0] == 0
     nxt.seen(sid, [1], "r2")
     end_of_segment(nxt, sid)
-    assert sorted(nxt.leavers(sid, "r2")) == [(2, "b@example.com"), (3, "c@example.com")]
+    assert sorted(nxt.leavers(sid, "r2")) == [(2, "b@example.com"), (3, "c@example.com"), (4, "d@example.com")]
     nxt.close()
 
 
-def test_member_rows_name_runs_by_reference_and_rows_of_earlier_versions_still_count(tmp_path):
-    """Member rows hold a short run reference, not the run id twice (~40 % of a row); rows written by an
-    earlier version hold the run id itself and mean the same: a retry of that very run (full_refresh) sees
-    them as its own, and they are not leavers of it."""
-    from airflow_provider_segexport.export.state import ExportState
-
+def test_member_rows_of_earlier_versions_are_folded_into_pages_and_mean_the_same(tmp_path):
+    """An earlier version kept one row per member, naming runs by reference ("#<n>") or by the run id itself;
+    opening the segment folds them into pages once. A retry of that very run (full_refresh) still sees them as
+    its own, and they are not leavers of it."""
     run = "scheduled__2026-11-23T00:00:00+00:00"
     state = ExportState("mailchimp:mc:aud1", tmp_path)
     sid = state.scope_id("s")
-    state.confirm(sid, [(1, 10, "a@example.com")], run)
-    end_of_segment(state, sid)
-    stored = state._db.execute("SELECT confirmed_run, seen_run FROM members").fetchall()
-    assert stored == [("#1", "#1")]
-    assert state.lookup(sid, [1]) == {1: (10, run)}
-    # an earlier version's rows: the run id itself
+    state._db.execute("INSERT INTO runs (run) VALUES (?)", (run,))
+    earlier_version_tables(state._db)
+    state._db.execute("INSERT INTO members VALUES (?, 1, 10, 'a@example.com', '#1', '#1')", (sid,))
     state._db.execute("INSERT INTO members VALUES (?, 2, 20, 'b@example.com', ?, ?)", (sid, run, run))
     state._db.execute("INSERT INTO members VALUES (?, 3, 30, 'c@example.com', 'older', 'older')", (sid,))
     state.close()
 
-    again = ExportState("mailchimp:mc:aud1", tmp_path)  # a new process: the references are read back
+    again = ExportState("mailchimp:mc:aud1", tmp_path)  # a new process
+    assert again.scope_id("s") == sid
+    assert again._db.execute("SELECT COUNT(*) FROM members").fetchone()[0] == 0
+    assert again._db.execute("SELECT count FROM member_pages").fetchall() == [(3,)]
     assert again.lookup(sid, [1, 2, 3]) == {1: (10, run), 2: (20, run), 3: (30, "older")}
     snap = again.snapshot(sid, run)
     assert snap.lookup([1, 2, 3], run) == {1: (10, run), 2: (20, run), 3: (30, None)}
     assert again.leavers(sid, run) == [(3, "c@example.com")]
+    assert again.member_count(sid) == 3
     again.close()
 
 
-def test_prefold_between_batches_gives_the_same_state_and_a_crash_loses_nothing(tmp_path):
-    """The engine lets the state unpack its journal while the reader waits for a lane; the folded state is
-    the same as with one flush at the end, and a run that dies after prefolding loses nothing."""
-    from airflow_provider_segexport.export.state import ExportState
-
-    def run(state, sid, prefold):
-        for b in range(6):
-            state.confirm(sid, [(m, m + b, f"k{m}") for m in range(b * 100, b * 100 + 150)], "r1")  # overlaps
-            if prefold and b % 2:
-                state.prefold(sid)
-        state.seen(sid, [9000], "r1")
-
-    expected = ExportState("scope", tmp_path / "plain")
-    sid = expected.scope_id("s")
-    expected.confirm(sid, [(9000, 1, "k9000")], "r0")
-    end_of_segment(expected, sid)
-    run(expected, sid, prefold=False)
-    end_of_segment(expected, sid)
-    want = expected.lookup(sid, list(range(700)) + [9000])
-
-    state = ExportState("scope", tmp_path / "prefolded")
-    sid2 = state.scope_id("s")
-    state.confirm(sid2, [(9000, 1, "k9000")], "r0")
-    end_of_segment(state, sid2)
-    run(state, sid2, prefold=True)
-    state._db.close()  # killed after prefolding: the TEMP table is gone, the journal is not
-    again = ExportState("scope", tmp_path / "prefolded")
-    assert again.scope_id("s") == sid2
-    assert again.lookup(sid2, list(range(700)) + [9000]) == want
-    assert len(want) == 651 and want[120] == (120 + 1, "r1")  # the later batch's fingerprint won
-
-    live = ExportState("scope", tmp_path / "live")
-    sid3 = live.scope_id("s")
-    run(live, sid3, prefold=True)
-    end_of_segment(live, sid3)
-    assert live.lookup(sid3, list(range(700))) == {m: v for m, v in want.items() if m != 9000}
-    assert live.leavers(sid3, "r1") == [] and expected.leavers(sid, "r1") == []
-
-
 def confirm_overlapping_batches(state, sid):
-    """Run r1 confirms members 0..449 in four overlapping batches (a later batch's fingerprint wins) and sees
-    member 9000."""
+    """Run r1 confirms members 0..449 in four overlapping batches (a later batch's fingerprint wins), sees
+    member 9001 and confirms 420..469 again (later: wins for 420..449)."""
     for b in range(4):
         state.confirm(sid, [(m, m + b, f"k{m}") for m in range(b * 100, b * 100 + 150)], "r1")
-    state.seen(sid, [9000], "r1")
+    state.seen(sid, [9001], "r1")
+    state.confirm(sid, [(m, m + 7, f"k{m}") for m in range(420, 470)], "r1")
 
 
-def prepared_state(tmp_path, name):
-    """A SQLite state whose segment already holds three members confirmed by an earlier run r0."""
-    state = ExportState("scope", tmp_path / name)
-    sid = state.scope_id("s")
-    state.confirm(sid, [(9000, 1, "k9000"), (9001, 2, "k9001"), (9002, 3, "k9002")], "r0")
-    end_of_segment(state, sid)
-    return state, sid
-
-
-def test_presort_while_the_last_batches_are_in_flight_gives_the_same_state(tmp_path):
-    """Once a segment's rows are read, the state sorts what was confirmed so far while the last batches are in
-    flight; their confirmations (one of them later than a presorted one for the same member: it wins) and
-    "seen" marks still arrive, through the journal's own connection even while the sort holds the other one.
-    The folded state is the one of a plain flush; a run that dies after the presort loses nothing."""
-    from airflow_provider_segexport.export.state import ExportState
-
-    def run(state, sid, presort):
-        confirm_overlapping_batches(state, sid)
-        if presort:
-            state.presort(sid)
-        state.confirm(sid, [(m, m + 7, f"k{m}") for m in range(420, 470)], "r1")  # after: wins for 420..449
-        state.seen(sid, [9001], "r1")
-
-    plain, sid = prepared_state(tmp_path, "plain")
-    run(plain, sid, presort=False)
-    end_of_segment(plain, sid)
-    want = plain.lookup(sid, list(range(600)) + [9000, 9001, 9002])
-    assert want[430] == (437, "r1") and want[330] == (333, "r1") and len(want) == 473
-    assert plain.leavers(sid, "r1") == [(9002, "k9002")]
-
-    state, sid2 = prepared_state(tmp_path, "presorted")
-    run(state, sid2, presort=True)
-    end_of_segment(state, sid2)
-    assert state.lookup(sid2, list(range(600)) + [9000, 9001, 9002]) == want
-    assert state.leavers(sid2, "r1") == [(9002, "k9002")]
-    assert state._db.execute("SELECT name FROM temp.sqlite_master WHERE name LIKE 'sorted%'").fetchall() == []
-
-    with plain._lock:  # what a presort holds while it sorts: a confirmation still goes through at once
-        worker = threading.Thread(target=plain.confirm, args=(sid, [(1, 1, "k1")], "r1"))
-        worker.start()
-        worker.join(10)
-        assert not worker.is_alive()
-
-    dead, sid3 = prepared_state(tmp_path, "dead")
-    run(dead, sid3, presort=True)
-    dead.close()  # killed after the presort, before the flush: the TEMP tables are gone, the journal is not
-    again = ExportState("scope", tmp_path / "dead")
-    assert again.scope_id("s") == sid3
-    assert again.lookup(sid3, list(range(600)) + [9000, 9001, 9002]) == want
-
-
-def test_an_early_background_presort_then_the_last_one_give_the_same_state(tmp_path, caplog):
-    """Once most of a big segment is read, the state sorts its journal so far in a background thread; the
-    reader's lookups (and its unpacking, which then waits for the next chance) and the confirmations go on
-    meanwhile; the last presort sorts only what came after it. Later confirmations of a member sorted early
-    win; the folded state is the one of a plain flush, and a run that dies after the early presort loses
-    nothing."""
-    def run(state, sid, early):
-        confirm_overlapping_batches(state, sid)
-        if early:
-            state.presort_early(sid)
-            state.presort_early(sid)  # once per segment
-        state.confirm(sid, [(m, m + 7, f"k{m}") for m in range(420, 470)], "r1")  # later: wins for 420..449
-        state.confirm(sid, [(m, m + 9, f"k{m}") for m in range(10, 20)], "r1")  # later than the early sort
-        if early:
-            state.presort(sid)  # the last one: after the early one, only what came since
-        state.confirm(sid, [(m, m + 11, f"k{m}") for m in range(15, 18)], "r1")  # after both
-        state.seen(sid, [9001], "r1")
-
+def test_the_fold_keeps_the_last_confirmation_and_the_seen_marks_and_a_crash_loses_nothing(tmp_path):
+    """Folding a run into a segment that already has members: the last confirmation of a member wins, a
+    member only seen keeps what was confirmed before, one neither confirmed nor seen is a leaver. A run that
+    dies before its fold loses nothing: the next one folds its journal first."""
     members = list(range(600)) + [9000, 9001, 9002]
-    plain, sid = prepared_state(tmp_path, "plain")
-    run(plain, sid, early=False)
-    end_of_segment(plain, sid)
-    want = plain.lookup(sid, members)
-    assert want[430] == (437, "r1") and want[12] == (21, "r1") and want[16] == (27, "r1") and len(want) == 473
+    state = ExportState("scope", tmp_path / "live")
+    sid = state.scope_id("s")
+    state.confirm(sid, [(9000, 1, "k9000"), (9001, 2, "k9001"), (9002, 3, "k9002"), (5, 4, "k5")], "r0")
+    end_of_segment(state, sid)
+    confirm_overlapping_batches(state, sid)
+    end_of_segment(state, sid)
+    want = {**{m: (m + min(m // 100, 3), "r1") for m in range(420)}, **{m: (m + 7, "r1") for m in range(420, 470)},
+            9000: (1, "r0"), 9001: (2, "r0"), 9002: (3, "r0")}
+    assert state.lookup(sid, members) == want
+    assert state.leavers(sid, "r1") == [(9000, "k9000"), (9002, "k9002")]
+    assert state.member_count(sid) == 473
 
-    state, sid2 = prepared_state(tmp_path, "early")
-    run(state, sid2, early=True)
-    assert [n for n, _ in state._presorted[sid2]] == [f"temp.sorted_{sid2}_0", f"temp.sorted_{sid2}_1"]
-    end_of_segment(state, sid2)
-    assert state.lookup(sid2, members) == want
-    assert state.leavers(sid2, "r1") == plain.leavers(sid, "r1") == [(9002, "k9002")]
-    assert state._db.execute("SELECT name FROM temp.sqlite_master WHERE name LIKE 'sorted%'").fetchall() == []
-
-    # while a presort holds the main connection, the reader's lookups and unpacking do not wait for it
-    with state._lock:
-        reader = threading.Thread(target=lambda: (state.lookup(sid2, members), state.prefold(sid2)))
-        reader.start()
-        reader.join(10)
-        assert not reader.is_alive()
-
-    dead, sid3 = prepared_state(tmp_path, "dead")
-    confirm_overlapping_batches(dead, sid3)
-    dead.presort_early(sid3)
-    dead.close()  # the run stopped (its background sort ends first), then died: the journal stays
-    assert "in the background failed" not in caplog.text
+    dead = ExportState("scope", tmp_path / "dead")
+    sid2 = dead.scope_id("s")
+    dead.confirm(sid2, [(9000, 1, "k9000"), (9001, 2, "k9001"), (9002, 3, "k9002"), (5, 4, "k5")], "r0")
+    end_of_segment(dead, sid2)
+    confirm_overlapping_batches(dead, sid2)
+    dead.close()  # killed before the fold: the journal stays
     again = ExportState("scope", tmp_path / "dead")
-    assert again.scope_id("s") == sid3
-    got = again.lookup(sid3, members)
-    assert got[120] == (121, "r1") and got[399] == (402, "r1") and len(got) == 453
+    assert again.scope_id("s") == sid2
+    assert again.lookup(sid2, members) == want and again.leavers(sid2, "r1") == state.leavers(sid, "r1")
+
+
+def test_a_segment_of_many_pages_folds_forgets_and_looks_up_like_one(tmp_path):
+    """Members are kept in pages of PAGE_MEMBERS sorted ids: a segment over several pages answers lookups at
+    page edges, a forget rewrites only the pages that held the members (an emptied page goes), and a later run
+    that changes a few members and sees the rest keeps every page's other members as they were."""
+    from airflow_provider_segexport.export.state import PAGE_MEMBERS
+
+    n = 3 * PAGE_MEMBERS + 5
+    ids = [((m * 2654435761) % (2**64)) - 2**63 for m in range(n)]  # spread over the whole 64-bit range
+    state = ExportState("scope", tmp_path)
+    sid = state.scope_id("s")
+    for lo in range(0, n, 500):
+        state.confirm(sid, [(m, m ^ 1, f"k{m}") for m in ids[lo:lo + 500]], "r1")
+    end_of_segment(state, sid)
+    firsts = [f for (f,) in state._db.execute("SELECT first FROM member_pages ORDER BY first")]
+    assert len(firsts) == 4 and firsts[0] == min(ids)
+    edges = sorted(ids)[PAGE_MEMBERS - 1: PAGE_MEMBERS + 1] + [max(ids), min(ids)]
+    assert state.lookup(sid, edges + [12345]) == {m: (m ^ 1, "r1") for m in edges}
+    last_page = sorted(ids)[3 * PAGE_MEMBERS:]
+    state.forget(sid, last_page + [sorted(ids)[0], 12345])
+    assert len(state._db.execute("SELECT first FROM member_pages").fetchall()) == 3
+    assert state.member_count(sid) == n - 6 and state.lookup(sid, last_page) == {}
+    kept = sorted(set(ids) - set(last_page) - {sorted(ids)[0]})
+    state.seen(sid, kept[10:], "r2")
+    state.confirm(sid, [(m, 7, f"new{m}") for m in kept[:10]], "r2")
+    end_of_segment(state, sid)
+    assert state.leavers(sid, "r2") == []
+    assert state.lookup(sid, kept[:12]) == {**{m: (7, "r2") for m in kept[:10]},
+                                            **{m: (m ^ 1, "r1") for m in kept[10:12]}}
+    state.close()
 
 
 def test_table_prefix_must_be_an_identifier(tmp_path, monkeypatch):

@@ -55,8 +55,6 @@ log = logging.getLogger(__name__)
 
 _CONFIRMED = frozenset({"created", "updated", "unchanged"})
 #: a segment of at least this many rows has its state's journal sorted in the background once this share is read
-EARLY_PRESORT_MIN = 100_000
-EARLY_PRESORT_SHARE = 0.85
 
 
 def _text(value: Any) -> str | None:
@@ -375,7 +373,8 @@ class ExportEngine:
                             "segment model."
                         )
         self._totals = totals
-        self._deduper.reserve(total)
+        if self._deduper is not None:
+            self._deduper.reserve(total)
         self.log.info("Counted %s rows in all (%s)", f"{total:,}", ", ".join(f"{k}: {v:,}" for k, v in totals.items()))
         return totals
 
@@ -482,15 +481,10 @@ class ExportEngine:
             except NotImplementedError:  # a backend that only answers lookups
                 pass
 
-        prefold = sid is not None and not self.dry_run
-
         def submit(records: list[Record]) -> None:
             if self._totals is None:
                 stats.total = progress.total = self._counts()[seg.name]  # the limits, before the first send
-            if not slots.acquire(blocking=False):  # ahead of the lanes: a moment for the state's own work
-                if prefold:
-                    self.state.prefold(sid)  # not while a background presort holds the state's connection
-                slots.acquire()
+            slots.acquire()
             if self._failure is not None:
                 slots.release()
                 self._not_sent(stats, records)
@@ -509,9 +503,6 @@ class ExportEngine:
         if self.change_column and sid is not None:  # its highest value read: the next run's watermark
             change = operator.itemgetter(columns.index(self.change_column))
         chunks = self._prefetched(seg, since, columns) or source.chunks(columns)
-        # a big segment's journal is sorted in the background once most rows are read (by the count), so that less
-        # of it is left for the segment's end (~2 s at 1,000,000 members)
-        early = prefold
         # Chunk by chunk: validate, drop what the export state says is unchanged (delta), let the
         # destination convert the rest, then cut it into batches of the destination's size.
         try:
@@ -537,10 +528,6 @@ class ExportEngine:
                         for r in records:
                             r.body = d.encode(r)
                 batch.extend(records)
-                if early and self._totals is not None and row_number >= EARLY_PRESORT_SHARE * self._totals[seg.name]:
-                    early = False  # most rows read: the state sorts its journal so far in the background
-                    if self._totals[seg.name] >= EARLY_PRESORT_MIN:
-                        self.state.presort_early(sid)
                 while len(batch) >= size:
                     submit(batch[:size])
                     batch = batch[size:]
@@ -549,6 +536,8 @@ class ExportEngine:
         finally:
             chunks.close()  # the cursor (and the prefetch thread) even when the reading stopped early
         stats.total = progress.total = total = self._counts()[seg.name]
+        if seg is self.segments[-1]:  # every row read: the dedupe tables (~48 MB at 1,000,000) go before the fold
+            self._deduper = validate = None
         stats.read = row_number
         if self._failure is not None and total > row_number:  # rows never read are not sent either
             with self._lock:
@@ -565,8 +554,6 @@ class ExportEngine:
             batch = batch[d.batch_size:]
         if batch:  # read and valid, but the export stopped before they were batched
             self._not_sent(stats, batch)
-        if prefold and self._failure is None and any(not f.done() for f in pending):
-            self.state.presort(sid)  # while the last batches are in flight
         for fut in pending:
             fut.result()
         if self._failure is None:

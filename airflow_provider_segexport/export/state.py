@@ -25,17 +25,17 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from itertools import repeat
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from airflow_provider_segexport.export.records import member_id
-from airflow_provider_segexport.http import decode_json, encode_json
+from airflow_provider_segexport.http import decode_json
 
 
 @contextmanager
@@ -137,15 +137,10 @@ class StateSnapshot:
         self._shift = 64 - max(1, n.bit_length())
         # starts[b]: index of the first member whose top bits are >= b (members are signed: offset by 2**63)
         buckets = 1 << (64 - self._shift)
-        counts = array("l", bytes(8 * (buckets + 1)))
-        shift = self._shift
-        for m in members:
-            counts[((m + _I64_OFFSET) >> shift) + 1] += 1
-        total = 0
-        for b in range(buckets + 1):
-            total += counts[b]
-            counts[b] = total
-        self._starts = counts
+        tops = (np.frombuffer(members, np.int64).view(np.uint64) ^ np.uint64(_I64_OFFSET)) >> np.uint64(self._shift)
+        counts = np.zeros(buckets + 1, np.int64)
+        np.cumsum(np.bincount(tops.astype(np.int64), minlength=buckets), out=counts[1:])
+        self._starts = array("q", counts.tobytes())
 
     @classmethod
     def from_rows(cls, chunks: Iterable[list[tuple[int, int, int]]]) -> StateSnapshot:
@@ -180,12 +175,6 @@ class StateSnapshot:
 
 
 _I64_OFFSET = 1 << 63
-
-
-def _unpack(packed: bytes) -> array:
-    values = array("q")
-    values.frombytes(packed)
-    return values
 
 
 @dataclass(frozen=True)
@@ -275,19 +264,6 @@ class ExportStateBackend(ABC):
         """Chunks of (member, fingerprint, 1 if confirmed by ``run_id`` else 0), ordered by member."""
         raise NotImplementedError
 
-    def prefold(self, scope_id: int) -> None:  # noqa: B027 - optional hook, a no-op by default
-        """Called while the reader thread waits for a free lane: backends that journal writes may do part
-        of :meth:`flush`'s work now (bounded, quick), so less of it is left for the segment's end."""
-
-    def presort(self, scope_id: int) -> None:  # noqa: B027 - optional hook, a no-op by default
-        """Called once a segment's rows are all read, while its last batches are still in flight: backends that
-        journal writes may prepare most of :meth:`flush`'s work now, without holding up the confirmations."""
-
-    def presort_early(self, scope_id: int) -> None:  # noqa: B027 - optional hook, a no-op by default
-        """Called once, when most of a big segment's rows are read: backends that journal writes may start
-        :meth:`presort`'s work for what was confirmed so far in the background, without holding up the reader,
-        its lookups or the confirmations."""
-
     def flush(self, scope_id: int) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Called when a segment's batches are all answered, before :meth:`leavers`: backends that journal
         writes during the run fold the journal into the member table here."""
@@ -299,44 +275,39 @@ class ExportStateBackend(ABC):
 class ExportState(ExportStateBackend):
     """What each destination last confirmed, per (destination connection, target, segment).
 
-    One row per member: its id, the fingerprint of the payload the destination confirmed, its
-    destination key (needed to remove it when it leaves the segment: the email for Mailchimp, the
-    contact ID for Dynamics 365), the run that last confirmed it and the run that last saw it.
-    Lookups go batch by batch (no whole-state dict in memory), so 1,000,000 members per segment stay
-    within a small memory budget. SQLite in ``state_dir`` (WAL, one writer; tasks on one machine).
+    Per member: its id, the fingerprint of the payload the destination confirmed, its destination key
+    (needed to remove it when it leaves the segment: the email for Mailchimp, the contact ID for
+    Dynamics 365), the run that last confirmed it and the run that last saw it. SQLite in ``state_dir``
+    (WAL, one writer; tasks on one machine).
 
-    A member row names its runs by a short reference (``#<n>``, ``n`` a row of ``runs``; ``#`` cannot occur in
-    an Airflow run id) instead of the run id (~37 characters for a scheduled run, twice a row): the state is
-    ~40 % smaller and folding a segment's journal ~25 % quicker. Rows written by earlier versions keep the
-    run id itself; both forms are understood.
+    Members are kept in *pages*: rows of ``member_pages`` holding up to :data:`PAGE_MEMBERS` members
+    sorted by id, each column packed in a blob (ids and fingerprints as 64-bit integers, runs as numbers
+    of rows of ``runs``, destination keys NUL-terminated). Reading or rewriting a page is one row, not
+    thousands, so folding a run into the state costs ~1 µs a member instead of ~7 for one SQLite row each.
 
-    During a run, confirmations and "seen" marks are appended to a journal (one small transaction per
-    batch: a crash loses at most the batches in flight) and folded into ``members`` in one sorted pass
-    when the segment ends (:meth:`flush`), or by the next run if this one died. Appending is several
-    times cheaper than updating 1,000,000 rows scattered over the member table batch by batch.
+    During a run, confirmations and "seen" marks are appended to a journal (one row per batch, one small
+    transaction: a crash loses at most the batches in flight) and folded into the pages in one sorted pass
+    (numpy) when the segment ends (:meth:`flush`), or by the next run if this one died. State written by
+    earlier versions (one row per member in ``members``, per-member journal rows) is folded into pages the
+    first time its segment is opened.
     """
 
     def __init__(self, scope: str, state_dir: str | Path | None = None) -> None:
         self.scope = scope
         self.path, self._db = _open_sqlite(state_dir, "export_state.sqlite", timeout=60, isolation_level=None)
         self._lock = threading.Lock()
-        self._unpacked: dict[int, int] = {}  # scope id -> last journal_batches rowid unpacked into temp.fold
         _use_wal(self._db)
         self._db.execute("PRAGMA synchronous=NORMAL")
-        # Deleted rows are zeroed in the state file (a forgotten address, a folded journal must not linger in
-        # it; Debian's SQLite does so by default, others do not), not in the TEMP tables of the fold: they live
-        # in an unlinked file of this connection (zeroing them cost ~0.4 s at the end of a 1,000,000-member fold)
-        self._db.execute("PRAGMA main.secure_delete=ON")
-        self._db.execute("PRAGMA temp.secure_delete=OFF")
+        # Deleted rows are zeroed in the state file (a forgotten address, a rewritten page, a folded journal must
+        # not linger in it; Debian's SQLite does so by default, others do not).
+        self._db.execute("PRAGMA secure_delete=ON")
         self._db.executescript(
             """
             CREATE TABLE IF NOT EXISTS scopes (id INTEGER PRIMARY KEY, scope TEXT NOT NULL, segment TEXT NOT NULL,
                 last_count INTEGER, last_run TEXT, updated_at REAL, UNIQUE (scope, segment));
-            CREATE TABLE IF NOT EXISTS members (scope_id INTEGER NOT NULL, member INTEGER NOT NULL,
-                fingerprint INTEGER NOT NULL, dest_key TEXT NOT NULL, confirmed_run TEXT, seen_run TEXT,
-                PRIMARY KEY (scope_id, member)) WITHOUT ROWID;
-            CREATE TABLE IF NOT EXISTS journal (scope_id INTEGER NOT NULL, member INTEGER NOT NULL,
-                fingerprint INTEGER, dest_key TEXT, run TEXT NOT NULL);
+            CREATE TABLE IF NOT EXISTS member_pages (scope_id INTEGER NOT NULL, first INTEGER NOT NULL,
+                count INTEGER NOT NULL, members BLOB NOT NULL, fingerprints BLOB NOT NULL, confirmed_runs BLOB NOT NULL,
+                seen_runs BLOB NOT NULL, dest_keys BLOB NOT NULL, PRIMARY KEY (scope_id, first));
             CREATE TABLE IF NOT EXISTS journal_batches (scope_id INTEGER NOT NULL, run TEXT NOT NULL,
                 members BLOB NOT NULL, fingerprints BLOB, dest_keys BLOB);
             CREATE TABLE IF NOT EXISTS watermarks (scope_id INTEGER PRIMARY KEY, column_name TEXT NOT NULL,
@@ -344,176 +315,140 @@ class ExportState(ExportStateBackend):
             CREATE TABLE IF NOT EXISTS runs (id INTEGER PRIMARY KEY, run TEXT NOT NULL UNIQUE);
             """
         )
-        self._refs: dict[str, str] = {}  # run id -> "#<runs.id>"
-        self._runs: dict[str, str] = {}  # and back
-        # Confirmations (and "seen" marks, and forgetting) are written, and the lookups of a run read, through a
-        # connection of their own, so they go on while this one sorts what was journaled so far (presort).
+        self._legacy = {name for (name,) in self._db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name IN ('members', 'journal')")}
+        self._numbers: dict[str, int] = {}  # run id -> its row in runs
+        self._run_ids: dict[int, str] = {}  # and back
+        self._opened: set[int] = set()  # scope ids folded by this instance (a dead run's journal, older rows)
+        self._cache: dict[int, _Pages] = {}  # scope id -> its pages in memory, for lookups (until they change)
+        # Confirmations and "seen" marks are written through a connection of their own (one row per batch).
         self._journal = sqlite3.connect(self.path, check_same_thread=False, timeout=60, isolation_level=None)
         self._journal.execute("PRAGMA synchronous=NORMAL")
         self._journal.execute("PRAGMA secure_delete=ON")
         self._journal_lock = threading.Lock()
-        # scope id -> the sorted TEMP tables of its confirmations so far: (table, last temp.fold rowid it holds)
-        self._presorted: dict[int, list[tuple[str, int]]] = {}
-        self._early: dict[int, threading.Thread] = {}  # scope id -> its presort running in the background
 
-    def _ref(self, run_id: str) -> str:
-        """The short reference member rows hold for a run (created on first use)."""
-        ref = self._refs.get(run_id)
-        if ref is None:
-            with self._lock:
-                self._db.execute("INSERT OR IGNORE INTO runs (run) VALUES (?)", (run_id,))
-                ref = f"#{self._db.execute('SELECT id FROM runs WHERE run = ?', (run_id,)).fetchone()[0]}"
-            self._refs[run_id], self._runs[ref] = ref, run_id
-        return ref
+    # -- runs: a member's runs are numbers (rows of ``runs``); rows of earlier versions name them "#<n>" or by id
+    def _number(self, run_id: str, db: sqlite3.Connection | None = None) -> int:
+        """The run's number (its row of ``runs``, created on first use), through ``db`` when the caller holds
+        a transaction on it, else through the journal's connection."""
+        number = self._numbers.get(run_id)
+        if number is None:
+            if db is None:
+                with self._journal_lock:
+                    return self._number(run_id, self._journal)
+            db.execute("INSERT OR IGNORE INTO runs (run) VALUES (?)", (run_id,))
+            number = db.execute("SELECT id FROM runs WHERE run = ?", (run_id,)).fetchone()[0]
+            self._numbers[run_id], self._run_ids[number] = number, run_id
+        return number
 
-    def _run(self, stored: str | None) -> str | None:
-        """The run id a member row names (a reference, or the run id itself in rows of earlier versions)."""
-        if stored is None or not stored.startswith("#"):
-            return stored
-        run = self._runs.get(stored)
+    def _run_id(self, number: int) -> str | None:
+        if not number:
+            return None
+        run = self._run_ids.get(number)
         if run is None:
-            with self._journal_lock:  # not the main connection: a background presort may hold it
-                row = self._journal.execute("SELECT run FROM runs WHERE id = ?", (int(stored[1:]),)).fetchone()
-            run = self._runs[stored] = row[0] if row else stored
+            with self._journal_lock:
+                row = self._journal.execute("SELECT run FROM runs WHERE id = ?", (number,)).fetchone()
+            run = self._run_ids[number] = row[0] if row else f"#{number}"
         return run
+
+    def _stored_number(self, stored: str | None) -> int:
+        """The number of a run as the journal or a row of an earlier version names it ("#<n>" or the id);
+        called during a fold (a transaction on the main connection)."""
+        if stored is None:
+            return 0
+        return int(stored[1:]) if stored.startswith("#") else self._number(stored, self._db)
 
     def scope_id(self, segment: str) -> int:
         with self._lock:
             self._db.execute("INSERT OR IGNORE INTO scopes (scope, segment) VALUES (?, ?)", (self.scope, segment))
             sid = self._db.execute("SELECT id FROM scopes WHERE scope = ? AND segment = ?",
                                    (self.scope, segment)).fetchone()[0]
-        self.flush(sid)  # what a run that died had confirmed
+        self._open(sid)
         return sid
 
-    def prefold(self, scope_id: int, wait: bool = False) -> None:
-        """Unpack the batches journaled since the last call into the fold table (not durable: the journal
-        stays until :meth:`flush`, which takes over from where this left off). Without ``wait`` nothing is
-        done while a background presort holds the connection (the reader does not wait for it)."""
-        if not self._lock.acquire(blocking=wait):
-            return
-        try:
-            with _transaction(self._db, immediate=False):  # reads the journal, writes only the TEMP table
-                done = self._unpack_journal(scope_id)
-            self._unpacked[scope_id] = done  # once committed
-        finally:
-            self._lock.release()
-
-    def _unpack_journal(self, scope_id: int) -> int:
-        """Unpack the journal after the last unpacked batch; return the new last batch's rowid."""
-        db = self._db
-        # The journal, in order, into a TEMP table (not written to the state file's WAL): what a run of an
-        # earlier version left in the row journal, then the packed rows (one per batch), streamed.
-        db.execute("CREATE TEMP TABLE IF NOT EXISTS fold (scope_id INTEGER NOT NULL, member INTEGER NOT NULL, "
-                   "fingerprint INTEGER, dest_key TEXT, run TEXT NOT NULL)")
-        done = self._unpacked.get(scope_id)
-        if done is None:  # first call for this segment in this process: start afresh
-            db.execute("DELETE FROM temp.fold WHERE scope_id = ?", (scope_id,))
-            db.execute("INSERT INTO temp.fold SELECT scope_id, member, fingerprint, dest_key, run FROM journal "
-                       "WHERE scope_id = ? ORDER BY rowid", (scope_id,))
-            done = 0
-        for rowid, run, packed, packed_fps, keys in db.execute(
-                "SELECT rowid, run, members, fingerprints, dest_keys FROM journal_batches "
-                "WHERE scope_id = ? AND rowid > ? ORDER BY rowid", (scope_id, done)):
-            members = _unpack(packed)
-            if packed_fps is None:
-                db.executemany("INSERT INTO temp.fold (scope_id, member, run) VALUES (?, ?, ?)",
-                               zip(repeat(scope_id), members, repeat(run)))
-            else:
-                db.executemany("INSERT INTO temp.fold VALUES (?, ?, ?, ?, ?)",
-                               zip(repeat(scope_id), members, _unpack(packed_fps), decode_json(keys), repeat(run),
-                                   strict=False))
-            done = rowid
-        return done
-
-    def presort(self, scope_id: int) -> None:
-        """Unpack the journal and sort the confirmations since the last presort into a TEMP table of their own
-        (~1 s at 1,000,000 members) while the segment's last batches are in flight: the journal connection
-        keeps taking their confirmations (and answering the lookups), and :meth:`flush` is left with sorted
-        inserts and the few confirmations since."""
-        self._join_early(scope_id)  # what it sorted is not sorted again
-        self._presort(scope_id)
-
-    def _presort(self, scope_id: int) -> None:
-        self.prefold(scope_id, wait=True)
-        with self._lock:  # each sort reads where the last one stopped and records its own end under the lock
-            db = self._db
-            tables = self._presorted.setdefault(scope_id, [])
-            after = tables[-1][1] if tables else 0
-            # rows unpacked later get higher rowids (rows of temp.fold are deleted only by a flush, and this
-            # segment's flush comes next)
-            upto = db.execute("SELECT coalesce(max(rowid), 0) FROM temp.fold").fetchone()[0]
-            name = f"temp.sorted_{int(scope_id)}_{len(tables)}"
-            db.execute(f"DROP TABLE IF EXISTS {name}")
-            # keyed on (member, its place in the journal): the flush merges the sorted tables in that order
-            db.execute(f"CREATE TABLE {name} (member INTEGER NOT NULL, seq INTEGER NOT NULL, fingerprint INTEGER, "
-                       "dest_key TEXT, run TEXT, PRIMARY KEY (member, seq)) WITHOUT ROWID")
-            db.execute(f"INSERT INTO {name} SELECT member, rowid, fingerprint, dest_key, run FROM temp.fold "
-                       "WHERE scope_id = ? AND rowid > ? AND rowid <= ? AND fingerprint IS NOT NULL "
-                       "ORDER BY member, rowid", (scope_id, after, upto))
-            tables.append((name, upto))
-
-    def presort_early(self, scope_id: int) -> None:
-        """:meth:`presort` in a background thread (started once per segment; :meth:`presort` and :meth:`flush`
-        wait for it). SQLite sorts without the GIL, so the reader goes on meanwhile; its lookups go through the
-        journal connection, and its own unpacking waits for the next chance."""
-        if scope_id in self._early or self._presorted.get(scope_id):
-            return
-
-        def run() -> None:
-            try:
-                self._presort(scope_id)
-            except Exception as exc:  # noqa: BLE001 - the segment's own presort and flush do the work instead
-                log.warning("Sorting the export state's journal in the background failed (%s); it is sorted at the "
-                            "segment's end instead.", exc)
-
-        thread = threading.Thread(target=run, name=f"segexport-presort-{scope_id}", daemon=True)
-        self._early[scope_id] = thread
-        thread.start()
-
-    def _join_early(self, scope_id: int) -> None:
-        early = self._early.pop(scope_id, None)
-        if early is not None:
-            early.join()
+    def _open(self, scope_id: int) -> None:
+        """Fold what a run that died had journaled (and rows of an earlier version) once per instance."""
+        if scope_id not in self._opened:
+            self.flush(scope_id)
+            self._opened.add(scope_id)
 
     def flush(self, scope_id: int) -> None:
-        self._join_early(scope_id)
+        """Fold the segment's journal into its pages: one sorted pass, in one transaction."""
         with self._lock, _transaction(self._db):
-            db = self._db
-            self._unpack_journal(scope_id)
-            self._unpacked.pop(scope_id, None)  # whatever happens below, the next call starts afresh
-            tables = self._presorted.pop(scope_id, [])
-            upsert = ("INSERT INTO members (scope_id, member, fingerprint, dest_key, confirmed_run, seen_run) "
-                      "{select} ON CONFLICT (scope_id, member) DO UPDATE SET fingerprint = excluded.fingerprint, "
-                      "dest_key = excluded.dest_key, confirmed_run = excluded.confirmed_run, "
-                      "seen_run = excluded.seen_run")
-            # One ordered pass over the presorted tables and the confirmations since, merged by (member, place in
-            # the journal): SQLite merges the tables' key order and sorts only the rest; a later confirmation wins.
-            # Then the "seen" marks.
-            arms = [f"SELECT member, seq, fingerprint, dest_key, run FROM {name}" for name, _ in tables]
-            arms.append("SELECT member, rowid AS seq, fingerprint, dest_key, run FROM temp.fold WHERE scope_id = ? "
-                        "AND rowid > ? AND fingerprint IS NOT NULL")
-            db.execute(upsert.format(select=f"SELECT ?, member, fingerprint, dest_key, run, run FROM "
-                                            f"({' UNION ALL '.join(arms)} ORDER BY member, seq) WHERE true"),
-                       (scope_id, scope_id, tables[-1][1] if tables else 0))
-            for name, _ in tables:
-                db.execute(f"DROP TABLE {name}")
-            for (run,) in db.execute("SELECT DISTINCT run FROM temp.fold WHERE scope_id = ? AND fingerprint IS NULL",
-                                     (scope_id,)).fetchall():
-                db.execute("UPDATE members SET seen_run = ?1 WHERE scope_id = ?2 AND member IN (SELECT member "
-                           "FROM temp.fold WHERE scope_id = ?2 AND fingerprint IS NULL AND run = ?1)", (run, scope_id))
-            db.execute("DELETE FROM journal WHERE scope_id = ?", (scope_id,))
-            db.execute("DELETE FROM journal_batches WHERE scope_id = ?", (scope_id,))
-            if self._unpacked:  # another segment's journal is being unpacked too
-                db.execute("DELETE FROM temp.fold WHERE scope_id = ?", (scope_id,))
-            else:  # dropping it is several times quicker than deleting a million rows
-                db.execute("DROP TABLE temp.fold")
+            parts = self._journaled(scope_id)
+            if not parts:
+                return
+            marks = [p for p in parts if p.keys is None]
+            confirmed = [p for p in parts if p.keys is not None and p.members.size]
+            del parts
+            pages = self._read_pages(scope_id)
+            if pages is not None:
+                confirmed.insert(0, pages)
+                del pages
+            merged = _Merged.of(confirmed)
+            for mark in marks:  # the "seen" marks, after the confirmations (as a run's own marks are)
+                merged.mark_seen(mark.members, mark.number)
+            self._db.execute("DELETE FROM member_pages WHERE scope_id = ?", (scope_id,))
+            self._db.executemany("INSERT INTO member_pages VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                 ((scope_id, *page) for page in merged.pages(PAGE_MEMBERS)))
+            del merged
+            self._db.execute("DELETE FROM journal_batches WHERE scope_id = ?", (scope_id,))
+            if "journal" in self._legacy:
+                self._db.execute("DELETE FROM journal WHERE scope_id = ?", (scope_id,))
+            if "members" in self._legacy:
+                self._db.execute("DELETE FROM members WHERE scope_id = ?", (scope_id,))
+            self._cache.pop(scope_id, None)
+
+    def _journaled(self, scope_id: int) -> list[_Pages]:
+        """What the segment's journal holds, in order (rows of an earlier version first): parts of
+        confirmations (with keys) and of "seen" marks (keys None)."""
+        db, parts = self._db, []
+        if "members" in self._legacy:  # an earlier version's member rows: the state before the journal
+            rows = db.execute("SELECT member, fingerprint, dest_key, confirmed_run, seen_run FROM members "
+                              "WHERE scope_id = ? ORDER BY member", (scope_id,)).fetchall()
+            if rows:
+                parts.append(_Pages.from_rows([(m, fp, key, self._stored_number(c), self._stored_number(s))
+                                               for m, fp, key, c, s in rows]))
+        if "journal" in self._legacy:
+            for member, fp, key, run in db.execute("SELECT member, fingerprint, dest_key, run FROM journal "
+                                                   "WHERE scope_id = ? ORDER BY rowid", (scope_id,)).fetchall():
+                number = self._stored_number(run)
+                parts.append(_Pages.seen_marks([member], number) if fp is None else
+                             _Pages.from_rows([(member, fp, key, number, number)]))
+        for run, members, fps, keys in db.execute("SELECT run, members, fingerprints, dest_keys FROM journal_batches "
+                                                  "WHERE scope_id = ? ORDER BY rowid", (scope_id,)):
+            number = self._stored_number(run)
+            if fps is None:
+                parts.append(_Pages.seen_marks(np.frombuffer(members, np.int64), number))
+            else:
+                parts.append(_Pages.journaled(members, fps, keys, number))
+        return parts
+
+    def _read_pages(self, scope_id: int) -> _Pages | None:
+        pages = [_Pages.from_page(*row) for row in self._db.execute(
+            "SELECT members, fingerprints, confirmed_runs, seen_runs, dest_keys FROM member_pages WHERE scope_id = ? "
+            "ORDER BY first", (scope_id,))]
+        return _Pages.concat(pages) if pages else None
+
+    def _pages(self, scope_id: int) -> _Pages:
+        """The segment's pages in memory (kept until a flush or a forget changes them)."""
+        self._open(scope_id)
+        pages = self._cache.get(scope_id)
+        if pages is None:
+            with self._lock:
+                pages = self._read_pages(scope_id) or _Pages.empty()
+            self._cache[scope_id] = pages
+        return pages
 
     def last_count(self, scope_id: int) -> int | None:
         row = self._db.execute("SELECT last_count FROM scopes WHERE id = ?", (scope_id,)).fetchone()
         return row[0] if row else None
 
     def member_count(self, scope_id: int) -> int:
-        return self._db.execute("SELECT COUNT(*) FROM members WHERE scope_id = ?", (scope_id,)).fetchone()[0]
+        self._open(scope_id)
+        with self._lock:
+            return self._db.execute("SELECT coalesce(sum(count), 0) FROM member_pages WHERE scope_id = ?",
+                                    (scope_id,)).fetchone()[0]
 
     def set_last_count(self, scope_id: int, count: int, run_id: str) -> None:
         with self._lock:
@@ -533,28 +468,24 @@ class ExportState(ExportStateBackend):
 
     def lookup(self, scope_id: int, members: list[int]) -> dict[int, tuple[int, str | None]]:
         """member -> (fingerprint, confirmed_run) for the members that have state."""
-        out: dict[int, tuple[int, str | None]] = {}
-        for chunk in _chunks(members):
-            q = (f"SELECT member, fingerprint, confirmed_run FROM members WHERE scope_id = ? AND member IN "
-                 f"({','.join('?' * len(chunk))})")
-            with self._journal_lock:  # the journal's connection: a background presort may hold the main one
-                rows = self._journal.execute(q, (scope_id, *chunk)).fetchall()
-            for m, fp, run in rows:
-                out[m] = (fp, self._run(run))
-        return out
+        pages = self._pages(scope_id)
+        if not members or not pages.members.size:
+            return {}
+        wanted = np.fromiter(members, np.int64, len(members))
+        at, found = pages.find(wanted)
+        run_id = self._run_id
+        return {m: (fp, run_id(run)) for m, fp, run in zip(wanted[found].tolist(),
+                                                           pages.fingerprints[at[found]].tolist(),
+                                                           pages.confirmed[at[found]].tolist(), strict=True)}
 
-    def _ordered_rows(self, scope_id: int, run_id: str) -> Iterator[list[tuple[int, int, int]]]:
-        ref = self._ref(run_id)
-        with self._lock:
-            cursor = self._db.execute(
-                "SELECT member, fingerprint, confirmed_run IN (?, ?) FROM members WHERE scope_id = ? ORDER BY member",
-                (ref, run_id, scope_id))
-            while chunk := cursor.fetchmany(10_000):
-                yield chunk
+    def snapshot(self, scope_id: int, run_id: str) -> StateSnapshot:
+        pages = self._pages(scope_id)
+        mine = pages.confirmed == self._number(run_id)
+        return StateSnapshot(_to_array(pages.members), _to_array(pages.fingerprints), bytearray(mine.tobytes()))
 
     def seen(self, scope_id: int, members: list[int], run_id: str) -> None:
         if members:
-            ref = self._ref(run_id)
+            ref = f"#{self._number(run_id)}"
             with self._journal_lock:  # one row, one implicit transaction
                 self._journal.execute("INSERT INTO journal_batches (scope_id, run, members) VALUES (?, ?, ?)",
                                       (scope_id, ref, array("q", members).tobytes()))
@@ -564,29 +495,200 @@ class ExportState(ExportStateBackend):
         if not rows:
             return
         members, fps, keys = zip(*rows, strict=True)
-        packed = (scope_id, self._ref(run_id), array("q", members).tobytes(), array("q", fps).tobytes(),
-                  encode_json(keys))
+        packed = (scope_id, f"#{self._number(run_id)}", array("q", members).tobytes(), array("q", fps).tobytes(),
+                  _pack_keys(keys))
         with self._journal_lock:  # one row per batch, one implicit transaction: durable when the call returns
             self._journal.execute("INSERT INTO journal_batches VALUES (?, ?, ?, ?, ?)", packed)
 
     def forget(self, scope_id: int, members: list[int]) -> None:
-        with self._journal_lock, _transaction(self._journal):
-            self._journal.executemany("DELETE FROM members WHERE scope_id = ? AND member = ?",
-                                      [(scope_id, m) for m in members])
+        if not members:
+            return
+        gone = np.unique(np.fromiter(members, np.int64, len(members)))
+        with self._lock, _transaction(self._db):  # the pages holding them, rewritten without them
+            firsts = np.fromiter((f for (f,) in self._db.execute(
+                "SELECT first FROM member_pages WHERE scope_id = ? ORDER BY first", (scope_id,))), np.int64)
+            if not firsts.size:
+                return
+            for first in np.unique(firsts[np.maximum(np.searchsorted(firsts, gone, "right") - 1, 0)]).tolist():
+                row = self._db.execute("SELECT members, fingerprints, confirmed_runs, seen_runs, dest_keys FROM "
+                                       "member_pages WHERE scope_id = ? AND first = ?", (scope_id, first)).fetchone()
+                page = _Pages.from_page(*row)
+                keep = ~np.isin(page.members, gone)
+                if keep.all():
+                    continue
+                self._db.execute("DELETE FROM member_pages WHERE scope_id = ? AND first = ?", (scope_id, first))
+                if keep.any():
+                    self._db.executemany("INSERT INTO member_pages VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                         ((scope_id, *p) for p in _Merged(page, np.flatnonzero(keep)).pages(PAGE_MEMBERS)))
+            self._cache.pop(scope_id, None)
 
     def leavers(self, scope_id: int, run_id: str) -> list[tuple[int, str]]:
         """Members confirmed earlier that this run did not see: (member, destination key)."""
-        ref = self._ref(run_id)
-        with self._lock:
-            return list(self._db.execute(
-                "SELECT member, dest_key FROM members WHERE scope_id = ? AND (seen_run IS NULL OR seen_run NOT IN "
-                "(?, ?))", (scope_id, ref, run_id)))
+        pages = self._pages(scope_id)
+        gone = np.flatnonzero(pages.seen != self._number(run_id))
+        return list(zip(pages.members[gone].tolist(), pages.keys_at(gone), strict=True))
 
     def close(self) -> None:
-        for scope_id in list(self._early):  # a run that stopped early: its background sort ends first
-            self._join_early(scope_id)
         self._journal.close()
         self._db.close()
+
+
+#: Members per row of ``member_pages`` (~400 KB a page with addresses as keys)
+PAGE_MEMBERS = 8192
+
+
+def _pack_keys(keys: Sequence[str]) -> bytes:
+    """Destination keys as the journal keeps them: a NUL marker (earlier versions wrote a JSON list), then
+    each key NUL-terminated."""
+    joined = "\0".join(keys)
+    if joined.count("\0") != len(keys) - 1:
+        raise ValueError("a destination key holds a NUL character (the export state cannot keep it)")
+    return b"\0" + joined.encode("utf-8") + b"\0"
+
+
+def _to_array(values: np.ndarray) -> array:
+    out = array("q")
+    out.frombytes(values.tobytes())
+    return out
+
+
+class _Pages:
+    """Members with their state in numpy columns: ids, fingerprints, the runs (numbers) that confirmed and last
+    saw them, and their destination keys in one buffer of NUL-terminated UTF-8 keys, side by side in member
+    order, with the position of each key's NUL (its start is the previous key's NUL + 1)."""
+
+    __slots__ = ("members", "fingerprints", "confirmed", "seen", "keys", "ends", "number")
+
+    def __init__(self, members: np.ndarray, fingerprints: np.ndarray | None = None,
+                 confirmed: np.ndarray | None = None, seen: np.ndarray | None = None, keys: np.ndarray | None = None,
+                 ends: np.ndarray | None = None, number: int = 0) -> None:
+        self.members, self.fingerprints, self.confirmed, self.seen = members, fingerprints, confirmed, seen
+        self.keys, self.number = keys, number  # keys None: "seen" marks of the run ``number``
+        if keys is not None and ends is None:
+            ends = np.flatnonzero(keys == 0).astype(np.int32 if keys.size < 2**31 else np.int64)
+            if ends.size != members.size:
+                raise ValueError(f"export state: {ends.size} destination keys for {members.size} members")
+        self.ends = ends
+
+    @classmethod
+    def empty(cls) -> _Pages:
+        none = np.empty(0, np.int64)
+        runs = np.empty(0, _RUN)
+        return cls(none, none, runs, runs, np.empty(0, np.uint8), none)
+
+    @classmethod
+    def seen_marks(cls, members: Any, number: int) -> _Pages:
+        return cls(np.asarray(members, np.int64), number=number)
+
+    @classmethod
+    def journaled(cls, members: bytes, fps: bytes, keys: bytes, number: int) -> _Pages:
+        ids = np.frombuffer(members, np.int64)
+        if keys[:1] != b"\0":  # the earlier form: a JSON list
+            keys = _pack_keys(decode_json(keys))
+        runs = np.full(ids.size, number, _RUN)
+        return cls(ids, np.frombuffer(fps, np.int64), runs, runs, np.frombuffer(keys, np.uint8, offset=1))
+
+    @classmethod
+    def from_rows(cls, rows: list[tuple[int, int, str, int, int]]) -> _Pages:
+        members, fps, keys, confirmed, seen = zip(*rows, strict=True)
+        return cls(np.array(members, np.int64), np.array(fps, np.int64), np.array(confirmed, _RUN),
+                   np.array(seen, _RUN), np.frombuffer(_pack_keys(keys), np.uint8, offset=1))
+
+    @classmethod
+    def from_page(cls, members: bytes, fps: bytes, confirmed: bytes, seen: bytes, keys: bytes) -> _Pages:
+        return cls(np.frombuffer(members, np.int64), np.frombuffer(fps, np.int64), np.frombuffer(confirmed, _RUN),
+                   np.frombuffer(seen, _RUN), np.frombuffer(keys, np.uint8))
+
+    @classmethod
+    def concat(cls, parts: list[_Pages]) -> _Pages:
+        """The parts one after the other; the list is emptied, and each part's columns released as they are
+        copied (a 1,000,000-member fold holds each byte once, not twice)."""
+        if len(parts) == 1:
+            return parts.pop()
+        size, key_bytes = sum(p.members.size for p in parts), sum(p.keys.size for p in parts)
+        ends = np.empty(size, np.int32 if key_bytes < 2**31 else np.int64)
+        at = shift = 0
+        for p in parts:
+            ends[at:at + p.ends.size] = p.ends + shift
+            at, shift, p.ends = at + p.ends.size, shift + p.keys.size, None
+        columns = {}
+        for name, dtype, n in (("members", np.int64, size), ("fingerprints", np.int64, size), ("confirmed", _RUN, size),
+                               ("seen", _RUN, size), ("keys", np.uint8, key_bytes)):
+            out = columns[name] = np.empty(n, dtype)
+            at = 0
+            for p in parts:
+                column = getattr(p, name)
+                out[at:at + column.size] = column
+                at += column.size
+                setattr(p, name, None)
+        parts.clear()
+        return cls(ends=ends, **columns)
+
+    def find(self, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where each wanted member is (members sorted), and whether it is there at all."""
+        if not self.members.size:
+            return np.zeros(wanted.size, np.int64), np.zeros(wanted.size, bool)
+        at = np.minimum(np.searchsorted(self.members, wanted), self.members.size - 1)
+        return at, self.members[at] == wanted
+
+    def key_blob(self, at: np.ndarray) -> bytes:
+        """The keys of the members at these places, each NUL-terminated, in one blob."""
+        ends = self.ends[at]
+        starts = np.where(at > 0, self.ends[np.maximum(at - 1, 0)] + 1, 0)
+        if np.array_equal(starts[1:], ends[:-1] + 1):  # already side by side
+            return self.keys[starts[0]:ends[-1] + 1].tobytes() if at.size else b""
+        lengths = ends - starts + 1
+        offsets = np.cumsum(lengths) - lengths
+        return self.keys[np.repeat(starts - offsets, lengths) + np.arange(int(lengths.sum()))].tobytes()
+
+    def keys_at(self, at: np.ndarray) -> list[str]:
+        keys = self.keys
+        starts = np.where(at > 0, self.ends[np.maximum(at - 1, 0)] + 1, 0)
+        return [keys[s:e].tobytes().decode("utf-8") for s, e in zip(starts.tolist(), self.ends[at].tolist(),
+                                                                     strict=True)]
+
+
+class _Merged:
+    """The members of a :class:`_Pages` at the places ``at`` (sorted by member): their ids and "seen" runs
+    taken out (the fold marks what a run saw), the other columns read a page at a time when written."""
+
+    def __init__(self, source: _Pages, at: np.ndarray) -> None:
+        self.source, self.at = source, at
+        self.members = source.members[at]
+        self.seen = source.seen[at]  # a copy: the marks change it
+
+    @classmethod
+    def of(cls, parts: list[_Pages]) -> _Merged:
+        """One state of the parts, in order (the list is emptied): for a member in several, the last one wins."""
+        if not parts:
+            return cls(_Pages.empty(), np.empty(0, np.int64))
+        source = _Pages.concat(parts)
+        order = np.argsort(source.members, kind="stable")
+        ordered = source.members[order]
+        last = np.ones(ordered.size, bool)
+        last[:-1] = ordered[:-1] != ordered[1:]
+        del ordered
+        keep = order[last]
+        del order, last
+        return cls(source, keep)
+
+    def mark_seen(self, members: np.ndarray, number: int) -> None:
+        if self.members.size and members.size:
+            at = np.minimum(np.searchsorted(self.members, members), self.members.size - 1)
+            self.seen[at[self.members[at] == members]] = number
+
+    def pages(self, size: int) -> Iterator[tuple]:
+        """Rows of ``member_pages`` (without the scope id): first member, count and the packed columns."""
+        source = self.source
+        for lo in range(0, self.members.size, size):
+            hi = min(lo + size, self.members.size)
+            at = self.at[lo:hi]
+            yield (int(self.members[lo]), hi - lo, self.members[lo:hi].tobytes(), source.fingerprints[at].tobytes(),
+                   source.confirmed[at].tobytes(), self.seen[lo:hi].tobytes(), source.key_blob(at))
+
+
+#: how run numbers are packed in pages
+_RUN = np.int32
 
 
 log = logging.getLogger(__name__)
