@@ -206,7 +206,8 @@ class ExportStateBackend(ABC):
     leaves the segment), the run that last confirmed it and the run that last saw it. Methods are
     called from several threads at once (the reader thread: lookup/seen; sender threads:
     confirm/forget). Nothing loads the whole state into memory except :meth:`leavers`, which returns
-    only the members that left.
+    only the members that left, and :class:`ExportState`'s lookups (ids, fingerprints and runs: 20 bytes a
+    member).
     """
 
     scope: str
@@ -431,13 +432,17 @@ class ExportState(ExportStateBackend):
         return _Pages.concat(pages) if pages else None
 
     def _pages(self, scope_id: int) -> _Pages:
-        """The segment's pages in memory (kept until a flush or a forget changes them)."""
+        """The segment's ids, fingerprints and confirming runs in memory (20 bytes a member), for its lookups;
+        kept until a flush or a forget changes the pages."""
         self._open(scope_id)
         pages = self._cache.get(scope_id)
         if pages is None:
-            with self._lock:
-                pages = self._read_pages(scope_id) or _Pages.empty()
-            self._cache[scope_id] = pages
+            with self._lock:  # the keys are the last column: their overflow pages are not read
+                rows = self._db.execute("SELECT members, fingerprints, confirmed_runs FROM member_pages "
+                                        "WHERE scope_id = ? ORDER BY first", (scope_id,)).fetchall()
+            pages = self._cache[scope_id] = _Pages(*(
+                np.concatenate([np.frombuffer(row[i], dtype) for row in rows]) if rows else np.empty(0, dtype)
+                for i, dtype in enumerate((np.int64, np.int64, _RUN))))
         return pages
 
     def last_count(self, scope_id: int) -> int | None:
@@ -523,10 +528,18 @@ class ExportState(ExportStateBackend):
             self._cache.pop(scope_id, None)
 
     def leavers(self, scope_id: int, run_id: str) -> list[tuple[int, str]]:
-        """Members confirmed earlier that this run did not see: (member, destination key)."""
-        pages = self._pages(scope_id)
-        gone = np.flatnonzero(pages.seen != self._number(run_id))
-        return list(zip(pages.members[gone].tolist(), pages.keys_at(gone), strict=True))
+        """Members confirmed earlier that this run did not see: (member, destination key); a page at a time."""
+        self._open(scope_id)
+        number, out = self._number(run_id), []
+        with self._lock:
+            rows = self._db.execute("SELECT members, seen_runs, dest_keys FROM member_pages WHERE scope_id = ? "
+                                    "ORDER BY first", (scope_id,))
+            for members, seen, keys in rows:
+                page = _Pages(np.frombuffer(members, np.int64), seen=np.frombuffer(seen, _RUN),
+                              keys=np.frombuffer(keys, np.uint8))
+                gone = np.flatnonzero(page.seen != number)
+                out.extend(zip(page.members[gone].tolist(), page.keys_at(gone), strict=True))
+        return out
 
     def close(self) -> None:
         self._journal.close()
