@@ -665,10 +665,11 @@ class _Merged:
     """The members of a :class:`_Pages` at the places ``at`` (sorted by member): their ids and "seen" runs
     taken out (the fold marks what a run saw), the other columns read a page at a time when written."""
 
-    def __init__(self, source: _Pages, at: np.ndarray) -> None:
+    def __init__(self, source: _Pages, at: np.ndarray, members: np.ndarray | None = None) -> None:
         self.source, self.at = source, at
-        self.members = source.members[at]
+        self.members = source.members[at] if members is None else members
         self.seen = source.seen[at]  # a copy: the marks change it
+        source.members = source.seen = None  # taken out: not read again
 
     @classmethod
     def of(cls, parts: list[_Pages]) -> _Merged:
@@ -678,12 +679,12 @@ class _Merged:
         source = _Pages.concat(parts)
         order = np.argsort(source.members, kind="stable")
         ordered = source.members[order]
+        source.members = None  # (memory: the sorted copy is what is kept)
         last = np.ones(ordered.size, bool)
         last[:-1] = ordered[:-1] != ordered[1:]
-        del ordered
         keep = order[last]
-        del order, last
-        return cls(source, keep)
+        del order
+        return cls(source, keep, ordered[last])
 
     def mark_seen(self, members: np.ndarray, number: int) -> None:
         if self.members.size and members.size:
