@@ -54,7 +54,6 @@ log = logging.getLogger(__name__)
 
 
 _CONFIRMED = frozenset({"created", "updated", "unchanged"})
-#: a segment of at least this many rows has its state's journal sorted in the background once this share is read
 
 
 def _text(value: Any) -> str | None:
