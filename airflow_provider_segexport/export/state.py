@@ -382,10 +382,7 @@ class ExportState(ExportStateBackend):
             marks = [p for p in parts if p.keys is None]
             confirmed = [p for p in parts if p.keys is not None and p.members.size]
             del parts
-            pages = self._read_pages(scope_id)
-            if pages is not None:
-                confirmed.insert(0, pages)
-                del pages
+            confirmed[:0] = self._read_pages(scope_id)  # the segment's state so far, then the journal
             merged = _Merged.of(confirmed)
             for mark in marks:  # the "seen" marks, after the confirmations (as a run's own marks are)
                 merged.mark_seen(mark.members, mark.number)
@@ -425,11 +422,10 @@ class ExportState(ExportStateBackend):
                 parts.append(_Pages.journaled(members, fps, keys, number))
         return parts
 
-    def _read_pages(self, scope_id: int) -> _Pages | None:
-        pages = [_Pages.from_page(*row) for row in self._db.execute(
+    def _read_pages(self, scope_id: int) -> list[_Pages]:
+        return [_Pages.from_page(*row) for row in self._db.execute(
             "SELECT members, fingerprints, confirmed_runs, seen_runs, dest_keys FROM member_pages WHERE scope_id = ? "
             "ORDER BY first", (scope_id,))]
-        return _Pages.concat(pages) if pages else None
 
     def _pages(self, scope_id: int) -> _Pages:
         """The segment's ids, fingerprints and confirming runs in memory (20 bytes a member), for its lookups;
@@ -437,12 +433,13 @@ class ExportState(ExportStateBackend):
         self._open(scope_id)
         pages = self._cache.get(scope_id)
         if pages is None:
-            with self._lock:  # the keys are the last column: their overflow pages are not read
+            with self._lock:  # (a forget or a flush drops the cache under the lock too)
+                # the keys are the last column: their overflow pages are not read
                 rows = self._db.execute("SELECT members, fingerprints, confirmed_runs FROM member_pages "
                                         "WHERE scope_id = ? ORDER BY first", (scope_id,)).fetchall()
-            pages = self._cache[scope_id] = _Pages(*(
-                np.concatenate([np.frombuffer(row[i], dtype) for row in rows]) if rows else np.empty(0, dtype)
-                for i, dtype in enumerate((np.int64, np.int64, _RUN))))
+                pages = self._cache[scope_id] = _Pages(*(
+                    np.concatenate([np.frombuffer(row[i], dtype) for row in rows]) if rows else np.empty(0, dtype)
+                    for i, dtype in enumerate((np.int64, np.int64, _RUN))))
         return pages
 
     def last_count(self, scope_id: int) -> int | None:
