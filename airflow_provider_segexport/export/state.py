@@ -483,7 +483,9 @@ class ExportState(ExportStateBackend):
     def snapshot(self, scope_id: int, run_id: str) -> StateSnapshot:
         pages = self._pages(scope_id)
         mine = pages.confirmed == self._number(run_id)
-        return StateSnapshot(_to_array(pages.members), _to_array(pages.fingerprints), bytearray(mine.tobytes()))
+        snapshot = StateSnapshot(_to_array(pages.members), _to_array(pages.fingerprints), bytearray(mine.tobytes()))
+        self._cache.pop(scope_id, None)  # the snapshot answers the run's lookups (the memory is held once)
+        return snapshot
 
     def seen(self, scope_id: int, members: list[int], run_id: str) -> None:
         if members:
