@@ -367,6 +367,30 @@ def test_100k_members_round_trip_time_and_memory(open_state):
     assert leavers_peak < LEAVERS_PEAK_PER_LEAVER * n // 2
 
 
+def test_folding_a_big_segment_holds_each_byte_once(tmp_path):
+    """The fold at a segment's end holds the journal in numpy columns, released as they are copied: under 92
+    bytes of traced memory a member (a 1,000,000-member export's fold stays ~80 MB, within the export's 300 MB
+    budget), and the state it leaves answers for every member."""
+    n = 200_000
+    state = ExportState("scope", tmp_path)
+    sid = state.scope_id("s")
+    members = list(range(I64_MIN, I64_MIN + n * 9_999_991, 9_999_991))[::-1]  # confirmed in descending order
+    for lo in range(0, n, 500):
+        state.confirm(sid, [(m, m ^ 7, f"customer.{m % 99991}@example.com") for m in members[lo:lo + 500]], "r1")
+    tracemalloc.start()
+    try:
+        end_of_segment(state, sid)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    print(f"fold: {peak / n:.0f} bytes a member")
+    assert peak < 92 * n, f"{peak / n:.0f} bytes a member"
+    assert state.member_count(sid) == n
+    sample = members[::997]
+    assert state.lookup(sid, sample) == {m: (m ^ 7, "r1") for m in sample}
+    state.close()
+
+
 def earlier_version_tables(db):
     """The member table and per-member journal of state files written by earlier versions."""
     db.executescript("""
