@@ -242,8 +242,9 @@ def test_scopes_and_segments_are_isolated(open_state):
 
 
 def test_concurrent_confirm_from_8_threads(open_state):
-    """The engine's sender threads confirm while its reader thread looks up and marks members seen; several
-    tasks (instances) may create the tables and the same scope at once."""
+    """The engine's sender threads confirm (and forget the members a destination refused for good) while its
+    reader thread looks up and marks members seen; several tasks (instances) may create the tables and the same
+    scope at once."""
     states: list[ExportStateBackend] = []
     ids: list[int] = []
     failures: list[BaseException] = []
@@ -266,7 +267,7 @@ def test_concurrent_confirm_from_8_threads(open_state):
     assert not failures, failures
     assert len(ids) == 4 and len(set(ids)) == 1
     state, sid = states[0], ids[0]
-    state.confirm(sid, rows(range(-5000, 0)), "r1")  # earlier members, seen by the reader below
+    state.confirm(sid, rows(range(-10_000, 0)), "r1")  # earlier members: half seen by the reader below
     end_of_segment(state, sid)
     errors: list[BaseException] = []
 
@@ -287,18 +288,28 @@ def test_concurrent_confirm_from_8_threads(open_state):
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=sender, args=(n,)) for n in range(8)] + [threading.Thread(target=reader)]
+    def forgetter() -> None:
+        try:
+            for b in range(10):  # refused for good while the others confirm and look up
+                state.forget(sid, list(range(-10_000 + b * 100, -10_000 + (b + 1) * 100)))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=sender, args=(n,)) for n in range(8)] + [
+        threading.Thread(target=reader), threading.Thread(target=forgetter)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(120)
+    assert not any(t.is_alive() for t in threads), "a thread is stuck"
     assert not errors, errors
     end_of_segment(state, sid)
-    assert state.member_count(sid) == 5000 + 8 * 10 * 500
+    assert state.member_count(sid) == 9000 + 8 * 10 * 500
     got = state.lookup(sid, list(range(40_000)))
     assert len(got) == 40_000
     assert all(got[m] == (m * 7 + m // 5000, "r2") for m in range(0, 40_000, 997))
-    assert state.leavers(sid, "r2") == []
+    assert state.lookup(sid, list(range(-10_000, -9000))) == {}
+    assert sorted(state.leavers(sid, "r2")) == [(m, f"user{m}@example.com") for m in range(-9000, -5000)]
 
 
 # Bounds, from measurements on the 2-core dev/CI machine (see the report printed with -s):
