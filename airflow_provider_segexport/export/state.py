@@ -407,12 +407,17 @@ class ExportState(ExportStateBackend):
             if rows:
                 parts.append(_Pages.from_rows([(m, fp, key, self._stored_number(c), self._stored_number(s))
                                                for m, fp, key, c, s in rows]))
-        if "journal" in self._legacy:
+        if "journal" in self._legacy:  # an earlier version's journal rows: confirmations in order, and marks
+            confirmed = []
             for member, fp, key, run in db.execute("SELECT member, fingerprint, dest_key, run FROM journal "
                                                    "WHERE scope_id = ? ORDER BY rowid", (scope_id,)).fetchall():
                 number = self._stored_number(run)
-                parts.append(_Pages.seen_marks([member], number) if fp is None else
-                             _Pages.from_rows([(member, fp, key, number, number)]))
+                if fp is None:
+                    parts.append(_Pages.seen_marks([member], number))
+                else:
+                    confirmed.append((member, fp, key, number, number))
+            if confirmed:
+                parts.append(_Pages.from_rows(confirmed))
         for run, members, fps, keys in db.execute("SELECT run, members, fingerprints, dest_keys FROM journal_batches "
                                                   "WHERE scope_id = ? ORDER BY rowid", (scope_id,)):
             number = self._stored_number(run)
@@ -637,16 +642,15 @@ class _Pages:
         return cls(ends=ends, **columns)
 
     def find(self, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Where each wanted member is (members sorted), and whether it is there at all."""
-        if not self.members.size:
-            return np.zeros(wanted.size, np.int64), np.zeros(wanted.size, bool)
-        at = np.minimum(np.searchsorted(self.members, wanted), self.members.size - 1)
-        return at, self.members[at] == wanted
+        return _find(self.members, wanted)
+
+    def _starts(self, at: np.ndarray) -> np.ndarray:
+        """Where the keys of the members at these places start (one past the previous key's NUL)."""
+        return np.where(at > 0, self.ends[np.maximum(at - 1, 0)] + 1, 0)
 
     def key_blob(self, at: np.ndarray) -> bytes:
         """The keys of the members at these places, each NUL-terminated, in one blob."""
-        ends = self.ends[at]
-        starts = np.where(at > 0, self.ends[np.maximum(at - 1, 0)] + 1, 0)
+        ends, starts = self.ends[at], self._starts(at)
         if np.array_equal(starts[1:], ends[:-1] + 1):  # already side by side
             return self.keys[starts[0]:ends[-1] + 1].tobytes() if at.size else b""
         lengths = ends - starts + 1
@@ -655,9 +659,16 @@ class _Pages:
 
     def keys_at(self, at: np.ndarray) -> list[str]:
         keys = self.keys
-        starts = np.where(at > 0, self.ends[np.maximum(at - 1, 0)] + 1, 0)
-        return [keys[s:e].tobytes().decode("utf-8") for s, e in zip(starts.tolist(), self.ends[at].tolist(),
+        return [keys[s:e].tobytes().decode("utf-8") for s, e in zip(self._starts(at).tolist(), self.ends[at].tolist(),
                                                                      strict=True)]
+
+
+def _find(ids: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each wanted member is in ``ids`` (sorted), and whether it is there at all."""
+    if not ids.size:
+        return np.zeros(wanted.size, np.int64), np.zeros(wanted.size, bool)
+    at = np.minimum(np.searchsorted(ids, wanted), ids.size - 1)
+    return at, ids[at] == wanted
 
 
 class _Merged:
@@ -686,9 +697,8 @@ class _Merged:
         return cls(source, keep, ordered[last])
 
     def mark_seen(self, members: np.ndarray, number: int) -> None:
-        if self.members.size and members.size:
-            at = np.minimum(np.searchsorted(self.members, members), self.members.size - 1)
-            self.seen[at[self.members[at] == members]] = number
+        at, found = _find(self.members, members)
+        self.seen[at[found]] = number
 
     def pages(self, size: int) -> Iterator[tuple]:
         """Rows of ``member_pages`` (without the scope id): first member, count and the packed columns."""
