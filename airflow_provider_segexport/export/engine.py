@@ -25,9 +25,10 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from hashlib import blake2b
 from typing import Any
+
+import msgspec
 
 from airflow_provider_segexport.export.records import (
     VENDOR_REJECTED,
@@ -83,9 +84,9 @@ class BatchRefused(Exception):
         self.message = message
 
 
-@dataclass(slots=True)
-class Outcome:
-    """What the destination did with one record: created, updated, unchanged or rejected."""
+class Outcome(msgspec.Struct, gc=False):
+    """What the destination did with one record: created, updated, unchanged or rejected (a msgspec struct,
+    like :class:`Record`: one is made per row)."""
 
     record: Record
     status: str

@@ -13,6 +13,7 @@ from datetime import date, datetime
 from hashlib import blake2b
 from typing import Any
 
+import msgspec
 import numpy as np
 
 # Reason codes, one place. The rejects file and the summary use them.
@@ -60,9 +61,12 @@ class MappingError(ValueError):
     """The mapping does not fit the source (e.g. it names a column the source does not have)."""
 
 
-@dataclass(slots=True)
-class Record:
-    """One member ready to send: its key, its dedupe value and the mapped payload."""
+class Record(msgspec.Struct, gc=False):
+    """One member ready to send: its key, its dedupe value and the mapped payload.
+
+    A msgspec struct, not a dataclass: one is made per row, in ~0.25 µs instead of ~0.8. ``gc=False``: a
+    record never takes part in a reference cycle (it holds strings, numbers and its payload dict).
+    """
 
     segment: str
     row: int
@@ -76,8 +80,7 @@ class Record:
     body: bytes | None = None
 
 
-@dataclass(slots=True)
-class Reject:
+class Reject(msgspec.Struct, gc=False):
     segment: str
     row: int
     key: str | None
