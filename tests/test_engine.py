@@ -26,6 +26,7 @@ from airflow_provider_segexport.export.sources import (
     FileSource,
     Segment,
     Source,
+    SourceError,
     SqlSource,
     segments_from_spec,
 )
@@ -420,6 +421,32 @@ def test_change_column_reads_only_rows_changed_since_the_last_complete_export(tm
         (seg,) = segments_from_spec(["a"], sql="SELECT * FROM p", sql_conn_id="wh")
         run(Recorder(), [seg], tmp_path, state=ExportState("recorder:target", tmp_path / "state"),
             change_column="changed")
+
+
+def test_change_column_watermark_skips_nulls_and_refuses_mixed_types(tmp_path):
+    """The next watermark is the highest non-NULL value read (NULL rows are always read again); values of
+    different types cannot be ordered: the export stops before sending and says what to use instead."""
+    from airflow_provider_segexport.export.state import ExportState
+
+    def export(updated, run_id, **kw):
+        source = ListSource([{**r, "updated_at": u} for r, u in zip(rows(len(updated)), updated, strict=True)])
+        state = ExportState("recorder:target", tmp_path / "state")
+        dest = Recorder()
+        try:
+            return run(dest, [Segment("a", source)], tmp_path, state=state, run_id=run_id,
+                       change_column="updated_at", **kw), dest
+        finally:
+            state.close()
+
+    summary, _ = export(["2026-01-02", None, "2026-01-05", None, "2026-01-03"], "r1")
+    assert summary["change_column"]["a"]["advanced_to"] == "2026-01-05"
+    summary, _ = export([None] * 5, "r2")  # nothing but NULLs: the watermark stays where it was
+    assert summary["change_column"]["a"].get("advanced_to") is None
+    with pytest.raises(SourceError, match=r"change_column 'updated_at' of list: row 2 holds a int, which cannot be "
+                                          r"compared with the last export's watermark \(a str\)"):
+        export(["2026-01-02", 7, None, None, "2026-01-09"], "r3")  # the rows read since the watermark
+    with pytest.raises(ExportError, match="change_column 'updated_at' holds values of different types"):
+        export(["2026-01-02", 7, None, None, "2026-01-09"], "r4", full_refresh=True)  # every row read
 
 
 @pytest.mark.parametrize("column_type", ["timestamptz", "timestamp", "date", "bigint", "text"])

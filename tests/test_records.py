@@ -292,3 +292,33 @@ def test_mailchimp_chunk_preparation_gives_exactly_the_one_by_one_answers(tmp_pa
     assert rejected == [r for r in expected if isinstance(r, Reject)]
     assert [r.reason for r in rejected] == [R.PREVIOUSLY_REFUSED, R.TOO_LONG]
     refusals.close()
+
+
+def test_mailchimp_batch_outcome_counts_the_answer_and_matches_only_the_errors(tmp_path):
+    """A batch-subscribe answer becomes counts (created/updated as listed, the rest unchanged) and a rejected
+    outcome for each member in ``errors``; only those records are left out of what the engine journals, and a
+    permanent refusal is remembered. An answer listing more members than were sent is matched one by one."""
+    from airflow_provider_segexport.destinations.mailchimp import MailchimpDestination
+    from airflow_provider_segexport.export.records import Deduper
+    from airflow_provider_segexport.export.state import RefusalStore
+
+    mapping = FieldMapping({"email": "email"})
+    refusals = RefusalStore("mailchimp:test:aud", tmp_path)
+    dest = MailchimpDestination(None, "aud", mapping, refusals=refusals)
+    rows = [(f"C{i}", f"U{i}@Example.com") for i in range(6)]
+    records, _ = RowValidator(mapping, "vip", Deduper(), 0).many(rows, 1)
+    answer = {"new_members": ["u0@example.com", "U1@example.com"], "updated_members": ["u2@example.com"],
+              "errors": [{"email_address": "U4@example.com", "error": "U4@example.com was permanently deleted and "
+                          "cannot be re-imported", "error_code": "ERROR_CONTACT_EXISTS"}]}
+    outcome = dest.outcomes(records, answer)
+    assert outcome.counts == {"created": 2, "updated": 1, "unchanged": 2, "rejected": 1}
+    assert [(o.record.key, o.status) for o in outcome.exceptions] == [("C4", "rejected")]
+    assert "<email>" in outcome.exceptions[0].message and "U4@" not in outcome.exceptions[0].message
+    assert [r.key for r in outcome.confirmed(records)] == ["C0", "C1", "C2", "C3", "C5"]
+    assert refusals.get("u4@example.com")
+
+    odd = {"new_members": [f"u{i}@example.com" for i in range(4)] + ["stranger@example.com"],
+           "updated_members": ["u4@example.com", "u5@example.com"], "errors": []}
+    outcome = dest.outcomes(records, odd)  # 7 listed for 6 sent: each member matched by its address
+    assert outcome.counts == {"created": 4, "updated": 2} and outcome.exceptions == []
+    refusals.close()

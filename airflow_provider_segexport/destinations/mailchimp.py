@@ -12,7 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import date, datetime
 from typing import Any
 
-from airflow_provider_segexport.export.engine import BatchRefused, Destination, ExportError, Outcome
+from airflow_provider_segexport.export.engine import (
+    BatchOutcome,
+    BatchRefused,
+    Destination,
+    ExportError,
+    Outcome,
+)
 from airflow_provider_segexport.export.records import (
     INVALID_VALUE,
     PREVIOUSLY_REFUSED,
@@ -224,7 +230,7 @@ class MailchimpDestination(Destination):
         return self._converter_cache
 
     # -- per batch ----------------------------------------------------------------------------------
-    def send(self, segment: Segment, records: list[Record]) -> list[Outcome]:
+    def send(self, segment: Segment, records: list[Record]) -> BatchOutcome:
         try:
             answer = self.hook.batch_subscribe(
                 self.target, [r.body if r.body is not None else r.payload for r in records])
@@ -234,22 +240,28 @@ class MailchimpDestination(Destination):
             raise
         return self.outcomes(records, answer)
 
-    def outcomes(self, records: list[Record], answer: dict) -> list[Outcome]:
-        """Per-record outcomes from a batch-subscribe answer (new, updated, errors, or none: unchanged)."""
-        status = answer_statuses(answer)
-        out = []
-        unchanged = ("unchanged", None)
-        for r in records:
-            email = r.email or r.payload["email_address"].lower()
-            st, msg = status.get(email, unchanged)
-            if st == "rejected":
-                self.remember_refusal(email, msg)
-            out.append(Outcome(r, st, msg))
-        return out
-
-    def remember_refusal(self, email: str, message: str | None) -> None:
-        if self.refusals is not None and is_permanent_refusal(message):
-            self.refusals.add(email, message)
+    def outcomes(self, records: list[Record], answer: dict) -> BatchOutcome:
+        """The batch's outcome from a batch-subscribe answer: as many created and updated as the answer lists
+        in ``new_members`` and ``updated_members``, a rejected outcome per member in ``errors`` (matched by
+        address), the others unchanged (Mailchimp lists no member it left as it was)."""
+        created, updated = len(answer.get("new_members") or ()), len(answer.get("updated_members") or ())
+        refused = []
+        errors = answer.get("errors")
+        if errors:  # only the refused are looked up (most batches of a real audience have one or two)
+            messages = {email: message for email, (_, message) in answer_statuses({"errors": errors}).items()}
+            for r in records:
+                email = r.email or _email_of(r)
+                if email in messages:
+                    refused.append(Outcome(r, "rejected", messages[email]))
+            if refused and self.refusals is not None:  # refused for good: rejected up front by later runs
+                self.refusals.add_many((o.record.email or _email_of(o.record), o.message) for o in refused
+                                       if is_permanent_refusal(o.message))
+        unchanged = len(records) - created - updated - len(refused)
+        if unchanged < 0:  # more members listed than sent (not Mailchimp's answer): match each by address
+            get = answer_statuses(answer).get
+            return BatchOutcome.of([Outcome(r, *get(r.email or _email_of(r), _UNCHANGED)) for r in records])
+        counts = {"created": created, "updated": updated, "unchanged": unchanged, "rejected": len(refused)}
+        return BatchOutcome({k: n for k, n in counts.items() if n}, refused)
 
     # -- after a segment -------------------------------------------------------------------------------
     def remove_members(self, segment: Segment, keys: list[str]) -> int:
@@ -291,6 +303,11 @@ class MailchimpDestination(Destination):
         return self.hook.http.stats.as_dict() if "http" in self.hook.__dict__ else {}
 
 
+def _email_of(record: Record) -> str:
+    """A record's address in lower case, from the member sent (records keep it in ``email`` as a rule)."""
+    return str(record.payload.get("email_address", "")).lower()
+
+
 def answer_statuses(answer: dict) -> dict[str, tuple[str, str | None]]:
     """email (lower case) -> (created | updated | rejected, vendor message) from a batch-subscribe answer.
 
@@ -314,6 +331,7 @@ def answer_statuses(answer: dict) -> dict[str, tuple[str, str | None]]:
 
 _CREATED = ("created", None)
 _UPDATED = ("updated", None)
+_UNCHANGED = ("unchanged", None)
 
 
 class MailchimpBatchOperationsDestination(MailchimpDestination):

@@ -80,10 +80,16 @@ class _ChangedSince(Source):
 
     def rows(self) -> Iterator[dict[str, Any]]:
         column, since = self.column, self.since
-        for row in self.source.rows():
+        for number, row in enumerate(self.source.rows(), 1):
             value = row.get(column)
-            if value is None or value >= since:
-                yield row
+            try:
+                if value is None or value >= since:
+                    yield row
+            except TypeError:
+                raise SourceError(
+                    f"change_column '{column}' of {self.source.description}: row {number} holds a "
+                    f"{type(value).__name__}, which cannot be compared with the last export's watermark (a "
+                    f"{type(since).__name__}); use a timestamp, date or number column of one type.") from None
 
 
 @dataclass

@@ -105,14 +105,21 @@ class RefusalStore:
         return self.known.get(member_id(email) if member is None else member)
 
     def add(self, email: str, reason: str) -> None:
-        member = member_id(email)
+        self.add_many([(email, reason)])
+
+    def add_many(self, refused: Iterable[tuple[str, str]]) -> None:
+        """Remember (email, reason) pairs; one commit for them all (a batch's refusals)."""
+        now = time.time()
         with self._lock:
-            if member in self.known:
-                return
-            self.known[member] = reason
-            self._db.execute("INSERT OR REPLACE INTO refused_members VALUES (?, ?, ?, ?)",
-                             (self.scope, member, reason, time.time()))
-            self._db.commit()
+            rows = []
+            for email, reason in refused:
+                member = member_id(email)
+                if member not in self.known:
+                    self.known[member] = reason
+                    rows.append((self.scope, member, reason, now))
+            if rows:
+                self._db.executemany("INSERT OR REPLACE INTO refused_members VALUES (?, ?, ?, ?)", rows)
+                self._db.commit()
 
     def __len__(self) -> int:
         return len(self.known)
@@ -238,6 +245,11 @@ class ExportStateBackend(ABC):
     @abstractmethod
     def confirm(self, scope_id: int, rows: list[tuple[int, int, str]], run_id: str) -> None:
         """Remember what the destination confirmed: (member, fingerprint, destination key)."""
+
+    def confirm_columns(self, scope_id: int, members: list[int], fps: list[int], keys: list[str],
+                        run_id: str) -> None:
+        """:meth:`confirm` with the batch in three columns (how the engine has it; a backend may keep them so)."""
+        self.confirm(scope_id, list(zip(members, fps, keys, strict=True)), run_id)
 
     @abstractmethod
     def forget(self, scope_id: int, members: list[int]) -> None: ...
@@ -501,9 +513,15 @@ class ExportState(ExportStateBackend):
 
     def confirm(self, scope_id: int, rows: list[tuple[int, int, str]], run_id: str) -> None:
         """Remember what the destination confirmed: (member, fingerprint, destination key)."""
-        if not rows:
+        if rows:
+            self.confirm_columns(scope_id, *zip(*rows, strict=True), run_id)
+
+    def confirm_columns(self, scope_id: int, members: Sequence[int], fps: Sequence[int], keys: Sequence[str],
+                        run_id: str) -> None:
+        if not members:
             return
-        members, fps, keys = zip(*rows, strict=True)
+        if not len(members) == len(fps) == len(keys):
+            raise ValueError("confirm_columns: members, fingerprints and keys differ in length")
         packed = (scope_id, f"#{self._number(run_id)}", array("q", members).tobytes(), array("q", fps).tobytes(),
                   _pack_keys(keys))
         with self._journal_lock:  # one row per batch, one implicit transaction: durable when the call returns

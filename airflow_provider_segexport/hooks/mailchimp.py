@@ -225,7 +225,11 @@ class MailchimpHook(SegexportBaseHook):
         if len(members) > BATCH_SUBSCRIBE_MAX:
             raise ValueError(f"at most {BATCH_SUBSCRIBE_MAX} members per batch subscribe")
         tail = b'],"update_existing":' + _encode(update_existing) + b',"sync_tags":' + _encode(sync_tags) + b"}"
-        data = b'{"members":[' + b",".join(m if isinstance(m, bytes) else _encode(m) for m in members) + tail
+        try:  # members already encoded (the engine's usual case): one join, no per-member check
+            joined = b",".join(members)
+        except TypeError:
+            joined = b",".join(m if isinstance(m, bytes) else _encode(m) for m in members)
+        data = b'{"members":[' + joined + tail
         response = self.http.request("POST", f"/lists/{audience_id}?{_BATCH_ANSWER_FIELDS}", data=data,
                                      idempotent=True, headers={"Content-Type": "application/json"})
         return decode_batch_answer(response.content)
