@@ -42,6 +42,7 @@ def sandbox_server():
     """One HTTPS sandbox for the whole test session (reset before each test that uses ``sandbox``)."""
     server = SandboxServer(rng_seed=7)
     server.start()
+    server.initial_seed = json.loads(json.dumps(server.sandbox.seed))  # what a test that seeds its own restores
     yield server
     server.stop()
 
@@ -82,6 +83,8 @@ def sandbox(sandbox_server) -> SandboxClient:
     client.reset()
     client.latency(0, 0)
     yield client
+    if sandbox_server.sandbox.seed != sandbox_server.initial_seed:  # a test seeded its own destination state
+        client.session.post(f"{client.admin}/seed", json=sandbox_server.initial_seed, timeout=60).raise_for_status()
     client.reset()
 
 

@@ -213,7 +213,7 @@ def test_proxy_environment_is_honoured_and_resolved_once_per_host(server, monkey
 
 
 def test_plain_calls_skip_requests_machinery_with_the_same_headers_and_answers(server, monkeypatch):
-    """A call with a body of bytes (or none) and no query parameters goes straight to urllib3 (requests'
+    """A call with a body of bytes (or none) and no query parameters goes straight to http.client (requests'
     per-call work is ~1 ms of CPU); calls with params still use requests. Both send the same headers and
     give the same Response (status, headers, content, json)."""
     script, url = server((201, {"X-Request-Id": "abc"}, {"ok": 1}))
