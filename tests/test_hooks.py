@@ -114,9 +114,13 @@ def test_batch_answers_come_trimmed_and_a_full_answer_reads_the_same(sandbox, mo
                          auth=("any", sandbox.info["mailchimp"]["api_key"]), verify=sandbox.info["ca_bundle"])
     assert full.status_code == 200 and len(full.json()["new_members"][0]) > 5  # full member objects
     decoded = decode_batch_answer(full.content)
-    assert trimmed["new_members"] == [f"trim{i}@example.com" for i in range(20)]
+    assert trimmed["new_members"] == trimmed["updated_members"] == []  # not asked for: only the counts
     assert decoded["new_members"] == [f"full{i}@example.com" for i in range(20)]
-    assert trimmed["updated_members"] == decoded["updated_members"] == []
+    assert (trimmed["total_created"], trimmed["total_updated"]) == (decoded["total_created"], decoded["total_updated"]) \
+        == (20, 0)
+    without_totals = decode_batch_answer(json.dumps({k: v for k, v in full.json().items() if k.startswith(
+        ("new_", "updated_", "errors"))}).encode())  # totals left out: counted from the arrays
+    assert (without_totals["total_created"], without_totals["total_updated"]) == (20, 0)
     assert [e["email_address"] for e in trimmed["errors"]] == [e["email_address"] for e in decoded["errors"]] == ["nope"]
     assert trimmed["errors"][0]["error"] == decoded["errors"][0]["error"]
     assert sizes[-1] * 5 < len(full.content)

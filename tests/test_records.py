@@ -321,4 +321,7 @@ def test_mailchimp_batch_outcome_counts_the_answer_and_matches_only_the_errors(t
            "updated_members": ["u4@example.com", "u5@example.com"], "errors": []}
     outcome = dest.outcomes(records, odd)  # 7 listed for 6 sent: each member matched by its address
     assert outcome.counts == {"created": 4, "updated": 2} and outcome.exceptions == []
+    counted = {"total_created": 5, "total_updated": 3, "errors": []}  # counts only, more than were sent
+    outcome = dest.outcomes(records, counted)
+    assert outcome.counts == {"created": 5, "updated": 1} and outcome.exceptions == []
     refusals.close()

@@ -241,10 +241,14 @@ class MailchimpDestination(Destination):
         return self.outcomes(records, answer)
 
     def outcomes(self, records: list[Record], answer: dict) -> BatchOutcome:
-        """The batch's outcome from a batch-subscribe answer: as many created and updated as the answer lists
-        in ``new_members`` and ``updated_members``, a rejected outcome per member in ``errors`` (matched by
-        address), the others unchanged (Mailchimp lists no member it left as it was)."""
-        created, updated = len(answer.get("new_members") or ()), len(answer.get("updated_members") or ())
+        """The batch's outcome from a batch-subscribe answer: as many created and updated as it counts
+        (``total_created``, ``total_updated``; else as ``new_members`` and ``updated_members`` list), a
+        rejected outcome per member in ``errors`` (matched by address), the others unchanged (Mailchimp
+        counts no member it left as it was)."""
+        created = answer.get("total_created")
+        created = len(answer.get("new_members") or ()) if created is None else int(created)
+        updated = answer.get("total_updated")
+        updated = len(answer.get("updated_members") or ()) if updated is None else int(updated)
         refused = []
         errors = answer.get("errors")
         if errors:  # only the refused are looked up (most batches of a real audience have one or two)
@@ -257,9 +261,15 @@ class MailchimpDestination(Destination):
                 self.refusals.add_many((o.record.email or _email_of(o.record), o.message) for o in refused
                                        if is_permanent_refusal(o.message))
         unchanged = len(records) - created - updated - len(refused)
-        if unchanged < 0:  # more members listed than sent (not Mailchimp's answer): match each by address
-            get = answer_statuses(answer).get
-            return BatchOutcome.of([Outcome(r, *get(r.email or _email_of(r), _UNCHANGED)) for r in records])
+        if unchanged < 0:  # more members counted than sent (not Mailchimp's answer)
+            if answer.get("new_members") or answer.get("updated_members"):  # listed: match each by address
+                get = answer_statuses(answer).get
+                return BatchOutcome.of([Outcome(r, *get(r.email or _email_of(r), _UNCHANGED)) for r in records])
+            log.warning("Mailchimp counted %d created and %d updated for a batch of %d members (%d refused); "
+                        "counting the excess as unchanged", created, updated, len(records), len(refused))
+            created = min(created, len(records) - len(refused))
+            updated, unchanged = min(updated, len(records) - len(refused) - created), 0
+            unchanged = len(records) - len(refused) - created - updated
         counts = {"created": created, "updated": updated, "unchanged": unchanged, "rejected": len(refused)}
         return BatchOutcome({k: n for k, n in counts.items() if n}, refused)
 

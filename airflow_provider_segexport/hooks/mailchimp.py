@@ -50,33 +50,38 @@ try:  # decode only the fields the export needs from batch answers (they carry f
         new_members: list[_Member] = []
         updated_members: list[_Member] = []
         errors: list[_Error] = []
+        total_created: int | None = None
+        total_updated: int | None = None
 
     _ANSWER_DECODER = msgspec.json.Decoder(_BatchAnswer)
 except ImportError:  # pragma: no cover
     _ANSWER_DECODER = None
 
 
-#: Partial response of a batch subscribe (Mailchimp's ``fields``): the answer keeps only what
-#: :func:`decode_batch_answer` reads, not the full member objects (~1 KB each, most of the answer's
+#: Partial response of a batch subscribe (Mailchimp's ``fields``): the answer keeps only what the export
+#: reads (the counts and the refused members), not the member objects (~1 KB each: most of the answer's
 #: bytes and of the CPU to receive it). A server that ignores it sends the full answer: decoded the same.
-_BATCH_ANSWER_FIELDS = ("fields=new_members.email_address,updated_members.email_address,errors,"
-                        "total_created,total_updated,error_count")
+_BATCH_ANSWER_FIELDS = "fields=errors,total_created,total_updated,error_count"
 
 
 def decode_batch_answer(content: bytes) -> dict:
-    """A batch-subscribe answer reduced to what per-member outcomes need: the emails (as given by
-    Mailchimp) of ``new_members`` and ``updated_members``, and the ``errors``."""
+    """A batch-subscribe answer reduced to what the outcomes need: ``total_created`` and ``total_updated``
+    (counted from the arrays when the answer has no totals), the ``errors``, and the emails (as given by
+    Mailchimp) of ``new_members`` and ``updated_members`` when the answer lists them."""
     if _ANSWER_DECODER is None:  # pragma: no cover
         a = json.loads(content)
-        return {"new_members": [m.get("email_address", "") for m in a.get("new_members") or []],
-                "updated_members": [m.get("email_address", "") for m in a.get("updated_members") or []],
-                "errors": a.get("errors") or []}
-    a = _ANSWER_DECODER.decode(content)
-    return {
-        "new_members": [m.email_address for m in a.new_members],
-        "updated_members": [m.email_address for m in a.updated_members],
-        "errors": [msgspec.structs.asdict(e) for e in a.errors],
-    }
+        new = [m.get("email_address", "") for m in a.get("new_members") or []]
+        updated = [m.get("email_address", "") for m in a.get("updated_members") or []]
+        errors, created_total, updated_total = a.get("errors") or [], a.get("total_created"), a.get("total_updated")
+    else:
+        a = _ANSWER_DECODER.decode(content)
+        new = [m.email_address for m in a.new_members]
+        updated = [m.email_address for m in a.updated_members]
+        errors = [msgspec.structs.asdict(e) for e in a.errors]
+        created_total, updated_total = a.total_created, a.total_updated
+    return {"new_members": new, "updated_members": updated, "errors": errors,
+            "total_created": len(new) if created_total is None else created_total,
+            "total_updated": len(updated) if updated_total is None else updated_total}
 
 
 def subscriber_hash(email: str) -> str:

@@ -10,8 +10,8 @@ with a tar.gz results archive fetched without auth; OAuth metadata for access to
 Configurable (class attributes or ``seed["mailchimp"]``): ``fake_domains`` (domains refused as
 "looks fake", empty by default although real Mailchimp refuses ``example.com``),
 ``report_unchanged`` (whether unchanged existing members appear in ``updated_members``; default
-False: they appear in no array, as observed reports say); ``gzip_answers`` (answers of 512 bytes or more
-gzip-compressed, ``Content-Encoding: gzip``, when the client's ``Accept-Encoding`` allows it, as
+False: they appear in no array, as observed reports say); ``gzip_answers`` (answers of ``gzip_min_bytes``,
+512 by default, or more gzip-compressed, ``Content-Encoding: gzip``, when the client's ``Accept-Encoding`` allows it, as
 Mailchimp's servers have been reported to send them (gomfunkel/node-mailchimp#46, 2015;
 mailchimp/mailchimp-client-lib-codegen#325, 2023: not in the API reference); off by default).
 
@@ -174,6 +174,7 @@ class MailchimpEmulator(Emulator):
         self.batch_results.clear()
         seed = self.sandbox.seed.get("mailchimp", {})
         self.gzip_answers = bool(seed.get("gzip_answers", type(self).gzip_answers))
+        self.gzip_min_bytes = int(seed.get("gzip_min_bytes", type(self).GZIP_MIN_BYTES))
         self.gzipped = 0  # answers sent compressed since the last reset
         audience = self.audiences[self.audience_id]
         for m in seed.get("members", []):
@@ -350,7 +351,7 @@ class MailchimpEmulator(Emulator):
                 return 422, self.problem(422, "Requested Fields Invalid",
                                          "The fields requested from this resource are invalid.")
         body = msgspec.json.encode(payload)
-        if not (gzip_ok and len(body) >= self.GZIP_MIN_BYTES):
+        if not (gzip_ok and len(body) >= self.gzip_min_bytes):
             return status, body
         with self._handling:
             self.gzipped += 1
