@@ -249,7 +249,13 @@ def test_chunk_validation_gives_exactly_the_row_by_row_answers():
             row("C14", "jo@example.com", first=7), row("C15", "kim@example.com", city=datetime.date(2024, 1, 2)),
             row("C16", "Lea@Example.com", first="\tLéa\n"), row("C17", "lea@example.COM"),
             row("C18", "x" * 250 + "@example.com"), row("C19", "mo@example.com", first=None),
-            row(20, "ned@example.com"), row(20, "oz@example.com"), row(True, "pat@example.com")]
+            row(20, "ned@example.com"), row(20, "oz@example.com"), row(True, "pat@example.com"),
+            # a chunk's addresses are checked joined by line breaks: one holding a line break, a lone
+            # surrogate, a character whose lower case is longer, labels at and past the limits
+            row("C24", "quinn@example.com\nrae@example.com"), row("C25", "sam\ud800@example.com"),
+            row("C26", "İvy@example.com"), row("C27", "tom@-example.com"), row("C28", "uma@example-.com"),
+            row("C29", "vic@" + "a" * 63 + ".com"), row("C30", "wes@" + "a" * 64 + ".com"), row("C31", 42),
+            row("C32", "xia@example.c0m"), row("C33", "yul@a.b-c.example.com")]
     tuples = [tuple(r[c] for c in ("customer_id", "email", "first_name", "city")) for r in rows]
     one = RowValidator(MAPPING, "vip", Deduper(), 0)
     expected = [one(i, t) for i, t in enumerate(tuples, start=1)]
@@ -265,6 +271,10 @@ def test_chunk_validation_gives_exactly_the_row_by_row_answers():
     assert {r.reason for r in rejects} >= {R.DUPLICATE, R.MISSING_EMAIL, R.INVALID_EMAIL, R.MISSING_VALUE,
                                            R.TOO_LONG, R.MISSING_KEY}
     assert len(records) + len(rejects) == len(rows)
+    assert {r.key for r in records} >= {"C29", "C33"} and not {r.key for r in records} & {f"C{i}" for i in range(24, 33)
+                                                                                      if i != 29}
+    as_dicts = RowValidator(MAPPING, "vip", Deduper(), 0).many(rows, 1)  # rows as dicts: one by one
+    assert as_dicts == ([r for r in expected if isinstance(r, Record)], [r for r in expected if isinstance(r, Reject)])
 
 
 def test_mailchimp_chunk_preparation_gives_exactly_the_one_by_one_answers(tmp_path):

@@ -90,6 +90,10 @@ class RefusalStore:
     def __init__(self, scope: str, state_dir: str | Path | None = None) -> None:
         self.scope = scope
         self.path, self._db = _open_sqlite(state_dir, "refusals.sqlite", timeout=30)
+        # as the export state: WAL, no fsync per commit (a refusal lost with the machine's power is only sent
+        # again, and refused again); a batch's refusals are one commit
+        _use_wal(self._db)
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._lock = threading.Lock()
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS refused_members (scope TEXT NOT NULL, member INTEGER NOT NULL, reason TEXT, "
