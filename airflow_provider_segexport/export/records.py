@@ -6,7 +6,6 @@ A source row becomes either a :class:`Record` (ready for the destination) or a :
 
 from __future__ import annotations
 
-import operator
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -46,12 +45,10 @@ EMAIL_MAX_LENGTH = 254
 # A practical ASCII address syntax (what Mailchimp, Campaign Monitor and Dataverse accept): dot-separated
 # atoms, then domain labels of 1-63 letters, digits or inner hyphens, then a top-level domain of 2-63 letters.
 # (A label is matched whole, then checked not to start or end with '-': less backtracking than nested groups.)
-_EMAIL_BODY = (r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
-               r"@(?:(?!-)[A-Za-z0-9-]{1,63}(?<!-)\.)+[A-Za-z]{2,63}")
-_EMAIL_ASCII = re.compile(f"^{_EMAIL_BODY}$")
-#: One line of a chunk's addresses joined by line breaks: the address if it is valid (and at most
-#: EMAIL_MAX_LENGTH characters), else an empty match. ``findall`` checks a whole chunk in one call.
-_EMAIL_LINES = re.compile(rf"^(?:(?=[^\n]{{1,{EMAIL_MAX_LENGTH}}}$)({_EMAIL_BODY})|[^\n]*)$", re.MULTILINE)
+_EMAIL_ASCII = re.compile(
+    r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+    r"@(?:(?!-)[A-Za-z0-9-]{1,63}(?<!-)\.)+[A-Za-z]{2,63}$"
+)
 
 
 _ANY_EMAIL = re.compile(r"[^\s<>\"'(),;:@]+@[^\s<>\"'(),;:@]+\.[A-Za-z]{2,63}")
@@ -363,39 +360,48 @@ class RowValidator:
         """
         seg = self.segment
         slow = self._map
+        match = _EMAIL_ASCII.match
         hasher, from_bytes = _MEMBER_HASHER, int.from_bytes
-        email_field = self._email_field
+        email_index = self._email_index
         values = self._fast_values
         mapped: list[Record] = []
         rejects: list[Reject] = []
-        emails, lowered, encoded = self._emails(rows)
         row_number = first_row - 1
-        for i, row in enumerate(rows):
+        for row in rows:
             row_number += 1
-            email = emails[i]  # valid and trimmed, or "" (the one-by-one path says what is wrong)
-            key = row[0] if email else None
+            key = row[0] if row.__class__ is tuple else None
             if key.__class__ is int:  # integer customer IDs: the same text as the one-by-one path gives
                 key = str(key)
-            if key.__class__ is not str or not (key := key.strip()):
+            if key.__class__ is not str or email_index is None:
                 item = slow(row_number, row)
             else:
-                payload = {email_field: email}
-                for dest, index, limit, required in values:
-                    value = row[index]
-                    if value.__class__ is str:
-                        value = value.strip()
-                        if not value or (limit is not None and len(value) > limit):
-                            break  # empty (maybe required) or too long: the slow path says which
-                        payload[dest] = value
-                    elif value is not None or required:
-                        break  # another type to convert, or a required field missing
+                key = key.strip()
+                email = row[email_index]
+                if not key or email.__class__ is not str:
+                    item = slow(row_number, row)
                 else:
-                    h = hasher.copy()  # member_id(lowered), inlined: ~1 µs a row less
-                    h.update(encoded[i])
-                    member = from_bytes(h.digest(), "big", signed=True)
-                    mapped.append(Record(seg, row_number, key, payload, lowered[i], member))
-                    continue
-                item = slow(row_number, row)
+                    email = email.strip()
+                    if not email or len(email) > EMAIL_MAX_LENGTH or not email.isascii() or not match(email):
+                        item = slow(row_number, row)
+                    else:
+                        payload = {self._email_field: email}
+                        for dest, index, limit, required in values:
+                            value = row[index]
+                            if value.__class__ is str:
+                                value = value.strip()
+                                if not value or (limit is not None and len(value) > limit):
+                                    break  # empty (maybe required) or too long: the slow path says which
+                                payload[dest] = value
+                            elif value is not None or required:
+                                break  # another type to convert, or a required field missing
+                        else:
+                            lowered = email.lower()  # member_id(lowered), inlined: ~1 µs a row less
+                            h = hasher.copy()
+                            h.update(lowered.encode("utf-8"))
+                            member = from_bytes(h.digest(), "big", signed=True)
+                            mapped.append(Record(seg, row_number, key, payload, lowered, member))
+                            continue
+                        item = slow(row_number, row)
             if item.__class__ is Record:
                 mapped.append(item)
             else:
@@ -406,24 +412,6 @@ class RowValidator:
         if duplicates:
             rejects = sorted(rejects + duplicates, key=row_of) if rejects else duplicates
         return records, rejects
-
-    def _emails(self, rows: list) -> tuple[list[str], list[str], list[bytes]]:
-        """The chunk's addresses checked in one regular-expression pass (not one call per row): per row the
-        trimmed address if it is valid, else "" (missing, not text, invalid or too long, or the row is not a
-        tuple), and the addresses in lower case, as text and as UTF-8."""
-        index, n = self._email_index, len(rows)
-        if index is None or not all(row.__class__ is tuple for row in rows):
-            return [""] * n, [""] * n, [b""] * n
-        trimmed = [e.strip() if e.__class__ is str else "" for e in map(operator.itemgetter(index), rows)]
-        joined = "\n".join(trimmed)
-        valid = _EMAIL_LINES.findall(joined)
-        if len(valid) != n:  # an address with a line break inside makes a line more: each on its own then
-            valid = [e if "\n" not in e and len(e) <= EMAIL_MAX_LENGTH and _EMAIL_ASCII.match(e) else ""
-                     for e in trimmed]
-            joined = "\n".join(valid)
-        lower = joined.lower()
-        # (an invalid address may hold anything, a lone surrogate too: encoded all the same, never used)
-        return valid, lower.split("\n"), lower.encode("utf-8", "surrogatepass").split(b"\n")
 
     def _map(self, row_number: int, row: Any) -> Record | Reject:
         """One row's mapping and field checks (no dedupe)."""
