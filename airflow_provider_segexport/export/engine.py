@@ -170,6 +170,9 @@ class Destination:
     confirms_later = False
     #: whether members who left the segment are removed (mirror mode)
     mirror = False
+    #: True when :meth:`prepare` / :meth:`prepare_many` set each record's ``body`` (its payload as sent)
+    #: while they build the payload; otherwise the engine encodes it (:meth:`encode`) when state is kept
+    encodes_bodies = False
 
     def member_key(self, record: Record) -> str:
         """The member's key at the destination (email for email destinations, else the mapped ID); called
@@ -547,7 +550,7 @@ class ExportEngine:
                 if rejects:
                     self._reject_many(stats, rejects)
                     progress.advance(len(rejects), stats.counts)
-                if sid is not None and records:  # sent as encoded here (the state journal keeps the fingerprint)
+                if sid is not None and records and not d.encodes_bodies:  # sent as encoded here
                     if type(d).encode is Destination.encode:
                         for r in records:
                             r.body = encode_json(r.payload)
