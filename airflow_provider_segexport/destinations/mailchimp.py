@@ -270,9 +270,10 @@ class MailchimpDestination(Destination):
                 return BatchOutcome.of([Outcome(r, *get(r.email or _email_of(r), _UNCHANGED)) for r in records])
             log.warning("Mailchimp counted %d created and %d updated for a batch of %d members (%d refused); "
                         "counting the excess as unchanged", created, updated, len(records), len(refused))
-            created = min(created, len(records) - len(refused))
-            updated, unchanged = min(updated, len(records) - len(refused) - created), 0
-            unchanged = len(records) - len(refused) - created - updated
+            room = len(records) - len(refused)
+            created = min(created, room)
+            updated = min(updated, room - created)
+            unchanged = room - created - updated
         counts = {"created": created, "updated": updated, "unchanged": unchanged, "rejected": len(refused)}
         return BatchOutcome({k: n for k, n in counts.items() if n}, refused)
 

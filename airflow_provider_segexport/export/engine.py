@@ -106,7 +106,8 @@ class BatchOutcome(msgspec.Struct, gc=False):
 
     @classmethod
     def of(cls, outcomes: list[Outcome]) -> BatchOutcome:
-        """The same, from one outcome per record (what ``send`` may return instead)."""
+        """The same, from one outcome per record (what ``send`` may return instead; each outcome holds one of
+        the batch's records, the very object)."""
         return cls(dict(Counter(map(_status_of, outcomes))), [o for o in outcomes if o.status not in _CONFIRMED])
 
     def __add__(self, other: BatchOutcome) -> BatchOutcome:
@@ -876,7 +877,7 @@ class ExportEngine:
             self.log.info("%s refused a batch of %d (%s); splitting to isolate the bad row(s)",
                           self.destination.name, len(records), exc.message)
             return self._send_splitting(seg, records[:mid]) + self._send_splitting(seg, records[mid:])
-        if outcome.__class__ is not BatchOutcome:
+        if not isinstance(outcome, BatchOutcome):
             if len(outcome) != len(records):
                 raise ExportError(f"{self.destination.name} adapter returned {len(outcome)} outcomes for "
                                   f"{len(records)} records")
