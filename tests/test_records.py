@@ -335,3 +335,25 @@ def test_mailchimp_batch_outcome_counts_the_answer_and_matches_only_the_errors(t
     outcome = dest.outcomes(records, counted)
     assert outcome.counts == {"created": 5, "updated": 1} and outcome.exceptions == []
     refusals.close()
+
+
+def test_the_validator_fingerprints_what_earlier_versions_fingerprinted_later():
+    """With a fingerprint hasher the validator sets each record's ``fp`` while the payload is at hand: the keyed
+    hash of the encoded validated payload, the very value the engine's delta step computed before (state written
+    by earlier versions keeps matching), on the inlined path and the one-by-one path alike."""
+    from hashlib import blake2b
+
+    from airflow_provider_segexport.export.records import Deduper
+    from airflow_provider_segexport.http import encode_json
+
+    hasher = blake2b(digest_size=8, salt=b"settings-salt-16")
+    rows = [("C1", "ann@example.com", "Ann", "Paris"), ("C2", "bob@example.com", 7, "Rome"),
+            ("C3", " Cy@Example.com ", None, "Oslo")]
+    records, rejects = RowValidator(MAPPING, "vip", Deduper(), 0, fingerprint=hasher).many(rows, 1)
+    assert not rejects and len(records) == 3
+    for r in records:
+        h = hasher.copy()
+        h.update(encode_json(r.payload))
+        assert r.fp == int.from_bytes(h.digest(), "big", signed=True) != 0
+    plain, _ = RowValidator(MAPPING, "vip", Deduper(), 0).many(rows, 1)
+    assert [r.fp for r in plain] == [0, 0, 0]

@@ -14,6 +14,7 @@ still goes through.
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import logging
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 
 _CONFIRMED = frozenset({"created", "updated", "unchanged"})
 _status_of = operator.attrgetter("status")
+_not_none = functools.partial(operator.is_not, None)
 
 
 def _text(value: Any) -> str | None:
@@ -498,10 +500,11 @@ class ExportEngine:
         total = (self._totals or self._estimates)[seg.name]  # the count, or until it is known the last one
         stats = self._stats[seg.name] = SegmentStats(seg.name, total)
         progress = Progress(self.log, f"{d.name} segment '{seg.name}'", total, self.progress_interval)
-        validate = RowValidator(d.mapping, seg.name, self._deduper, self.segments.index(seg))
+        sid = self._scope_ids.get(seg.name)
+        validate = RowValidator(d.mapping, seg.name, self._deduper, self.segments.index(seg),
+                                fingerprint=self._fp_hasher if sid is not None else None)
         pending: list[Future] = []
         batch: list[Record] = []
-        sid = self._scope_ids.get(seg.name)
         prev_members = self._member_count(sid) if sid is not None else 0
         source, since = seg.source, self._since(seg, sid, prev_members)
         if since is not None:  # only the rows changed since the last complete export are read
@@ -679,12 +682,8 @@ class ExportEngine:
         return self._members_before[sid]
 
     def _highest(self, high: Any, rows: list, change: Any) -> Any:
-        values = list(map(change, rows))
         try:
-            try:
-                top = max(values, default=None)
-            except TypeError:  # NULLs among the values (or values of different types: raised again below)
-                top = max((v for v in values if v is not None), default=None)
+            top = max(filter(_not_none, map(change, rows)), default=None)  # NULLs left out, in C
             return top if high is None or (top is not None and top > high) else high
         except TypeError as exc:
             raise ExportError(f"change_column '{self.change_column}' holds values of different types ({exc}); "
@@ -756,12 +755,15 @@ class ExportEngine:
                 r.member = member_id(d.member_key(r))
         # The fingerprint is of the validated values (mapping order), salted with the destination's settings
         # (fingerprint_config): what decides the payload, known before the destination converts anything.
+        # The validator makes it (RowValidator(fingerprint=...)), while the payload is at hand; a record without
+        # one gets it here (a fingerprint that happens to be 0 is only made again, the same).
         hasher = self._fp_hasher  # copying a keyed hasher is ~0.5 µs cheaper than making one (same digest)
         from_bytes = int.from_bytes
         for r in records:
-            h = hasher.copy()
-            h.update(encode_json(r.payload))
-            r.fp = from_bytes(h.digest(), "big", signed=True)
+            if not r.fp:
+                h = hasher.copy()
+                h.update(encode_json(r.payload))
+                r.fp = from_bytes(h.digest(), "big", signed=True)
         snapshot = self._snapshots.get(sid)
         if snapshot is not None:
             known = snapshot.lookup([r.member for r in records], self.run_id)

@@ -16,6 +16,8 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from airflow_provider_segexport.http import encode_json
+
 # Reason codes, one place. The rejects file and the summary use them.
 MISSING_KEY = "missing_key"
 MISSING_EMAIL = "missing_email"
@@ -325,8 +327,11 @@ class RowValidator:
     """
 
     def __init__(self, mapping: FieldMapping, segment: str, deduper: Deduper | None = None,
-                 segment_index: int = 0) -> None:
+                 segment_index: int = 0, fingerprint: Any = None) -> None:
         self.mapping = mapping
+        #: a keyed blake2b hasher: when given, each record's ``fp`` is set to the hash of its encoded payload
+        #: (the export state's fingerprint, made while the payload is at hand)
+        self._fingerprint = fingerprint
         self.segment = segment
         self._deduper = deduper if deduper is not None else Deduper()
         self._segment_index = segment_index
@@ -362,6 +367,7 @@ class RowValidator:
         slow = self._map
         match = _EMAIL_ASCII.match
         hasher, from_bytes = _MEMBER_HASHER, int.from_bytes
+        fingerprint, encode = self._fingerprint, encode_json
         email_index = self._email_index
         values = self._fast_values
         mapped: list[Record] = []
@@ -399,10 +405,20 @@ class RowValidator:
                             h = hasher.copy()
                             h.update(lowered.encode("utf-8"))
                             member = from_bytes(h.digest(), "big", signed=True)
-                            mapped.append(Record(seg, row_number, key, payload, lowered, member))
+                            if fingerprint is None:
+                                mapped.append(Record(seg, row_number, key, payload, lowered, member))
+                            else:
+                                h = fingerprint.copy()
+                                h.update(encode(payload))
+                                mapped.append(Record(seg, row_number, key, payload, lowered, member,
+                                                     from_bytes(h.digest(), "big", signed=True)))
                             continue
                         item = slow(row_number, row)
             if item.__class__ is Record:
+                if fingerprint is not None:
+                    h = fingerprint.copy()
+                    h.update(encode(item.payload))
+                    item.fp = from_bytes(h.digest(), "big", signed=True)
                 mapped.append(item)
             else:
                 rejects.append(item)
