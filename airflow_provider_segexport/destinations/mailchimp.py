@@ -197,7 +197,8 @@ class MailchimpDestination(Destination):
         if any(c is not None for _, c in converters) or (self.mirror and not self.state_managed):
             return super().prepare_many(records)
         tags = [tag for tag, _ in converters]
-        email_field, member, encode = self.email_field, self._member, _encode
+        email_field, status, encode, tagged = self.email_field, self.status_if_new, _encode, self.tag_segments
+        segment_tags: dict[str, list[str]] = {}  # _member's tags, one list per segment (nothing changes them)
         refused = self.refusals.known if self.refusals is not None else {}
         out: list[Record] = []
         rejects: list[Reject] = []
@@ -211,8 +212,13 @@ class MailchimpDestination(Destination):
                         if value.__class__ is not str or len(value) > TEXT_MAX:
                             break
                         merge[tag] = value
-                else:
-                    r.payload = m = member(payload[email_field], merge, r.segment)
+                else:  # _member(...), inlined
+                    m = {"email_address": payload[email_field], "status_if_new": status}
+                    if merge:
+                        m["merge_fields"] = merge
+                    if tagged:
+                        m["tags"] = segment_tags.get(r.segment) or segment_tags.setdefault(r.segment, [r.segment])
+                    r.payload = m
                     r.body = encode(m)
                     out.append(r)
                     continue
