@@ -54,7 +54,10 @@ def server():
                 self.close_connection = True
                 self.request.shutdown(socket.SHUT_RDWR)
                 return
-            data = json.dumps(body).encode() if body is not None else b""
+            if status == "raw":  # these bytes as the body of a 200 (e.g. compressed)
+                status, data = 200, body
+            else:
+                data = json.dumps(body).encode() if body is not None else b""
             self.send_response(status)
             for k, v in (headers or {}).items():
                 self.send_header(k, v)
@@ -62,6 +65,9 @@ def server():
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
+            if (headers or {}).get("X-Then-Close"):  # answered as kept alive, then closed while idle
+                self.wfile.flush()
+                self.close_connection = True
 
         do_GET = do_POST = do_PUT = do_DELETE = _handle
 
@@ -269,3 +275,28 @@ def test_read_timeout_on_the_direct_path_is_retried_only_when_safe(server):
         Script.next = original_next
     time.sleep(0.4)
     assert [p for _, p, _ in script.received] == ["/safe", "/safe", "/unsafe"]
+
+
+def test_a_kept_alive_connection_the_server_closed_is_not_used_again(server):
+    """The direct path keeps connections alive; one the server closed while it was idle is noticed before use,
+    so even a call that is never repeated (a POST that may not be retried) goes out on a fresh connection."""
+    script, url = server((200, {"X-Then-Close": "1"}, {"n": 1}), (201, {}, {"n": 2}))
+    s = VendorSession("Vendor", url, retry=fast_policy(max_attempts=1))
+    assert s.get_json("/first") == {"n": 1}
+    time.sleep(0.2)  # the server has closed its end by now
+    assert s.post_json("/once", {"a": 1}) == {"n": 2}
+    assert [p for _, p, _ in script.received] == ["/first", "/once"]
+    assert s.stats.as_dict()["retries"] == 0
+
+
+def test_gzip_and_deflate_answers_on_the_direct_path_are_inflated(server):
+    import gzip
+    import zlib
+
+    payload = json.dumps({"ok": "x" * 2000}).encode()
+    for encoding, body in (("gzip", gzip.compress(payload)), ("deflate", zlib.compress(payload)),
+                           ("deflate", zlib.compress(payload)[2:-4])):  # zlib-wrapped, and raw deflate
+        script, url = server((200, {}, None))
+        s = VendorSession("Vendor", url, retry=fast_policy())
+        script.steps = [("raw", {"Content-Encoding": encoding}, body)]
+        assert s.request("GET", "/z").json() == {"ok": "x" * 2000}
