@@ -21,6 +21,7 @@ import socket
 import ssl
 import threading
 import time
+import urllib.parse
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -362,15 +363,13 @@ class VendorSession:
         host, slash, path = rest.partition("/")
         origin = self._origin(scheme, host, kwargs["verify"])
         conn = origin.take()
+        if conn.sock is None:
+            origin.connect(conn, connect)  # raises requests' ConnectTimeout, SSLError or ConnectionError
         try:
-            if conn.sock is None:
-                origin.connect(conn, connect)
             conn.sock.settimeout(read)
             conn.request(method, slash + path, body=data, headers={**self.session.headers, **headers})
             raw = conn.getresponse()
             content = raw.read()
-        except requests.RequestException:  # from connect(): already says what failed
-            raise
         except TimeoutError as exc:
             conn.close()
             raise requests.ReadTimeout(f"{method} {host}: no answer within {read}s") from exc
@@ -429,9 +428,9 @@ class _Origin:
         if scheme not in ("http", "https"):
             raise ValueError(f"unsupported URL scheme {scheme!r}")
         self.https = scheme == "https"
-        name, _, port = host.rpartition(":") if host.rpartition(":")[2].isdigit() else (host, "", "")
-        self.host = name.strip("[]")  # an IPv6 literal comes in brackets
-        self.port = int(port) if port else (443 if self.https else 80)
+        where = urllib.parse.urlsplit(f"//{host}")  # host[:port], an IPv6 literal in brackets
+        self.host = where.hostname or host
+        self.port = where.port or (443 if self.https else 80)
         self.verify = verify
         self.size = size
         self._context: ssl.SSLContext | None = None

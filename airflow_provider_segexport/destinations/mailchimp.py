@@ -103,6 +103,7 @@ class MailchimpDestination(Destination):
         self.audience: dict = {}
         self._current: dict[str, set[bytes]] = {}
         self._lock = threading.Lock()
+        self._segment_tags: dict[str, list[str]] = {}
         self._converter_cache: list | None = None
         self._converter_types: dict | None = None
 
@@ -183,12 +184,12 @@ class MailchimpDestination(Destination):
         return record
 
     def _member(self, email: str, merge: dict[str, Any], segment: str) -> dict[str, Any]:
-        """The batch-subscribe member, keys in a fixed order."""
+        """The batch-subscribe member, keys in a fixed order (one tags list per segment: nothing changes it)."""
         member: dict[str, Any] = {"email_address": email, "status_if_new": self.status_if_new}
         if merge:
             member["merge_fields"] = merge
         if self.tag_segments:
-            member["tags"] = [segment]
+            member["tags"] = self._segment_tags.get(segment) or self._segment_tags.setdefault(segment, [segment])
         return member
 
     def prepare_many(self, records: list[Record]) -> tuple[list[Record], list[Reject]]:
@@ -197,8 +198,7 @@ class MailchimpDestination(Destination):
         if any(c is not None for _, c in converters) or (self.mirror and not self.state_managed):
             return super().prepare_many(records)
         tags = [tag for tag, _ in converters]
-        email_field, status, encode, tagged = self.email_field, self.status_if_new, _encode, self.tag_segments
-        segment_tags: dict[str, list[str]] = {}  # _member's tags, one list per segment (nothing changes them)
+        email_field, member, encode = self.email_field, self._member, _encode
         refused = self.refusals.known if self.refusals is not None else {}
         out: list[Record] = []
         rejects: list[Reject] = []
@@ -212,13 +212,8 @@ class MailchimpDestination(Destination):
                         if value.__class__ is not str or len(value) > TEXT_MAX:
                             break
                         merge[tag] = value
-                else:  # _member(...), inlined
-                    m = {"email_address": payload[email_field], "status_if_new": status}
-                    if merge:
-                        m["merge_fields"] = merge
-                    if tagged:
-                        m["tags"] = segment_tags.get(r.segment) or segment_tags.setdefault(r.segment, [r.segment])
-                    r.payload = m
+                else:
+                    r.payload = m = member(payload[email_field], merge, r.segment)
                     r.body = encode(m)
                     out.append(r)
                     continue

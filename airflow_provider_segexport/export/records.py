@@ -176,6 +176,14 @@ def member_id(value: str) -> int:
 _MEMBER_HASHER = blake2b(digest_size=8)
 
 
+def payload_fingerprint(hasher: Any, payload: dict[str, Any]) -> int:
+    """The export state's fingerprint of a validated payload: its JSON hashed with ``hasher`` (a blake2b keyed
+    with the destination's settings; copying it is ~0.5 µs cheaper than making one, same digest)."""
+    h = hasher.copy()
+    h.update(encode_json(payload))
+    return int.from_bytes(h.digest(), "big", signed=True)
+
+
 class _IntMap:
     """A map of non-zero 64-bit integers to 64-bit integers in numpy arrays (open addressing, at most half
     full), probed a whole chunk of keys at a time: 16 bytes a slot instead of ~100 for a dict entry and
@@ -405,20 +413,17 @@ class RowValidator:
                             h = hasher.copy()
                             h.update(lowered.encode("utf-8"))
                             member = from_bytes(h.digest(), "big", signed=True)
-                            if fingerprint is None:
-                                mapped.append(Record(seg, row_number, key, payload, lowered, member))
-                            else:
+                            fp = 0
+                            if fingerprint is not None:  # payload_fingerprint(fingerprint, payload), inlined
                                 h = fingerprint.copy()
                                 h.update(encode(payload))
-                                mapped.append(Record(seg, row_number, key, payload, lowered, member,
-                                                     from_bytes(h.digest(), "big", signed=True)))
+                                fp = from_bytes(h.digest(), "big", signed=True)
+                            mapped.append(Record(seg, row_number, key, payload, lowered, member, fp))
                             continue
                         item = slow(row_number, row)
             if item.__class__ is Record:
                 if fingerprint is not None:
-                    h = fingerprint.copy()
-                    h.update(encode(item.payload))
-                    item.fp = from_bytes(h.digest(), "big", signed=True)
+                    item.fp = payload_fingerprint(fingerprint, item.payload)
                 mapped.append(item)
             else:
                 rejects.append(item)
