@@ -26,6 +26,7 @@ class Script:
         self.steps = list(steps)
         self.received: list[tuple[str, str, dict]] = []
         self.times: list[float] = []
+        self.peers: list[int] = []  # the client's port of each call (one per connection)
 
     def next(self):
         return self.steps.pop(0) if len(self.steps) > 1 else self.steps[0]
@@ -50,6 +51,14 @@ def server():
             script.received.append((self.command, self.path, dict(self.headers)))
             script.times.append(time.monotonic())
             status, headers, body = script.next()
+            script.peers.append(self.client_address[1])
+            if status == "wire":  # these bytes as the whole answer (status line, headers, body)
+                self.wfile.write(body)
+                self.wfile.flush()
+                if (headers or {}).get("close"):  # then the connection's end (the end of the body, or a cut)
+                    self.close_connection = True
+                    self.request.shutdown(socket.SHUT_WR)
+                return
             if status == "drop":
                 self.close_connection = True
                 self.request.shutdown(socket.SHUT_RDWR)
@@ -300,3 +309,62 @@ def test_gzip_and_deflate_answers_on_the_direct_path_are_inflated(server):
         s = VendorSession("Vendor", url, retry=fast_policy())
         script.steps = [("raw", {"Content-Encoding": encoding}, body)]
         assert s.request("GET", "/z").json() == {"ok": "x" * 2000}
+
+
+def test_the_direct_path_reads_chunked_interim_folded_and_close_delimited_answers(server):
+    """The direct path speaks HTTP/1.1 itself: a chunked body (with a chunk extension and a trailer), an
+    interim 100 answer before the real one, a folded header line, an answer without a body (204) and an
+    HTTP/1.0 body that ends with the connection all read as requests would read them."""
+    script, url = server((200, {}, None))
+    s = VendorSession("Vendor", url, retry=fast_policy(max_attempts=1))
+    answers = [
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Folded: a\r\n  b\r\n\r\n"
+        b"4;ext=1\r\n{\"ok\r\n5\r\n\": 1}\r\n0\r\nX-Trailer: t\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 8\r\n\r\n{\"ok\":2}",
+        b"HTTP/1.1 204 No Content\r\nX-Id: 3\r\n\r\n",
+        b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{\"ok\": 4}",
+    ]
+    script.steps = [("wire", {"close": a.startswith(b"HTTP/1.0")}, a) for a in answers]
+    first = s.request("POST", "/chunked", data=b"{}")
+    assert (first.status_code, first.json(), first.headers["x-folded"]) == (200, {"ok": 1}, "a b")
+    second = s.request("POST", "/interim", data=b"{}")
+    assert (second.status_code, second.reason, second.json()) == (201, "Created", {"ok": 2})
+    third = s.request("DELETE", "/nothing")
+    assert (third.status_code, third.content, third.headers["X-Id"]) == (204, b"", "3")
+    assert s.request("GET", "/old").json() == {"ok": 4}
+    assert [p for _, p, _ in script.received] == ["/chunked", "/interim", "/nothing", "/old"]
+
+
+def test_a_broken_answer_on_the_direct_path_is_a_connection_error(server):
+    """An answer cut short (fewer bytes than its Content-Length), a status line that is not HTTP or a chunk
+    size that is not hexadecimal: the connection is dropped and the call fails as a lost connection (a POST
+    is not repeated: the vendor may have processed it; a GET is, on a fresh connection)."""
+    for answer in (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"cut",
+                   b"SSH-2.0-OpenSSH\r\n\r\n",
+                   b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"):
+        script, url = server(("wire", {"close": True}, answer), (200, {}, {"ok": 1}))
+        s = VendorSession("Vendor", url, retry=fast_policy())
+        with pytest.raises(VendorAPIError, match="ConnectionError"):
+            s.post_json("/once", {"a": 1})
+        assert len(script.received) == 1
+        assert s.get_json("/safe") == {"ok": 1}
+        assert script.peers[1] != script.peers[0]  # not on the broken connection
+
+
+def test_the_direct_path_sends_one_host_and_only_the_encodings_it_decodes(server):
+    """Host names the port; Accept-Encoding is what the direct path inflates (gzip, deflate) even when the
+    session would announce more (requests adds br or zstd when those packages are installed); a header
+    value with a line break is refused before anything is sent; a kept-alive connection is reused."""
+    script, url = server((200, {}, {"ok": 1}))
+    s = VendorSession("Vendor", url, retry=fast_policy())
+    s.session.headers["Accept-Encoding"] = "gzip, deflate, br, zstd"
+    assert s.get_json("/a") == {"ok": 1}
+    assert s.post_json("/b", {"x": 1}) == {"ok": 1}
+    for _, _, headers in script.received:
+        low = {k.lower(): v for k, v in headers.items()}
+        assert low["host"] == url.removeprefix("http://")
+        assert low["accept-encoding"] == "gzip, deflate"
+    assert script.peers[0] == script.peers[1]
+    with pytest.raises(ValueError, match="invalid HTTP header 'X-Evil'"):
+        s.request("GET", "/c", headers={"X-Evil": "a\r\nX-Injected: 1"})
+    assert len(script.received) == 2
