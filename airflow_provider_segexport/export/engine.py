@@ -684,7 +684,10 @@ class ExportEngine:
 
     def _highest(self, high: Any, rows: list, change: Any) -> Any:
         try:
-            top = max(filter(_not_none, map(change, rows)), default=None)  # NULLs left out, in C
+            try:
+                top = max(map(change, rows), default=None)
+            except TypeError:  # a NULL among them (or values of different types): NULLs left out, in C
+                top = max(filter(_not_none, map(change, rows)), default=None)
             return top if high is None or (top is not None and top > high) else high
         except TypeError as exc:
             raise ExportError(f"change_column '{self.change_column}' holds values of different types ({exc}); "

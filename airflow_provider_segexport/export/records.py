@@ -345,6 +345,7 @@ class RowValidator:
         self._segment_index = segment_index
         self._email_field = mapping.email_field
         self._dedupe_field = mapping.dedupe_field or mapping.email_field
+        self._dedupe_by_email = self._dedupe_field is not None and self._dedupe_field == self._email_field
         #: the source columns a row must carry, in order (the key column first)
         self.columns: list[str] = mapping.source_columns
         self._plan = [
@@ -380,6 +381,10 @@ class RowValidator:
         values = self._fast_values
         mapped: list[Record] = []
         rejects: list[Reject] = []
+        # The dedupe's inputs, collected on the way (a second pass over the records costs cache misses):
+        # each record's key and the id of its dedupe value (the member id when that value is the email).
+        keys: list[str] = []
+        vids: list[int] | None = [] if self._dedupe_by_email else None
         row_number = first_row - 1
         for row in rows:
             row_number += 1
@@ -419,17 +424,23 @@ class RowValidator:
                                 h.update(encode(payload))
                                 fp = from_bytes(h.digest(), "big", signed=True)
                             mapped.append(Record(seg, row_number, key, payload, lowered, member, fp))
+                            keys.append(key)
+                            if vids is not None:
+                                vids.append(member)
                             continue
                         item = slow(row_number, row)
             if item.__class__ is Record:
                 if fingerprint is not None:
                     item.fp = payload_fingerprint(fingerprint, item.payload)
                 mapped.append(item)
+                keys.append(item.key)
+                if vids is not None:
+                    vids.append(item.member if item.email is not None else member_id(item.key))
             else:
                 rejects.append(item)
         if not mapped:
             return mapped, rejects
-        records, duplicates = self._dedupe(mapped)
+        records, duplicates = self._dedupe(mapped, keys, vids)
         if duplicates:
             rejects = sorted(rejects + duplicates, key=row_of) if rejects else duplicates
         return records, rejects
@@ -474,17 +485,23 @@ class RowValidator:
         lowered = email.lower() if email is not None else None
         return Record(seg, row_number, key, payload, lowered, member_id(lowered if lowered is not None else key))
 
-    def _dedupe(self, records: list[Record]) -> tuple[list[Record], list[Reject]]:
-        """Records in order, without duplicates of a key in this segment or of a value in this export."""
+    def _dedupe(self, records: list[Record], keys: list[str] | None = None,
+                vids: list[int] | None = None) -> tuple[list[Record], list[Reject]]:
+        """Records in order, without duplicates of a key in this segment or of a value in this export
+        (``keys`` and ``vids``: the records' keys and value ids when the caller has them)."""
         dedupe = self._dedupe_field
-        if dedupe is not None and dedupe == self._email_field:
+        if vids is not None:
+            pass
+        elif self._dedupe_by_email:
             vids = [r.member if r.email is not None else member_id(r.key) for r in records]
         else:
             vids = []
             for r in records:
                 value = r.payload.get(dedupe) if dedupe else None
                 vids.append(member_id(str(value)) if value is not None else member_id(r.key))
-        verdicts = self._deduper.check_many([r.key for r in records], vids, self._segment_index)
+        if keys is None:
+            keys = [r.key for r in records]
+        verdicts = self._deduper.check_many(keys, vids, self._segment_index)
         if not any(verdicts):
             return records, []
         kept, rejects = [], []
