@@ -39,7 +39,6 @@ from airflow_provider_segexport.export.records import (
     Reject,
     RowValidator,
     member_id,
-    payload_fingerprint,
     row_of,
 )
 from airflow_provider_segexport.export.report import (
@@ -92,6 +91,10 @@ class Outcome(msgspec.Struct, gc=False):
     status: str
     message: str | None = None
     reason: str = VENDOR_REJECTED
+
+
+#: the delta step's snapshot of a segment whose export state was empty when the run began
+_NOTHING_KNOWN = object()
 
 
 class BatchOutcome(msgspec.Struct, gc=False):
@@ -515,6 +518,8 @@ class ExportEngine:
                 self._snapshots[sid] = self.state.snapshot(sid, self.run_id)
             except NotImplementedError:  # a backend that only answers lookups
                 pass
+        elif sid is not None:  # nothing in the state: no lookups (this run's own confirmations are not looked up)
+            self._snapshots[sid] = _NOTHING_KNOWN
 
         def submit(records: list[Record]) -> None:
             if self._totals is None:
@@ -759,13 +764,12 @@ class ExportEngine:
                 r.member = member_id(d.member_key(r))
         # The fingerprint is of the validated values (mapping order), salted with the destination's settings
         # (fingerprint_config): what decides the payload, known before the destination converts anything.
-        # The validator makes it (RowValidator(fingerprint=...)), while the payload is at hand; a record without
-        # one gets it here (a fingerprint that happens to be 0 is only made again, the same).
-        for r in records:
-            if not r.fp:
-                r.fp = payload_fingerprint(self._fp_hasher, r.payload)
+        # The validator makes it (RowValidator(fingerprint=...)) while the payload is at hand: _run_segment gives
+        # it the hasher whenever there is export state, so every record here has one.
         snapshot = self._snapshots.get(sid)
-        if snapshot is not None:
+        if snapshot is _NOTHING_KNOWN:  # the segment's state was empty when the run began (a first export)
+            known = {}
+        elif snapshot is not None:
             known = snapshot.lookup([r.member for r in records], self.run_id)
         else:
             known = self.state.lookup(sid, [r.member for r in records])
