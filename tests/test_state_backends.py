@@ -155,7 +155,7 @@ def test_forget(open_state):
 def test_a_forgotten_address_and_a_folded_journal_leave_no_trace_in_the_state_file(tmp_path):
     """Privacy: deleted rows are zeroed in the SQLite state file on every platform (not only where SQLite
     does so by default, as on Debian), so a member forgotten after a permanent refusal is not readable in the
-    file's free pages; nor are the folded journal's copies of the addresses."""
+    file's free pages; and the journal file holding copies of the addresses is deleted once folded."""
     state = ExportState("scope", tmp_path)
     sid = state.scope_id("s")
     # each address several times: the confirmations must fill whole pages (the page that still holds a
@@ -166,7 +166,8 @@ def test_a_forgotten_address_and_a_folded_journal_leave_no_trace_in_the_state_fi
     state.confirm(sid, gone, "r1")
     end_of_segment(state, sid)  # the journal's rows (both batches) are folded, then deleted
     state.forget(sid, [m for m, _, _ in gone])
-    for db in (state._journal, state._db):
+    assert [p.name for p in tmp_path.iterdir() if "journal" in p.name] == []  # the folded journal file is gone
+    for db in (state._aux, state._db):
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     data = (tmp_path / "export_state.sqlite").read_bytes()
     assert data.count(b"@example.com") >= 1900  # the kept addresses (a few split across the file's pages)
@@ -403,13 +404,15 @@ def test_folding_a_big_segment_holds_each_byte_once(tmp_path):
 
 
 def earlier_version_tables(db):
-    """The member table and per-member journal of state files written by earlier versions."""
+    """The member table, per-member journal and journal batches of state files written by earlier versions."""
     db.executescript("""
         CREATE TABLE IF NOT EXISTS members (scope_id INTEGER NOT NULL, member INTEGER NOT NULL,
             fingerprint INTEGER NOT NULL, dest_key TEXT NOT NULL, confirmed_run TEXT, seen_run TEXT,
             PRIMARY KEY (scope_id, member)) WITHOUT ROWID;
         CREATE TABLE IF NOT EXISTS journal (scope_id INTEGER NOT NULL, member INTEGER NOT NULL,
             fingerprint INTEGER, dest_key TEXT, run TEXT NOT NULL);
+        CREATE TABLE IF NOT EXISTS journal_batches (scope_id INTEGER NOT NULL, run TEXT NOT NULL,
+            members BLOB NOT NULL, fingerprints BLOB, dest_keys BLOB);
     """)
 
 
@@ -426,9 +429,12 @@ def test_a_dead_runs_journal_is_folded_by_the_next_run_including_an_earlier_vers
     dead._db.execute("INSERT INTO journal_batches VALUES (?, 'r0', ?, ?, ?)",
                      (sid, (4).to_bytes(8, "little"), (40).to_bytes(8, "little"), b'["d@example.com"]'))
     dead._db.close()  # no flush: the task was killed
+    journal = tmp_path / f"export_state.journal-{sid}.sqlite"
+    assert journal.exists()  # this version's journal: a file per segment beside the state file
 
     nxt = ExportState("mailchimp:mc:aud1", tmp_path)
     assert nxt.scope_id("s") == sid
+    assert not journal.exists()  # folded, then deleted
     assert nxt.lookup(sid, [1, 2, 3, 4, 5]) == {1: (10, "r1"), 2: (21, "r1"), 3: (30, "r0"), 4: (40, "r0")}
     assert nxt._db.execute("SELECT COUNT(*) FROM journal").fetchone()[0] == 0
     assert nxt._db.execute("SELECT COUNT(*) FROM journal_batches").fetchone()[0] == 0

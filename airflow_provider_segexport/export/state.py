@@ -302,11 +302,13 @@ class ExportState(ExportStateBackend):
     of rows of ``runs``, destination keys NUL-terminated). Reading or rewriting a page is one row, not
     thousands, so folding a run into the state costs ~1 µs a member instead of ~7 for one SQLite row each.
 
-    During a run, confirmations and "seen" marks are appended to a journal (one row per batch, one small
-    transaction: a crash loses at most the batches in flight) and folded into the pages in one sorted pass
-    (numpy) when the segment ends (:meth:`flush`), or by the next run if this one died. State written by
-    earlier versions (one row per member in ``members``, per-member journal rows) is folded into pages the
-    first time its segment is opened.
+    During a run, confirmations and "seen" marks are appended to the segment's journal, a SQLite file of its
+    own beside the state file (one row per batch, one small transaction: a crash loses at most the batches in
+    flight), and folded into the pages in one sorted pass (numpy) when the segment ends (:meth:`flush`), or by
+    the next run if this one died; the folded journal file is then deleted (its copies of the destination keys
+    go with it, without zeroing and committing its pages in the state file first, ~0.4 s at 1,000,000
+    members). State written by earlier versions (one row per member in ``members``, per-member journal rows,
+    journal batches in the state file) is folded into pages the first time its segment is opened.
     """
 
     def __init__(self, scope: str, state_dir: str | Path | None = None) -> None:
@@ -325,34 +327,33 @@ class ExportState(ExportStateBackend):
             CREATE TABLE IF NOT EXISTS member_pages (scope_id INTEGER NOT NULL, first INTEGER NOT NULL,
                 count INTEGER NOT NULL, members BLOB NOT NULL, fingerprints BLOB NOT NULL, confirmed_runs BLOB NOT NULL,
                 seen_runs BLOB NOT NULL, dest_keys BLOB NOT NULL, PRIMARY KEY (scope_id, first));
-            CREATE TABLE IF NOT EXISTS journal_batches (scope_id INTEGER NOT NULL, run TEXT NOT NULL,
-                members BLOB NOT NULL, fingerprints BLOB, dest_keys BLOB);
             CREATE TABLE IF NOT EXISTS watermarks (scope_id INTEGER PRIMARY KEY, column_name TEXT NOT NULL,
                 value TEXT NOT NULL, salt BLOB NOT NULL, run TEXT);
             CREATE TABLE IF NOT EXISTS runs (id INTEGER PRIMARY KEY, run TEXT NOT NULL UNIQUE);
             """
         )
         self._legacy = {name for (name,) in self._db.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND name IN ('members', 'journal')")}
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name IN ('members', 'journal', 'journal_batches')")}
         self._numbers: dict[str, int] = {}  # run id -> its row in runs
         self._run_ids: dict[int, str] = {}  # and back
         self._opened: set[int] = set()  # scope ids folded by this instance (a dead run's journal, older rows)
         self._cache: dict[int, _Pages] = {}  # scope id -> its pages in memory, for lookups (until they change)
-        # Confirmations and "seen" marks are written through a connection of their own (one row per batch).
-        self._journal = sqlite3.connect(self.path, check_same_thread=False, timeout=60, isolation_level=None)
-        self._journal.execute("PRAGMA synchronous=NORMAL")
-        self._journal.execute("PRAGMA secure_delete=ON")
+        # The worker threads' own connection to the state file (run numbers), and the segments' journal files.
+        self._aux = sqlite3.connect(self.path, check_same_thread=False, timeout=60, isolation_level=None)
+        self._aux.execute("PRAGMA synchronous=NORMAL")
+        self._aux.execute("PRAGMA secure_delete=ON")
         self._journal_lock = threading.Lock()
+        self._journals: dict[int, sqlite3.Connection] = {}  # scope id -> its journal file, open
 
     # -- runs: a member's runs are numbers (rows of ``runs``); rows of earlier versions name them "#<n>" or by id
     def _number(self, run_id: str, db: sqlite3.Connection | None = None) -> int:
         """The run's number (its row of ``runs``, created on first use), through ``db`` when the caller holds
-        a transaction on it, else through the journal's connection."""
+        a transaction on it, else through the worker threads' connection."""
         number = self._numbers.get(run_id)
         if number is None:
             if db is None:
                 with self._journal_lock:
-                    return self._number(run_id, self._journal)
+                    return self._number(run_id, self._aux)
             db.execute("INSERT OR IGNORE INTO runs (run) VALUES (?)", (run_id,))
             number = db.execute("SELECT id FROM runs WHERE run = ?", (run_id,)).fetchone()[0]
             self._numbers[run_id], self._run_ids[number] = number, run_id
@@ -364,7 +365,7 @@ class ExportState(ExportStateBackend):
         run = self._run_ids.get(number)
         if run is None:
             with self._journal_lock:
-                row = self._journal.execute("SELECT run FROM runs WHERE id = ?", (number,)).fetchone()
+                row = self._aux.execute("SELECT run FROM runs WHERE id = ?", (number,)).fetchone()
             run = self._run_ids[number] = row[0] if row else f"#{number}"
         return run
 
@@ -389,9 +390,56 @@ class ExportState(ExportStateBackend):
             self.flush(scope_id)
             self._opened.add(scope_id)
 
+    # -- the journal: a SQLite file per segment beside the state file, deleted once folded
+    def _journal_path(self, scope_id: int) -> Path:
+        return self.path.with_name(f"{self.path.stem}.journal-{scope_id}.sqlite")
+
+    def _journal(self, scope_id: int, create: bool = True) -> sqlite3.Connection | None:
+        """The segment's journal file (the caller holds the journal lock); None if there is none and
+        ``create`` is false."""
+        db = self._journals.get(scope_id)
+        if db is None:
+            path = self._journal_path(scope_id)
+            if not create and not path.exists():
+                return None
+            db = sqlite3.connect(path, check_same_thread=False, timeout=60, isolation_level=None)
+            _use_wal(db)
+            db.execute("PRAGMA synchronous=NORMAL")
+            # Written once, read once, then deleted: its pages stay in the write-ahead log (no checkpoint
+            # copying them into the file in between).
+            db.execute("PRAGMA wal_autocheckpoint=0")
+            if hasattr(db, "setconfig"):  # Python >= 3.12: nor on close (the file is deleted after its fold)
+                db.setconfig(sqlite3.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, True)
+            db.execute("CREATE TABLE IF NOT EXISTS batches (run TEXT NOT NULL, members BLOB NOT NULL, "
+                       "fingerprints BLOB, dest_keys BLOB)")
+            self._journals[scope_id] = db
+        return db
+
+    def _append(self, scope_id: int, row: tuple) -> None:
+        """One batch (run, members, fingerprints, keys) in the segment's journal: one implicit transaction,
+        durable when the call returns."""
+        with self._journal_lock:
+            self._journal(scope_id).execute("INSERT INTO batches VALUES (?, ?, ?, ?)", row)
+
+    def _drop_journal(self, scope_id: int) -> None:
+        """Delete the segment's journal file (folded: what it holds is in the pages now)."""
+        with self._journal_lock:
+            db = self._journals.pop(scope_id, None)
+            if db is not None:
+                db.close()
+            path = self._journal_path(scope_id)
+            for leftover in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+                leftover.unlink(missing_ok=True)
+
     def flush(self, scope_id: int) -> None:
-        """Fold the segment's journal into its pages: one sorted pass, in one transaction."""
-        with self._lock, _transaction(self._db):
+        """Fold the segment's journal into its pages: one sorted pass, in one transaction; then delete the
+        journal file (a crash in between folds it again next time: the same confirmations, the same pages)."""
+        with self._lock:
+            self._fold(scope_id)
+            self._drop_journal(scope_id)
+
+    def _fold(self, scope_id: int) -> None:
+        with _transaction(self._db):
             parts = self._journaled(scope_id)
             if not parts:
                 return
@@ -406,7 +454,8 @@ class ExportState(ExportStateBackend):
             self._db.executemany("INSERT INTO member_pages VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                                  ((scope_id, *page) for page in merged.pages(PAGE_MEMBERS)))
             del merged
-            self._db.execute("DELETE FROM journal_batches WHERE scope_id = ?", (scope_id,))
+            if "journal_batches" in self._legacy:
+                self._db.execute("DELETE FROM journal_batches WHERE scope_id = ?", (scope_id,))
             if "journal" in self._legacy:
                 self._db.execute("DELETE FROM journal WHERE scope_id = ?", (scope_id,))
             if "members" in self._legacy:
@@ -434,8 +483,15 @@ class ExportState(ExportStateBackend):
                     confirmed.append((member, fp, key, number, number))
             if confirmed:
                 parts.append(_Pages.from_rows(confirmed))
-        for run, members, fps, keys in db.execute("SELECT run, members, fingerprints, dest_keys FROM journal_batches "
-                                                  "WHERE scope_id = ? ORDER BY rowid", (scope_id,)):
+        batches = []
+        if "journal_batches" in self._legacy:  # an earlier version's journal batches, in the state file
+            batches = db.execute("SELECT run, members, fingerprints, dest_keys FROM journal_batches WHERE scope_id = ? "
+                                 "ORDER BY rowid", (scope_id,)).fetchall()
+        with self._journal_lock:
+            journal = self._journal(scope_id, create=False)
+            if journal is not None:
+                batches += journal.execute("SELECT run, members, fingerprints, dest_keys FROM batches ORDER BY rowid")
+        for run, members, fps, keys in batches:
             number = self._stored_number(run)
             if fps is None:
                 parts.append(_Pages.seen_marks(np.frombuffer(members, np.int64), number))
@@ -510,10 +566,7 @@ class ExportState(ExportStateBackend):
 
     def seen(self, scope_id: int, members: list[int], run_id: str) -> None:
         if members:
-            ref = f"#{self._number(run_id)}"
-            with self._journal_lock:  # one row, one implicit transaction
-                self._journal.execute("INSERT INTO journal_batches (scope_id, run, members) VALUES (?, ?, ?)",
-                                      (scope_id, ref, array("q", members).tobytes()))
+            self._append(scope_id, (f"#{self._number(run_id)}", array("q", members).tobytes(), None, None))
 
     def confirm(self, scope_id: int, rows: list[tuple[int, int, str]], run_id: str) -> None:
         """Remember what the destination confirmed: (member, fingerprint, destination key)."""
@@ -526,10 +579,8 @@ class ExportState(ExportStateBackend):
             return
         if not len(members) == len(fps) == len(keys):
             raise ValueError("confirm_columns: members, fingerprints and keys differ in length")
-        packed = (scope_id, f"#{self._number(run_id)}", array("q", members).tobytes(), array("q", fps).tobytes(),
-                  _pack_keys(keys))
-        with self._journal_lock:  # one row per batch, one implicit transaction: durable when the call returns
-            self._journal.execute("INSERT INTO journal_batches VALUES (?, ?, ?, ?, ?)", packed)
+        self._append(scope_id, (f"#{self._number(run_id)}", array("q", members).tobytes(), array("q", fps).tobytes(),
+                                _pack_keys(keys)))
 
     def forget(self, scope_id: int, members: list[int]) -> None:
         if not members:
@@ -568,7 +619,11 @@ class ExportState(ExportStateBackend):
         return out
 
     def close(self) -> None:
-        self._journal.close()
+        with self._journal_lock:  # (a journal not folded yet stays for the next run)
+            for db in self._journals.values():
+                db.close()
+            self._journals.clear()
+        self._aux.close()
         self._db.close()
 
 
