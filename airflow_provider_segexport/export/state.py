@@ -405,11 +405,6 @@ class ExportState(ExportStateBackend):
             db = sqlite3.connect(path, check_same_thread=False, timeout=60, isolation_level=None)
             _use_wal(db)
             db.execute("PRAGMA synchronous=NORMAL")
-            # Written once, read once, then deleted: its pages stay in the write-ahead log (no checkpoint
-            # copying them into the file in between).
-            db.execute("PRAGMA wal_autocheckpoint=0")
-            if hasattr(db, "setconfig"):  # Python >= 3.12: nor on close (the file is deleted after its fold)
-                db.setconfig(sqlite3.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, True)
             db.execute("CREATE TABLE IF NOT EXISTS batches (run TEXT NOT NULL, members BLOB NOT NULL, "
                        "fingerprints BLOB, dest_keys BLOB)")
             self._journals[scope_id] = db
