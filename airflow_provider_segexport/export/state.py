@@ -306,7 +306,7 @@ class ExportState(ExportStateBackend):
     own beside the state file (one row per batch, one small transaction: a crash loses at most the batches in
     flight), and folded into the pages in one sorted pass (numpy) when the segment ends (:meth:`flush`), or by
     the next run if this one died; the folded journal file is then deleted (its copies of the destination keys
-    go with it, without zeroing and committing its pages in the state file first, ~0.4 s at 1,000,000
+    go with it, without zeroing and committing its pages in the state file first, ~0.3 s at 1,000,000
     members). State written by earlier versions (one row per member in ``members``, per-member journal rows,
     journal batches in the state file) is folded into pages the first time its segment is opened.
     """
