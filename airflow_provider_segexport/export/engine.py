@@ -529,11 +529,7 @@ class ExportEngine:
                 slots.release()
                 self._not_sent(stats, records)
                 return
-            # What the journal keeps of each member, taken while the records are still in the CPU's caches (in
-            # the worker, after the call, reading them again costs a cache miss each). A destination's own
-            # member_key is asked after the call, as before (its send may be what fills the key in).
-            journal = self._journal_columns(records) if journaling else None
-            fut = pool.submit(self._send_batch, seg, records, stats, progress, journal)
+            fut = pool.submit(self._send_batch, seg, records, stats, progress)
             fut.add_done_callback(lambda _f: slots.release())
             pending.append(fut)
             if len(pending) > 4 * d.max_in_flight:
@@ -541,7 +537,6 @@ class ExportEngine:
 
         self.log.info("::group::Segment '%s' -> %s '%s': %s", seg.name, d.name, d.target, self._size_text(total))
         prepare = type(d).prepare is not Destination.prepare or type(d).prepare_many is not Destination.prepare_many
-        journaling = sid is not None and not self.dry_run and not self._custom_member_key
         size = d.batch_size
         row_number = 0
         columns, high, change = self._read_columns(), None, None
@@ -723,16 +718,7 @@ class ExportEngine:
             self.state.set_watermark(sid, wm, self.run_id)
             self._watermarks[seg.name]["advanced_to"] = _text(high)
 
-    def _journal_columns(self, records: list[Record]) -> tuple[list[int], list[int], list[str]]:
-        """The records' member ids, fingerprints and destination keys, as the export state journals them."""
-        if self._custom_member_key:
-            keys = list(map(self.destination.member_key, records))
-        else:
-            keys = [r.email or r.key for r in records]  # Destination.member_key, inlined
-        return [r.member for r in records], [r.fp for r in records], keys
-
-    def _send_batch(self, seg: Segment, records: list[Record], stats: SegmentStats, progress: Progress,
-                    journal: tuple[list[int], list[int], list[str]] | None = None) -> None:
+    def _send_batch(self, seg: Segment, records: list[Record], stats: SegmentStats, progress: Progress) -> None:
         if self._failure is not None:  # a batch that was waiting when another one failed
             self._not_sent(stats, records)
             return
@@ -759,9 +745,12 @@ class ExportEngine:
             # Only what the destination confirmed is remembered; a rejected member is retried next run.
             confirmed = outcome.confirmed(records)
             if confirmed:
-                members, fps, keys = (journal if journal is not None and confirmed is records
-                                      else self._journal_columns(confirmed))
-                self.state.confirm_columns(sid, members, fps, keys, self.run_id)
+                if self._custom_member_key:
+                    keys = list(map(self.destination.member_key, confirmed))
+                else:
+                    keys = [r.email or r.key for r in confirmed]  # Destination.member_key, inlined
+                self.state.confirm_columns(sid, [r.member for r in confirmed], [r.fp for r in confirmed], keys,
+                                           self.run_id)
             if refused:
                 self.state.forget(sid, [o.record.member for o in refused])
         progress.advance(len(records), stats.counts)
