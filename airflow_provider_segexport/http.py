@@ -12,6 +12,8 @@ profiles and headers carry credentials.
 from __future__ import annotations
 
 import email.utils
+import functools
+import gzip
 import http.client
 import logging
 import os
@@ -250,7 +252,9 @@ class VendorSession:
 
     def close(self) -> None:
         self.session.close()
-        for origin in self._direct.values():
+        with self._direct_lock:
+            origins = list(self._direct.values())
+        for origin in origins:
             origin.clear()
 
     def url(self, path: str) -> str:
@@ -360,15 +364,18 @@ class VendorSession:
             return self.session.request(method, url, headers=headers, proxies=proxies, **kwargs)
         timeout = kwargs["timeout"]
         connect, read = timeout if isinstance(timeout, tuple) else (timeout, timeout)
-        scheme, _, rest = url.partition("://")
-        host, slash, path = rest.partition("/")
+        scheme, host, target = _split_url(url)  # raises ValueError for a target with spaces or control characters
+        merged = {}  # the session's headers, then the call's (names compared without case; None drops one)
+        for name, value in (*self.session.headers.items(), *headers.items()):
+            merged[name.lower()] = (name, value.decode("latin-1") if value.__class__ is bytes else value)
+        fields = {name: value for name, value in merged.values() if value is not None}
         origin = self._origin(scheme, host, kwargs["verify"])
         conn = origin.take()
         if conn.sock is None:
             origin.connect(conn, connect)  # raises requests' ConnectTimeout, SSLError or ConnectionError
         try:
             status, reason, answer_headers, content, will_close = origin.exchange(
-                conn, method, slash + path, {**self.session.headers, **headers}, data, read)
+                conn, method, target, fields, data, read)
         except TimeoutError as exc:
             conn.close()
             raise requests.ReadTimeout(f"{method} {host}: no answer within {read}s") from exc
@@ -383,13 +390,13 @@ class VendorSession:
         else:
             origin.give(conn)
         response_headers = CaseInsensitiveDict(answer_headers)
-        if status in _REDIRECTS and response_headers.get("Location"):  # rare: requests follows it as usual
-            return self.session.request(method, url, headers=headers, proxies=proxies, **kwargs)
+        if status in _REDIRECTS and response_headers.get("Location"):  # rare: followed from this answer
+            return self._follow(method, url, status, response_headers["Location"], headers, kwargs)
         encoding = response_headers.get("Content-Encoding", "").strip().lower()
         if content and encoding in ("gzip", "x-gzip", "deflate"):
             try:
-                content = zlib.decompress(content, 47 if encoding != "deflate" else zlib.MAX_WBITS)
-            except zlib.error:
+                content = gzip.decompress(content) if encoding != "deflate" else zlib.decompress(content)
+            except (zlib.error, gzip.BadGzipFile, EOFError):
                 try:  # a "deflate" answer without its zlib header (some servers send raw deflate)
                     content = zlib.decompress(content, -zlib.MAX_WBITS)
                 except zlib.error as exc:
@@ -403,6 +410,19 @@ class VendorSession:
         response._content_consumed = True
         response.encoding = requests.utils.get_encoding_from_headers(response.headers)
         return response
+
+    def _follow(self, method: str, url: str, status: int, location: str, headers: dict[str, str],
+                kwargs: dict[str, Any]) -> requests.Response:
+        """A redirect answered on the direct path, followed as requests follows one (it follows any further
+        ones): 303, and 301/302 after a POST, become a GET without the body; 307/308 repeat the call at the new
+        place. The call itself is not sent again (a POST answered with a redirect was processed once)."""
+        target = urllib.parse.urljoin(url, location)
+        if status == 303 or (status in (301, 302) and method == "POST"):
+            method, kwargs = ("HEAD" if method == "HEAD" else "GET"), {**kwargs, "data": None}
+            headers = {k: v for k, v in headers.items() if k.lower() not in ("content-type", "content-length")}
+        if urllib.parse.urlsplit(target).netloc != urllib.parse.urlsplit(url).netloc:
+            headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}  # not to another host
+        return self.session.request(method, target, headers=headers, proxies=self.proxies_for(target), **kwargs)
 
     def _origin(self, scheme: str, host: str, verify: bool | str) -> _Origin:
         key = (scheme, host, verify)
@@ -515,39 +535,66 @@ class _Origin:
         head = "".join(lines).encode("latin-1")
         sock = conn.sock
         sock.settimeout(timeout)
-        sock.sendall(head + body if body else head)
+        unsent: OSError | None = None
+        try:
+            sock.sendall(head + body if body else head)
+        except (BrokenPipeError, ConnectionResetError) as exc:  # the server may have answered early (413, 401)
+            unsent = exc
         reader = sock.makefile("rb")
         try:
-            while True:
-                line = reader.readline(_MAX_LINE + 1)
+            for _ in range(_MAX_INTERIM + 1):
+                try:
+                    line = reader.readline(_MAX_LINE + 1)
+                except OSError:
+                    if unsent is not None:
+                        raise unsent from None
+                    raise
                 if not line:
+                    if unsent is not None:
+                        raise unsent
                     raise http.client.RemoteDisconnected("the server closed the connection without an answer")
                 if len(line) > _MAX_LINE:
                     raise http.client.LineTooLong("status line")
                 version, _, rest = line.decode("latin-1").rstrip("\r\n").partition(" ")
                 code, _, reason = rest.partition(" ")
-                if not version.startswith("HTTP/1.") or len(code) != 3 or not code.isdigit():
+                if not version.startswith("HTTP/1.") or len(code) != 3 or not (code.isascii() and code.isdigit()):
                     raise http.client.BadStatusLine(repr(line[:100]))
                 status = int(code)
                 answer_headers = _read_headers(reader)
-                if not 100 <= status < 200:
+                if not 100 <= status < 200 or status == 101:
                     break  # (an interim 1xx answer is followed by the real one)
-            fields = {name.lower(): value for name, value in reversed(answer_headers)}  # the first of a name
+            else:
+                raise http.client.HTTPException(f"more than {_MAX_INTERIM} interim answers")
+            joined: dict[str, tuple[str, str]] = {}  # a repeated header's values joined with ", " (as urllib3)
+            for name, value in answer_headers:
+                low = name.lower()
+                if low not in joined:
+                    joined[low] = (name, value)
+                elif low in _SINGLE_VALUED:
+                    if joined[low][1] != value:
+                        raise http.client.HTTPException(f"conflicting {name} headers")
+                else:
+                    joined[low] = (joined[low][0], f"{joined[low][1]}, {value}")
+            answer_headers = list(joined.values())
+            fields = {low: value for low, (_, value) in joined.items()}
             tokens = {t.strip().lower() for t in fields.get("connection", "").split(",")}
-            will_close = "close" in tokens or (version == "HTTP/1.0" and "keep-alive" not in tokens)
+            will_close = (unsent is not None or status == 101 or "close" in tokens
+                          or (version == "HTTP/1.0" and "keep-alive" not in tokens))
             length = fields.get("content-length")
-            if method == "HEAD" or status in (204, 304):
+            coding = fields.get("transfer-encoding")
+            if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
                 content = b""
-            elif fields.get("transfer-encoding", "").lower().rsplit(",", 1)[-1].strip() == "chunked":
+            elif coding is not None and coding.lower().rsplit(",", 1)[-1].strip() == "chunked":
                 content = _read_chunked(reader)
-            elif length is not None:
-                if not length.strip().isdigit():
+            elif coding is None and length is not None:
+                length = length.strip()
+                if not (length.isascii() and length.isdigit()):
                     raise http.client.HTTPException(f"invalid Content-Length {length[:40]!r}")
                 size = int(length)
                 content = reader.read(size)
                 if len(content) < size:
                     raise http.client.IncompleteRead(content, size - len(content))
-            else:  # the body ends with the connection
+            else:  # the body ends with the connection (no length, or a transfer coding other than chunked)
                 content, will_close = reader.read(), True
         finally:
             reader.close()  # (the socket stays open)
@@ -576,9 +623,23 @@ class _Origin:
 
 _MAX_LINE = 65536  # http.client's limits
 _MAX_HEADERS = 100
+_MAX_INTERIM = 10  # interim (1xx) answers before the real one
+_SINGLE_VALUED = frozenset({"content-length"})  # (other repeated headers are joined with ", ", as urllib3 does)
 _DIRECT_OWN_HEADERS = frozenset({"host", "content-length", "accept-encoding", "transfer-encoding"})
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z").match
-_HEADER_VALUE = re.compile(r"[^\x00-\x08\x0a-\x1f\x7f]*\Z").match
+_HEADER_VALUE = re.compile(r"(?![ \t])[^\x00-\x08\x0a-\x1f\x7f]*\Z").match  # (no leading white space either)
+_TARGET_OK = re.compile(r"[^\x00-\x20\x7f]+\Z").match
+
+
+@functools.lru_cache(maxsize=256)
+def _split_url(url: str) -> tuple[str, str, str]:
+    """(scheme, host[:port], request target) of an absolute URL; the target percent-encoded as requests
+    does it, and refused if it still holds white space or a control character."""
+    parts = urllib.parse.urlsplit(url)
+    target = requests.utils.requote_uri((parts.path or "/") + (f"?{parts.query}" if parts.query else ""))
+    if not _TARGET_OK(target):
+        raise ValueError(f"invalid characters in the URL's path or query: {target[:200]!r}")
+    return parts.scheme, parts.netloc, target
 
 
 def _read_headers(reader: Any) -> list[tuple[str, str]]:

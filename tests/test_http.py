@@ -251,12 +251,76 @@ def test_plain_calls_skip_requests_machinery_with_the_same_headers_and_answers(s
     assert sent[0]["content-type"] == "application/json"
 
 
-def test_a_redirect_on_the_direct_path_is_followed(server):
-    moved = (307, {"Location": "/moved"}, None)
-    script, url = server(moved, moved, (200, {}, {"ok": 1}))
+def test_a_redirect_on_the_direct_path_is_followed_from_its_answer(server):
+    """A redirect is followed from the answer, as requests follows one, without sending the call again: a POST
+    answered 303 (processed: "see the result there") reaches the server once, then a GET without its body; a
+    307 repeats the call, body and all, at the new place; a redirect to another host does not carry the
+    credentials along."""
+    script, url = server((303, {"Location": "/created/1"}, None), (200, {}, {"id": 1}))
+    s = VendorSession("Vendor", url, retry=fast_policy(max_attempts=1), auth=lambda: {"Authorization": "Bearer t0k"})
+    assert s.request("POST", "/orders", data=b'{"x": 1}', headers={"Content-Type": "application/json"}).json() == {
+        "id": 1}
+    assert [(m, p) for m, p, _ in script.received] == [("POST", "/orders"), ("GET", "/created/1")]
+    assert "Content-Type" not in script.received[1][2]
+
+    script.steps = [(307, {"Location": "/v2/orders"}, None), (201, {}, {"id": 2})]
+    script.received.clear()
+    assert s.request("POST", "/orders", data=b'{"x": 2}').json() == {"id": 2}
+    assert [(m, p) for m, p, _ in script.received] == [("POST", "/orders"), ("POST", "/v2/orders")]
+
+    elsewhere = url.replace("127.0.0.1", "localhost")  # the same server under another host name
+    script.steps = [(302, {"Location": f"{elsewhere}/public"}, None), (200, {}, {"ok": 1})]
+    script.received.clear()
+    assert s.get_json("/private") == {"ok": 1}
+    assert [p for _, p, _ in script.received] == ["/private", "/public"]
+    assert script.received[0][2]["Authorization"] == "Bearer t0k"
+    assert "Authorization" not in script.received[1][2]
+
+
+def test_the_direct_path_encodes_its_request_target_and_merges_headers_as_requests_does(server):
+    """The path is percent-encoded as requests encodes it (a space, a non-ASCII character; a line break is
+    dropped, as urllib.parse drops it: no request splitting); a call's header replaces the session's of the same name
+    whatever its case, None removes one, a bytes value is sent as is."""
+    script, url = server((200, {}, {"ok": 1}))
     s = VendorSession("Vendor", url, retry=fast_policy())
-    assert s.get_json("/old") == {"ok": 1}  # the direct call's 307 hands the call to requests, which follows it
-    assert [p for _, p, _ in script.received] == ["/old", "/old", "/moved"]
+    assert s.get_json("/lists/my list €") == {"ok": 1}
+    assert script.received[-1][1] == "/lists/my%20list%20%E2%82%AC"
+    assert s.get_json("/lists/x\r\nX-Injected: 1") == {"ok": 1}  # the line break dropped (urllib.parse): no
+    assert script.received[-1][1] == "/lists/xX-Injected:%201" and "X-Injected" not in script.received[-1][2]
+    s.request("GET", "/h", headers={"accept": "text/csv", "User-Agent": None, "X-B": b"v"})
+    sent = script.received[-1][2]
+    assert [v for k, v in sent.items() if k.lower() == "accept"] == ["text/csv"]
+    assert "User-Agent" not in sent and sent["X-B"] == "v"
+
+
+def test_an_early_answer_while_the_body_is_sent_is_read(server):
+    """A server that answers before reading the whole body (413: too large) and closes: the answer is read and
+    reported (not a lost connection), as urllib3 does."""
+    script, url = server((200, {}, None))
+    big = b"x" * (16 << 20)
+    answer = b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\nContent-Length: 15\r\n\r\n" \
+             b'{"detail":"no"}'
+    import socket as _socket
+
+    listener = _socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve():
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.sendall(answer)
+        conn.shutdown(_socket.SHUT_WR)
+        time.sleep(0.2)
+        conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    s = VendorSession("Vendor", f"http://127.0.0.1:{port}", retry=fast_policy(max_attempts=1))
+    with pytest.raises(VendorAPIError) as err:
+        s.request("POST", "/upload", data=big)
+    assert err.value.status == 413 and "no" in str(err.value)
+    thread.join(5)
+    listener.close()
 
 
 def test_read_timeout_on_the_direct_path_is_retried_only_when_safe(server):
@@ -304,7 +368,8 @@ def test_gzip_and_deflate_answers_on_the_direct_path_are_inflated(server):
 
     payload = json.dumps({"ok": "x" * 2000}).encode()
     for encoding, body in (("gzip", gzip.compress(payload)), ("deflate", zlib.compress(payload)),
-                           ("deflate", zlib.compress(payload)[2:-4])):  # zlib-wrapped, and raw deflate
+                           ("deflate", zlib.compress(payload)[2:-4]),  # zlib-wrapped, and raw deflate
+                           ("gzip", gzip.compress(payload[:100]) + gzip.compress(payload[100:]))):  # two members
         script, url = server((200, {}, None))
         s = VendorSession("Vendor", url, retry=fast_policy())
         script.steps = [("raw", {"Content-Encoding": encoding}, body)]
@@ -341,7 +406,9 @@ def test_a_broken_answer_on_the_direct_path_is_a_connection_error(server):
     is not repeated: the vendor may have processed it; a GET is, on a fresh connection)."""
     for answer in (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"cut",
                    b"SSH-2.0-OpenSSH\r\n\r\n",
-                   b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"):
+                   b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+                   b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 5\r\n\r\n{}",  # which one?
+                   b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\n{}"):  # a digit, but not an ASCII one
         script, url = server(("wire", {"close": True}, answer), (200, {}, {"ok": 1}))
         s = VendorSession("Vendor", url, retry=fast_policy())
         with pytest.raises(VendorAPIError, match="ConnectionError"):
