@@ -364,7 +364,7 @@ class VendorSession:
             return self.session.request(method, url, headers=headers, proxies=proxies, **kwargs)
         timeout = kwargs["timeout"]
         connect, read = timeout if isinstance(timeout, tuple) else (timeout, timeout)
-        scheme, host, target = _split_url(url)  # raises ValueError for a target with spaces or control characters
+        scheme, host, target = _split_url(url)
         merged = {}  # the session's headers, then the call's (names compared without case; None drops one)
         for name, value in (*self.session.headers.items(), *headers.items()):
             merged[name.lower()] = (name, value.decode("latin-1") if value.__class__ is bytes else value)
@@ -420,8 +420,8 @@ class VendorSession:
         if status == 303 or (status in (301, 302) and method == "POST"):
             method, kwargs = ("HEAD" if method == "HEAD" else "GET"), {**kwargs, "data": None}
             headers = {k: v for k, v in headers.items() if k.lower() not in ("content-type", "content-length")}
-        if urllib.parse.urlsplit(target).netloc != urllib.parse.urlsplit(url).netloc:
-            headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}  # not to another host
+        if self.session.should_strip_auth(url, target):  # requests' own rule: not to another host
+            headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
         return self.session.request(method, target, headers=headers, proxies=self.proxies_for(target), **kwargs)
 
     def _origin(self, scheme: str, host: str, verify: bool | str) -> _Origin:
@@ -628,18 +628,15 @@ _SINGLE_VALUED = frozenset({"content-length"})  # (other repeated headers are jo
 _DIRECT_OWN_HEADERS = frozenset({"host", "content-length", "accept-encoding", "transfer-encoding"})
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z").match
 _HEADER_VALUE = re.compile(r"(?![ \t])[^\x00-\x08\x0a-\x1f\x7f]*\Z").match  # (no leading white space either)
-_TARGET_OK = re.compile(r"[^\x00-\x20\x7f]+\Z").match
 
 
 @functools.lru_cache(maxsize=256)
 def _split_url(url: str) -> tuple[str, str, str]:
     """(scheme, host[:port], request target) of an absolute URL; the target percent-encoded as requests
-    does it, and refused if it still holds white space or a control character."""
+    does it (white space and control characters included: urllib.parse drops line breaks and tabs)."""
     parts = urllib.parse.urlsplit(url)
-    target = requests.utils.requote_uri((parts.path or "/") + (f"?{parts.query}" if parts.query else ""))
-    if not _TARGET_OK(target):
-        raise ValueError(f"invalid characters in the URL's path or query: {target[:200]!r}")
-    return parts.scheme, parts.netloc, target
+    return parts.scheme, parts.netloc, requests.utils.requote_uri(
+        (parts.path or "/") + (f"?{parts.query}" if parts.query else ""))
 
 
 def _read_headers(reader: Any) -> list[tuple[str, str]]:

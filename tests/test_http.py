@@ -293,23 +293,20 @@ def test_the_direct_path_encodes_its_request_target_and_merges_headers_as_reques
     assert "User-Agent" not in sent and sent["X-B"] == "v"
 
 
-def test_an_early_answer_while_the_body_is_sent_is_read(server):
+def test_an_early_answer_while_the_body_is_sent_is_read():
     """A server that answers before reading the whole body (413: too large) and closes: the answer is read and
     reported (not a lost connection), as urllib3 does."""
-    script, url = server((200, {}, None))
     big = b"x" * (16 << 20)
     answer = b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\nContent-Length: 15\r\n\r\n" \
              b'{"detail":"no"}'
-    import socket as _socket
-
-    listener = _socket.create_server(("127.0.0.1", 0))
+    listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
 
     def serve():
         conn, _ = listener.accept()
         conn.recv(65536)
         conn.sendall(answer)
-        conn.shutdown(_socket.SHUT_WR)
+        conn.shutdown(socket.SHUT_WR)
         time.sleep(0.2)
         conn.close()
 

@@ -435,7 +435,7 @@ class RowValidator:
                 mapped.append(item)
                 keys.append(item.key)
                 if vids is not None:
-                    vids.append(item.member if item.email is not None else member_id(item.key))
+                    vids.append(self._value_id(item))
             else:
                 rejects.append(item)
         if not mapped:
@@ -485,20 +485,21 @@ class RowValidator:
         lowered = email.lower() if email is not None else None
         return Record(seg, row_number, key, payload, lowered, member_id(lowered if lowered is not None else key))
 
+    def _value_id(self, r: Record) -> int:
+        """The id of the record's dedupe value: its member id when that value is the email, else the value's
+        (the key's when it has none)."""
+        if self._dedupe_by_email:
+            return r.member if r.email is not None else member_id(r.key)
+        value = r.payload.get(self._dedupe_field) if self._dedupe_field else None
+        return member_id(str(value)) if value is not None else member_id(r.key)
+
     def _dedupe(self, records: list[Record], keys: list[str] | None = None,
                 vids: list[int] | None = None) -> tuple[list[Record], list[Reject]]:
         """Records in order, without duplicates of a key in this segment or of a value in this export
         (``keys`` and ``vids``: the records' keys and value ids when the caller has them)."""
         dedupe = self._dedupe_field
-        if vids is not None:
-            pass
-        elif self._dedupe_by_email:
-            vids = [r.member if r.email is not None else member_id(r.key) for r in records]
-        else:
-            vids = []
-            for r in records:
-                value = r.payload.get(dedupe) if dedupe else None
-                vids.append(member_id(str(value)) if value is not None else member_id(r.key))
+        if vids is None:
+            vids = list(map(self._value_id, records))
         if keys is None:
             keys = [r.key for r in records]
         verdicts = self._deduper.check_many(keys, vids, self._segment_index)
