@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
+import msgspec
 import pytest
 
 from airflow_provider_segexport.export import records as R
 from airflow_provider_segexport.export.records import FieldMapping, MappingError, Record, Reject, RowValidator
+from airflow_provider_segexport.http import encode_json
 
 MAPPING = FieldMapping({"email": "email", "FNAME": "first_name", "CITY": "city"}, key_column="customer_id",
                        required=["CITY"], max_lengths={"FNAME": 10})
@@ -266,6 +270,13 @@ def test_chunk_validation_gives_exactly_the_row_by_row_answers():
         got_records, got_rejects = chunked.many(tuples[start: start + 7], start + 1)
         records += got_records
         rejects += got_rejects
+    # the inlined path also keeps the payload's JSON (the one-by-one path does not): the same bytes encode_json
+    # makes of the payload, in the documented layout (the email field first)
+    with_json = [r for r in records if r.payload_json is not None]
+    assert len(with_json) >= 5
+    for r in with_json:
+        assert r.payload_json == encode_json(r.payload) and r.payload_json.startswith(b'{"email":"' + r.payload["email"].encode() + b'"')
+    records = [msgspec.structs.replace(r, payload_json=None) for r in records]
     assert [r for r in expected if isinstance(r, Record)] == records
     assert [r for r in expected if isinstance(r, Reject)] == rejects
     assert {r.reason for r in rejects} >= {R.DUPLICATE, R.MISSING_EMAIL, R.INVALID_EMAIL, R.MISSING_VALUE,
@@ -302,6 +313,38 @@ def test_mailchimp_chunk_preparation_gives_exactly_the_one_by_one_answers(tmp_pa
     assert rejected == [r for r in expected if isinstance(r, Reject)]
     assert [r.reason for r in rejected] == [R.PREVIOUSLY_REFUSED, R.TOO_LONG]
     refusals.close()
+
+
+@pytest.mark.parametrize("fields, tag_segments, status", [
+    ({"email": "email", "FNAME": "first_name", "CITY": "city"}, True, "subscribed"),
+    ({"CITY": "city", "FNAME": "first_name", "EMAIL": "email"}, False, "pending"),  # the email mapped last
+    ({"email": "email"}, True, "transactional"),  # no merge field at all
+])
+def test_mailchimp_member_json_cut_from_the_payload_json_is_the_one_encoded_from_a_dict(fields, tag_segments, status):
+    """Mailchimp builds a member's JSON from the validator's JSON of the payload (bytes cut and joined, not a
+    dict encoded again): it must be byte for byte the JSON ``prepare`` encodes from the member dict, whatever
+    the values hold (accents, quotes, backslashes, emoji, control characters), the mapping's order and the
+    options."""
+    from airflow_provider_segexport.destinations.mailchimp import MailchimpDestination
+    from airflow_provider_segexport.export.records import Deduper
+
+    mapping = FieldMapping(fields, email_field="email" if "email" in fields else "EMAIL")
+    dest = MailchimpDestination(None, "aud", mapping, tag_segments=tag_segments, status_if_new=status)
+    dest.field_types = {tag: {"type": "text"} for tag in fields if tag.lower() != "email"}
+    names = ["Ann", "Zoë", 'Jo "JJ"', "back\\slash", "tab\there", "émoji 🎉", "O'Brien", "<b>&amp;</b>", None, "x" * 200]
+    validator = RowValidator(mapping, "vip segment", Deduper(), 0)
+    values = [{"customer_id": f"C{i}", "email": f"User.{i}+tag@Example-{i % 3}.co.uk", "first_name": names[i % 10],
+               "city": names[(i * 3) % 10]} for i in range(40)]
+    rows = [tuple(v[c] for c in validator.columns) for v in values]
+    records, rejects = validator.many(rows, 1)
+    assert not rejects and all(r.payload_json is not None for r in records)
+    by_dict = [dest.prepare(msgspec.structs.replace(r, payload_json=None)) for r in records]
+    got, refused = dest.prepare_many(records)
+    assert not refused and [r.body for r in got] == [r.body for r in by_dict]
+    assert [r.payload for r in got] == [r.payload for r in records]  # the payload stays as validated
+    member = json.loads(got[1].body)
+    assert member["email_address"] == "User.1+tag@Example-1.co.uk" and member["status_if_new"] == status
+    assert ("tags" in member) == tag_segments and ("merge_fields" in member) == (len(fields) > 1)
 
 
 def test_mailchimp_batch_outcome_counts_the_answer_and_matches_only_the_errors(tmp_path):

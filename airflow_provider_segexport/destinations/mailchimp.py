@@ -10,6 +10,7 @@ import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date, datetime
+from functools import cached_property
 from typing import Any
 
 from airflow_provider_segexport.export.engine import (
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 STATUS_IF_NEW = ("subscribed", "pending", "transactional")
 MODES = ("upsert", "mirror")
 TEXT_MAX = 255
+_MEMBER_JSON_HEAD = b'{"email_address":'  # how a member's JSON begins (keys in _member's order)
 #: Refusals Mailchimp will repeat forever for the same address: remembered across runs.
 PERMANENT_MARKERS = ("permanently deleted", "compliance state", "forgotten email")
 _ABSENT = object()
@@ -179,8 +181,7 @@ class MailchimpDestination(Destination):
                 return Reject(record.segment, record.row, record.key, reason, tag,
                               f"merge field {tag} ({self.field_types.get(tag, {}).get('type', 'text')}): {problem}")
             merge[tag] = value
-        record.payload = self._member(email, merge, record.segment)
-        record.body = _encode(record.payload)
+        record.body = _encode(self._member(email, merge, record.segment))  # the payload stays as validated
         return record
 
     def _member(self, email: str, merge: dict[str, Any], segment: str) -> dict[str, Any]:
@@ -200,10 +201,29 @@ class MailchimpDestination(Destination):
         tags = [tag for tag, _ in converters]
         email_field, member, encode = self.email_field, self._member, _encode
         refused = self.refusals.known if self.refusals is not None else {}
+        # The member's JSON cut from the validator's JSON of the payload (Record.payload_json: the address
+        # first, then the merge fields in mapping order, all text) instead of a dict per member encoded again:
+        # {"email":"a@b.c","FNAME":"Ann"} -> {"email_address":"a@b.c","status_if_new":..,"merge_fields":{"FNAME":"Ann"}}
+        # A payload JSON of at most TEXT_MAX bytes holds no value over TEXT_MAX characters.
+        start = len(self._payload_json_head)
+        head, after = _MEMBER_JSON_HEAD, self._member_json_after
+        merge_open = after + b',"merge_fields":{'
+        segment, tail = None, b""  # a chunk's records are of one segment: its tail is made once
         out: list[Record] = []
         rejects: list[Reject] = []
         for r in records:
             if not (refused and r.member in refused):
+                raw = r.payload_json  # set with the address (r.email) by the validator's usual path
+                if raw is not None and len(raw) <= TEXT_MAX:
+                    if r.segment is not segment:
+                        segment, tail = r.segment, self._member_json_tail(r.segment)
+                    end = start + len(r.email) + 2  # past the address and its quotes
+                    if end + 1 < len(raw):  # merge fields follow (after the comma)
+                        r.body = head + raw[start:end] + merge_open + raw[end + 1:] + tail
+                    else:
+                        r.body = head + raw[start:end] + after + tail
+                    out.append(r)
+                    continue
                 payload = r.payload
                 merge = {}
                 for tag in tags:
@@ -213,13 +233,28 @@ class MailchimpDestination(Destination):
                             break
                         merge[tag] = value
                 else:
-                    r.payload = m = member(payload[email_field], merge, r.segment)
-                    r.body = encode(m)
+                    r.body = encode(member(payload[email_field], merge, r.segment))
                     out.append(r)
                     continue
             item = self.prepare(r)  # refused for good earlier, or a value to convert or refuse: one by one
             (out if item.__class__ is Record else rejects).append(item)
         return out, rejects
+
+    @cached_property
+    def _payload_json_head(self) -> bytes:
+        """How the validator's payload JSON begins: ``{"<email field>":``."""
+        return b"{" + _encode(self.email_field) + b":"
+
+    @cached_property
+    def _member_json_after(self) -> bytes:
+        """What follows the address in a member's JSON (keys in :meth:`_member`'s order)."""
+        return b',"status_if_new":' + _encode(self.status_if_new)
+
+    def _member_json_tail(self, segment: str) -> bytes:
+        """What ends a member's JSON: its tags (the segment's), then ``}``."""
+        if not self.tag_segments:
+            return b"}"
+        return b',"tags":' + _encode(self._segment_tags.get(segment) or [segment]) + b"}"
 
     def _converters(self) -> list:
         """(merge tag, converter or None for plain text) in mapping order, from the audience's field types
@@ -258,17 +293,17 @@ class MailchimpDestination(Destination):
         if errors:  # only the refused are looked up (most batches of a real audience have one or two)
             messages = {email: message for email, (_, message) in answer_statuses({"errors": errors}).items()}
             for r in records:
-                email = r.email or _email_of(r)
+                email = self._email_of(r)
                 if email in messages:
                     refused.append(Outcome(r, "rejected", messages[email]))
             if refused and self.refusals is not None:  # refused for good: rejected up front by later runs
-                self.refusals.add_many((o.record.email or _email_of(o.record), o.message) for o in refused
+                self.refusals.add_many((self._email_of(o.record), o.message) for o in refused
                                        if is_permanent_refusal(o.message))
         unchanged = len(records) - created - updated - len(refused)
         if unchanged < 0:  # more members counted than sent (not Mailchimp's answer)
             if answer.get("new_members") or answer.get("updated_members"):  # listed: match each by address
                 get = answer_statuses(answer).get
-                return BatchOutcome.of([Outcome(r, *get(r.email or _email_of(r), _UNCHANGED)) for r in records])
+                return BatchOutcome.of([Outcome(r, *get(self._email_of(r), _UNCHANGED)) for r in records])
             log.warning("Mailchimp counted %d created and %d updated for a batch of %d members (%d refused); "
                         "counting the excess as unchanged", created, updated, len(records), len(refused))
             room = len(records) - len(refused)
@@ -314,13 +349,12 @@ class MailchimpDestination(Destination):
                 removed += int(answer.get("total_removed", 0))
         return {"removed": removed}
 
+    def _email_of(self, record: Record) -> str:
+        """A record's address in lower case (records keep it in ``email`` as a rule; else the payload's)."""
+        return record.email or str(record.payload.get(self.email_field, "")).lower()
+
     def http_stats(self) -> dict[str, int]:
         return self.hook.http.stats.as_dict() if "http" in self.hook.__dict__ else {}
-
-
-def _email_of(record: Record) -> str:
-    """A record's address in lower case, from the member sent (records keep it in ``email`` as a rule)."""
-    return str(record.payload.get("email_address", "")).lower()
 
 
 def answer_statuses(answer: dict) -> dict[str, tuple[str, str | None]]:
@@ -370,7 +404,8 @@ class MailchimpBatchOperationsDestination(MailchimpDestination):
         self._op_lock = threading.Lock()
 
     def send(self, segment: Segment, records: list[Record]) -> list[Outcome]:
-        body = {"members": [r.payload for r in records], "update_existing": True, "sync_tags": False}
+        members = b",".join(r.body if r.body is not None else _encode(r.payload) for r in records)
+        body = (b'{"members":[' + members + b'],"update_existing":true,"sync_tags":false}').decode("utf-8")
         with self._op_lock:
             if self._fh is None:
                 self._sidecar = self.work_dir / f"batch-{len(self.groups):05d}.jsonl"
@@ -378,9 +413,9 @@ class MailchimpBatchOperationsDestination(MailchimpDestination):
                 self._fh = self._sidecar.open("w", encoding="utf-8")
             op_id = f"{len(self.groups)}-{len(self._ops)}"
             self._ops.append({"method": "POST", "path": f"/lists/{self.target}", "operation_id": op_id,
-                              "body": json.dumps(body, ensure_ascii=False)})
+                              "body": body})
             for r in records:
-                self._fh.write(json.dumps([op_id, r.segment, r.row, r.key, r.payload["email_address"].lower(),
+                self._fh.write(json.dumps([op_id, r.segment, r.row, r.key, self._email_of(r),
                                            r.member, r.fp], ensure_ascii=False) + "\n")
             if len(self._ops) >= self.ops_per_batch:
                 self._submit_locked()

@@ -79,9 +79,16 @@ class Record(msgspec.Struct, gc=False):
     email: str | None = None
     #: the member's stable id (:func:`member_id` of the email, else of the key)
     member: int = 0
-    #: set when export state is kept: the fingerprint of the encoded payload, and that encoding
+    #: set when export state is kept: the fingerprint of the payload's JSON
     fp: int = 0
+    #: what is sent for this member, when the destination encodes it ahead of the batch
     body: bytes | None = None
+    #: the payload's JSON as the validator made it, when the row took the usual path (else ``None``):
+    #: ``{"<email field>":"<address>"``, then ``,"<field>":"<text>"`` for the other fields in mapping order,
+    #: then ``}`` (msgspec's compact UTF-8 JSON; the address is ASCII without quotes or backslashes, so it
+    #: is encoded as itself between quotes). A destination that sends the payload reshaped builds its member
+    #: from these bytes instead of encoding it again (the fingerprint was made from them).
+    payload_json: bytes | None = None
 
 
 class Reject(msgspec.Struct, gc=False):
@@ -419,11 +426,12 @@ class RowValidator:
                             h.update(lowered.encode("utf-8"))
                             member = from_bytes(h.digest(), "big", signed=True)
                             fp = 0
+                            encoded = encode(payload)  # the fingerprint's input, and the destination's
                             if fingerprint is not None:  # payload_fingerprint(fingerprint, payload), inlined
                                 h = fingerprint.copy()
-                                h.update(encode(payload))
+                                h.update(encoded)
                                 fp = from_bytes(h.digest(), "big", signed=True)
-                            mapped.append(Record(seg, row_number, key, payload, lowered, member, fp))
+                            mapped.append(Record(seg, row_number, key, payload, lowered, member, fp, None, encoded))
                             keys.append(key)
                             if vids is not None:
                                 vids.append(member)
