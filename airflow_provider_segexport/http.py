@@ -414,12 +414,17 @@ class VendorSession:
     def _follow(self, method: str, url: str, status: int, location: str, headers: dict[str, str],
                 kwargs: dict[str, Any]) -> requests.Response:
         """A redirect answered on the direct path, followed as requests follows one (it follows any further
-        ones): 303, and 301/302 after a POST, become a GET without the body; 307/308 repeat the call at the new
-        place. The call itself is not sent again (a POST answered with a redirect was processed once)."""
+        ones; ``Session.rebuild_method`` and ``resolve_redirects``): 302 and 303 become a GET (a HEAD stays one),
+        so does a POST answered 301; the body is dropped unless the answer is 307 or 308, which repeat the call
+        at the new place. The call itself is not sent again (a POST answered with a redirect was processed
+        once)."""
         target = urllib.parse.urljoin(url, location)
-        if status == 303 or (status in (301, 302) and method == "POST"):
-            method, kwargs = ("HEAD" if method == "HEAD" else "GET"), {**kwargs, "data": None}
-            headers = {k: v for k, v in headers.items() if k.lower() not in ("content-type", "content-length")}
+        if status not in (307, 308):
+            if method != "HEAD" and (status in (302, 303) or (status == 301 and method == "POST")):
+                method = "GET"
+            kwargs = {**kwargs, "data": None}
+            headers = {k: v for k, v in headers.items()
+                       if k.lower() not in ("content-type", "content-length", "transfer-encoding")}
         if self.session.should_strip_auth(url, target):  # requests' own rule: not to another host
             headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
         return self.session.request(method, target, headers=headers, proxies=self.proxies_for(target), **kwargs)

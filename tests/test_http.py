@@ -78,7 +78,7 @@ def server():
                 self.wfile.flush()
                 self.close_connection = True
 
-        do_GET = do_POST = do_PUT = do_DELETE = _handle
+        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
 
         def log_message(self, *args):
             pass
@@ -267,6 +267,19 @@ def test_a_redirect_on_the_direct_path_is_followed_from_its_answer(server):
     script.received.clear()
     assert s.request("POST", "/orders", data=b'{"x": 2}').json() == {"id": 2}
     assert [(m, p) for m, p, _ in script.received] == [("POST", "/orders"), ("POST", "/v2/orders")]
+
+    # requests' rules for the other methods: a PUT answered 301 is repeated without its body, 302 and 303 make a
+    # GET, 308 repeats a PATCH with its body
+    for status, method, then in ((301, "PUT", "PUT"), (302, "PUT", "GET"), (303, "DELETE", "GET"),
+                                 (308, "PATCH", "PATCH")):
+        script.steps = [(status, {"Location": "/moved"}, None), (200, {}, {"ok": 1})]
+        script.received.clear()
+        assert s.request(method, "/thing", data=b'{"x": 3}', headers={"Content-Type": "application/json"}
+                         ).status_code == 200
+        assert [(m, p) for m, p, _ in script.received] == [(method, "/thing"), (then, "/moved")]
+        resent = {k.lower(): v for k, v in script.received[1][2].items()}
+        assert (resent.get("content-type") == "application/json") == (status == 308)
+        assert resent.get("content-length", "0") == ("8" if status == 308 else "0")
 
     elsewhere = url.replace("127.0.0.1", "localhost")  # the same server under another host name
     script.steps = [(302, {"Location": f"{elsewhere}/public"}, None), (200, {}, {"ok": 1})]
