@@ -177,8 +177,8 @@ class Destination:
     confirms_later = False
     #: whether members who left the segment are removed (mirror mode)
     mirror = False
-    #: True when :meth:`prepare` / :meth:`prepare_many` set each record's ``body`` (its payload as sent)
-    #: while they build the payload; otherwise the engine encodes it (:meth:`encode`) when state is kept
+    #: True when :meth:`prepare` / :meth:`prepare_many` set each record's ``body`` (the member as sent, JSON)
+    #: while they convert it; otherwise the engine encodes the payload (:meth:`encode`) when state is kept
     encodes_bodies = False
 
     def member_key(self, record: Record) -> str:
