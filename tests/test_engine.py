@@ -292,6 +292,40 @@ def test_file_sources(tmp_path, fmt):
     assert summary["totals"]["created"] == 25
 
 
+def test_a_file_in_another_encoding_says_where_and_how_to_read_it(tmp_path):
+    """A CSV saved as Windows-1252 is not read as UTF-8 garbage nor stopped by a bare UnicodeDecodeError: the error
+    names the file, the encoding, the row it follows and the fix; with the segment's ``encoding`` it is read."""
+    lines = ["customer_id,email,first_name"] + [f"C{i},u{i}@example.com,Ann" for i in range(3000)]
+    lines.insert(2500, "C-x,lois@example.com,Loïs")  # a byte 0xef well past the first decoded block
+    path = tmp_path / "seg.csv"
+    path.write_bytes(("\n".join(lines) + "\n").encode("cp1252"))
+    with pytest.raises(SourceError) as caught:
+        run(Recorder(), [Segment("f", FileSource(str(path)))], tmp_path)
+    message = str(caught.value)
+    assert "seg.csv is not utf-8 text" in message and "(0xef)" in message and "'encoding'" in message
+    after = int(re.search(r"after row ([\d,]+)", message).group(1).replace(",", ""))
+    assert 2000 < after < 2500  # rows before the bad byte were read; it lies after this one
+    (seg,) = segments_from_spec([{"name": "f", "path": str(path), "encoding": "cp1252"}])
+    dest = Recorder()
+    summary = run(dest, [seg], tmp_path)
+    assert summary["totals"]["created"] == 3001 and "lois@example.com" in dest.sent
+    assert [r["first_name"] for r in seg.source.rows() if r["customer_id"] == "C-x"] == ["Loïs"]
+    with pytest.raises(SourceError, match="Unknown encoding 'utf-9'"):
+        FileSource(str(path), encoding="utf-9")
+
+
+def test_a_json_lines_value_that_is_not_valid_unicode_is_a_reject(tmp_path):
+    """JSON may escape a lone surrogate ("\\udce9"): that row is rejected naming its field, the others are sent."""
+    path = tmp_path / "seg.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows(4))
+                    + '{"customer_id": "C9", "email": "x@example.com", "first_name": "Lo\\udce9s"}\n')
+    summary = run(Recorder(), [Segment("f", FileSource(str(path)))], tmp_path)
+    assert (summary["totals"]["created"], summary["totals"]["rejected"]) == (4, 1)
+    (reject,) = [json.loads(x) for x in (tmp_path / "rejects.jsonl").read_text().splitlines()]
+    assert (reject["key"], reject["reason"], reject["field"]) == ("C9", "invalid_value", "FNAME")
+    assert "not valid Unicode" in reject["message"]
+
+
 def test_missing_file_and_unknown_format(tmp_path):
     with pytest.raises(Exception, match="Cannot tell the format"):
         FileSource(str(tmp_path / "x.txt"))

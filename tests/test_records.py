@@ -259,7 +259,8 @@ def test_chunk_validation_gives_exactly_the_row_by_row_answers():
             row("C24", "quinn@example.com\nrae@example.com"), row("C25", "sam\ud800@example.com"),
             row("C26", "İvy@example.com"), row("C27", "tom@-example.com"), row("C28", "uma@example-.com"),
             row("C29", "vic@" + "a" * 63 + ".com"), row("C30", "wes@" + "a" * 64 + ".com"), row("C31", 42),
-            row("C32", "xia@example.c0m"), row("C33", "yul@a.b-c.example.com")]
+            row("C32", "xia@example.c0m"), row("C33", "yul@a.b-c.example.com"),
+            row("C34", "zed@example.com", first="Lo\udce9s"), row("C\udc80", "amy@example.com")]
     tuples = [tuple(r[c] for c in ("customer_id", "email", "first_name", "city")) for r in rows]
     one = RowValidator(MAPPING, "vip", Deduper(), 0)
     expected = [one(i, t) for i, t in enumerate(tuples, start=1)]
@@ -286,6 +287,33 @@ def test_chunk_validation_gives_exactly_the_row_by_row_answers():
                                                                                       if i != 29}
     as_dicts = RowValidator(MAPPING, "vip", Deduper(), 0).many(rows, 1)  # rows as dicts: one by one
     assert as_dicts == ([r for r in expected if isinstance(r, Record)], [r for r in expected if isinstance(r, Reject)])
+
+
+def test_a_value_or_key_that_is_not_valid_unicode_is_a_reject_naming_its_column(tmp_path):
+    """Text holding a lone surrogate (decoded with the wrong encoding, or with errors='surrogateescape') cannot be
+    sent as JSON: the row is rejected with its column named, on the inlined path as one by one, and the rejects
+    file can still hold the reject (its key escaped); the valid rows around it go on."""
+    from pathlib import Path
+
+    from airflow_provider_segexport.export.records import Deduper
+    from airflow_provider_segexport.export.report import RejectsWriter
+
+    rows = [("C1", "ann@example.com", "Ann", "Paris"), ("C2", "bob@example.com", "Lo\udce9s", "Paris"),
+            ("C3\udc80", "cy@example.com", "Cy", "Rome"), ("C4", "di@example.com", "Di", "\ud800"),
+            ("C5", "ed@example.com", "Zoë", "Oslo")]
+    records, rejects = RowValidator(MAPPING, "vip", Deduper(), 0, fingerprint=R._MEMBER_HASHER).many(rows, 1)
+    assert [r.key for r in records] == ["C1", "C5"]
+    assert [(r.row, r.key, r.reason, r.field) for r in rejects] == [
+        (2, "C2", R.INVALID_VALUE, "FNAME"), (3, "C3\\udc80", R.INVALID_VALUE, "customer_id"),
+        (4, "C4", R.INVALID_VALUE, "CITY")]
+    assert all("not valid Unicode" in r.message and "fix the text in the source" in r.message for r in rejects)
+    assert "column 'first_name'" in rejects[0].message
+    writer = RejectsWriter(Path(tmp_path / "rejects.jsonl"))
+    for r in rejects:
+        writer.write(r)
+    writer.close()
+    assert [json.loads(x)["key"] for x in open(tmp_path / "rejects.jsonl", encoding="utf-8")] == [
+        "C2", "C3\\udc80", "C4"]
 
 
 def test_mailchimp_chunk_preparation_gives_exactly_the_one_by_one_answers(tmp_path):

@@ -403,7 +403,7 @@ class RowValidator:
             else:
                 key = key.strip()
                 email = row[email_index]
-                if not key or email.__class__ is not str:
+                if not key or email.__class__ is not str or not key.isascii():
                     item = slow(row_number, row)
                 else:
                     email = email.strip()
@@ -421,21 +421,25 @@ class RowValidator:
                             elif value is not None or required:
                                 break  # another type to convert, or a required field missing
                         else:
-                            lowered = email.lower()  # member_id(lowered), inlined: ~1 µs a row less
-                            h = hasher.copy()
-                            h.update(lowered.encode("utf-8"))
-                            member = from_bytes(h.digest(), "big", signed=True)
-                            fp = 0
-                            encoded = encode(payload)  # the fingerprint's input, and the destination's
-                            if fingerprint is not None:  # payload_fingerprint(fingerprint, payload), inlined
-                                h = fingerprint.copy()
-                                h.update(encoded)
-                                fp = from_bytes(h.digest(), "big", signed=True)
-                            mapped.append(Record(seg, row_number, key, payload, lowered, member, fp, None, encoded))
-                            keys.append(key)
-                            if vids is not None:
-                                vids.append(member)
-                            continue
+                            try:
+                                encoded = encode(payload)  # the fingerprint's input, and the destination's
+                            except UnicodeEncodeError:
+                                pass  # a lone surrogate in a value: the one-by-one path below rejects the row
+                            else:
+                                lowered = email.lower()  # member_id(lowered), inlined: ~1 µs a row less
+                                h = hasher.copy()
+                                h.update(lowered.encode("utf-8"))
+                                member = from_bytes(h.digest(), "big", signed=True)
+                                fp = 0
+                                if fingerprint is not None:  # payload_fingerprint(fingerprint, payload), inlined
+                                    h = fingerprint.copy()
+                                    h.update(encoded)
+                                    fp = from_bytes(h.digest(), "big", signed=True)
+                                mapped.append(Record(seg, row_number, key, payload, lowered, member, fp, None, encoded))
+                                keys.append(key)
+                                if vids is not None:
+                                    vids.append(member)
+                                continue
                         item = slow(row_number, row)
             if item.__class__ is Record:
                 if fingerprint is not None:
@@ -466,6 +470,9 @@ class RowValidator:
         if not key:
             return Reject(seg, row_number, None, MISSING_KEY, self.mapping.key_column,
                           f"column '{self.mapping.key_column}' is empty")
+        if not key.isascii() and not _is_unicode(key):
+            return Reject(seg, row_number, _escaped(key), INVALID_VALUE, self.mapping.key_column,
+                          f"column '{self.mapping.key_column}' {_NOT_UNICODE}")
         payload: dict[str, Any] = {}
         email = None
         for dest, col, index, kind, limit, required in self._plan:
@@ -481,6 +488,8 @@ class RowValidator:
                 value = value.strip()
             elif value is not None:
                 value = _clean(value)
+            if value.__class__ is str and not value.isascii() and not _is_unicode(value):
+                return Reject(seg, row_number, key, INVALID_VALUE, dest, f"'{dest}' (column '{col}') {_NOT_UNICODE}")
             if value is None or value == "":
                 if required:
                     return Reject(seg, row_number, key, MISSING_VALUE, dest,
@@ -529,6 +538,24 @@ class RowValidator:
                                       f"the same {what} (case-insensitive) appears earlier in this export for "
                                       f"another customer, or twice for this customer in segment '{seg}'"))
         return kept, rejects
+
+
+_NOT_UNICODE = ("holds a character that is not valid Unicode (a lone surrogate: text decoded with the wrong "
+                "encoding or with errors='surrogateescape'); fix the text in the source")
+
+
+def _is_unicode(text: str) -> bool:
+    """True if ``text`` can be encoded as UTF-8 (it holds no lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _escaped(text: str) -> str:
+    """``text`` with its lone surrogates written as ``\\udXXX`` (a reject's key must be writable)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def row_of(item: Reject) -> int:

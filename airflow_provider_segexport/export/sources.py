@@ -6,6 +6,7 @@ Parquet batch by batch), so a segment is never held whole in memory.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import dataclasses
 import io
@@ -216,12 +217,17 @@ class SqlSource(Source):
 
 @dataclass
 class FileSource(Source):
-    """Rows of a CSV, JSON Lines or Parquet file on any ``ObjectStoragePath`` (local, s3://, gs://...)."""
+    """Rows of a CSV, JSON Lines or Parquet file on any ``ObjectStoragePath`` (local, s3://, gs://...).
+
+    CSV and JSON Lines are read as ``encoding`` (UTF-8 by default, a byte-order mark skipped); a byte that
+    does not decode stops the export with the row it follows and the fix.
+    """
 
     path: Any
     format: str | None = None
     conn_id: str | None = None
     csv_options: Mapping[str, Any] = field(default_factory=dict)
+    encoding: str = "utf-8"
 
     def __post_init__(self) -> None:
         from airflow.sdk import ObjectStoragePath
@@ -235,10 +241,36 @@ class FileSource(Source):
                 "format='csv'|'jsonl'|'parquet'."
             )
         self.format = fmt
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise SourceError(f"Unknown encoding {self.encoding!r} for {self.path}: use a Python codec name such "
+                              "as 'utf-8', 'cp1252' or 'latin-1'.") from None
 
     @property
     def description(self) -> str:
         return f"file {self.path}"
+
+    def _open_text(self, csv: bool = True) -> Any:
+        """The file as text in its encoding (UTF-8 with or without a byte-order mark by default)."""
+        utf8 = codecs.lookup(self.encoding).name == "utf-8"
+        return self.path.open("r", encoding="utf-8-sig" if utf8 else self.encoding, newline="" if csv else None)
+
+    def _decoded(self, items: Iterator[Any], header: bool = False) -> Iterator[Any]:
+        """``items`` as read (after a header line if ``header``), a byte that does not decode reported with the
+        row it follows and the fix."""
+        n = -1 if header else 0
+        try:
+            for item in items:
+                yield item
+                n += 1
+        except UnicodeDecodeError as exc:
+            where = f"after row {n:,}" if n > 0 else "in its first lines"
+            raise SourceError(
+                f"{self.description} is not {self.encoding} text: {where} a byte (0x{exc.object[exc.start]:02x}) "
+                f"cannot be decoded ({exc.reason}). Save the file as {self.encoding}, or give the segment the file's "
+                "encoding (a segment dict's 'encoding', e.g. 'cp1252')."
+            ) from None
 
     def _check(self) -> None:
         if not self.path.exists():
@@ -247,8 +279,8 @@ class FileSource(Source):
     def columns(self) -> list[str]:
         self._check()
         if self.format == "csv":
-            with self.path.open("r", encoding="utf-8-sig", newline="") as fh:
-                return next(csv.reader(fh, **self.csv_options), [])
+            with self._open_text() as fh:
+                return next(self._decoded(csv.reader(fh, **self.csv_options)), [])
         if self.format == "parquet":
             return list(self._parquet().schema_arrow.names)
         for row in self.rows():
@@ -264,12 +296,12 @@ class FileSource(Source):
     def rows(self) -> Iterator[dict[str, Any]]:
         self._check()
         if self.format == "csv":
-            with self.path.open("r", encoding="utf-8-sig", newline="") as fh:
-                for row in csv.DictReader(fh, **self.csv_options):
+            with self._open_text() as fh:
+                for row in self._decoded(csv.DictReader(fh, **self.csv_options)):
                     yield {k: (v if v != "" else None) for k, v in row.items()}
         elif self.format == "jsonl":
-            with self.path.open("r", encoding="utf-8") as fh:
-                for n, line in enumerate(fh, start=1):
+            with self._open_text(csv=False) as fh:
+                for n, line in enumerate(self._decoded(fh), start=1):
                     line = line.strip()
                     if not line:
                         continue
@@ -290,8 +322,8 @@ class FileSource(Source):
             yield from super().tuples(columns)
             return
         self._check()
-        with self.path.open("r", encoding="utf-8-sig", newline="") as fh:
-            reader = csv.reader(fh, **self.csv_options)
+        with self._open_text() as fh:
+            reader = self._decoded(csv.reader(fh, **self.csv_options), header=True)
             header = next(reader, [])
             index = [header.index(c) if c in header else None for c in columns]
             width = len(header)
@@ -454,7 +486,7 @@ def segments_from_spec(
 
     Each item is a segment name (using the operator-level ``sql``, where ``{segment}`` is replaced by
     the quoted segment name, or ``path`` with ``{segment}`` in it) or a dict with ``name`` and one of
-    ``sql`` (+ optional ``conn_id``) or ``path`` (+ optional ``format``).
+    ``sql`` (+ optional ``conn_id``) or ``path`` (+ optional ``format``, ``encoding``).
     """
     if isinstance(spec, (str, dict)):
         spec = [spec]
@@ -470,7 +502,8 @@ def segments_from_spec(
         quoted = "'" + name.replace("'", "''") + "'"
         if item.get("path") or (path and not item.get("sql") and not sql):
             p = str(item.get("path") or path).replace("{segment}", name)
-            source: Source = FileSource(p, format=item.get("format") or file_format, conn_id=item.get("conn_id"))
+            source: Source = FileSource(p, format=item.get("format") or file_format, conn_id=item.get("conn_id"),
+                                        encoding=item.get("encoding") or "utf-8")
         else:
             query = item.get("sql") or sql
             conn_id = item.get("conn_id") or sql_conn_id
