@@ -10,7 +10,6 @@ import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date, datetime
-from functools import cached_property
 from typing import Any
 
 from airflow_provider_segexport.export.engine import (
@@ -46,7 +45,6 @@ log = logging.getLogger(__name__)
 STATUS_IF_NEW = ("subscribed", "pending", "transactional")
 MODES = ("upsert", "mirror")
 TEXT_MAX = 255
-_MEMBER_JSON_HEAD = b'{"email_address":'  # how a member's JSON begins (keys in _member's order)
 #: Refusals Mailchimp will repeat forever for the same address: remembered across runs.
 PERMANENT_MARKERS = ("permanently deleted", "compliance state", "forgotten email")
 _ABSENT = object()
@@ -205,10 +203,8 @@ class MailchimpDestination(Destination):
         # first, then the merge fields in mapping order, all text) instead of a dict per member encoded again:
         # {"email":"a@b.c","FNAME":"Ann"} -> {"email_address":"a@b.c","status_if_new":..,"merge_fields":{"FNAME":"Ann"}}
         # A payload JSON of at most TEXT_MAX bytes holds no value over TEXT_MAX characters.
-        start = len(self._payload_json_head)
-        head, after = _MEMBER_JSON_HEAD, self._member_json_after
-        merge_open = after + b',"merge_fields":{'
-        segment, tail = None, b""  # a chunk's records are of one segment: its tail is made once
+        start = len(_encode(email_field)) + 2  # past '{"<email field>":'
+        segment = None  # a chunk's records are of one segment: its member's parts are made once
         out: list[Record] = []
         rejects: list[Reject] = []
         for r in records:
@@ -216,12 +212,13 @@ class MailchimpDestination(Destination):
                 raw = r.payload_json  # set with the address (r.email) by the validator's usual path
                 if raw is not None and len(raw) <= TEXT_MAX:
                     if r.segment is not segment:
-                        segment, tail = r.segment, self._member_json_tail(r.segment)
+                        segment = r.segment
+                        head, merge_open, tail, plain_tail = self._member_json_parts(segment)
                     end = start + len(r.email) + 2  # past the address and its quotes
                     if end + 1 < len(raw):  # merge fields follow (after the comma)
                         r.body = head + raw[start:end] + merge_open + raw[end + 1:] + tail
                     else:
-                        r.body = head + raw[start:end] + after + tail
+                        r.body = head + raw[start:end] + plain_tail
                     out.append(r)
                     continue
                 payload = r.payload
@@ -240,21 +237,16 @@ class MailchimpDestination(Destination):
             (out if item.__class__ is Record else rejects).append(item)
         return out, rejects
 
-    @cached_property
-    def _payload_json_head(self) -> bytes:
-        """How the validator's payload JSON begins: ``{"<email field>":``."""
-        return b"{" + _encode(self.email_field) + b":"
-
-    @cached_property
-    def _member_json_after(self) -> bytes:
-        """What follows the address in a member's JSON (keys in :meth:`_member`'s order)."""
-        return b',"status_if_new":' + _encode(self.status_if_new)
-
-    def _member_json_tail(self, segment: str) -> bytes:
-        """What ends a member's JSON: its tags (the segment's), then ``}``."""
-        if not self.tag_segments:
-            return b"}"
-        return b',"tags":' + _encode(self._segment_tags.get(segment) or [segment]) + b"}"
+    def _member_json_parts(self, segment: str) -> tuple[bytes, bytes, bytes, bytes]:
+        """A segment's member JSON around its address and merge fields, cut from :meth:`_member`'s own JSON
+        (its shape in one place): (before the address, after it up to the merge fields' first key, after
+        the merge fields' closing brace, after the address when there are no merge fields)."""
+        address, field = "\0address", "\0field"  # escaped in JSON (\u0000): never part of the JSON around them
+        with_merge = _encode(self._member(address, {field: ""}, segment))
+        head, rest = with_merge.split(_encode(address))
+        merge_open, tail = rest.split(_encode(field) + b':""}')
+        plain_tail = _encode(self._member(address, {}, segment)).split(_encode(address))[1]
+        return head, merge_open, tail, plain_tail
 
     def _converters(self) -> list:
         """(merge tag, converter or None for plain text) in mapping order, from the audience's field types

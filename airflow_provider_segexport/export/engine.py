@@ -562,8 +562,9 @@ class ExportEngine:
                     progress.advance(len(rejects), stats.counts)
                 if sid is not None and records and not d.encodes_bodies:  # sent as encoded here
                     if type(d).encode is Destination.encode:
-                        for r in records:
-                            r.body = encode_json(r.payload)
+                        for r in records:  # a payload not converted is sent as the validator encoded it
+                            r.body = r.payload_json if r.payload_json is not None and not prepare \
+                                else encode_json(r.payload)
                     else:
                         for r in records:
                             r.body = d.encode(r)

@@ -251,10 +251,11 @@ class FileSource(Source):
     def description(self) -> str:
         return f"file {self.path}"
 
-    def _open_text(self, csv: bool = True) -> Any:
-        """The file as text in its encoding (UTF-8 with or without a byte-order mark by default)."""
+    def _open_text(self, newline: str | None = "") -> Any:
+        """The file as text in its encoding (UTF-8 with or without a byte-order mark by default); ``newline``
+        as :func:`open` takes it (CSV: ``""``)."""
         utf8 = codecs.lookup(self.encoding).name == "utf-8"
-        return self.path.open("r", encoding="utf-8-sig" if utf8 else self.encoding, newline="" if csv else None)
+        return self.path.open("r", encoding="utf-8-sig" if utf8 else self.encoding, newline=newline)
 
     def _decoded(self, items: Iterator[Any], header: bool = False) -> Iterator[Any]:
         """``items`` as read (after a header line if ``header``), a byte that does not decode reported with the
@@ -300,7 +301,7 @@ class FileSource(Source):
                 for row in self._decoded(csv.DictReader(fh, **self.csv_options)):
                     yield {k: (v if v != "" else None) for k, v in row.items()}
         elif self.format == "jsonl":
-            with self._open_text(csv=False) as fh:
+            with self._open_text(newline=None) as fh:
                 for n, line in enumerate(self._decoded(fh), start=1):
                     line = line.strip()
                     if not line:
