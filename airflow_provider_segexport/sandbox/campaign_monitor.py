@@ -6,21 +6,103 @@ Mounted at ``/createsend/api/v3.3``; every resource ends in ``.json``. Enforced:
   answers 401 ``{"Code": 50, ...}``, a wrong key 401 ``{"Code": 100, "Message": "Invalid API Key"}``,
   a Bearer token 401 ``{"Code": 120, "Message": "Invalid OAuth Token"}`` (no OAuth apps here).
 - ``POST /subscribers/{listid}/import.json``: at most 1,000 subscribers (else 400 Code 209), none
-  (400 Code 212); invalid emails -> FailureDetails Code 1; unsubscribed / deleted / bounced /
-  unconfirmed / suppressed addresses are not re-added without ``"Resubscribe": true`` (FailureDetails
-  206 / 205 / 207 / 208 / 204); ``ConsentToTrack`` per subscriber (214 missing, 215 invalid);
-  duplicates in one payload -> ``DuplicateEmailsInSubmission`` (first occurrence wins). Any failure
-  makes the answer HTTP 400 Code 210 with the full result under ``ResultData``; the good rows are
-  imported. A clean import answers 201 with the result object.
-- add (201, body = the email as a JSON string), update (``PUT ?email=``, 200 empty, 211 for an
-  invalid new address), get (``GET ?email=``, 400 Code 203 when unknown), unsubscribe, delete
-  (-> state ``Deleted``), history; lists, list details, stats, custom fields (``[Key]``, 255 for an
-  existing name), paged state listings (``active.json`` ... with 800/801 page checks), clients,
+  (400 Code 212); invalid emails -> FailureDetails Code 1; suppressed / deleted / unsubscribed /
+  bounced / unconfirmed addresses are not re-added without ``"Resubscribe": true`` (FailureDetails
+  204 / 205 / 206 / 207 / 208; 204 wins for a suppressed address, whatever its state on the list:
+  "Email Address has existed in the selected list before, and currently exists in suppression list");
+  ``ConsentToTrack`` per subscriber (214 missing, 215 invalid); duplicates in one payload ->
+  ``DuplicateEmailsInSubmission`` (first occurrence wins). Any failure makes the answer HTTP 400
+  Code 210 with the full result under ``ResultData`` (fixture ``import_subscribers_partial_success.json``);
+  the good rows are imported. A clean import answers 201 with the result object.
+- add (``POST /subscribers/{listid}.json``, 201, body = the email as a JSON string; an existing address
+  gets its name and custom fields updated; a Deleted / Unsubscribed / Bounced / Unconfirmed / suppressed
+  one is brought back to Active only with ``"Resubscribe": true``, otherwise it keeps its state:
+  "If Resubscribe is specified as false, the subscriber will not be re-added to the active list"
+  [CM subscribers]), update (``PUT ?email=``, 200 empty, 211 for an invalid new address), get
+  (``GET ?email=``, 400 Code 203 when unknown), unsubscribe, delete (-> state ``Deleted``, not
+  suppressed), history; lists, list details, stats (key names as fixture ``list_stats.json``), custom
+  fields, paged state listings (``active.json`` ... with 800/801 page checks), clients,
   ``systemdate.json``.
 - Rate limiting: a token bucket per API key; every authenticated answer carries ``X-RateLimit-Limit``,
   ``X-RateLimit-Remaining`` and ``X-RateLimit-Reset`` (seconds until the bucket is full again); an
   empty bucket answers 429 ``{"Code": 429, "Message": "Rate limit exceeded"}`` with the same headers.
 - Every body is JSON (the official SDK crashes on non-JSON error bodies).
+
+Subscriber fields as read back (get, every listing). Verified against campaignmonitor/createsend-python
+9.1.4 ``test/fixtures/subscriber_details.json``, ``active_subscribers.json``,
+``active_subscribers_with_tracking_preference.json``, ``custom_fields.json`` and ``test/test_subscriber.py``
+(``CustomFields[0].Key == 'website'``), ``test/test_list.py``:
+
+- ``{"EmailAddress", "Name", "Date", "ListJoinedDate", "State", "CustomFields", "ReadsEmailWith"}``;
+  ``Date`` is when the state last changed ("the Date will change whenever the subscribers state
+  changes", CM forum topic 636), ``ListJoinedDate`` when the address joined the list.
+- ``CustomFields`` ``Key`` is the field's **FieldName**, without brackets: the list's field
+  ``{"FieldName": "subscription date", "Key": "[subscriptiondate]"}`` reads back as
+  ``{"Key": "subscription date", "Value": "2010-03-09"}``. Entries come in the list's field order; a
+  MultiSelectMany field gives one ``{Key, Value}`` entry per selected option (``"multi select field"``
+  twice in ``active_subscribers.json``). Dates read back as ``YYYY-MM-DD``.
+- ``ConsentToTrack`` is present only with ``includetrackingpreference=true`` (get and listings).
+
+Custom field values written (add, update, import). On input ``Key`` is the field key with or without
+brackets (``[CustomerId]`` or ``CustomerId``, compared case-insensitively); the FieldName is **not**
+accepted when it differs from the key (``"subscription date"`` does not address ``[subscriptiondate]``:
+createsend-php issue #3 "Subscriber sample suggests custom field key should be 'Field name' rather than
+'Field key'" was fixed by making the sample use the key). A key that matches no field is ignored (the
+subscriber is still added; cf. createsend-ruby issue #4, values for an unknown key read back empty).
+CM docs [CM subscribers = https://www.campaignmonitor.com/api/v3-3/subscribers/]: "When specifying a
+value for a date custom field, ensure the date is no earlier than 1900/01/01 and no later than
+2076/06/06 or it will be ignored. Ambiguous date formats like dd/mm/yyyy and mm/dd/yyyy should also be
+avoided, use an explicit format like yyyy/mm/dd instead." "Please note that each custom field value has
+a data limit of 250 characters." "Existing custom field data is not cleared if new custom field values
+are not provided. Multi-Valued Select Many custom fields are set by providing multiple Custom Field array
+items with the same key. Date type custom fields may be cleared by passing in a value of '0000-00-00'."
+For update/import: "all options that are selected for that customer need to be passed through each time
+... all historically selected options will be replaced with what's included in your most recent call";
+"To clear the value of a custom field, pass a parameter of Clear with a value of true ... To remove a
+specific Multi-Valued Select Many option, pass the option name in the Value field along with the Clear:
+true parameter. To clear all values of a Multi-Valued Select Many field, pass an empty Value along with
+the Clear: true parameter." So, per value (the subscriber is always imported/updated; only that value
+is dropped):
+
+- Date: ``YYYY/MM/DD`` (documented) or ``YYYY-MM-DD`` (the read-back form, so a value read can be
+  written back), month/day with one or two digits; a non-date (``2021/02/30``, ``31/12/2020``, text) or a
+  date outside 1900/01/01-2076/06/06 is ignored; ``0000-00-00`` clears. Nothing else is accepted: the
+  ambiguous forms are parsed by the account's locale on CM's side (❓), so the sandbox refuses them.
+- Number: an optional sign, digits, an optional decimal point (``42``, ``-3.5``); anything else is
+  ignored. Stored as sent.
+- MultiSelectOne: must be one of ``FieldOptions`` (exact match), the last valid one wins;
+  MultiSelectMany: each value must be one of ``FieldOptions``; the valid values replace the selection
+  (invalid ones are dropped; none valid -> the field is unchanged).
+- Text / Country / USState: any text. A value longer than 250 characters is ignored
+  (``long_value = "ignore"``, default) or cut to 250 (``"truncate"``): what CM does with it is not
+  documented (❓); ignoring makes an exporter that does not enforce the limit visibly lose the value.
+- An empty ``Value`` without ``Clear`` changes nothing; ``"Clear": true`` clears the field (for
+  MultiSelectMany with a ``Value``: removes only that option).
+
+Custom field routes [CS-py ``lib/createsend/list.py``; codes from CM lists docs as transcribed in
+api-evangelist/campaignmonitor ``errors/campaignmonitor-error-codes.yml``]:
+
+- ``POST /lists/{listid}/customfields.json`` ``{FieldName, DataType, Options, VisibleInPreferenceCenter}``
+  -> 201 ``"[Key]"`` (key = FieldName without non-alphanumerics: "new date field" -> ``[newdatefield]``,
+  test_list.py). 254 empty FieldName, 255 "The Field Name already exists in this list", 256 Options
+  given for a non-multi-valued field, 257 no Options for MultiSelectOne/Many, 259 bad DataType.
+- ``PUT /lists/{listid}/customfields/{key}.json`` ``{FieldName, VisibleInPreferenceCenter}`` -> 200 with
+  the new key (fixture ``update_custom_field.json``: renaming to "my renamed custom field" answers
+  ``"[myrenamedcustomfield]"``); stored values follow the field.
+- ``DELETE /lists/{listid}/customfields/{key}.json`` -> 200; the field's values go with it.
+- ``PUT /lists/{listid}/customfields/{key}/options.json`` ``{"Options": [...], "KeepExistingOptions":
+  bool}`` -> 200 empty; true adds the new options after the existing ones, false replaces them
+  (createsend-php ``update_field_options``: "Whether to remove any existing options not contained in
+  $new_options"). Values already stored are kept (❓ not documented). A non-multi-valued field -> 400
+  Code 256 (🟡 the closest documented code), empty Options -> 257.
+- In these paths the key must be the bracketed key (the SDK sends ``quote("[Key]")``); anything else
+  -> 400 Code 253 "Invalid Key. Keys must be surrounded with [ ]".
+
+Listings (``/lists/{listid}/{active|unconfirmed|unsubscribed|bounced|deleted}.json``): ``orderfield``
+``email`` | ``name`` | ``date`` (absent or unknown -> ``date``; the official SDK always sends ``email``),
+``orderdirection`` ``asc`` | ``desc``, applied to the whole result before paging; ties keep the order
+the subscribers joined. ``date`` keeps subscribers whose ``Date`` is on or after that day.
+``ResultsOrderedBy`` / ``OrderDirection`` say what was used.
 
 Configurable (class attributes, ``seed["campaign_monitor"]["config"]`` or at run time with
 ``POST /_sandbox/campaign_monitor/config``; ``reset()`` restores them):
@@ -28,11 +110,36 @@ Configurable (class attributes, ``seed["campaign_monitor"]["config"]`` or at run
 publishes no number), ``rate_limit_headers`` (send the X-RateLimit-* headers; default True),
 ``require_consent_to_track`` (214/215 on import; default True), ``resubscribe_bounced`` and
 ``resubscribe_suppressed`` (whether ``Resubscribe: true`` re-activates bounced / suppressed
-addresses; default True), ``import_success_status`` (201).
+addresses; default True), ``import_success_status`` (201), ``long_value`` (``ignore`` | ``truncate``),
+``per_address_limit`` / ``per_address_period`` (0 = off, the default: more than that many add/update
+calls for one address within the period answer 429 ``{"Code": 429, "Message": "Subscriber was added too
+many times too quickly, try again later."}``, 🟡 createsend-ruby PR #67; the rate-limit headers as usual).
 
-Seed: ``{"subscribers": [{"EmailAddress", "Name", "State", "CustomFields": [{"Key", "Value"}]}],
-"custom_fields": [{"FieldName", "DataType", "Options"}], "suppression_list": ["a@x.com"],
-"config": {...}}``.
+Seed (``seed["campaign_monitor"]``)::
+
+    {"list_title": "Sandbox list",
+     "custom_fields": [{"FieldName": "CustomerId", "DataType": "Text"},
+                       {"FieldName": "Segments", "DataType": "MultiSelectMany", "Options": ["vip", "churn"],
+                        "VisibleInPreferenceCenter": false}],
+     "subscribers": [
+        {"EmailAddress": "a@x.com", "Name": "Ann", "State": "Active", "ConsentToTrack": "Yes",
+         "CustomFields": [{"Key": "[CustomerId]", "Value": "42"}, {"Key": "Segments", "Value": "vip"},
+                          {"Key": "Segments", "Value": "churn"}]},
+        {"EmailAddress": "u@x.com", "State": "Unsubscribed", "Date": "2024-05-01 10:00:00",
+         "ListJoinedDate": "2023-01-01 09:00:00"},
+        {"EmailAddress": "b@x.com", "State": "Bounced"},
+        {"EmailAddress": "d@x.com", "State": "Deleted"},
+        {"EmailAddress": "s@x.com", "State": "Unsubscribed", "Suppressed": true}],
+     "suppression_list": ["never-on-the-list@x.com"],
+     "config": {...}}
+
+Every key but ``EmailAddress`` is optional. ``State`` is one of Active (default), Unconfirmed,
+Unsubscribed, Bounced, Deleted; ``"Suppressed": true`` also puts the address on the client's suppression
+list (as unsubscribing from a list that adds unsubscribers to it does); ``suppression_list`` holds
+addresses suppressed without being on the list. A seed ``CustomFields`` ``Key`` may be ``[Key]``, the key
+or the FieldName; a key that no ``custom_fields`` entry declares declares a Text field named after it.
+Seed values follow the rules above, but a value the API would ignore is a ``ValueError`` (a seed mistake).
+``Date``/``ListJoinedDate`` default to now, ``ConsentToTrack`` to ``Yes``.
 """
 
 from __future__ import annotations
@@ -43,6 +150,8 @@ import math
 import re
 import sys
 import time
+from collections import deque
+from datetime import date as _date
 from datetime import datetime
 from itertools import islice
 
@@ -53,18 +162,27 @@ from starlette.routing import Mount, Route
 from airflow_provider_segexport.sandbox.core import Emulator
 
 MAX_IMPORT = 1000
+MAX_VALUE = 250
 STATES = ("Active", "Unconfirmed", "Unsubscribed", "Bounced", "Deleted")
 _LISTING_STATE = {"active": "Active", "unconfirmed": "Unconfirmed", "unsubscribed": "Unsubscribed",
                   "bounced": "Bounced", "deleted": "Deleted"}
 _INACTIVE_CODES = {"Deleted": (205, "Is Deleted"), "Unsubscribed": (206, "Is Unsubscribed"),
                    "Bounced": (207, "Is Bounced"), "Unconfirmed": (208, "Is Unconfirmed")}
 DATA_TYPES = ("Text", "Number", "MultiSelectOne", "MultiSelectMany", "Date", "Country", "USState")
+MULTI = ("MultiSelectOne", "MultiSelectMany")
+ORDER_FIELDS = ("email", "name", "date")
 CONSENT_VALUES = {"yes": "Yes", "no": "No", "unchanged": "Unchanged"}
 _EMAIL_RE = re.compile(
     r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$")
+_DATE_RE = re.compile(r"^(\d{4})([/-])(\d{1,2})\2(\d{1,2})$")
+_NUMBER_RE = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)$")
+_DATE_MIN, _DATE_MAX = _date(1900, 1, 1), _date(2076, 6, 6)
 _CONFIG_DEFAULTS = ("rate_limit", "rate_period", "rate_limit_headers", "require_consent_to_track",
-                    "resubscribe_bounced", "resubscribe_suppressed", "import_success_status")
+                    "resubscribe_bounced", "resubscribe_suppressed", "import_success_status", "long_value",
+                    "per_address_limit", "per_address_period")
+_BAD_KEY = (253, "Invalid Key. Keys must be surrounded with [ ]")
+_CLEAR = object()  # a parsed value meaning "clear this field"
 
 
 _NOW_CACHE: list = [0, ""]
@@ -84,17 +202,27 @@ def _key(email: str) -> str:
     return email if low == email else low
 
 
+def field_key_for(name: str) -> str:
+    """The key CM derives from a field name: its letters and digits in brackets ("new date field" ->
+    ``[newdatefield]``, createsend-python test_list.py)."""
+    return "[" + re.sub(r"[^A-Za-z0-9]", "", name) + "]"
+
+
 class Subscriber:
-    """One subscriber on one list. ``fields`` is a tuple of (Key, Value) pairs or None."""
+    """One subscriber on one list. ``fields`` is a tuple of (``[Key]``, Value) pairs in the list's field
+    order (several pairs for a MultiSelectMany field) or None. ``date``: when the state last changed;
+    ``joined``: when the address joined the list."""
 
-    __slots__ = ("email", "name", "state", "fields", "date", "consent")
+    __slots__ = ("email", "name", "state", "fields", "date", "joined", "consent")
 
-    def __init__(self, email: str, name: str, state: str, fields: tuple | None, date: str, consent: str) -> None:
+    def __init__(self, email: str, name: str, state: str, fields: tuple | None, date: str, consent: str,
+                 joined: str | None = None) -> None:
         self.email = email
         self.name = _intern(name)
         self.state = state
         self.fields = fields
         self.date = date
+        self.joined = date if joined is None else joined
         self.consent = consent
 
 
@@ -109,32 +237,75 @@ class SubscriberList:
         self.confirmation_success_page = ""
         self.subscribers: dict[str, Subscriber] = {}  # lower-cased email -> subscriber
         self.custom_fields: list[dict] = []
+        self._by_key: dict[str, dict] = {}  # lower-cased key without brackets -> field
+        self.names: dict[str, str] = {}  # "[Key]" -> FieldName (what CustomFields read back as Key)
+        self.order: dict[str, int] = {}  # "[Key]" -> position in the list's fields
         self.version = 0  # bumped on every write; invalidates the listing cache
-        self._listing: tuple[int, str, list[str]] | None = None
+        self._listing: tuple | None = None
 
     # custom fields --------------------------------------------------------------------
-    def field_key(self, key: str) -> str | None:
-        """The canonical ``[Key]`` for a key given with or without brackets, or None if unknown."""
-        wanted = key.strip().strip("[]").lower()
-        for f in self.custom_fields:
-            if f["Key"][1:-1].lower() == wanted:
-                return f["Key"]
-        return None
+    def _index(self) -> None:
+        self._by_key = {f["Key"][1:-1].lower(): f for f in self.custom_fields}
+        self.names = {f["Key"]: f["FieldName"] for f in self.custom_fields}
+        self.order = {f["Key"]: i for i, f in enumerate(self.custom_fields)}
+
+    def field(self, key: str) -> dict | None:
+        """The field for a key given with or without brackets (case-insensitive), or None if unknown."""
+        wanted = key.strip()
+        if wanted.startswith("[") and wanted.endswith("]"):
+            wanted = wanted[1:-1]
+        return self._by_key.get(wanted.lower())
+
+    def field_by_path_key(self, key: str) -> dict | None:
+        """The field a URL path names: the bracketed key only (code 253 otherwise)."""
+        key = key.strip()
+        if len(key) < 3 or not (key.startswith("[") and key.endswith("]")):
+            return None
+        return self._by_key.get(key[1:-1].lower())
 
     def add_field(self, name: str, data_type: str, options: list | None, visible: bool) -> dict:
-        key = "[" + re.sub(r"[^A-Za-z0-9]", "", name) + "]"
-        field = {"FieldName": name, "Key": key, "DataType": data_type, "FieldOptions": list(options or []),
-                 "VisibleInPreferenceCenter": bool(visible)}
+        field = {"FieldName": name, "Key": field_key_for(name), "DataType": data_type,
+                 "FieldOptions": [str(o) for o in options or []], "VisibleInPreferenceCenter": bool(visible)}
         self.custom_fields.append(field)
+        self._index()
         return field
 
+    def name_taken(self, name: str, ignore: dict | None = None) -> bool:
+        key = field_key_for(name).lower()
+        return any(f is not ignore and (f["FieldName"].lower() == name.lower() or f["Key"].lower() == key)
+                   for f in self.custom_fields)
+
+    def rekey(self, old: str, new: str | None) -> None:
+        """Move (``new``) or drop (None) the stored values of field ``old`` on every subscriber."""
+        for s in self.subscribers.values():
+            if s.fields and any(k == old for k, _ in s.fields):
+                pairs = tuple((new, v) for k, v in s.fields if k == old) if new else ()
+                s.fields = tuple((k, v) for k, v in s.fields if k != old) + pairs or None
+                if s.fields:
+                    s.fields = self.ordered(s.fields)
+        self.version += 1
+
+    def ordered(self, pairs) -> tuple:
+        order = self.order
+        return tuple(sorted(pairs, key=lambda kv: order.get(kv[0], len(order))))
+
     # listings -------------------------------------------------------------------------
-    def keys_in_state(self, state: str) -> list[str]:
+    def keys_in_state(self, state: str, order_field: str = "", direction: str = "asc") -> list[str]:
         cached = self._listing
-        if cached is not None and cached[0] == self.version and cached[1] == state:
-            return cached[2]
-        keys = [k for k, s in self.subscribers.items() if s.state == state]
-        self._listing = (self.version, state, keys)
+        wanted = (self.version, state, order_field, direction)
+        if cached is not None and cached[0] == wanted:
+            return cached[1]
+        subs = self.subscribers
+        keys = [k for k, s in subs.items() if s.state == state]  # insertion order = join order
+        if order_field == "email":
+            keys.sort()
+        elif order_field == "name":
+            keys.sort(key=lambda k: (subs[k].name.lower(), k))
+        elif order_field == "date":
+            keys.sort(key=lambda k: subs[k].date)
+        if direction == "desc":
+            keys.reverse()
+        self._listing = (wanted, keys)
         return keys
 
 
@@ -150,6 +321,9 @@ class CampaignMonitorEmulator(Emulator):
     resubscribe_bounced = True
     resubscribe_suppressed = True
     import_success_status = 201
+    long_value = "ignore"
+    per_address_limit = 0
+    per_address_period = 60.0
 
     def __init__(self, sandbox) -> None:
         super().__init__(sandbox)
@@ -158,27 +332,58 @@ class CampaignMonitorEmulator(Emulator):
         self.list_id = sandbox.token()
         self.reset()
 
+    def check_setting(self, key: str, value):
+        if key == "long_value":
+            if value not in ("ignore", "truncate"):
+                raise ValueError("long_value must be 'ignore' or 'truncate'")
+            return value
+        return super().check_setting(key, value)
+
     # -- setup ------------------------------------------------------------------------------
     def reset(self) -> None:
         seed = self.sandbox.seed.get("campaign_monitor", {})
         self.reset_config()
         self.buckets: dict[str, list[float]] = {}  # api key -> [tokens, last refill time]
+        self.address_calls: dict[str, deque] = {}  # list id + email -> recent add/update times
         self.suppression: set[str] = {str(e).strip().lower() for e in seed.get("suppression_list", [])}
         lst = SubscriberList(self.list_id, seed.get("list_title", "Sandbox list"), self.client_id)
         for f in seed.get("custom_fields", []):
-            lst.add_field(f["FieldName"], f.get("DataType", "Text"), f.get("Options"),
+            data_type = f.get("DataType", "Text")
+            if data_type not in DATA_TYPES:
+                raise ValueError(f"campaign_monitor seed: custom field {f.get('FieldName')!r}: unknown DataType "
+                                 f"{data_type!r}")
+            lst.add_field(f["FieldName"], data_type, f.get("Options") or f.get("FieldOptions"),
                           f.get("VisibleInPreferenceCenter", True))
         now = _now()
         for s in seed.get("subscribers", []):
             email = str(s["EmailAddress"]).strip()
             state = s.get("State", "Active")
             if state not in STATES:
-                raise ValueError(f"campaign_monitor seed: unknown State {state!r}")
-            fields = tuple((lst.field_key(f["Key"]) or "[" + f["Key"].strip("[]") + "]", str(f.get("Value", "")))
-                           for f in s.get("CustomFields", []))
-            lst.subscribers[_key(email)] = Subscriber(email, s.get("Name", ""), state, fields or None,
-                                                        s.get("Date", now), s.get("ConsentToTrack", "Yes"))
+                raise ValueError(f"campaign_monitor seed: unknown State {state!r} (one of {', '.join(STATES)})")
+            fields = self._seed_fields(lst, email, s.get("CustomFields") or [])
+            date = s.get("Date", now)
+            lst.subscribers[_key(email)] = Subscriber(email, s.get("Name", ""), state, fields, date,
+                                                        s.get("ConsentToTrack", "Yes"), s.get("ListJoinedDate", date))
+            if s.get("Suppressed"):
+                self.suppression.add(email.lower())
         self.lists: dict[str, SubscriberList] = {lst.id: lst}
+
+    def _seed_fields(self, lst: SubscriberList, email: str, given: list) -> tuple | None:
+        if not given:
+            return None
+        for item in given:
+            key = str(item["Key"])
+            if lst.field(key) is None and not any(f["FieldName"] == key for f in lst.custom_fields):
+                lst.add_field(key.strip().strip("[]"), "Text", None, True)
+        items = []
+        for item in given:
+            field = lst.field(str(item["Key"])) or next(f for f in lst.custom_fields if f["FieldName"] == item["Key"])
+            value = self._parse_value(field, item.get("Value"))
+            if value is None or value is _CLEAR:
+                raise ValueError(f"campaign_monitor seed: {email}: {field['FieldName']!r} = {item.get('Value')!r} "
+                                 f"is not a valid {field['DataType']} value (the API would ignore it)")
+            items.append({"Key": field["Key"], "Value": value})
+        return self._merge_fields(lst, None, items)
 
     def info(self, base: str) -> dict:
         return {"base_url": base + self.prefix, "api_key": self.api_key, "client_id": self.client_id,
@@ -189,10 +394,11 @@ class CampaignMonitorEmulator(Emulator):
         for lid, lst in self.lists.items():
             counts = dict.fromkeys(STATES, 0)
             subs = {}
+            names = lst.names
             for s in lst.subscribers.values():
                 counts[s.state] += 1
                 subs[s.email] = {"name": s.name, "state": s.state, "consent_to_track": s.consent,
-                                 "custom_fields": _fields_json(s.fields)}
+                                 "custom_fields": _fields_json(s.fields, names)}
             out[lid] = {"title": lst.title, "counts": counts, "subscribers": subs,
                         "custom_fields": [f["Key"] for f in lst.custom_fields]}
         return {"lists": out, "suppression_list": sorted(self.suppression)}
@@ -246,6 +452,19 @@ class CampaignMonitorEmulator(Emulator):
         bucket[0] -= 1
         return True, self._rate_headers(bucket[0])
 
+    def _too_quick(self, list_id: str, email: str) -> bool:
+        """Per-address throttling of add/update (off unless ``per_address_limit`` > 0)."""
+        if self.per_address_limit <= 0 or not email:
+            return False
+        now = time.monotonic()
+        calls = self.address_calls.setdefault(list_id + " " + email.lower(), deque())
+        while calls and now - calls[0] >= self.per_address_period:
+            calls.popleft()
+        if len(calls) >= self.per_address_limit:
+            return True
+        calls.append(now)
+        return False
+
     # -- routing ----------------------------------------------------------------------------
     def routes(self) -> list:
         r = self._wrap
@@ -258,6 +477,10 @@ class CampaignMonitorEmulator(Emulator):
                 Route("/lists/{list_id}/stats.json", r("list-stats", self.h_stats)),
                 Route("/lists/{list_id}/customfields.json", r("customfields", self.h_customfields),
                       methods=["GET", "POST"]),
+                Route("/lists/{list_id}/customfields/{key}/options.json",
+                      r("customfield-options", self.h_customfield_options), methods=["PUT"]),
+                Route("/lists/{list_id}/customfields/{key}.json", r("customfield", self.h_customfield),
+                      methods=["PUT", "DELETE"]),
                 Route("/lists/{list_id}/{listing}.json", r("list-listing", self.h_listing)),
                 Route("/subscribers/{list_id}.json", r("subscriber", self.h_subscriber),
                       methods=["GET", "POST", "PUT", "DELETE"]),
@@ -337,9 +560,9 @@ class CampaignMonitorEmulator(Emulator):
             body = body if isinstance(body, dict) else {}
             title = str(body.get("Title") or "").strip()
             if not title:
-                return self.error(400, 250, "List title must be unique and not empty")
+                return self.error(400, 251, "List Title Empty")
             if any(lst.title == title for lst in self.lists.values()):
-                return self.error(400, 250, "List title must be unique")
+                return self.error(400, 250, "Duplicate list title")
             lst = SubscriberList(self.sandbox.token(), title, self.client_id)
             lst.unsubscribe_page = body.get("UnsubscribePage") or ""
             lst.confirmed_opt_in = bool(body.get("ConfirmedOptIn", False))
@@ -366,18 +589,26 @@ class CampaignMonitorEmulator(Emulator):
         return JSONResponse(self._list_details(lst))
 
     def h_stats(self, method, p, q, body):
+        """Key names as createsend-python ``test/fixtures/list_stats.json``; the per-period counts are 0
+        (their period boundaries are not documented)."""
         lst = self._list(p["list_id"])
         if lst is None:
             return self.error(400, 101, "Invalid ListID")
         counts = dict.fromkeys(STATES, 0)
         for s in lst.subscribers.values():
             counts[s.state] += 1
-        out = {"TotalActiveSubscribers": counts["Active"], "TotalUnsubscribes": counts["Unsubscribed"],
-               "TotalDeleted": counts["Deleted"], "TotalBounces": counts["Bounced"]}
-        for period in ("Today", "Yesterday", "ThisWeek", "ThisMonth", "ThisYear"):
-            out.update({f"NewActiveSubscribers{period}": 0, f"UnsubscribesThis{period}": 0})
+        out: dict = {"TotalActiveSubscribers": counts["Active"]}
+        periods = ("Today", "Yesterday", "ThisWeek", "ThisMonth", "ThisYear")
+        out.update({f"NewActiveSubscribers{p_}": 0 for p_ in periods})
+        out["TotalUnsubscribes"] = counts["Unsubscribed"]
+        out.update({f"Unsubscribes{p_}": 0 for p_ in periods})
+        out["TotalDeleted"] = counts["Deleted"]
+        out.update({f"Deleted{p_}": 0 for p_ in periods})
+        out["TotalBounces"] = counts["Bounced"]
+        out.update({f"Bounces{p_}": 0 for p_ in periods})
         return JSONResponse(out)
 
+    # -- custom fields ----------------------------------------------------------------------
     def h_customfields(self, method, p, q, body):
         lst = self._list(p["list_id"])
         if lst is None:
@@ -387,21 +618,76 @@ class CampaignMonitorEmulator(Emulator):
         body = body if isinstance(body, dict) else {}
         name = str(body.get("FieldName") or "").strip()
         data_type = body.get("DataType")
-        if not name:
-            return self.error(400, 251, "Field name cannot be empty")
+        if not name or field_key_for(name) == "[]":
+            return self.error(400, 254, "Invalid Field Name")
         if data_type not in DATA_TYPES:
-            return self.error(400, 251, "Invalid Field Type")
-        key = "[" + re.sub(r"[^A-Za-z0-9]", "", name) + "]"
-        if any(f["FieldName"].lower() == name.lower() or f["Key"].lower() == key.lower()
-               for f in lst.custom_fields):
-            return self.error(400, 255, "Field Name Already Exists")
+            return self.error(400, 259, "Data type is incorrect")
+        if lst.name_taken(name):
+            return self.error(400, 255, "The Field Name already exists in this list")
         options = body.get("Options") or []
-        if data_type in ("MultiSelectOne", "MultiSelectMany") and not options:
-            return self.error(400, 254, "Field Options must be provided for multi-option fields")
-        field = lst.add_field(name, data_type, options, body.get("VisibleInPreferenceCenter", True))
+        if not isinstance(options, list):
+            options = [options]
+        if data_type in MULTI and not options:
+            return self.error(400, 257, "No options defined for Multi-Valued field")
+        if data_type not in MULTI and options:
+            return self.error(400, 256, "Options defined for Text or Number Field")
+        field = lst.add_field(name, data_type, _unique(options), body.get("VisibleInPreferenceCenter", True))
         lst.version += 1
         return JSONResponse(field["Key"], status_code=201)
 
+    def h_customfield(self, method, p, q, body):
+        lst = self._list(p["list_id"])
+        if lst is None:
+            return self.error(400, 101, "Invalid ListID")
+        field = lst.field_by_path_key(p["key"])
+        if field is None:
+            return self.error(400, *_BAD_KEY)
+        old_key = field["Key"]
+        if method == "DELETE":
+            lst.custom_fields.remove(field)
+            lst._index()
+            lst.rekey(old_key, None)
+            return self.empty()
+        body = body if isinstance(body, dict) else {}
+        name = str(body.get("FieldName") or "").strip()
+        if not name or field_key_for(name) == "[]":
+            return self.error(400, 254, "Invalid Field Name")
+        if lst.name_taken(name, ignore=field):
+            return self.error(400, 255, "The Field Name already exists in this list")
+        field["FieldName"] = name
+        field["Key"] = field_key_for(name)
+        if "VisibleInPreferenceCenter" in body:
+            field["VisibleInPreferenceCenter"] = bool(body["VisibleInPreferenceCenter"])
+        lst._index()
+        if field["Key"] != old_key:
+            lst.rekey(old_key, field["Key"])
+        lst.version += 1
+        return JSONResponse(field["Key"])
+
+    def h_customfield_options(self, method, p, q, body):
+        lst = self._list(p["list_id"])
+        if lst is None:
+            return self.error(400, 101, "Invalid ListID")
+        field = lst.field_by_path_key(p["key"])
+        if field is None:
+            return self.error(400, *_BAD_KEY)
+        if field["DataType"] not in MULTI:
+            return self.error(400, 256, "Options defined for Text or Number Field")
+        body = body if isinstance(body, dict) else {}
+        options = body.get("Options") or []
+        if not isinstance(options, list):
+            options = [options]
+        options = [str(o) for o in options]
+        if not options:
+            return self.error(400, 257, "No options defined for Multi-Valued field")
+        if _truthy(body.get("KeepExistingOptions", False)):
+            field["FieldOptions"] = _unique(field["FieldOptions"] + options)
+        else:
+            field["FieldOptions"] = _unique(options)
+        lst.version += 1
+        return self.empty()
+
+    # -- listings ---------------------------------------------------------------------------
     def h_listing(self, method, p, q, body):
         lst = self._list(p["list_id"])
         if lst is None:
@@ -421,28 +707,24 @@ class CampaignMonitorEmulator(Emulator):
             return self.error(400, 800, "Invalid page number")
         if not 10 <= size <= 1000:
             return self.error(400, 801, "Invalid page size - must be between 10 and 1000")
-        keys = lst.keys_in_state(state)
+        order_field = str(q.get("orderfield") or "date").strip().lower()
+        if order_field not in ORDER_FIELDS:
+            order_field = "date"
+        order_dir = "desc" if str(q.get("orderdirection", "asc")).strip().lower() == "desc" else "asc"
+        keys = lst.keys_in_state(state, order_field, order_dir)
         since = q.get("date")
+        subs = lst.subscribers
         if since:
-            keys = [k for k in keys if lst.subscribers[k].date[:10] >= since[:10]]
+            keys = [k for k in keys if subs[k].date[:10] >= since[:10]]
         total = len(keys)
-        results = [self._subscriber_json(lst.subscribers[k], tracking=True)
+        tracking = str(q.get("includetrackingpreference", "false")).strip().lower() == "true"
+        names = lst.names
+        results = [_subscriber_json(subs[k], tracking, names)
                    for k in islice(keys, (page - 1) * size, page * size)]
-        order_dir = "desc" if str(q.get("orderdirection", "asc")).lower() == "desc" else "asc"
-        if order_dir == "desc":
-            results.reverse()
-        return JSONResponse({"Results": results, "ResultsOrderedBy": q.get("orderfield", "date"),
+        return JSONResponse({"Results": results, "ResultsOrderedBy": order_field,
                              "OrderDirection": order_dir, "PageNumber": page, "PageSize": size,
                              "RecordsOnThisPage": len(results), "TotalNumberOfRecords": total,
                              "NumberOfPages": max(1, math.ceil(total / size)) if total else 0})
-
-    @staticmethod
-    def _subscriber_json(s: Subscriber, tracking: bool) -> dict:
-        out = {"EmailAddress": s.email, "Name": s.name, "Date": s.date, "ListJoinedDate": s.date,
-               "State": s.state, "CustomFields": _fields_json(s.fields), "ReadsEmailWith": ""}
-        if tracking:
-            out["ConsentToTrack"] = s.consent
-        return out
 
     # -- subscribers ------------------------------------------------------------------------
     def h_subscriber(self, method, p, q, body):
@@ -456,12 +738,14 @@ class CampaignMonitorEmulator(Emulator):
         if method == "GET":
             if sub is None:
                 return self.error(400, 203, "Subscriber not in list or has already been removed.")
-            tracking = str(q.get("includetrackingpreference", "false")).lower() == "true"
-            return JSONResponse(self._subscriber_json(sub, tracking))
+            tracking = str(q.get("includetrackingpreference", "false")).strip().lower() == "true"
+            return JSONResponse(_subscriber_json(sub, tracking, lst.names))
         if sub is None:
             return self.error(400, 203, "Subscriber not in list or has already been removed.")
         if method == "DELETE":
-            sub.state = "Deleted"
+            if sub.state != "Deleted":
+                sub.state = "Deleted"
+                sub.date = _now()
             lst.version += 1
             self.sandbox.log.members(self.name, [email.lower()])
             return self.empty()
@@ -469,11 +753,31 @@ class CampaignMonitorEmulator(Emulator):
 
     def _consent(self, body: dict) -> tuple[str | None, JSONResponse | None]:
         if "ConsentToTrack" not in body or body["ConsentToTrack"] in (None, ""):
-            return None, self.error(400, 214, "ConsentToTrack is required")
+            return None, self.error(400, 214, "Please provide a consent to track value")
         value = CONSENT_VALUES.get(str(body["ConsentToTrack"]).strip().lower())
         if value is None:
-            return None, self.error(400, 215, "Invalid ConsentToTrack value - must be Yes, No or Unchanged")
+            return None, self.error(400, 215, "Please provide a valid consent to track value")
         return value, None
+
+    def _throttled(self) -> JSONResponse:
+        return self.error(429, 429, "Subscriber was added too many times too quickly, try again later.")
+
+    def _reactivate(self, sub: Subscriber, key: str, resubscribe: bool, now: str) -> bool:
+        """Bring an inactive or suppressed subscriber back to Active if ``Resubscribe`` allows it."""
+        suppressed = key in self.suppression
+        if sub.state == "Active" and not suppressed:
+            return True
+        if not resubscribe:
+            return False
+        if suppressed and not self.resubscribe_suppressed:
+            return False
+        if sub.state != "Active" and not self._may_resubscribe(sub.state):
+            return False
+        self.suppression.discard(key)
+        if sub.state != "Active":
+            sub.state = "Active"
+            sub.date = now
+        return True
 
     def _add(self, lst: SubscriberList, body: dict) -> Response:
         email = str(body.get("EmailAddress") or "").strip()
@@ -482,11 +786,14 @@ class CampaignMonitorEmulator(Emulator):
         consent, bad = self._consent(body)
         if bad is not None:
             return bad
+        if self._too_quick(lst.id, email):
+            return self._throttled()
         self.sandbox.log.members(self.name, [email.lower()])
         key = _key(email)
         resubscribe = _truthy(body.get("Resubscribe"))
         sub = lst.subscribers.get(key)
         fields = self._merge_fields(lst, sub.fields if sub else None, body.get("CustomFields"))
+        now = _now()
         if sub is None:
             suppressed = key in self.suppression
             if suppressed and not (resubscribe and self.resubscribe_suppressed):
@@ -494,17 +801,15 @@ class CampaignMonitorEmulator(Emulator):
             if suppressed:
                 self.suppression.discard(key)
             state = "Unconfirmed" if lst.confirmed_opt_in else "Active"
-            lst.subscribers[key] = Subscriber(email, str(body.get("Name") or ""), state, fields, _now(),
+            lst.subscribers[key] = Subscriber(email, str(body.get("Name") or ""), state, fields, now,
                                               "Unchanged" if consent == "Unchanged" else consent)
         else:
             if body.get("Name") is not None:
-                sub.name = str(body["Name"])
+                sub.name = _intern(str(body["Name"]))
             sub.fields = fields
             if consent != "Unchanged":
                 sub.consent = consent
-            if sub.state != "Active" and resubscribe and self._may_resubscribe(sub.state):
-                sub.state = "Active"
-                sub.date = _now()
+            self._reactivate(sub, key, resubscribe, now)
         lst.version += 1
         return JSONResponse(email, status_code=201)
 
@@ -515,6 +820,8 @@ class CampaignMonitorEmulator(Emulator):
         consent, bad = self._consent(body)
         if bad is not None:
             return bad
+        if self._too_quick(lst.id, sub.email):
+            return self._throttled()
         self.sandbox.log.members(self.name, [sub.email.lower()])
         old_key, new_key = _key(sub.email), _key(new_email)
         if new_key != old_key:
@@ -524,12 +831,11 @@ class CampaignMonitorEmulator(Emulator):
             lst.subscribers[new_key] = sub
         sub.email = new_email
         if body.get("Name") is not None:
-            sub.name = str(body["Name"])
+            sub.name = _intern(str(body["Name"]))
         sub.fields = self._merge_fields(lst, sub.fields, body.get("CustomFields"))
         if consent != "Unchanged":
             sub.consent = consent
-        if sub.state != "Active" and _truthy(body.get("Resubscribe")) and self._may_resubscribe(sub.state):
-            sub.state = "Active"
+        self._reactivate(sub, new_key, _truthy(body.get("Resubscribe")), _now())
         lst.version += 1
         return self.empty()
 
@@ -542,7 +848,9 @@ class CampaignMonitorEmulator(Emulator):
         if sub is None:
             return self.error(400, 203, "Subscriber not in list or has already been removed.")
         self.sandbox.log.members(self.name, [email.lower()])
-        sub.state = "Unsubscribed"
+        if sub.state != "Unsubscribed":
+            sub.state = "Unsubscribed"
+            sub.date = _now()
         lst.version += 1
         return self.empty()
 
@@ -557,32 +865,82 @@ class CampaignMonitorEmulator(Emulator):
     def _may_resubscribe(self, state: str) -> bool:
         return state != "Bounced" or self.resubscribe_bounced
 
+    # -- custom field values ----------------------------------------------------------------
+    def _parse_value(self, field: dict, value):
+        """The value to store for ``field``, ``_CLEAR`` for "clear it", or None for "ignore it"."""
+        if value is None or isinstance(value, (dict, list)):
+            return None
+        raw = value if isinstance(value, str) else str(value)
+        value = raw.strip()
+        if value == "":
+            return None
+        data_type = field["DataType"]
+        if data_type == "Date":
+            if value == "0000-00-00":
+                return _CLEAR
+            m = _DATE_RE.match(value)
+            if m is None:
+                return None
+            try:
+                day = _date(int(m.group(1)), int(m.group(3)), int(m.group(4)))
+            except ValueError:
+                return None
+            return day.isoformat() if _DATE_MIN <= day <= _DATE_MAX else None
+        if data_type == "Number":
+            return value if _NUMBER_RE.match(value) else None
+        if data_type in MULTI:
+            return value if value in field["FieldOptions"] else None
+        if len(raw) > MAX_VALUE:  # Text, Country, USState: stored as sent
+            return raw[:MAX_VALUE] if self.long_value == "truncate" else None
+        return raw
+
     def _merge_fields(self, lst: SubscriberList, current: tuple | None, given) -> tuple | None:
-        """Apply ``CustomFields`` ([{Key, Value, Clear}]) to the stored pairs; unknown keys are ignored."""
+        """Apply ``CustomFields`` ([{Key, Value, Clear}]) to the stored pairs (rules in the module doc)."""
         if not given or not isinstance(given, list):
             return current
         values: dict[str, list[str]] = {}
         for k, v in current or ():
             values.setdefault(k, []).append(v)
         replaced: set[str] = set()
+        changed = False
         for item in given:
             if not isinstance(item, dict) or "Key" not in item:
                 continue
-            key = lst.field_key(str(item["Key"]))
-            if key is None:
-                continue
+            field = lst.field(str(item["Key"]))
+            if field is None:
+                continue  # unknown key: ignored
+            key = field["Key"]
             if _truthy(item.get("Clear")):
+                raw = item.get("Value")
+                if field["DataType"] == "MultiSelectMany" and raw not in (None, ""):
+                    option = str(raw).strip()
+                    if option in values.get(key, ()):
+                        values[key] = [v for v in values[key] if v != option]
+                        changed = True
+                elif key in values:
+                    del values[key]
+                    changed = True
+                continue
+            value = self._parse_value(field, item.get("Value"))
+            if value is None:
+                continue  # ignored, as CM ignores it
+            changed = True
+            if value is _CLEAR:
                 values.pop(key, None)
                 continue
-            value = item.get("Value")
-            if value is None or value == "":
-                continue
-            value = str(value)[:250]
-            if key not in replaced:  # a key given in the request replaces the stored value(s)
-                values[key] = []
-                replaced.add(key)
-            values[key].append(value)
-        pairs = tuple((k, _intern(v)) for k, vs in values.items() for v in vs)
+            if field["DataType"] == "MultiSelectMany":
+                if key not in replaced:  # the values given replace the whole selection
+                    values[key] = []
+                    replaced.add(key)
+                if value not in values[key]:
+                    values[key].append(value)
+            else:
+                values[key] = [value]  # one value; the last valid one wins
+        if not changed:
+            return current
+        order = lst.order
+        pairs = tuple((k, _intern(v)) for k in sorted(values, key=lambda k: order.get(k, len(order)))
+                      for v in values[k])
         return pairs or None
 
     # -- import -----------------------------------------------------------------------------
@@ -591,7 +949,7 @@ class CampaignMonitorEmulator(Emulator):
         if lst is None:
             return self.error(400, 101, "Invalid ListID")
         if not isinstance(body, dict) or not isinstance(body.get("Subscribers"), list) or not body["Subscribers"]:
-            return self.error(400, 212, "No subscribers provided")
+            return self.error(400, 212, "No subscribers were provided in this batch")
         subscribers = body["Subscribers"]
         if len(subscribers) > MAX_IMPORT:
             return self.error(400, 209, "Too many subscribers in this batch. You can only add 1000 subscribers in "
@@ -604,6 +962,7 @@ class CampaignMonitorEmulator(Emulator):
         seen: set[str] = set()
         new = existing = 0
         now = _now()
+        suppression = self.suppression
         for item in subscribers:
             if not isinstance(item, dict):
                 failures.append({"EmailAddress": None, "Code": 1, "Message": "Invalid Email Address"})
@@ -625,11 +984,12 @@ class CampaignMonitorEmulator(Emulator):
                     failures.append({"EmailAddress": email, **json.loads(bad.body)})
                     continue
             sub = lst.subscribers.get(key)
-            if sub is None and key in self.suppression:
-                if not (resubscribe and self.resubscribe_suppressed):
+            if suppression and key in suppression:
+                if not (resubscribe and self.resubscribe_suppressed
+                        and (sub is None or sub.state == "Active" or self._may_resubscribe(sub.state))):
                     failures.append({"EmailAddress": email, "Code": 204, "Message": "In Suppression List"})
                     continue
-                self.suppression.discard(key)
+                suppression.discard(key)
             if sub is not None and sub.state != "Active":
                 if not (resubscribe and self._may_resubscribe(sub.state)):
                     code, message = _INACTIVE_CODES[sub.state]
@@ -658,13 +1018,26 @@ class CampaignMonitorEmulator(Emulator):
         return JSONResponse(result, status_code=self.import_success_status)
 
 
+def _subscriber_json(s: Subscriber, tracking: bool, names: dict) -> dict:
+    out = {"EmailAddress": s.email, "Name": s.name, "Date": s.date, "ListJoinedDate": s.joined,
+           "State": s.state, "CustomFields": _fields_json(s.fields, names), "ReadsEmailWith": ""}
+    if tracking:
+        out["ConsentToTrack"] = s.consent
+    return out
+
+
 def _intern(value):
     """Share repeated short strings (names, custom field values) between subscribers."""
     return sys.intern(value) if isinstance(value, str) and len(value) <= 40 else value
 
 
-def _fields_json(fields: tuple | None) -> list[dict]:
-    return [{"Key": k, "Value": v} for k, v in fields or ()]
+def _fields_json(fields: tuple | None, names: dict) -> list[dict]:
+    """Stored pairs as CM reads them back: ``Key`` is the field name, without brackets."""
+    return [{"Key": names.get(k, k[1:-1]), "Value": v} for k, v in fields or ()]
+
+
+def _unique(values) -> list[str]:
+    return list(dict.fromkeys(str(v) for v in values))
 
 
 def _truthy(value) -> bool:

@@ -67,7 +67,8 @@ def test_official_client_imports_and_reads_list(sandbox, cm, monkeypatch, tmp_pa
 
     sub = createsend.Subscriber(auth, cm.list_id, "ann@example.com").get(include_tracking_preference=True)
     assert sub.State == "Active" and sub.Name == "Ann" and sub.ConsentToTrack == "Yes"
-    assert [(f.Key, f.Value) for f in sub.CustomFields] == [("[CustomerId]", "42")]
+    # read back with the field name as Key, no brackets (createsend-python fixture subscriber_details.json)
+    assert [(f.Key, f.Value) for f in sub.CustomFields] == [("Customer Id", "42")]
 
     with pytest.raises(createsend.BadRequest) as exc:
         createsend.Subscriber(auth, cm.list_id, "nobody@example.com").get()
@@ -179,7 +180,7 @@ def test_single_subscriber_update_get_delete(cm):
     assert r.status_code == 400 and r.json()["Code"] == 211
     got = cm.session.get(cm.url(f"/subscribers/{lid}.json"), params={"email": "b@example.com"}, timeout=10).json()
     assert got["EmailAddress"] == "b@example.com" and got["Name"] == "B" and got["State"] == "Active"
-    assert got["CustomFields"] == [{"Key": "[Tier]", "Value": "gold"}]
+    assert got["CustomFields"] == [{"Key": "Tier", "Value": "gold"}]
     assert cm.session.delete(cm.url(f"/subscribers/{lid}.json"), params={"email": "b@example.com"},
                              timeout=10).status_code == 200
     got = cm.session.get(cm.url(f"/subscribers/{lid}.json"), params={"email": "b@example.com"}, timeout=10).json()
