@@ -1,9 +1,13 @@
 """The one HTTP layer every vendor hook uses.
 
-One pooled :class:`requests.Session` per hook (sized to the concurrency in use), connect and read
-timeouts, and one retry policy: exponential backoff with full jitter on 429, 5xx and connection
-errors, honouring ``Retry-After`` and rate-limit reset headers, and only for requests that are safe
-to repeat. Vendor error bodies become :class:`VendorAPIError` carrying the vendor's own message.
+One pooled :class:`requests.Session` per hook (urllib3's pool sized to the concurrency in use), connect
+and read timeouts, TLS verified against the connection's CA bundle, and one retry policy: exponential
+backoff with full jitter on 429, 5xx and connection errors, honouring ``Retry-After`` and rate-limit
+reset headers, and only for requests that are safe to repeat. A :class:`RateLimiter` shared by the
+session's threads keeps within a vendor's published budget before the vendor has to refuse anything.
+Vendor error bodies become :class:`VendorAPIError` carrying the vendor's own message.
+
+HTTP itself (framing, TLS, compression, redirects, connection reuse) is requests' and urllib3's.
 
 Nothing here logs a request or response body, a header value or a URL query string: bodies carry
 profiles and headers carry credentials.
@@ -12,58 +16,46 @@ profiles and headers carry credentials.
 from __future__ import annotations
 
 import email.utils
-import functools
-import gzip
-import http.client
 import logging
-import os
 import random
-import re
-import select
-import socket
-import ssl
 import threading
 import time
-import urllib.parse
-import zlib
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import requests
+from airflow.sdk.exceptions import AirflowException
 from requests.adapters import HTTPAdapter
-from requests.structures import CaseInsensitiveDict
 
-try:  # msgspec (an Airflow dependency) encodes and decodes JSON several times faster than json
-    import msgspec
-
-    _encode_json = msgspec.json.encode
-    _decode_json = msgspec.json.decode
-    encode_json = _encode_json
-    decode_json = _decode_json
-except ImportError:  # pragma: no cover
-    import json
-
-    def _encode_json(obj: Any) -> bytes:
-        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
-    _decode_json = json.loads
-    encode_json = _encode_json
-    decode_json = _decode_json
+#: JSON bodies are encoded and decoded with msgspec (bytes in, bytes out).
+encode_json = msgspec.json.encode
+decode_json = msgspec.json.decode
 
 log = logging.getLogger(__name__)
 
-#: What a call may carry to take the direct http.client path (see VendorSession._transport).
-_DIRECT_KWARGS = frozenset({"data", "timeout", "verify"})
-_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 #: Methods that may be repeated without changing the outcome (RFC 9110 idempotent methods).
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 #: Statuses worth retrying: throttling and transient server errors.
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
-class VendorAPIError(Exception):
-    """A vendor answered with an error. ``message`` is the vendor's own words (no request data)."""
+class VendorAPIError(AirflowException):
+    """A vendor answered with an error, or could not be reached; ``message`` is the vendor's own words.
+
+    An :class:`~airflow.sdk.exceptions.AirflowException`, as ``HttpHook.run()`` raises on an error answer, so
+    code written for ``HttpHook`` keeps catching it. It never carries request data.
+
+    :param vendor: the vendor's name ("Mailchimp").
+    :param status: the HTTP status, or None when no answer came (connection error, timeout, TLS).
+    :param message: the vendor's error message.
+    :param code: the vendor's error code, when its error body has one.
+    :param body: the decoded error body (for callers that read per-field details).
+    :param method: the request's method.
+    :param path: the request's path, without its query string.
+    """
 
     def __init__(
         self,
@@ -90,7 +82,14 @@ class VendorAPIError(Exception):
 
     @property
     def retryable(self) -> bool:
+        """Whether the same request may succeed later (no answer, throttling or a transient server error)."""
         return self.status is None or self.status in RETRY_STATUSES
+
+    def serialize(self) -> tuple[str, tuple, dict]:
+        """Class path and arguments that re-create this error (Airflow serializes exceptions this way)."""
+        cls = type(self)
+        return (f"{cls.__module__}.{cls.__name__}", (self.vendor, self.status, self.message),
+                {"code": self.code, "method": self.method, "path": self.path})
 
 
 class VendorAuthError(VendorAPIError):
@@ -99,26 +98,51 @@ class VendorAuthError(VendorAPIError):
 
 @dataclass
 class RetryPolicy:
-    """How many times and how long to wait. Delays are capped exponential backoff with full jitter."""
+    """How many times and how long to wait. Delays are capped exponential backoff with full jitter.
+
+    :param max_attempts: attempts in all, the first included.
+    :param backoff_base: the first backoff's ceiling in seconds; it doubles with each attempt.
+    :param backoff_max: the ceiling of any backoff in seconds.
+    :param max_retry_after: the longest server-requested wait (``Retry-After``) honoured; a longer one fails
+        at once with the vendor's words.
+    :param statuses: the HTTP statuses that are retried.
+    """
 
     max_attempts: int = 8
     backoff_base: float = 0.5
     backoff_max: float = 60.0
-    #: Ceiling for a server-requested wait (Retry-After); longer waits fail fast with the vendor's words.
     max_retry_after: float = 300.0
     statuses: frozenset[int] = RETRY_STATUSES
 
     def backoff(self, attempt: int) -> float:
-        """Full-jitter exponential backoff for the given 1-based attempt number."""
+        """Full-jitter exponential backoff for the given 1-based attempt number.
+
+        :param attempt: the number of the attempt that failed.
+        """
         ceiling = min(self.backoff_max, self.backoff_base * (2 ** (attempt - 1)))
         return random.uniform(ceiling / 2, ceiling)
+
+
+def _reset_seconds(value: str, now: float) -> float | None:
+    """``X-RateLimit-Reset`` in seconds from now: seconds-until-reset when small, a Unix timestamp when it
+    looks like one (vendors differ)."""
+    try:
+        reset = float(value)
+    except ValueError:
+        return None
+    if reset > 1_000_000_000:
+        return max(0.0, reset - now)
+    return max(0.0, reset)
 
 
 def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) -> float | None:
     """Seconds the server asked us to wait, from ``Retry-After`` or rate-limit reset headers.
 
-    ``Retry-After`` may be delta-seconds or an HTTP date (RFC 9110). ``X-RateLimit-Reset`` is read
-    as seconds-until-reset when small and as a Unix timestamp when it looks like one (vendors differ).
+    ``Retry-After`` may be delta-seconds or an HTTP date (RFC 9110); ``X-RateLimit-Reset`` counts only when
+    ``X-RateLimit-Remaining`` is 0 or absent.
+
+    :param headers: the answer's headers.
+    :param now: the current Unix time (for HTTP dates and timestamps); defaults to ``time.time()``.
     """
     now = time.time() if now is None else now
     value = headers.get("Retry-After")
@@ -136,13 +160,7 @@ def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) ->
     remaining = headers.get("X-RateLimit-Remaining")
     reset = headers.get("X-RateLimit-Reset")
     if reset and (remaining is None or remaining.strip() in ("0", "0.0")):
-        try:
-            reset_f = float(reset)
-        except ValueError:
-            return None
-        if reset_f > 1_000_000_000:  # a Unix timestamp
-            return max(0.0, reset_f - now)
-        return max(0.0, reset_f)
+        return _reset_seconds(reset, now)
     return None
 
 
@@ -150,7 +168,10 @@ ErrorParser = Callable[[requests.Response], tuple[str, "str | int | None"]]
 
 
 def default_error_parser(response: requests.Response) -> tuple[str, str | int | None]:
-    """Extract (message, code) from common JSON error shapes; fall back to the reason phrase."""
+    """Extract (message, code) from common JSON error shapes; fall back to the reason phrase.
+
+    :param response: an error answer.
+    """
     try:
         body = response.json()
     except ValueError:
@@ -176,25 +197,205 @@ class HttpStats:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, *, requests: int = 0, retries: int = 0, throttled: int = 0) -> None:
+        """Add to the counters.
+
+        :param requests: requests sent.
+        :param retries: requests repeated.
+        :param throttled: answers that were 429.
+        """
         with self._lock:
             self.requests += requests
             self.retries += retries
             self.throttled += throttled
 
     def as_dict(self) -> dict[str, int]:
+        """The counters as a plain dict (for XCom and logs)."""
         return {"requests": self.requests, "retries": self.retries, "throttled": self.throttled}
 
 
+@dataclass(frozen=True)
+class RequestBudget:
+    """A vendor's published request budget: at most ``requests`` in any ``window`` seconds.
+
+    :param requests: requests allowed in one window.
+    :param window: the window's length in seconds (a sliding window).
+    """
+
+    requests: int
+    window: float
+
+
+class RateLimiter:
+    """Decides when a request may start; shared by every thread of one :class:`VendorSession`.
+
+    Three rules, so that a vendor that publishes its limits rarely has to refuse a request:
+
+    * a published :class:`RequestBudget` (Dataverse: 6,000 requests per 5 minutes per user): a request
+      beyond the budget of the sliding window waits until the oldest request in it leaves the window;
+    * the vendor's ``X-RateLimit-Limit``/``-Remaining``/``-Reset`` answers (Campaign Monitor sends them on
+      every answer): once ``Remaining`` is down to the requests still in flight (each of them spends one),
+      new requests wait until the reset;
+    * a server-requested wait (``Retry-After`` or a reset on a 429): every thread waits it out, not only the
+      one that was refused (:meth:`pause`).
+
+    It logs at INFO the first time each rule makes a request wait, with the numbers, then at DEBUG.
+
+    :param vendor: the vendor's name, for the log.
+    :param budget: the vendor's published budget, if any.
+    :param clock: monotonic seconds (a test passes a fake clock).
+    :param sleep: how to wait (a test passes one that advances its fake clock).
+    :param wall: Unix time, to read a reset given as a timestamp.
+    """
+
+    def __init__(
+        self,
+        vendor: str,
+        budget: RequestBudget | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.vendor = vendor
+        self.budget = budget
+        self._clock = clock
+        self._sleep = sleep
+        self._wall = wall
+        self._lock = threading.Lock()
+        self._started: deque[float] = deque()  # start times of the requests in the budget's window
+        self._not_before = 0.0  # no request starts before this (clock) time
+        self._pause_reason = ""
+        self._in_flight = 0
+        self._logged: set[str] = set()
+        #: seconds requests waited, all threads together
+        self.waited = 0.0
+
+    @property
+    def in_flight(self) -> int:
+        """Requests started and not yet answered."""
+        return self._in_flight
+
+    def acquire(self) -> None:
+        """Wait until a request may start, then count it as started and in flight."""
+        while True:
+            with self._lock:
+                now = self._clock()
+                wait, reason = self._wait(now)
+                if wait <= 0:
+                    if self.budget is not None:
+                        self._started.append(now)
+                    self._in_flight += 1
+                    return
+                self.waited += wait
+            self._note(reason, wait)
+            self._sleep(wait)
+
+    def _wait(self, now: float) -> tuple[float, str]:
+        """How long a request starting ``now`` must wait, and which rule says so (called under the lock)."""
+        if self._not_before > now:
+            return self._not_before - now, self._pause_reason
+        budget = self.budget
+        if budget is not None:
+            horizon = now - budget.window
+            started = self._started
+            while started and started[0] <= horizon:
+                started.popleft()
+            if len(started) >= budget.requests:
+                return started[0] - horizon, "budget"
+        return 0.0, ""
+
+    def release(self, headers: Mapping[str, str] | None = None) -> None:
+        """Count a request as answered (or failed) and read the vendor's rate-limit headers of its answer.
+
+        :param headers: the answer's headers; None when no answer came.
+        """
+        with self._lock:
+            self._in_flight -= 1
+            if not headers:
+                return
+            remaining, reset = headers.get("X-RateLimit-Remaining"), headers.get("X-RateLimit-Reset")
+            if remaining is None or reset is None:
+                return
+            try:
+                left = float(remaining)
+            except ValueError:
+                return
+            if left > self._in_flight:
+                return
+            seconds = _reset_seconds(reset, self._wall())
+            if not seconds:
+                return
+            self._hold(seconds, "headers")
+            in_flight = self._in_flight
+        self._note("headers", seconds, f"X-RateLimit-Remaining {remaining} of {headers.get('X-RateLimit-Limit', '?')} "
+                                       f"with {in_flight} request(s) in flight")
+
+    def pause(self, seconds: float) -> None:
+        """Hold every thread's next request for ``seconds`` (the server asked for a wait, e.g. with a 429).
+
+        :param seconds: how long no request may start.
+        """
+        if seconds <= 0:
+            return
+        with self._lock:
+            self._hold(seconds, "server")
+        self._note("server", seconds)
+
+    def _hold(self, seconds: float, reason: str) -> None:
+        until = self._clock() + seconds
+        if until > self._not_before:
+            self._not_before, self._pause_reason = until, reason
+
+    def _note(self, reason: str, wait: float, detail: str = "") -> None:
+        """Log a wait: at INFO the first time a rule makes requests wait, at DEBUG after that."""
+        with self._lock:
+            first = reason not in self._logged
+            self._logged.add(reason)
+        level = logging.INFO if first else logging.DEBUG
+        if reason == "budget":
+            log.log(level, "%s: pacing requests to the published budget of %d per %g s: waiting %.1f s",
+                    self.vendor, self.budget.requests, self.budget.window, wait)
+        elif reason == "headers":
+            log.log(level, "%s: pacing requests to the vendor's rate limit (%s): new requests wait %.1f s for the "
+                    "reset", self.vendor, detail or "rate-limit headers", wait)
+        else:
+            log.log(level, "%s: the server asked for a wait: every thread's requests wait %.1f s", self.vendor, wait)
+
+
+class _HeaderAuth(requests.auth.AuthBase):
+    """requests' auth hook over a callable that returns the auth headers (called per request, so a refreshed
+    token applies)."""
+
+    def __init__(self, headers: Callable[[], Mapping[str, str]]) -> None:
+        self.headers = headers
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers.update(self.headers())
+        return request
+
+
+def _no_auth(request: requests.PreparedRequest) -> requests.PreparedRequest:
+    """Per-request auth that sends no credentials (overrides the session's auth)."""
+    return request
+
+
 class VendorSession:
-    """A pooled, retrying HTTP client for one vendor account.
+    """A pooled, retrying, rate-limited HTTP client for one vendor account.
 
     :param vendor: name used in errors and logs ("Mailchimp").
     :param base_url: every ``path`` is appended to it.
     :param auth: callable returning the auth headers; called per request so refreshed tokens apply.
     :param on_unauthorized: called once after a 401 on a token-authenticated request; returning True
         means "credentials refreshed, try again" (token expiry mid-run).
+    :param error_parser: turns an error answer into (message, code).
     :param pool_size: connections kept per host: size it to the concurrency in use.
     :param verify: True, False or a CA bundle path.
+    :param connect_timeout: seconds to establish a connection.
+    :param read_timeout: seconds to wait for each read of the answer.
+    :param retry: the retry policy.
+    :param budget: the vendor's published request budget, if any (see :class:`RateLimiter`).
+    :param user_agent: the User-Agent header; defaults to the provider's name and version.
+    :param sleep: how to wait between attempts (a test passes a fake one).
     """
 
     def __init__(
@@ -210,6 +411,7 @@ class VendorSession:
         connect_timeout: float = 10.0,
         read_timeout: float = 130.0,
         retry: RetryPolicy | None = None,
+        budget: RequestBudget | None = None,
         user_agent: str | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -217,12 +419,12 @@ class VendorSession:
 
         self.vendor = vendor
         self.base_url = base_url.rstrip("/")
-        self._auth = auth
         self._on_unauthorized = on_unauthorized
         self._error_parser = error_parser
         self.timeout = (connect_timeout, read_timeout)
         self.retry = retry or RetryPolicy()
         self.stats = HttpStats()
+        self.limiter = RateLimiter(vendor, budget)
         self._sleep = sleep
         self.session = requests.Session()
         # No urllib3-level retries: this class owns retrying so it can honour vendor headers and
@@ -232,18 +434,20 @@ class VendorSession:
         self.session.mount("http://", adapter)
         self.verify = verify
         self.session.verify = verify
+        self.session.auth = _HeaderAuth(auth) if auth is not None else None
         self.session.headers["User-Agent"] = user_agent or f"airflow-provider-segexport/{__version__}"
         self.session.headers["Accept"] = "application/json"
-        # requests re-reads the proxy environment (and ~/.netrc) on every call when trust_env is on:
-        # milliseconds per request. The proxies (HTTPS_PROXY, NO_PROXY, ...) are resolved once per host.
+        # With trust_env on, requests re-reads the proxy environment and ~/.netrc on every call (and
+        # REQUESTS_CA_BUNDLE replaces the connection's CA bundle): the proxies (HTTPS_PROXY, NO_PROXY, ...)
+        # are resolved once per host instead, and TLS settings are passed with each request.
         self.session.trust_env = False
         self._proxies: dict[str, dict[str, str]] = {}
-        self._pool_size = max(1, pool_size)
-        self._direct: dict[tuple[str, str, bool | str], _Origin] = {}
-        self._direct_lock = threading.Lock()
 
     def proxies_for(self, url: str) -> dict[str, str]:
-        """The environment's proxies for ``url``'s host (honouring NO_PROXY), resolved once per host."""
+        """The environment's proxies for ``url``'s host (honouring NO_PROXY), resolved once per host.
+
+        :param url: an absolute URL.
+        """
         host = url.split("/", 3)[2] if "://" in url else url
         proxies = self._proxies.get(host)
         if proxies is None:
@@ -251,13 +455,14 @@ class VendorSession:
         return proxies
 
     def close(self) -> None:
+        """Close the pooled connections."""
         self.session.close()
-        with self._direct_lock:
-            origins = list(self._direct.values())
-        for origin in origins:
-            origin.clear()
 
     def url(self, path: str) -> str:
+        """The absolute URL of ``path`` (an absolute URL is returned as is).
+
+        :param path: a path under the base URL, or an absolute URL.
+        """
         if path.startswith(("http://", "https://")):
             return path
         return f"{self.base_url}/{path.lstrip('/')}"
@@ -274,34 +479,36 @@ class VendorSession:
     ) -> requests.Response:
         """Send a request, retrying when that is safe; return the response or raise VendorAPIError.
 
+        :param method: the HTTP method.
+        :param path: a path under the base URL, or an absolute URL.
         :param idempotent: whether the request may be repeated; defaults to the method's semantics
             (POST and PATCH are not, unless the caller knows the endpoint is an upsert).
         :param expected: extra non-2xx statuses the caller handles itself (returned, not raised).
+        :param authenticate: send the vendor credentials (False for a URL outside the vendor's API).
+        :param kwargs: passed to :meth:`requests.Session.request` (``params``, ``data``, ``json``,
+            ``headers``, ``timeout``, ...).
         """
         method = method.upper()
         safe = (method in IDEMPOTENT_METHODS) if idempotent is None else idempotent
         url = self.url(path)
         short_path = path.split("?", 1)[0] if not path.startswith("http") else "<absolute URL>"
         kwargs.setdefault("timeout", self.timeout)
-        # Per request: requests lets REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE override session.verify otherwise.
         kwargs.setdefault("verify", self.verify)
+        kwargs.setdefault("proxies", self.proxies_for(url))
+        if not authenticate:
+            kwargs["auth"] = _no_auth
         attempt = 0
         refreshed = False
         while True:
             attempt += 1
-            headers = dict(kwargs.pop("headers", None) or {})
-            if authenticate and self._auth is not None:
-                headers.update(self._auth())
             try:
-                self.stats.add(requests=1)
-                response = self._transport(method, url, headers, kwargs)
+                response = self._send(method, url, kwargs)
             except requests.exceptions.SSLError as exc:
                 raise VendorAPIError(
                     self.vendor, None, f"TLS verification failed for {self.base_url}: {_short(exc)}. Check the "
                     "connection's CA bundle (extra \"ca_bundle\") or the host name.", method=method, path=short_path,
                 ) from exc
             except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
-                kwargs["headers"] = {k: v for k, v in headers.items() if k.lower() != "authorization"}
                 # A request that timed out or lost its connection may have been processed: repeat
                 # it only when that is harmless.
                 sent = not isinstance(exc, requests.ConnectTimeout)
@@ -317,7 +524,6 @@ class VendorSession:
                 self.stats.add(retries=1)
                 self._sleep(delay)
                 continue
-            kwargs["headers"] = {k: v for k, v in headers.items() if k.lower() != "authorization"}
             status = response.status_code
             if status < 400 or status in expected:
                 return response
@@ -337,6 +543,8 @@ class VendorSession:
                         self.vendor, status, f"{message} (asked to wait {wait:.0f}s; giving up)",
                         code=code, method=method, path=short_path,
                     )
+                if wait is not None:
+                    self.limiter.pause(wait)  # the other threads wait too: the server throttles the account
                 delay = wait + random.uniform(0, 0.25) if wait is not None else self.retry.backoff(attempt)
                 log.warning(
                     "%s %s %s: HTTP %d %s; retry %d/%d in %.1fs",
@@ -351,362 +559,41 @@ class VendorSession:
             error_cls = VendorAuthError if status in (401, 403) else VendorAPIError
             raise error_cls(self.vendor, status, message, code=code, body=body, method=method, path=short_path)
 
-    def _transport(self, method: str, url: str, headers: dict[str, str], kwargs: dict[str, Any]) -> requests.Response:
-        """One HTTP exchange. A plain call (a body of bytes or none, no query parameters, no proxy) goes
-        straight over a kept-alive connection (:class:`_Origin`, :meth:`_Origin.exchange`): requests' per-call
-        machinery (request preparation, cookie jars, hooks, a generator reading the body in 10 KB pieces)
-        costs ~1 ms of CPU a call, urllib3's ~0.5 more and http.client's header parsing (the email package)
-        ~0.3 more: ~3.5 µs a member at 500 members a call. Anything else goes through requests. Both raise
-        requests' exceptions and return a :class:`requests.Response` with its content read."""
-        proxies = self.proxies_for(url)
-        data = kwargs.get("data")
-        if proxies or kwargs.keys() - _DIRECT_KWARGS or not (data is None or data.__class__ is bytes):
-            return self.session.request(method, url, headers=headers, proxies=proxies, **kwargs)
-        timeout = kwargs["timeout"]
-        connect, read = timeout if isinstance(timeout, tuple) else (timeout, timeout)
-        scheme, host, target = _split_url(url)
-        merged = {}  # the session's headers, then the call's (names compared without case; None drops one)
-        for name, value in (*self.session.headers.items(), *headers.items()):
-            merged[name.lower()] = (name, value.decode("latin-1") if value.__class__ is bytes else value)
-        fields = {name: value for name, value in merged.values() if value is not None}
-        origin = self._origin(scheme, host, kwargs["verify"])
-        conn = origin.take()
-        if conn.sock is None:
-            origin.connect(conn, connect)  # raises requests' ConnectTimeout, SSLError or ConnectionError
+    def _send(self, method: str, url: str, kwargs: dict[str, Any]) -> requests.Response:
+        """One exchange through the pooled session, started when the rate limiter allows it."""
+        self.limiter.acquire()
+        response = None
         try:
-            status, reason, answer_headers, content, will_close = origin.exchange(
-                conn, method, target, fields, data, read)
-        except TimeoutError as exc:
-            conn.close()
-            raise requests.ReadTimeout(f"{method} {host}: no answer within {read}s") from exc
-        except (OSError, http.client.HTTPException) as exc:  # reset, closed mid-answer, malformed answer, ...
-            conn.close()
-            raise requests.ConnectionError(f"{method} {host}: {type(exc).__name__}: {exc}") from exc
-        except BaseException:  # an invalid header (nothing sent), an interrupt: the connection is not reused
-            conn.close()
-            raise
-        if will_close:
-            conn.close()
-        else:
-            origin.give(conn)
-        response_headers = CaseInsensitiveDict(answer_headers)
-        if status in _REDIRECTS and response_headers.get("Location"):  # rare: followed from this answer
-            return self._follow(method, url, status, response_headers["Location"], headers, kwargs)
-        encoding = response_headers.get("Content-Encoding", "").strip().lower()
-        if content and encoding in ("gzip", "x-gzip", "deflate"):
-            try:
-                content = gzip.decompress(content) if encoding != "deflate" else zlib.decompress(content)
-            except (zlib.error, gzip.BadGzipFile, EOFError):
-                try:  # a "deflate" answer without its zlib header (some servers send raw deflate)
-                    content = zlib.decompress(content, -zlib.MAX_WBITS)
-                except zlib.error as exc:
-                    raise requests.exceptions.ContentDecodingError(f"{method} {host}: {encoding} answer: {exc}") from exc
-        response = requests.Response()
-        response.status_code = status
-        response.headers = response_headers
-        response.reason = reason
-        response.url = url
-        response._content = content
-        response._content_consumed = True
-        response.encoding = requests.utils.get_encoding_from_headers(response.headers)
-        return response
-
-    def _follow(self, method: str, url: str, status: int, location: str, headers: dict[str, str],
-                kwargs: dict[str, Any]) -> requests.Response:
-        """A redirect answered on the direct path, followed as requests follows one (it follows any further
-        ones; ``Session.rebuild_method`` and ``resolve_redirects``): 302 and 303 become a GET (a HEAD stays one),
-        so does a POST answered 301; the body is dropped unless the answer is 307 or 308, which repeat the call
-        at the new place. The call itself is not sent again (a POST answered with a redirect was processed
-        once)."""
-        target = urllib.parse.urljoin(url, location)
-        if status not in (307, 308):
-            if method != "HEAD" and (status in (302, 303) or (status == 301 and method == "POST")):
-                method = "GET"
-            kwargs = {**kwargs, "data": None}
-            headers = {k: v for k, v in headers.items()
-                       if k.lower() not in ("content-type", "content-length", "transfer-encoding")}
-        if self.session.should_strip_auth(url, target):  # requests' own rule: not to another host
-            headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
-        return self.session.request(method, target, headers=headers, proxies=self.proxies_for(target), **kwargs)
-
-    def _origin(self, scheme: str, host: str, verify: bool | str) -> _Origin:
-        key = (scheme, host, verify)
-        origin = self._direct.get(key)
-        if origin is None:
-            with self._direct_lock:
-                origin = self._direct.get(key)
-                if origin is None:
-                    origin = self._direct[key] = _Origin(scheme, host, verify, self._pool_size)
-        return origin
+            self.stats.add(requests=1)
+            response = self.session.request(method, url, **kwargs)
+            return response
+        finally:
+            self.limiter.release(None if response is None else response.headers)
 
     def get_json(self, path: str, **kwargs: Any) -> Any:
+        """``GET`` ``path`` and decode its JSON answer (None for an empty one).
+
+        :param path: a path under the base URL, or an absolute URL.
+        :param kwargs: as for :meth:`request`.
+        """
         return _safe_json(self.request("GET", path, **kwargs))
 
     def post_json(self, path: str, payload: Any, **kwargs: Any) -> Any:
+        """``POST`` ``payload`` as JSON to ``path`` and decode the JSON answer (None for an empty one).
+
+        :param path: a path under the base URL, or an absolute URL.
+        :param payload: what to encode as the JSON body.
+        :param kwargs: as for :meth:`request` (``idempotent=True`` for an upsert).
+        """
         headers = {"Content-Type": "application/json", **(kwargs.pop("headers", None) or {})}
-        return _safe_json(self.request("POST", path, data=_encode_json(payload), headers=headers, **kwargs))
-
-
-class _Connection:
-    """A kept-alive connection of the direct path: its socket (TLS-wrapped for https), None until connected."""
-
-    __slots__ = ("sock",)
-
-    def __init__(self) -> None:
-        self.sock: socket.socket | None = None
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-
-
-class _Origin:
-    """Kept-alive connections to one scheme://host[:port] for the direct path: at most ``size`` idle ones,
-    the most recently used taken first; one found closed by the server while idle is dropped, not used.
-
-    :meth:`exchange` speaks HTTP/1.1 itself (one write for the request; the status line and headers read
-    line by line; a body delimited by Content-Length, chunked or the connection's end): http.client parses
-    headers with the email package, ~0.3 ms of CPU a call.
-    """
-
-    def __init__(self, scheme: str, host: str, verify: bool | str, size: int) -> None:
-        if scheme not in ("http", "https"):
-            raise ValueError(f"unsupported URL scheme {scheme!r}")
-        self.https = scheme == "https"
-        where = urllib.parse.urlsplit(f"//{host}")  # host[:port], an IPv6 literal in brackets
-        self.host = where.hostname or host
-        self.port = where.port or (443 if self.https else 80)
-        name = f"[{self.host}]" if ":" in self.host else self.host
-        self.host_header = name if self.port == (443 if self.https else 80) else f"{name}:{self.port}"
-        self.verify = verify
-        self.size = size
-        self._context: ssl.SSLContext | None = None
-        self._idle: list[_Connection] = []
-        self._lock = threading.Lock()
-
-    def take(self) -> _Connection:
-        with self._lock:
-            while self._idle:
-                conn = self._idle.pop()
-                if not _closed_while_idle(conn.sock):
-                    return conn
-                conn.close()
-        return _Connection()
-
-    def give(self, conn: _Connection) -> None:
-        with self._lock:
-            if len(self._idle) < self.size:
-                self._idle.append(conn)
-                return
-        conn.close()
-
-    def connect(self, conn: _Connection, timeout: float) -> None:
-        """Open the connection (and its TLS session) within ``timeout``; requests' exceptions."""
-        try:
-            sock = socket.create_connection((self.host, self.port), timeout)
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if self.https:
-                    sock = self.context().wrap_socket(sock, server_hostname=self.host)
-            except BaseException:
-                sock.close()
-                raise
-        except TimeoutError as exc:
-            raise requests.ConnectTimeout(f"{self.host}:{self.port}: no connection within {timeout}s") from exc
-        except ssl.SSLError as exc:
-            raise requests.exceptions.SSLError(f"{self.host}:{self.port}: {exc}") from exc
-        except OSError as exc:  # refused, unknown host, unreachable
-            raise requests.ConnectionError(f"{self.host}:{self.port}: {type(exc).__name__}: {exc}") from exc
-        conn.sock = sock
-
-    def exchange(self, conn: _Connection, method: str, target: str, headers: Mapping[str, str], body: bytes | None,
-                 timeout: float) -> tuple[int, str, list[tuple[str, str]], bytes, bool]:
-        """Send one request and read its answer: (status, reason, headers, body, whether the connection
-        must be closed). Raises OSError (TimeoutError for ``timeout``) or http.client's exceptions."""
-        lines = [f"{method} {target} HTTP/1.1\r\nHost: {self.host_header}\r\n"]
-        for name, value in headers.items():
-            low = name.lower()
-            if low in _DIRECT_OWN_HEADERS:
-                continue
-            if not _HEADER_NAME(name) or not _HEADER_VALUE(value):
-                raise ValueError(f"invalid HTTP header {name!r} (a line break or a control character)")
-            lines.append(f"{name}: {value}\r\n")
-        # Only what this path decodes (requests would announce brotli or zstd when those are installed).
-        lines.append("Accept-Encoding: gzip, deflate\r\n")
-        if body is not None or method in ("POST", "PUT", "PATCH"):
-            lines.append(f"Content-Length: {len(body) if body else 0}\r\n")
-        lines.append("\r\n")
-        head = "".join(lines).encode("latin-1")
-        sock = conn.sock
-        sock.settimeout(timeout)
-        unsent: OSError | None = None
-        try:
-            sock.sendall(head + body if body else head)
-        except (BrokenPipeError, ConnectionResetError) as exc:  # the server may have answered early (413, 401)
-            unsent = exc
-        reader = sock.makefile("rb")
-        try:
-            for _ in range(_MAX_INTERIM + 1):
-                try:
-                    line = reader.readline(_MAX_LINE + 1)
-                except OSError:
-                    if unsent is not None:
-                        raise unsent from None
-                    raise
-                if not line:
-                    if unsent is not None:
-                        raise unsent
-                    raise http.client.RemoteDisconnected("the server closed the connection without an answer")
-                if len(line) > _MAX_LINE:
-                    raise http.client.LineTooLong("status line")
-                version, _, rest = line.decode("latin-1").rstrip("\r\n").partition(" ")
-                code, _, reason = rest.partition(" ")
-                if not version.startswith("HTTP/1.") or len(code) != 3 or not (code.isascii() and code.isdigit()):
-                    raise http.client.BadStatusLine(repr(line[:100]))
-                status = int(code)
-                answer_headers = _read_headers(reader)
-                if not 100 <= status < 200 or status == 101:
-                    break  # (an interim 1xx answer is followed by the real one)
-            else:
-                raise http.client.HTTPException(f"more than {_MAX_INTERIM} interim answers")
-            joined: dict[str, tuple[str, str]] = {}  # a repeated header's values joined with ", " (as urllib3)
-            for name, value in answer_headers:
-                low = name.lower()
-                if low not in joined:
-                    joined[low] = (name, value)
-                elif low in _SINGLE_VALUED:
-                    if joined[low][1] != value:
-                        raise http.client.HTTPException(f"conflicting {name} headers")
-                else:
-                    joined[low] = (joined[low][0], f"{joined[low][1]}, {value}")
-            answer_headers = list(joined.values())
-            fields = {low: value for low, (_, value) in joined.items()}
-            tokens = {t.strip().lower() for t in fields.get("connection", "").split(",")}
-            will_close = (unsent is not None or status == 101 or "close" in tokens
-                          or (version == "HTTP/1.0" and "keep-alive" not in tokens))
-            length = fields.get("content-length")
-            coding = fields.get("transfer-encoding")
-            if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
-                content = b""
-            elif coding is not None and coding.lower().rsplit(",", 1)[-1].strip() == "chunked":
-                content = _read_chunked(reader)
-            elif coding is None and length is not None:
-                length = length.strip()
-                if not (length.isascii() and length.isdigit()):
-                    raise http.client.HTTPException(f"invalid Content-Length {length[:40]!r}")
-                size = int(length)
-                content = reader.read(size)
-                if len(content) < size:
-                    raise http.client.IncompleteRead(content, size - len(content))
-            else:  # the body ends with the connection (no length, or a transfer coding other than chunked)
-                content, will_close = reader.read(), True
-        finally:
-            reader.close()  # (the socket stays open)
-        return status, reason, answer_headers, content, will_close
-
-    def context(self) -> ssl.SSLContext:
-        """The TLS settings of ``verify`` (as requests reads it: True, False or a CA bundle file or folder)."""
-        if self._context is None:
-            if self.verify is False:
-                context = ssl.create_default_context()
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
-            else:
-                bundle = requests.utils.DEFAULT_CA_BUNDLE_PATH if self.verify is True else self.verify
-                context = ssl.create_default_context(
-                    **({"capath": bundle} if os.path.isdir(bundle) else {"cafile": bundle}))
-            self._context = context
-        return self._context
-
-    def clear(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
-
-
-_MAX_LINE = 65536  # http.client's limits
-_MAX_HEADERS = 100
-_MAX_INTERIM = 10  # interim (1xx) answers before the real one
-_SINGLE_VALUED = frozenset({"content-length"})  # (other repeated headers are joined with ", ", as urllib3 does)
-_DIRECT_OWN_HEADERS = frozenset({"host", "content-length", "accept-encoding", "transfer-encoding"})
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z").match
-_HEADER_VALUE = re.compile(r"(?![ \t])[^\x00-\x08\x0a-\x1f\x7f]*\Z").match  # (no leading white space either)
-
-
-@functools.lru_cache(maxsize=256)
-def _split_url(url: str) -> tuple[str, str, str]:
-    """(scheme, host[:port], request target) of an absolute URL; the target percent-encoded as requests
-    does it (white space and control characters included: urllib.parse drops line breaks and tabs)."""
-    parts = urllib.parse.urlsplit(url)
-    return parts.scheme, parts.netloc, requests.utils.requote_uri(
-        (parts.path or "/") + (f"?{parts.query}" if parts.query else ""))
-
-
-def _read_headers(reader: Any) -> list[tuple[str, str]]:
-    """An answer's header lines up to the blank line, as (name, value); a folded line continues the value."""
-    headers: list[tuple[str, str]] = []
-    while True:
-        line = reader.readline(_MAX_LINE + 1)
-        if len(line) > _MAX_LINE:
-            raise http.client.LineTooLong("header line")
-        if line in (b"\r\n", b"\n"):
-            return headers
-        if not line:
-            raise http.client.IncompleteRead(b"", None)  # the connection ended within the headers
-        text = line.decode("latin-1")
-        if text[0] in " \t" and headers:  # obsolete line folding
-            name, value = headers[-1]
-            headers[-1] = (name, f"{value} {text.strip()}")
-            continue
-        name, colon, value = text.partition(":")
-        if colon:
-            headers.append((name.strip(), value.strip()))
-            if len(headers) > _MAX_HEADERS:
-                raise http.client.HTTPException(f"got more than {_MAX_HEADERS} headers")
-
-
-def _read_chunked(reader: Any) -> bytes:
-    """A chunked body (its trailer lines read and dropped)."""
-    parts = []
-    while True:
-        line = reader.readline(_MAX_LINE + 1)
-        if not line:
-            raise http.client.IncompleteRead(b"".join(parts))
-        try:
-            size = int(line.split(b";", 1)[0].strip(), 16)
-        except ValueError:
-            raise http.client.HTTPException(f"invalid chunk size {line[:40]!r}") from None
-        if size < 0:
-            raise http.client.HTTPException(f"invalid chunk size {line[:40]!r}")
-        if size == 0:
-            break
-        chunk = reader.read(size)
-        if len(chunk) < size or reader.readline(_MAX_LINE + 1) not in (b"\r\n", b"\n"):
-            raise http.client.IncompleteRead(b"".join(parts) + chunk)
-        parts.append(chunk)
-    while reader.readline(_MAX_LINE + 1) not in (b"\r\n", b"\n", b""):
-        pass
-    return b"".join(parts)
-
-
-def _closed_while_idle(sock: socket.socket | None) -> bool:
-    """An idle kept-alive connection that is readable was closed by the server (or sent what nobody asked)."""
-    if sock is None:
-        return True
-    if isinstance(sock, ssl.SSLSocket) and sock.pending():
-        return True
-    poller = select.poll()
-    poller.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
-    return bool(poller.poll(0))
+        return _safe_json(self.request("POST", path, data=encode_json(payload), headers=headers, **kwargs))
 
 
 def _safe_json(response: requests.Response) -> Any:
     if not response.content:
         return None
     try:
-        return _decode_json(response.content)
+        return decode_json(response.content)
     except ValueError:
         return None
 

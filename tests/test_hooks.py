@@ -96,14 +96,14 @@ def test_batch_answers_come_trimmed_and_a_full_answer_reads_the_same(sandbox, mo
     hook = MailchimpHook("mc")
     audience = sandbox.info["mailchimp"]["audience_id"]
     sizes = []
-    transport = hook.http._transport
+    transport = hook.http._send
 
     def measured(*args, **kwargs):
         response = transport(*args, **kwargs)
         sizes.append(len(response.content))
         return response
 
-    monkeypatch.setattr(hook.http, "_transport", measured)
+    monkeypatch.setattr(hook.http, "_send", measured)
 
     def members(tag):
         return [{"email_address": f"{tag}{i}@example.com", "status_if_new": "subscribed",

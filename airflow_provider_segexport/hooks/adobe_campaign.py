@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import threading
 import time
-from functools import cached_property
 from typing import Any
 
-from airflow_provider_segexport.hooks.base import SegexportBaseHook, mask
+from airflow_provider_segexport.hooks.base import SegexportBaseHook
 from airflow_provider_segexport.http import VendorAuthError, VendorSession
 
 DEFAULT_IMS_URL = "https://ims-na1.adobelogin.com/ims/token/v3"
@@ -18,19 +17,29 @@ DEFAULT_SCOPES = "openid,AdobeID,read_organizations,additional_info.projectedPro
 
 
 class AdobeCampaignHook(SegexportBaseHook):
+    """Talks to one Adobe Campaign Standard instance (an ``HttpHook``: ``hook.run("/profileAndServices/profile")``
+    works).
+
+    Connection (type ``adobe_campaign``): extras ``client_id``, ``client_secret`` and ``org_id`` (an Adobe
+    Developer Console server-to-server credential), optional ``ims_url`` and ``scopes``, optional ``host``
+    to override the base URL, plus the common fields.
+
+    :param conn_id: the Airflow connection's id.
+    :param kwargs: as for :class:`~airflow_provider_segexport.hooks.base.SegexportBaseHook`.
+    """
+
     conn_type = "adobe_campaign"
     default_conn_name = "adobe_campaign_default"
     hook_name = "Adobe Campaign Standard"
     vendor = "Adobe Campaign"
 
-    def __init__(self, conn_id: str = default_conn_name, **kwargs: Any) -> None:
+    def __init__(self, conn_id: str | None = None, **kwargs: Any) -> None:
         super().__init__(conn_id, **kwargs)
         self._lock = threading.Lock()
         self._token: str | None = None
         self._expires = 0.0
 
-    @cached_property
-    def base_url(self) -> str:
+    def _resolve_base_url(self) -> str:
         host = (self.connection.host or "").strip().rstrip("/")
         if host:
             return host if host.startswith(("http://", "https://")) else "https://" + host
@@ -41,6 +50,7 @@ class AdobeCampaignHook(SegexportBaseHook):
         return f"https://mc.adobe.io/{org}/campaign"
 
     def _fetch_token(self, force: bool = False) -> str:
+        """The IMS access token, fetched again a minute before it expires or when ``force``d (after a 401)."""
         with self._lock:
             if self._token and not force and time.time() < self._expires - 60:
                 return self._token
@@ -51,12 +61,15 @@ class AdobeCampaignHook(SegexportBaseHook):
                                       "'Client secret' (extras client_id, client_secret).")
             ims = VendorSession("Adobe IMS", self.extras.get("ims_url") or DEFAULT_IMS_URL, verify=self.verify,
                                 pool_size=1)
-            answer = ims.request("POST", "", data={
-                "grant_type": "client_credentials", "client_id": client_id, "client_secret": secret,
-                "scope": self.extras.get("scopes") or DEFAULT_SCOPES,
-            }, idempotent=True).json()
+            try:
+                answer = ims.request("POST", "", data={
+                    "grant_type": "client_credentials", "client_id": client_id, "client_secret": secret,
+                    "scope": self.extras.get("scopes") or DEFAULT_SCOPES,
+                }, idempotent=True).json()
+            finally:
+                ims.close()
             self._token = answer["access_token"]
-            mask(self._token)
+            self._mask(self._token)
             self._expires = time.time() + float(answer.get("expires_in", 3600))
             return self._token
 
@@ -72,10 +85,6 @@ class AdobeCampaignHook(SegexportBaseHook):
 
         return self.new_session(self.base_url, auth=auth, on_unauthorized=refresh)
 
-    def test_connection(self) -> tuple[bool, str]:
-        try:
-            self.http.retry.max_attempts = 2
-            self.http.get_json("/profileAndServices/profile", params={"_lineCount": 1})
-            return True, f"Connected to Adobe Campaign Standard at {self.base_url}"
-        except Exception as exc:  # noqa: BLE001
-            return False, str(exc)
+    def _check_connection(self) -> str:
+        self.http.get_json("/profileAndServices/profile", params={"_lineCount": 1})
+        return f"Connected to Adobe Campaign Standard at {self.base_url}"

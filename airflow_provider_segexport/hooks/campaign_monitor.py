@@ -7,8 +7,6 @@ Limits (``shared/API-FACTS.md`` section 2): 1,000 subscribers per import call.
 from __future__ import annotations
 
 import base64
-from functools import cached_property
-from typing import Any
 
 from airflow_provider_segexport.hooks.base import SegexportBaseHook
 from airflow_provider_segexport.http import VendorAuthError, VendorSession
@@ -19,16 +17,19 @@ DEFAULT_BASE_URL = "https://api.createsend.com/api/v3.3"
 
 
 class CampaignMonitorHook(SegexportBaseHook):
+    """Talks to one Campaign Monitor account (an ``HttpHook``: ``hook.run("/clients.json")`` works).
+
+    Connection (type ``campaign_monitor``): extra ``api_key`` (or the password field), optional
+    ``client_id``, optional ``host`` to override the base URL, plus the common fields. Campaign Monitor
+    sends ``X-RateLimit-*`` headers on every answer: the session's rate limiter paces requests by them.
+    """
+
     conn_type = "campaign_monitor"
     default_conn_name = "campaign_monitor_default"
     hook_name = "Campaign Monitor"
     vendor = "Campaign Monitor"
 
-    def __init__(self, conn_id: str = default_conn_name, **kwargs: Any) -> None:
-        super().__init__(conn_id, **kwargs)
-
-    @cached_property
-    def base_url(self) -> str:
+    def _resolve_base_url(self) -> str:
         host = (self.connection.host or "").strip()
         return (host if host.startswith(("http://", "https://")) else f"https://{host}" if host
                 else DEFAULT_BASE_URL).rstrip("/")
@@ -41,14 +42,10 @@ class CampaignMonitorHook(SegexportBaseHook):
         header = {"Authorization": "Basic " + base64.b64encode(f"{key}:x".encode()).decode()}
         return self.new_session(self.base_url, auth=lambda: header)
 
-    def test_connection(self) -> tuple[bool, str]:
-        try:
-            self.http.retry.max_attempts = 2
-            client_id = self.extras.get("client_id")
-            if client_id:
-                lists = self.http.get_json(f"/clients/{client_id}/lists.json") or []
-                return True, f"Connected to Campaign Monitor client {client_id}: {len(lists)} list(s)"
-            clients = self.http.get_json("/clients.json")
-            return True, f"Connected to Campaign Monitor ({len(clients or [])} client(s) visible)"
-        except Exception as exc:  # noqa: BLE001
-            return False, str(exc)
+    def _check_connection(self) -> str:
+        client_id = self.extras.get("client_id")
+        if client_id:
+            lists = self.http.get_json(f"/clients/{client_id}/lists.json") or []
+            return f"Connected to Campaign Monitor client {client_id}: {len(lists)} list(s)"
+        clients = self.http.get_json("/clients.json")
+        return f"Connected to Campaign Monitor ({len(clients or [])} client(s) visible)"

@@ -10,17 +10,21 @@ import threading
 from functools import cached_property
 from typing import Any
 
-from airflow_provider_segexport.hooks.base import SegexportBaseHook, mask
-from airflow_provider_segexport.http import VendorAuthError, VendorSession
+from airflow_provider_segexport.hooks.base import SegexportBaseHook
+from airflow_provider_segexport.http import RequestBudget, VendorAuthError, VendorSession
 
 API_PATH = "/api/data/v9.2"
 #: Dataverse service protection: 52 concurrent requests per user
 MAX_CONCURRENCY = 52
+#: Dataverse service protection: 6,000 requests per user in a sliding window of 300 seconds
+SERVICE_PROTECTION_REQUESTS = 6000
+SERVICE_PROTECTION_WINDOW_S = 300.0
 MAX_PER_SEGMENT = 100_000
 
 
 class _VerifyingSession:
-    """msal's HTTP client: TLS settings passed per request (REQUESTS_CA_BUNDLE would override a session's)."""
+    """msal's HTTP client: the connection's TLS settings and a timeout passed with each request (with
+    trust_env on, REQUESTS_CA_BUNDLE would replace a session's verify)."""
 
     def __init__(self, verify: bool | str) -> None:
         import requests
@@ -29,32 +33,47 @@ class _VerifyingSession:
         self._verify = verify
 
     def get(self, url, **kwargs):
+        """GET with the connection's TLS settings and a timeout."""
         kwargs.setdefault("verify", self._verify)
         kwargs.setdefault("timeout", 30)
         return self._session.get(url, **kwargs)
 
     def post(self, url, **kwargs):
+        """POST with the connection's TLS settings and a timeout."""
         kwargs.setdefault("verify", self._verify)
         kwargs.setdefault("timeout", 30)
         return self._session.post(url, **kwargs)
 
     def close(self) -> None:
+        """Close the pooled connections."""
         self._session.close()
 
 
 class Dynamics365Hook(SegexportBaseHook):
+    """Talks to one Dataverse environment (an ``HttpHook``: ``hook.run("/WhoAmI")`` works).
+
+    Connection (type ``dynamics365``): ``host`` (the Environment URL), extras ``tenant_id`` (or
+    ``authority``), ``client_id`` and ``client_secret`` (an Entra ID app registration), plus the common
+    fields. Requests are paced to Dataverse's published service-protection budget.
+
+    :param conn_id: the Airflow connection's id.
+    :param kwargs: as for :class:`~airflow_provider_segexport.hooks.base.SegexportBaseHook`.
+    """
+
     conn_type = "dynamics365"
     default_conn_name = "dynamics365_default"
     hook_name = "Dynamics 365 (Dataverse)"
     vendor = "Dataverse"
+    request_budget = RequestBudget(SERVICE_PROTECTION_REQUESTS, SERVICE_PROTECTION_WINDOW_S)
 
-    def __init__(self, conn_id: str = default_conn_name, **kwargs: Any) -> None:
+    def __init__(self, conn_id: str | None = None, **kwargs: Any) -> None:
         super().__init__(conn_id, **kwargs)
         self._token_lock = threading.Lock()
         self._token: str | None = None
 
     @cached_property
     def environment_url(self) -> str:
+        """The Dataverse environment's URL (the connection's host), e.g. https://yourorg.crm.dynamics.com."""
         host = (self.connection.host or "").strip().rstrip("/")
         if not host:
             raise VendorAuthError(self.vendor, None, f"Connection '{self.conn_id}' has no Environment URL (host), "
@@ -92,8 +111,11 @@ class Dynamics365Hook(SegexportBaseHook):
                 raise VendorAuthError(self.vendor, 401, f"Entra ID refused the client credentials: "
                                       f"{result.get('error')}: {result.get('error_description', '')[:300]}")
             self._token = result["access_token"]
-            mask(self._token)
+            self._mask(self._token)
             return self._token
+
+    def _resolve_base_url(self) -> str:
+        return self.environment_url + API_PATH
 
     def _build_session(self) -> VendorSession:
         used = threading.local()  # the token this thread's last request carried
@@ -106,15 +128,12 @@ class Dynamics365Hook(SegexportBaseHook):
             self._fetch_token(force=True, stale=getattr(used, "token", None))
             return True
 
-        return self.new_session(self.environment_url + API_PATH, auth=auth, on_unauthorized=refresh)
+        return self.new_session(self.base_url, auth=auth, on_unauthorized=refresh)
 
     def pool_size(self) -> int:
+        """Connections kept per host: the concurrency in use (16 when not given), at most Dataverse's 52."""
         return min(self.concurrency or 16, MAX_CONCURRENCY)
 
-    def test_connection(self) -> tuple[bool, str]:
-        try:
-            self.http.retry.max_attempts = 2
-            who = self.http.get_json("/WhoAmI")
-            return True, f"Connected to Dataverse as user {who.get('UserId')} (organization {who.get('OrganizationId')})"
-        except Exception as exc:  # noqa: BLE001
-            return False, str(exc)
+    def _check_connection(self) -> str:
+        who = self.http.get_json("/WhoAmI")
+        return f"Connected to Dataverse as user {who.get('UserId')} (organization {who.get('OrganizationId')})"

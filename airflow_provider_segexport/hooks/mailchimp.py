@@ -13,11 +13,11 @@ import json
 import tarfile
 from collections.abc import Iterator
 from functools import cached_property
-from typing import Any
 
+import msgspec
 import requests
 
-from airflow_provider_segexport.hooks.base import SegexportBaseHook, mask
+from airflow_provider_segexport.hooks.base import SegexportBaseHook
 from airflow_provider_segexport.http import VendorAPIError, VendorAuthError, VendorSession
 from airflow_provider_segexport.http import encode_json as _encode
 
@@ -33,29 +33,29 @@ MAX_PER_EXPORT = 1_000_000
 PAGE_MAX = 1000
 DEFAULT_OAUTH_METADATA_URL = "https://login.mailchimp.com/oauth2/metadata"
 
-try:  # decode only the fields the export needs from batch answers (they carry full member objects)
-    import msgspec
+class _Member(msgspec.Struct):
+    email_address: str = ""
 
-    class _Member(msgspec.Struct):
-        email_address: str = ""
 
-    class _Error(msgspec.Struct):
-        email_address: str = ""
-        error: str = ""
-        error_code: str = ""
-        field: str = ""
-        field_message: str = ""
+class _Error(msgspec.Struct):
+    email_address: str = ""
+    error: str = ""
+    error_code: str = ""
+    field: str = ""
+    field_message: str = ""
 
-    class _BatchAnswer(msgspec.Struct):
-        new_members: list[_Member] = []
-        updated_members: list[_Member] = []
-        errors: list[_Error] = []
-        total_created: int | None = None
-        total_updated: int | None = None
 
-    _ANSWER_DECODER = msgspec.json.Decoder(_BatchAnswer)
-except ImportError:  # pragma: no cover
-    _ANSWER_DECODER = None
+class _BatchAnswer(msgspec.Struct):
+    """The fields of a batch-subscribe answer the export reads (the answer carries full member objects)."""
+
+    new_members: list[_Member] = []
+    updated_members: list[_Member] = []
+    errors: list[_Error] = []
+    total_created: int | None = None
+    total_updated: int | None = None
+
+
+_ANSWER_DECODER = msgspec.json.Decoder(_BatchAnswer)
 
 
 #: Partial response of a batch subscribe (Mailchimp's ``fields``): the answer keeps only what the export
@@ -67,30 +67,33 @@ _BATCH_ANSWER_FIELDS = "fields=errors,total_created,total_updated,error_count"
 def decode_batch_answer(content: bytes) -> dict:
     """A batch-subscribe answer reduced to what the outcomes need: ``total_created`` and ``total_updated``
     (counted from the arrays when the answer has no totals), the ``errors``, and the emails (as given by
-    Mailchimp) of ``new_members`` and ``updated_members`` when the answer lists them."""
-    if _ANSWER_DECODER is None:  # pragma: no cover
-        a = json.loads(content)
-        new = [m.get("email_address", "") for m in a.get("new_members") or []]
-        updated = [m.get("email_address", "") for m in a.get("updated_members") or []]
-        errors, created_total, updated_total = a.get("errors") or [], a.get("total_created"), a.get("total_updated")
-    else:
-        a = _ANSWER_DECODER.decode(content)
-        new = [m.email_address for m in a.new_members]
-        updated = [m.email_address for m in a.updated_members]
-        errors = [msgspec.structs.asdict(e) for e in a.errors]
-        created_total, updated_total = a.total_created, a.total_updated
+    Mailchimp) of ``new_members`` and ``updated_members`` when the answer lists them.
+
+    :param content: the answer's JSON body.
+    """
+    a = _ANSWER_DECODER.decode(content)
+    new = [m.email_address for m in a.new_members]
+    updated = [m.email_address for m in a.updated_members]
+    errors = [msgspec.structs.asdict(e) for e in a.errors]
+    created_total, updated_total = a.total_created, a.total_updated
     return {"new_members": new, "updated_members": updated, "errors": errors,
             "total_created": len(new) if created_total is None else created_total,
             "total_updated": len(updated) if updated_total is None else updated_total}
 
 
 def subscriber_hash(email: str) -> str:
-    """Mailchimp's member id: MD5 of the trimmed, lower-cased email."""
+    """Mailchimp's member id: MD5 of the trimmed, lower-cased email.
+
+    :param email: the member's email address.
+    """
     return hashlib.md5(email.strip().lower().encode("utf-8")).hexdigest()  # noqa: S324 - vendor-defined id
 
 
 def mailchimp_error(response: requests.Response) -> tuple[str, str | None]:
-    """problem+json -> "Title: detail (field: message; ...)", tolerating bodies that are not JSON."""
+    """problem+json -> "Title: detail (field: message; ...)", tolerating bodies that are not JSON.
+
+    :param response: an error answer.
+    """
     try:
         body = response.json()
     except ValueError:
@@ -107,12 +110,15 @@ def mailchimp_error(response: requests.Response) -> tuple[str, str | None]:
 
 
 class MailchimpHook(SegexportBaseHook):
-    """Talks to one Mailchimp account.
+    """Talks to one Mailchimp account (an ``HttpHook``: ``hook.run("/ping")`` works).
 
     Connection (type ``mailchimp``): extra ``api_key`` (its ``-usN`` suffix names the data center) or
     ``access_token`` (OAuth 2; the data center comes from the OAuth metadata endpoint), optional
     ``host`` to override the base URL (a proxy, the sandbox), plus the common fields
     (``data_privacy_acknowledged``, ``allowed_dag_ids``, ``ca_bundle``, ``verify_ssl``, ``timeout``).
+
+    :param conn_id: the Airflow connection's id (``mailchimp_default`` when not given).
+    :param kwargs: as for :class:`~airflow_provider_segexport.hooks.base.SegexportBaseHook`.
     """
 
     conn_type = "mailchimp"
@@ -120,10 +126,8 @@ class MailchimpHook(SegexportBaseHook):
     hook_name = "Mailchimp"
     vendor = "Mailchimp"
 
-    def __init__(self, conn_id: str = default_conn_name, **kwargs: Any) -> None:
-        super().__init__(conn_id, **kwargs)
-
     def pool_size(self) -> int:
+        """Connections kept per host: the concurrency in use, at most Mailchimp's 10 per API key."""
         return min(self.concurrency or MAX_CONNECTIONS, MAX_CONNECTIONS)
 
     # -- credentials ------------------------------------------------------------------------------
@@ -131,8 +135,7 @@ class MailchimpHook(SegexportBaseHook):
     def _auth_header(self) -> dict[str, str]:
         key = self.secret("api_key") or (self.connection.password or None)
         if key:
-            if self.mask_secrets:
-                mask(key)
+            self._mask(key)
             token = base64.b64encode(f"anystring:{key}".encode()).decode()
             return {"Authorization": f"Basic {token}"}
         access_token = self.secret("access_token")
@@ -141,8 +144,7 @@ class MailchimpHook(SegexportBaseHook):
         raise VendorAuthError(self.vendor, None, f"Connection '{self.conn_id}' has neither an API key nor an OAuth "
                               "access token: set the field 'API key' (extra \"api_key\").")
 
-    @cached_property
-    def base_url(self) -> str:
+    def _resolve_base_url(self) -> str:
         host = (self.connection.host or "").strip()
         if host:
             if not host.startswith(("http://", "https://")):
@@ -162,9 +164,11 @@ class MailchimpHook(SegexportBaseHook):
         if not token:
             raise VendorAuthError(self.vendor, None, f"Connection '{self.conn_id}' has no credentials.")
         url = self.extras.get("oauth_metadata_url") or DEFAULT_OAUTH_METADATA_URL
-        meta = VendorSession(self.vendor, url, verify=self.verify, pool_size=1).get_json(
-            "", headers={"Authorization": f"OAuth {token}"}
-        )
+        metadata = VendorSession(self.vendor, url, verify=self.verify, pool_size=1)
+        try:
+            meta = metadata.get_json("", headers={"Authorization": f"OAuth {token}"})
+        finally:
+            metadata.close()
         # The metadata endpoint answers 200 with {"error": "invalid_token"} for a bad token.
         if not isinstance(meta, dict) or meta.get("error") or not meta.get("api_endpoint"):
             raise VendorAuthError(self.vendor, 401, f"OAuth metadata refused the access token "
@@ -189,17 +193,17 @@ class MailchimpHook(SegexportBaseHook):
         return message, code
 
     # -- account ----------------------------------------------------------------------------------
-    def test_connection(self) -> tuple[bool, str]:
-        try:
-            self.http.retry.max_attempts = 2
-            root = self.http.get_json("/")
-            ping = self.http.get_json("/ping")
-            return True, (f"Connected to Mailchimp account '{root.get('account_name')}' "
-                          f"(id {root.get('account_id')}): {ping.get('health_status')}")
-        except Exception as exc:  # noqa: BLE001 - the UI shows the message
-            return False, str(exc)
+    def _check_connection(self) -> str:
+        root = self.http.get_json("/")
+        ping = self.http.get_json("/ping")
+        return (f"Connected to Mailchimp account '{root.get('account_name')}' "
+                f"(id {root.get('account_id')}): {ping.get('health_status')}")
 
     def get_audience(self, audience_id: str) -> dict:
+        """The audience (list) ``audience_id``; an unknown one raises a VendorAPIError saying where to find the id.
+
+        :param audience_id: the audience's id.
+        """
         try:
             return self.http.get_json(f"/lists/{audience_id}")
         except VendorAPIError as exc:
@@ -210,10 +214,22 @@ class MailchimpHook(SegexportBaseHook):
             raise
 
     def get_merge_fields(self, audience_id: str) -> list[dict]:
+        """Every merge field of the audience (all pages).
+
+        :param audience_id: the audience's id.
+        """
         return list(self._paged(f"/lists/{audience_id}/merge-fields", "merge_fields"))
 
     def create_merge_field(self, audience_id: str, tag: str, name: str, type_: str = "text",
                            options: dict | None = None) -> dict:
+        """Create a merge field (optional, hidden from the signup form); return Mailchimp's answer.
+
+        :param audience_id: the audience's id.
+        :param tag: the merge tag (``FNAME``).
+        :param name: the field's display name.
+        :param type_: Mailchimp's field type (``text``, ``number``, ``date``, ...).
+        :param options: the type's options (e.g. a date format).
+        """
         body = {"tag": tag, "name": name, "type": type_, "required": False, "public": False}
         if options:
             body["options"] = options
@@ -226,6 +242,11 @@ class MailchimpHook(SegexportBaseHook):
 
         A member is a dict, or its JSON already encoded (bytes). Safe to repeat: it is an upsert keyed on
         the email (a lost answer is re-sent).
+
+        :param audience_id: the audience's id.
+        :param members: at most 500 members.
+        :param update_existing: update members that exist (else they are errors).
+        :param sync_tags: replace the members' tags with the ones given.
         """
         if len(members) > BATCH_SUBSCRIBE_MAX:
             raise ValueError(f"at most {BATCH_SUBSCRIBE_MAX} members per batch subscribe")
@@ -240,18 +261,32 @@ class MailchimpHook(SegexportBaseHook):
         return decode_batch_answer(response.content)
 
     def get_member(self, audience_id: str, email: str) -> dict | None:
+        """The audience's member with this email, or None.
+
+        :param audience_id: the audience's id.
+        :param email: the member's email address.
+        """
         resp = self.http.request("GET", f"/lists/{audience_id}/members/{subscriber_hash(email)}", expected=(404,))
         return None if resp.status_code == 404 else resp.json()
 
     # -- tags (static segments) ---------------------------------------------------------------------
     def find_tag(self, audience_id: str, name: str) -> int | None:
+        """The id of the audience's tag (static segment) called ``name``, or None.
+
+        :param audience_id: the audience's id.
+        :param name: the tag's name.
+        """
         for seg in self._paged(f"/lists/{audience_id}/segments", "segments", params={"type": "static"}):
             if seg.get("name") == name:
                 return int(seg["id"])
         return None
 
     def tag_members(self, audience_id: str, segment_id: int) -> Iterator[str]:
-        """Emails of the members carrying a tag (paged, only the email field)."""
+        """Emails of the members carrying a tag (paged, only the email field).
+
+        :param audience_id: the audience's id.
+        :param segment_id: the tag's id.
+        """
         yield from (m["email_address"] for m in self._paged(
             f"/lists/{audience_id}/segments/{segment_id}/members", "members",
             params={"fields": "members.email_address,total_items"},
@@ -259,6 +294,13 @@ class MailchimpHook(SegexportBaseHook):
 
     def update_tag_members(self, audience_id: str, segment_id: int, *, add: list[str] = (),
                            remove: list[str] = ()) -> dict:
+        """Add and remove members of a tag by email (at most 500 each); safe to repeat.
+
+        :param audience_id: the audience's id.
+        :param segment_id: the tag's id.
+        :param add: emails to tag.
+        :param remove: emails to untag.
+        """
         if len(add) > SEGMENT_MEMBERS_MAX or len(remove) > SEGMENT_MEMBERS_MAX:
             raise ValueError(f"at most {SEGMENT_MEMBERS_MAX} members per array")
         body = {"members_to_add": list(add), "members_to_remove": list(remove)}
@@ -266,14 +308,24 @@ class MailchimpHook(SegexportBaseHook):
 
     # -- batch operations ---------------------------------------------------------------------------
     def submit_batch(self, operations: list[dict]) -> dict:
-        """``POST /batches``: queue operations for asynchronous processing (not repeated on a lost answer)."""
+        """``POST /batches``: queue operations for asynchronous processing (not repeated on a lost answer).
+
+        :param operations: Mailchimp batch operations (``method``, ``path``, ``body``, ``operation_id``).
+        """
         return self.http.post_json("/batches", {"operations": operations})
 
     def get_batch(self, batch_id: str) -> dict:
+        """The batch operation's status and counts.
+
+        :param batch_id: the batch's id.
+        """
         return self.http.get_json(f"/batches/{batch_id}")
 
     def batch_results(self, url: str) -> Iterator[dict]:
-        """Operation results from the batch's tar.gz archive (fetched without Mailchimp auth)."""
+        """Operation results from the batch's tar.gz archive (fetched without Mailchimp auth).
+
+        :param url: the batch's ``response_body_url``.
+        """
         resp = self.http.request("GET", url, authenticate=False, stream=False)
         with tarfile.open(fileobj=io.BytesIO(resp.content), mode="r:gz") as tar:
             for member in tar.getmembers():
