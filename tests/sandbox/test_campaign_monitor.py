@@ -542,3 +542,16 @@ def test_per_address_429_is_off_by_default(cm):
     assert "X-RateLimit-Limit" in codes[2].headers
     assert cm.session.post(cm.url(f"/subscribers/{cm.list_id}.json"), json=_sub("other@example.com"),
                            timeout=10).status_code == 201
+
+
+def test_list_stats_keys_as_the_sdk_fixture(sandbox, cm):
+    """createsend-python test/fixtures/list_stats.json: UnsubscribesToday, DeletedThisWeek, BouncesThisYear, ..."""
+    _seed(sandbox, {"subscribers": [{"EmailAddress": f"{s.lower()}{i}@example.com", "State": s}
+                                    for i, s in enumerate(("Active", "Active", "Unsubscribed", "Deleted", "Bounced"))]})
+    stats = cm.session.get(cm.url(f"/lists/{cm.list_id}/stats.json"), timeout=10).json()
+    periods = ("Today", "Yesterday", "ThisWeek", "ThisMonth", "ThisYear")
+    assert set(stats) == {f"{prefix}{p}" for prefix in ("NewActiveSubscribers", "Unsubscribes", "Deleted", "Bounces")
+                          for p in periods} | {"TotalActiveSubscribers", "TotalUnsubscribes", "TotalDeleted",
+                                                "TotalBounces"}
+    assert (stats["TotalActiveSubscribers"], stats["TotalUnsubscribes"], stats["TotalDeleted"],
+            stats["TotalBounces"]) == (2, 1, 1, 1)
