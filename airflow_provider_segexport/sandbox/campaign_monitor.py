@@ -35,7 +35,7 @@ Subscriber fields as read back (get, every listing). Verified against campaignmo
 
 - ``{"EmailAddress", "Name", "Date", "ListJoinedDate", "State", "CustomFields", "ReadsEmailWith"}``;
   ``Date`` is when the state last changed ("the Date will change whenever the subscribers state
-  changes", CM forum topic 636), ``ListJoinedDate`` when the address joined the list.
+  changes", CM staff in www.campaignmonitor.com/forums/topic/636/), ``ListJoinedDate`` when the address joined the list.
 - ``CustomFields`` ``Key`` is the field's **FieldName**, without brackets: the list's field
   ``{"FieldName": "subscription date", "Key": "[subscriptiondate]"}`` reads back as
   ``{"Key": "subscription date", "Value": "2010-03-09"}``. Entries come in the list's field order; a
@@ -46,8 +46,8 @@ Subscriber fields as read back (get, every listing). Verified against campaignmo
 Custom field values written (add, update, import). On input ``Key`` is the field key with or without
 brackets (``[CustomerId]`` or ``CustomerId``, compared case-insensitively); the FieldName is **not**
 accepted when it differs from the key (``"subscription date"`` does not address ``[subscriptiondate]``:
-createsend-php issue #3 "Subscriber sample suggests custom field key should be 'Field name' rather than
-'Field key'" was fixed by making the sample use the key). A key that matches no field is ignored (the
+createsend-php issue #3, closed: "Subscriber sample suggests custom field key should be 'Field name'
+rather than 'Field key'" - the sample was wrong to use the name; ❓ whether CM also resolves names). A key that matches no field is ignored (the
 subscriber is still added; cf. createsend-ruby issue #4, values for an unknown key read back empty).
 CM docs [CM subscribers = https://www.campaignmonitor.com/api/v3-3/subscribers/]: "When specifying a
 value for a date custom field, ensure the date is no earlier than 1900/01/01 and no later than
@@ -56,13 +56,16 @@ avoided, use an explicit format like yyyy/mm/dd instead." "Please note that each
 a data limit of 250 characters." "Existing custom field data is not cleared if new custom field values
 are not provided. Multi-Valued Select Many custom fields are set by providing multiple Custom Field array
 items with the same key. Date type custom fields may be cleared by passing in a value of '0000-00-00'."
-For update/import: "all options that are selected for that customer need to be passed through each time
-... all historically selected options will be replaced with what's included in your most recent call";
+For update/import (the same page's later sections, as quoted in the docblocks of
+wp-api-libraries/wp-campaignmonitor-api ``wp-campaignmonitor-api.php``; the stored copy of the CM page
+holds only its beginning): "all options that are selected for that customer need to be passed through
+each time ... all historically selected options will be replaced with what's included in your most
+recent call";
 "To clear the value of a custom field, pass a parameter of Clear with a value of true ... To remove a
 specific Multi-Valued Select Many option, pass the option name in the Value field along with the Clear:
 true parameter. To clear all values of a Multi-Valued Select Many field, pass an empty Value along with
 the Clear: true parameter." So, per value (the subscriber is always imported/updated; only that value
-is dropped):
+is dropped - documented for out-of-range dates, 🟡 by analogy for invalid dates, numbers and options):
 
 - Date: ``YYYY/MM/DD`` (documented) or ``YYYY-MM-DD`` (the read-back form, so a value read can be
   written back), month/day with one or two digits; a non-date (``2021/02/30``, ``31/12/2020``, text) or a
