@@ -11,6 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from airflow_provider_segexport.http import (
+    RateLimiter,
+    RequestBudget,
     RetryPolicy,
     VendorAPIError,
     VendorAuthError,
@@ -26,7 +28,6 @@ class Script:
         self.steps = list(steps)
         self.received: list[tuple[str, str, dict]] = []
         self.times: list[float] = []
-        self.peers: list[int] = []  # the client's port of each call (one per connection)
 
     def next(self):
         return self.steps.pop(0) if len(self.steps) > 1 else self.steps[0]
@@ -51,22 +52,11 @@ def server():
             script.received.append((self.command, self.path, dict(self.headers)))
             script.times.append(time.monotonic())
             status, headers, body = script.next()
-            script.peers.append(self.client_address[1])
-            if status == "wire":  # these bytes as the whole answer (status line, headers, body)
-                self.wfile.write(body)
-                self.wfile.flush()
-                if (headers or {}).get("close"):  # then the connection's end (the end of the body, or a cut)
-                    self.close_connection = True
-                    self.request.shutdown(socket.SHUT_WR)
-                return
             if status == "drop":
                 self.close_connection = True
                 self.request.shutdown(socket.SHUT_RDWR)
                 return
-            if status == "raw":  # these bytes as the body of a 200 (e.g. compressed)
-                status, data = 200, body
-            else:
-                data = json.dumps(body).encode() if body is not None else b""
+            data = json.dumps(body).encode() if body is not None else b""
             self.send_response(status)
             for k, v in (headers or {}).items():
                 self.send_header(k, v)
@@ -74,9 +64,6 @@ def server():
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
-            if (headers or {}).get("X-Then-Close"):  # answered as kept alive, then closed while idle
-                self.wfile.flush()
-                self.close_connection = True
 
         do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
 
@@ -227,113 +214,7 @@ def test_proxy_environment_is_honoured_and_resolved_once_per_host(server, monkey
                                                   "http://vendor.invalid/api/again"]
 
 
-def test_plain_calls_skip_requests_machinery_with_the_same_headers_and_answers(server, monkeypatch):
-    """A call with a body of bytes (or none) and no query parameters goes straight to http.client (requests'
-    per-call work is ~1 ms of CPU); calls with params still use requests. Both send the same headers and
-    give the same Response (status, headers, content, json)."""
-    script, url = server((201, {"X-Request-Id": "abc"}, {"ok": 1}))
-    s = VendorSession("Vendor", url, retry=fast_policy(), auth=lambda: {"Authorization": "Bearer t0k"})
-    through_requests = []
-    real = s.session.request
-    monkeypatch.setattr(s.session, "request", lambda *a, **k: through_requests.append(a[1]) or real(*a, **k))
-    direct = s.request("POST", "/members", data=b'{"a":1}', headers={"Content-Type": "application/json"})
-    assert (direct.status_code, direct.json(), direct.headers["x-request-id"]) == (201, {"ok": 1}, "abc")
-    assert s.get_json("/plain") == {"ok": 1}
-    assert through_requests == []
-    assert s.get_json("/paged", params={"count": 2}) == {"ok": 1}
-    assert through_requests == [f"{url}/paged"]
-    sent = [{k.lower(): v for k, v in h.items()} for _, _, h in script.received]
-    for headers in sent:
-        assert headers["authorization"] == "Bearer t0k"
-        assert headers["user-agent"].startswith("airflow-provider-segexport/")
-        assert headers["accept"] == "application/json"
-        assert "gzip" in headers["accept-encoding"]
-    assert sent[0]["content-type"] == "application/json"
-
-
-def test_a_redirect_on_the_direct_path_is_followed_from_its_answer(server):
-    """A redirect is followed from the answer, as requests follows one, without sending the call again: a POST
-    answered 303 (processed: "see the result there") reaches the server once, then a GET without its body; a
-    307 repeats the call, body and all, at the new place; a redirect to another host does not carry the
-    credentials along."""
-    script, url = server((303, {"Location": "/created/1"}, None), (200, {}, {"id": 1}))
-    s = VendorSession("Vendor", url, retry=fast_policy(max_attempts=1), auth=lambda: {"Authorization": "Bearer t0k"})
-    assert s.request("POST", "/orders", data=b'{"x": 1}', headers={"Content-Type": "application/json"}).json() == {
-        "id": 1}
-    assert [(m, p) for m, p, _ in script.received] == [("POST", "/orders"), ("GET", "/created/1")]
-    assert "Content-Type" not in script.received[1][2]
-
-    script.steps = [(307, {"Location": "/v2/orders"}, None), (201, {}, {"id": 2})]
-    script.received.clear()
-    assert s.request("POST", "/orders", data=b'{"x": 2}').json() == {"id": 2}
-    assert [(m, p) for m, p, _ in script.received] == [("POST", "/orders"), ("POST", "/v2/orders")]
-
-    # requests' rules for the other methods: a PUT answered 301 is repeated without its body, 302 and 303 make a
-    # GET, 308 repeats a PATCH with its body
-    for status, method, then in ((301, "PUT", "PUT"), (302, "PUT", "GET"), (303, "DELETE", "GET"),
-                                 (308, "PATCH", "PATCH")):
-        script.steps = [(status, {"Location": "/moved"}, None), (200, {}, {"ok": 1})]
-        script.received.clear()
-        assert s.request(method, "/thing", data=b'{"x": 3}', headers={"Content-Type": "application/json"}
-                         ).status_code == 200
-        assert [(m, p) for m, p, _ in script.received] == [(method, "/thing"), (then, "/moved")]
-        resent = {k.lower(): v for k, v in script.received[1][2].items()}
-        assert (resent.get("content-type") == "application/json") == (status == 308)
-        assert resent.get("content-length", "0") == ("8" if status == 308 else "0")
-
-    elsewhere = url.replace("127.0.0.1", "localhost")  # the same server under another host name
-    script.steps = [(302, {"Location": f"{elsewhere}/public"}, None), (200, {}, {"ok": 1})]
-    script.received.clear()
-    assert s.get_json("/private") == {"ok": 1}
-    assert [p for _, p, _ in script.received] == ["/private", "/public"]
-    assert script.received[0][2]["Authorization"] == "Bearer t0k"
-    assert "Authorization" not in script.received[1][2]
-
-
-def test_the_direct_path_encodes_its_request_target_and_merges_headers_as_requests_does(server):
-    """The path is percent-encoded as requests encodes it (a space, a non-ASCII character; a line break is
-    dropped, as urllib.parse drops it: no request splitting); a call's header replaces the session's of the same name
-    whatever its case, None removes one, a bytes value is sent as is."""
-    script, url = server((200, {}, {"ok": 1}))
-    s = VendorSession("Vendor", url, retry=fast_policy())
-    assert s.get_json("/lists/my list €") == {"ok": 1}
-    assert script.received[-1][1] == "/lists/my%20list%20%E2%82%AC"
-    assert s.get_json("/lists/x\r\nX-Injected: 1") == {"ok": 1}  # the line break dropped (urllib.parse): no
-    assert script.received[-1][1] == "/lists/xX-Injected:%201" and "X-Injected" not in script.received[-1][2]
-    s.request("GET", "/h", headers={"accept": "text/csv", "User-Agent": None, "X-B": b"v"})
-    sent = script.received[-1][2]
-    assert [v for k, v in sent.items() if k.lower() == "accept"] == ["text/csv"]
-    assert "User-Agent" not in sent and sent["X-B"] == "v"
-
-
-def test_an_early_answer_while_the_body_is_sent_is_read():
-    """A server that answers before reading the whole body (413: too large) and closes: the answer is read and
-    reported (not a lost connection), as urllib3 does."""
-    big = b"x" * (16 << 20)
-    answer = b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\nContent-Length: 15\r\n\r\n" \
-             b'{"detail":"no"}'
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-
-    def serve():
-        conn, _ = listener.accept()
-        conn.recv(65536)
-        conn.sendall(answer)
-        conn.shutdown(socket.SHUT_WR)
-        time.sleep(0.2)
-        conn.close()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    s = VendorSession("Vendor", f"http://127.0.0.1:{port}", retry=fast_policy(max_attempts=1))
-    with pytest.raises(VendorAPIError) as err:
-        s.request("POST", "/upload", data=big)
-    assert err.value.status == 413 and "no" in str(err.value)
-    thread.join(5)
-    listener.close()
-
-
-def test_read_timeout_on_the_direct_path_is_retried_only_when_safe(server):
+def test_read_timeout_is_retried_only_when_safe(server):
     """A read timeout may mean the vendor processed the call: a safe call is repeated, an unsafe one is not."""
     script, url = server((200, {}, {"ok": 1}))
     slow = threading.Event()
@@ -360,88 +241,146 @@ def test_read_timeout_on_the_direct_path_is_retried_only_when_safe(server):
     assert [p for _, p, _ in script.received] == ["/safe", "/safe", "/unsafe"]
 
 
-def test_a_kept_alive_connection_the_server_closed_is_not_used_again(server):
-    """The direct path keeps connections alive; one the server closed while it was idle is noticed before use,
-    so even a call that is never repeated (a POST that may not be retried) goes out on a fresh connection."""
-    script, url = server((200, {"X-Then-Close": "1"}, {"n": 1}), (201, {}, {"n": 2}))
-    s = VendorSession("Vendor", url, retry=fast_policy(max_attempts=1))
-    assert s.get_json("/first") == {"n": 1}
-    time.sleep(0.2)  # the server has closed its end by now
-    assert s.post_json("/once", {"a": 1}) == {"n": 2}
-    assert [p for _, p, _ in script.received] == ["/first", "/once"]
-    assert s.stats.as_dict()["retries"] == 0
-
-
-def test_gzip_and_deflate_answers_on_the_direct_path_are_inflated(server):
-    import gzip
-    import zlib
-
-    payload = json.dumps({"ok": "x" * 2000}).encode()
-    for encoding, body in (("gzip", gzip.compress(payload)), ("deflate", zlib.compress(payload)),
-                           ("deflate", zlib.compress(payload)[2:-4]),  # zlib-wrapped, and raw deflate
-                           ("gzip", gzip.compress(payload[:100]) + gzip.compress(payload[100:]))):  # two members
-        script, url = server((200, {}, None))
-        s = VendorSession("Vendor", url, retry=fast_policy())
-        script.steps = [("raw", {"Content-Encoding": encoding}, body)]
-        assert s.request("GET", "/z").json() == {"ok": "x" * 2000}
-
-
-def test_the_direct_path_reads_chunked_interim_folded_and_close_delimited_answers(server):
-    """The direct path speaks HTTP/1.1 itself: a chunked body (with a chunk extension and a trailer), an
-    interim 100 answer before the real one, a folded header line, an answer without a body (204) and an
-    HTTP/1.0 body that ends with the connection all read as requests would read them."""
-    script, url = server((200, {}, None))
-    s = VendorSession("Vendor", url, retry=fast_policy(max_attempts=1))
-    answers = [
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Folded: a\r\n  b\r\n\r\n"
-        b"4;ext=1\r\n{\"ok\r\n5\r\n\": 1}\r\n0\r\nX-Trailer: t\r\n\r\n",
-        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 8\r\n\r\n{\"ok\":2}",
-        b"HTTP/1.1 204 No Content\r\nX-Id: 3\r\n\r\n",
-        b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{\"ok\": 4}",
-    ]
-    script.steps = [("wire", {"close": a.startswith(b"HTTP/1.0")}, a) for a in answers]
-    first = s.request("POST", "/chunked", data=b"{}")
-    assert (first.status_code, first.json(), first.headers["x-folded"]) == (200, {"ok": 1}, "a b")
-    second = s.request("POST", "/interim", data=b"{}")
-    assert (second.status_code, second.reason, second.json()) == (201, "Created", {"ok": 2})
-    third = s.request("DELETE", "/nothing")
-    assert (third.status_code, third.content, third.headers["X-Id"]) == (204, b"", "3")
-    assert s.request("GET", "/old").json() == {"ok": 4}
-    assert [p for _, p, _ in script.received] == ["/chunked", "/interim", "/nothing", "/old"]
-
-
-def test_a_broken_answer_on_the_direct_path_is_a_connection_error(server):
-    """An answer cut short (fewer bytes than its Content-Length), a status line that is not HTTP or a chunk
-    size that is not hexadecimal: the connection is dropped and the call fails as a lost connection (a POST
-    is not repeated: the vendor may have processed it; a GET is, on a fresh connection)."""
-    for answer in (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"cut",
-                   b"SSH-2.0-OpenSSH\r\n\r\n",
-                   b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
-                   b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 5\r\n\r\n{}",  # which one?
-                   b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\n{}"):  # a digit, but not an ASCII one
-        script, url = server(("wire", {"close": True}, answer), (200, {}, {"ok": 1}))
-        s = VendorSession("Vendor", url, retry=fast_policy())
-        with pytest.raises(VendorAPIError, match="ConnectionError"):
-            s.post_json("/once", {"a": 1})
-        assert len(script.received) == 1
-        assert s.get_json("/safe") == {"ok": 1}
-        assert script.peers[1] != script.peers[0]  # not on the broken connection
-
-
-def test_the_direct_path_sends_one_host_and_only_the_encodings_it_decodes(server):
-    """Host names the port; Accept-Encoding is what the direct path inflates (gzip, deflate) even when the
-    session would announce more (requests adds br or zstd when those packages are installed); a header
-    value with a line break is refused before anything is sent; a kept-alive connection is reused."""
+def test_credentials_go_only_where_they_belong(server):
+    """The auth headers are added to each call to the vendor; ``authenticate=False`` (a download URL outside
+    the vendor's API) sends none, and a redirect to another host does not carry them along."""
     script, url = server((200, {}, {"ok": 1}))
+    s = VendorSession("Vendor", url, retry=fast_policy(), auth=lambda: {"Authorization": "Bearer t0k"})
+    s.get_json("/a")
+    s.request("GET", f"{url}/download", authenticate=False)
+    elsewhere = url.replace("127.0.0.1", "localhost")  # the same server under another host name
+    script.steps = [(302, {"Location": f"{elsewhere}/public"}, None), (200, {}, {"ok": 1})]
+    s.get_json("/private")
+    sent = [(p, h.get("Authorization")) for _, p, h in script.received]
+    assert sent == [("/a", "Bearer t0k"), ("/download", None), ("/private", "Bearer t0k"), ("/public", None)]
+
+
+def test_tls_is_verified_against_the_given_ca_bundle(sandbox):
+    """verify= is passed with each request: the sandbox's certificate passes with its CA bundle and fails
+    without it, whatever REQUESTS_CA_BUNDLE says (the session does not read the environment)."""
+    base = sandbox.info["mailchimp"]["base_url"]
+    good = VendorSession("Mailchimp", base, verify=sandbox.info["ca_bundle"], retry=fast_policy(max_attempts=1))
+    assert good.request("GET", "/ping", expected=(401,)).status_code == 401  # reached it (no credentials)
+    bad = VendorSession("Mailchimp", base, retry=fast_policy(max_attempts=1))
+    with pytest.raises(VendorAPIError, match="TLS verification failed"):
+        bad.get_json("/ping")
+
+
+# -- the proactive rate limiter ------------------------------------------------------------------------------
+
+class FakeClock:
+    """A monotonic clock that only moves when someone sleeps (or a test moves it)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(round(seconds, 6))
+        self.now += seconds
+
+
+def limiter(clock: FakeClock, budget: RequestBudget | None = None, wall: float = 0.0) -> RateLimiter:
+    return RateLimiter("Vendor", budget, clock=clock, sleep=clock.sleep, wall=lambda: wall)
+
+
+def test_a_published_budget_makes_requests_beyond_it_wait_for_the_sliding_window(caplog):
+    clock = FakeClock()
+    lim = limiter(clock, RequestBudget(3, 10.0))
+    with caplog.at_level("INFO", logger="airflow_provider_segexport.http"):
+        for _ in range(3):
+            lim.acquire()
+            lim.release()
+            clock.now += 1  # requests at 1000, 1001, 1002
+        assert clock.sleeps == []
+        lim.acquire()  # at 1003: the window already holds 3; the first leaves it at 1010
+        assert clock.sleeps == [7.0] and clock.now == 1010.0
+        lim.acquire()  # the second leaves at 1011
+        assert clock.sleeps == [7.0, 1.0]
+        clock.now += 20
+        lim.acquire()  # the window has room again
+        assert clock.sleeps == [7.0, 1.0]
+    pacing = [r for r in caplog.records if r.levelname == "INFO" and "published budget" in r.getMessage()]
+    assert len(pacing) == 1 and "3 per 10 s: waiting 7.0 s" in pacing[0].getMessage()  # logged once, with numbers
+    assert lim.waited == 8.0
+
+
+def test_rate_limit_headers_pause_new_requests_when_remaining_reaches_those_in_flight(caplog):
+    clock = FakeClock()
+    lim = limiter(clock)
+    for _ in range(4):
+        lim.acquire()
+    headers = {"X-RateLimit-Limit": "100", "X-RateLimit-Reset": "12"}
+    lim.release({**headers, "X-RateLimit-Remaining": "50"})  # plenty left for the 3 still in flight
+    lim.acquire()
+    assert clock.sleeps == []
+    with caplog.at_level("INFO", logger="airflow_provider_segexport.http"):
+        lim.release({**headers, "X-RateLimit-Remaining": "3"})  # 3 left, 3 in flight: they will spend them
+        lim.acquire()
+    assert clock.sleeps == [12.0]
+    assert "X-RateLimit-Remaining 3 of 100 with 3 request(s) in flight" in caplog.text and "12.0 s" in caplog.text
+    lim.release({"X-RateLimit-Remaining": "0"})  # no reset given: nothing to wait for
+    lim.acquire()
+    assert clock.sleeps == [12.0]
+
+
+def test_a_reset_given_as_a_unix_timestamp_is_read_as_one():
+    clock = FakeClock()
+    lim = limiter(clock, wall=1_700_000_000.0)
+    lim.acquire()
+    lim.release({"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "1700000030"})
+    lim.acquire()
+    assert clock.sleeps == [30.0]
+
+
+def test_a_server_requested_wait_holds_every_thread():
+    clock = FakeClock()
+    lim = limiter(clock)
+    lim.pause(5.0)
+    lim.pause(2.0)  # a shorter wait does not shorten the longer one
+    lim.acquire()
+    assert clock.sleeps == [5.0]
+
+
+def test_after_a_429_the_other_threads_wait_too(server):
+    """One thread is answered 429 with Retry-After: 1; a request another thread starts meanwhile is held
+    until the wait is over, instead of being refused too."""
+    script, url = server((429, {"Retry-After": "1"}, {"detail": "slow down"}), (200, {}, {"ok": 1}))
     s = VendorSession("Vendor", url, retry=fast_policy())
-    s.session.headers["Accept-Encoding"] = "gzip, deflate, br, zstd"
-    assert s.get_json("/a") == {"ok": 1}
-    assert s.post_json("/b", {"x": 1}) == {"ok": 1}
-    for _, _, headers in script.received:
-        low = {k.lower(): v for k, v in headers.items()}
-        assert low["host"] == url.removeprefix("http://")
-        assert low["accept-encoding"] == "gzip, deflate"
-    assert script.peers[0] == script.peers[1]
-    with pytest.raises(ValueError, match="invalid HTTP header 'X-Evil'"):
-        s.request("GET", "/c", headers={"X-Evil": "a\r\nX-Injected: 1"})
-    assert len(script.received) == 2
+    first = threading.Thread(target=s.get_json, args=("/first",))
+    first.start()
+    while not script.received:
+        time.sleep(0.01)
+    time.sleep(0.1)  # the 429 has been answered and read
+    assert s.get_json("/second") == {"ok": 1}
+    first.join(5)
+    refused_at = script.times[0]
+    later = [t for (_, path, _), t in zip(script.received, script.times, strict=True) if path == "/second"]
+    assert later and later[0] - refused_at >= 1.0, later[0] - refused_at
+    assert s.stats.as_dict()["throttled"] == 1
+
+
+def test_a_burst_paced_by_campaign_monitors_headers_is_not_refused(sandbox, monkeypatch, caplog):
+    """The sandbox's Campaign Monitor allows 10 requests per second per API key (a token bucket) and says so
+    in X-RateLimit-* headers: 40 requests from 4 threads are paced by the headers and get at most one 429."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from airflow_provider_segexport.hooks.campaign_monitor import CampaignMonitorHook
+
+    cm = sandbox.info["campaign_monitor"]
+    sandbox.session.post(f"{sandbox.admin}/campaign_monitor/config", json={"rate_limit": 10, "rate_period": 1},
+                         timeout=10).raise_for_status()
+    monkeypatch.setenv("AIRFLOW_CONN_CM_BURST", json.dumps({
+        "conn_type": "campaign_monitor", "host": cm["base_url"],
+        "extra": {"api_key": cm["api_key"], "ca_bundle": sandbox.info["ca_bundle"]}}))
+    hook = CampaignMonitorHook("cm_burst", concurrency=4)
+    with caplog.at_level("INFO", logger="airflow_provider_segexport.http"), ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: hook.http.get_json("/systemdate.json"), range(40)))
+    hook.close()
+    assert all(a and "SystemDate" in a for a in answers)
+    assert hook.http.stats.throttled <= 1, hook.http.stats.as_dict()
+    assert hook.http.limiter.waited > 0
+    assert "pacing requests to the vendor's rate limit (X-RateLimit-Remaining" in caplog.text

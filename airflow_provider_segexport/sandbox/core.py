@@ -9,7 +9,8 @@ Mounted paths (``base_url`` in the start-up JSON = scheme://host:port + prefix):
 - ``/login/<tenant>/...``                Microsoft identity platform (msal authority)
 - ``/adobe/<org>/campaign``              Adobe Campaign Standard
 - ``/ims/token/v3``                      Adobe IMS
-- ``/_sandbox/...``                      admin: state, reset, faults, latency, request counts
+- ``/_sandbox/...``                      admin: state, reset, faults, latency, request counts,
+                                         ``requests/wire``: the latest requests' headers and query strings
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import json
 import random
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -168,6 +169,25 @@ class DropResponse(Response):
         raise DropConnection("sandbox fault: connection dropped")
 
 
+#: Requests whose headers and query string the request log keeps (the latest ones).
+WIRE_LOG_MAX = 20_000
+
+
+class WireRecorder:
+    """ASGI middleware: records each emulator request's method, path, query string and headers in the
+    request log (not its body; the admin API's own requests are left out)."""
+
+    def __init__(self, app: Callable, log: RequestLog) -> None:
+        self.app = app
+        self.log = log
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and not scope["path"].startswith("/_sandbox"):
+            self.log.on_wire(scope["method"], scope["path"], scope.get("query_string", b"").decode("latin-1"),
+                             [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]])
+        await self.app(scope, receive, send)
+
+
 @dataclass
 class RequestLog:
     """What each emulator received: request counts per (vendor, method, route) and items per vendor.
@@ -175,7 +195,9 @@ class RequestLog:
     ``items_received`` counts members carried by write calls; ``member_sends`` counts, per vendor and
     member key, how often that member was sent (to prove "nothing sent twice"); ``unanswered`` counts,
     per vendor and member key, how often that member was in a request that was processed but whose
-    answer an ``after`` fault took away (the only sends a client may rightly repeat).
+    answer an ``after`` fault took away (the only sends a client may rightly repeat). ``wire`` keeps, for
+    the latest requests to the emulators, the method, path, query string and every header name and value
+    (not bodies): a test searches them for a connection field that must never leave the client.
     """
 
     counts: Counter = field(default_factory=Counter)
@@ -184,7 +206,17 @@ class RequestLog:
     member_sends: dict[str, Counter] = field(default_factory=dict)
     unanswered: dict[str, Counter] = field(default_factory=dict)
     track_members: bool = True
+    wire: deque = field(default_factory=lambda: deque(maxlen=WIRE_LOG_MAX))
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def on_wire(self, method: str, path: str, query: str, headers: list[tuple[str, str]]) -> None:
+        """Keep what a request carried outside its body (method, path, query string, headers)."""
+        with self.lock:
+            self.wire.append({"method": method, "path": path, "query": query, "headers": headers})
+
+    def wire_snapshot(self) -> list[dict]:
+        with self.lock:
+            return list(self.wire)
 
     def request(self, vendor: str, method: str, route: str) -> None:
         with self.lock:
@@ -231,6 +263,7 @@ class RequestLog:
             self.items_by_route.clear()
             self.member_sends.clear()
             self.unanswered.clear()
+            self.wire.clear()
 
 
 class Emulator:
@@ -434,6 +467,9 @@ class Sandbox:
                 self.log.reset()
             return JSONResponse(self.log.snapshot())
 
+        async def wire(request: Request) -> Response:
+            return JSONResponse({"requests": self.log.wire_snapshot()})
+
         async def token_ttl(request: Request) -> Response:
             if request.method == "POST":
                 self.token_ttl = int((await request.json())["seconds"])
@@ -445,6 +481,7 @@ class Sandbox:
             Route("/_sandbox/faults", faults, methods=["GET", "POST", "DELETE"]),
             Route("/_sandbox/latency", latency, methods=["GET", "POST"]),
             Route("/_sandbox/requests", requests_, methods=["GET", "DELETE"]),
+            Route("/_sandbox/requests/wire", wire),
             Route("/_sandbox/seed", seed, methods=["POST"]),
             Route("/_sandbox/token-ttl", token_ttl, methods=["GET", "POST"]),
         ]
@@ -453,7 +490,7 @@ class Sandbox:
         routes: list[BaseRoute] = list(self.admin_routes())
         for emulator in self.emulators.values():
             routes.extend(emulator.routes())
-        return Starlette(routes=routes)
+        return WireRecorder(Starlette(routes=routes), self.log)
 
     def info(self, base: str, ca_bundle: str | None) -> dict:
         out: dict[str, Any] = {"ca_bundle": ca_bundle, "admin_url": base + "/_sandbox"}
