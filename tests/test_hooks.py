@@ -169,3 +169,101 @@ def test_every_connection_types_test_button_works_against_the_sandbox(sandbox, m
                     "authority": dv["authority"], "ca_bundle": ca})
     ok, message = Dynamics365Hook("dv").test_connection()
     assert not ok and "refused the client credentials" in message
+
+
+# -- the vendor hooks are HttpHooks: ad-hoc calls with the vendor's authentication ---------------------------
+
+def vendor_connections(sandbox) -> dict[str, tuple[type, dict, str]]:
+    """conn_id -> (hook class, connection, a cheap authenticated endpoint)."""
+    from airflow_provider_segexport.hooks.adobe_campaign import AdobeCampaignHook
+    from airflow_provider_segexport.hooks.campaign_monitor import CampaignMonitorHook
+    from airflow_provider_segexport.hooks.dynamics365 import Dynamics365Hook
+
+    info, ca = sandbox.info, sandbox.info["ca_bundle"]
+    cm, dv, ad = info["campaign_monitor"], info["dynamics365"], info["adobe_campaign"]
+    return {
+        "mc": (MailchimpHook, mc_conn(sandbox), "/ping"),
+        "cm": (CampaignMonitorHook, {"conn_type": "campaign_monitor", "host": cm["base_url"],
+                                     "extra": {"api_key": cm["api_key"], "ca_bundle": ca}}, "/systemdate.json"),
+        "dv": (Dynamics365Hook, {"conn_type": "dynamics365", "host": dv["base_url"],
+                                 "extra": {"tenant_id": dv["tenant_id"], "client_id": dv["client_id"],
+                                           "client_secret": dv["client_secret"], "authority": dv["authority"],
+                                           "ca_bundle": ca}}, "/WhoAmI"),
+        "ad": (AdobeCampaignHook, {"conn_type": "adobe_campaign", "host": ad["base_url"],
+                                   "extra": {"client_id": ad["client_id"], "client_secret": ad["client_secret"],
+                                             "org_id": ad["org_id"], "ims_url": ad["ims_url"], "ca_bundle": ca}},
+               "/profileAndServices/profile"),
+    }
+
+
+def test_every_vendor_hook_is_an_http_hook_and_runs_authenticated_ad_hoc_calls(sandbox, monkeypatch):
+    from airflow.providers.http.hooks.http import HttpHook
+
+    for conn_id, (cls, conn, endpoint) in vendor_connections(sandbox).items():
+        set_conn(monkeypatch, conn_id, **conn)
+        hook = cls(conn_id)
+        assert isinstance(hook, HttpHook)
+        response = hook.run(endpoint)
+        assert response.status_code == 200 and response.json(), (conn_id, response.text[:200])
+        assert hook.run(endpoint).status_code == 200  # the same session again
+        assert hook.get_conn() is hook.get_conn() is hook.http.session
+        hook.close()
+
+
+def test_run_reads_the_connection_once_and_keeps_httphooks_data_contract(sandbox, monkeypatch):
+    set_conn(monkeypatch, "mc", **mc_conn(sandbox))
+    reads = []
+    real = MailchimpHook.get_connection
+
+    def counting(conn_id):
+        reads.append(conn_id)
+        return real(conn_id)
+
+    monkeypatch.setattr(MailchimpHook, "get_connection", staticmethod(counting))
+    hook = MailchimpHook("mc")
+    audience = sandbox.info["mailchimp"]["audience_id"]
+    for _ in range(3):
+        assert hook.run("/ping").json()["health_status"]
+    page = hook.run(f"/lists/{audience}/members", data={"count": 1, "fields": "total_items"}).json()
+    assert set(page) == {"total_items"}  # GET: data is the query string, as with HttpHook
+    post = MailchimpHook("mc", method="POST")
+    created = post.run(f"/lists/{audience}/merge-fields", json={"tag": "ADHOC", "name": "Ad hoc", "type": "text"})
+    assert created.json()["tag"] == "ADHOC"
+    assert reads == ["mc", "mc"]  # one read per hook, not per call
+
+
+def test_run_raises_the_vendors_words_or_returns_the_answer_when_asked(sandbox, monkeypatch):
+    from airflow.sdk.exceptions import AirflowException
+
+    set_conn(monkeypatch, "mc", **mc_conn(sandbox))
+    hook = MailchimpHook("mc")
+    with pytest.raises(VendorAPIError, match="HTTP 404.*Resource Not Found") as err:
+        hook.run("/lists/nope")
+    assert isinstance(err.value, AirflowException)  # what code written for HttpHook.run() catches
+    assert hook.run("/lists/nope", extra_options={"check_response": False}).status_code == 404
+    with pytest.raises(ValueError, match="only the Mailchimp API"):
+        hook.run("https://elsewhere.example/steal")  # the credentials go to the vendor's API only
+    with pytest.raises(ValueError, match="not supported"):
+        hook.run("/ping", extra_options={"verify": False})
+    with pytest.raises(ValueError, match="shared session"):
+        hook.get_conn(headers={"X-Any": "1"})
+
+
+def test_test_connection_uses_a_short_retry_policy_and_restores_the_hooks(sandbox, monkeypatch):
+    set_conn(monkeypatch, "mc", **mc_conn(sandbox))
+    sandbox.fault(vendor="mailchimp", kind="status", status=503, count=100, retry_after=0)
+    hook = MailchimpHook("mc")
+    ok, message = hook.test_connection()
+    assert not ok and "HTTP 503" in message
+    assert sandbox.requests()["counts"].get("mailchimp GET root") == 2  # two attempts, not eight
+    assert hook.http.retry.max_attempts == 8
+
+
+def test_a_hook_built_from_a_connection_already_read_does_not_read_it_again(sandbox, monkeypatch):
+    from airflow.sdk import Connection
+
+    conn = Connection(conn_id="given", **{k: v for k, v in mc_conn(sandbox).items() if k != "extra"},
+                      extra=json.dumps(mc_conn(sandbox)["extra"]))
+    hook = MailchimpHook.from_connection(conn, dict(conn.extra_dejson))
+    monkeypatch.setattr(MailchimpHook, "get_connection", None)  # any read by id would fail
+    assert hook.conn_id == "given" and hook.run("/ping").json()["health_status"]
