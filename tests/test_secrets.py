@@ -271,3 +271,135 @@ def test_connection_test_shows_no_secret(case, sandbox, monkeypatch, all_logs):
     if not should_work:  # the message says what was refused, in the vendor's words
         assert any(w in message for w in ("Invalid", "invalid", "refused", "Wrong Datacenter", "401", "403")), message
     assert_clean(logs, sandbox)
+
+
+# -- no connection field ever travels as a header or in a query string --------------------------------------
+
+#: Distinctive values for the connection fields that are not credentials the sandbox checks.
+MARKERS = {
+    "allowed_dag_ids": "dag_7f3e_allowed,dag_9c1d_allowed",
+    "timeout": "123.456",
+    "x_custom_secret": "custom-5e8a1f-do-not-send",
+    "login": "conn-login-2b7c9e",
+    "password": "conn-password-4d1a6f",
+    "data_privacy_acknowledged": "true",
+}
+
+
+def every_field_connection(sandbox, vendor: str) -> tuple[str, dict, dict[str, str], dict[str, str]]:
+    """(hook class path, a connection with every field set, the fields' values to look for, the headers
+    allowed to carry one of them: {header name: field})."""
+    info, ca = sandbox.info, sandbox.info["ca_bundle"]
+    common = {k: MARKERS[k] for k in ("allowed_dag_ids", "timeout", "x_custom_secret", "data_privacy_acknowledged")}
+    common["ca_bundle"] = ca
+    hooks = "airflow_provider_segexport.hooks."
+    if vendor in ("mailchimp", "mailchimp_oauth"):
+        mc = info["mailchimp"]
+        extra = {**common, "api_key": mc["api_key"]} if vendor == "mailchimp" else {
+            **common, "access_token": mc["access_token"], "oauth_metadata_url": mc["oauth_metadata_url"]}
+        conn = {"conn_type": "mailchimp", "login": MARKERS["login"], "extra": extra}
+        if vendor == "mailchimp":  # (with OAuth the password field would be read as an API key)
+            conn["host"], conn["password"] = mc["base_url"], MARKERS["password"]
+        return hooks + "mailchimp.MailchimpHook", conn, {**extra, "login": conn["login"],
+                                                          "password": conn.get("password")}, {}
+    if vendor == "campaign_monitor":
+        cm = info["campaign_monitor"]
+        extra = {**common, "api_key": cm["api_key"], "client_id": cm["client_id"]}
+        conn = {"conn_type": "campaign_monitor", "host": cm["base_url"], "login": MARKERS["login"],
+                "password": MARKERS["password"], "extra": extra}
+        return hooks + "campaign_monitor.CampaignMonitorHook", conn, {**extra, "login": conn["login"],
+                                                                       "password": conn["password"]}, {}
+    if vendor == "dynamics365":
+        dv = info["dynamics365"]
+        extra = {**common, "tenant_id": dv["tenant_id"], "client_id": dv["client_id"],
+                 "client_secret": dv["client_secret"], "authority": dv["authority"]}
+        conn = {"conn_type": "dynamics365", "host": dv["base_url"], "login": MARKERS["login"],
+                "password": MARKERS["password"], "extra": extra}
+        fields = {**extra, "login": conn["login"], "password": conn["password"]}
+        del fields["authority"]  # the token endpoint's own URL
+        return hooks + "dynamics365.Dynamics365Hook", conn, fields, {}
+    ad = info["adobe_campaign"]
+    extra = {**common, "client_id": ad["client_id"], "client_secret": ad["client_secret"], "org_id": ad["org_id"],
+             "ims_url": ad["ims_url"]}
+    conn = {"conn_type": "adobe_campaign", "host": ad["base_url"], "login": MARKERS["login"],
+            "password": MARKERS["password"], "extra": extra}
+    fields = {**extra, "login": conn["login"], "password": conn["password"]}
+    del fields["ims_url"]  # the token endpoint's own URL
+    # Adobe's API requires the client id (the "API key" of an Adobe Developer Console credential) in X-Api-Key
+    return hooks + "adobe_campaign.AdobeCampaignHook", conn, fields, {"x-api-key": "client_id"}
+
+
+def calls(hook, vendor: str) -> None:
+    """Ad-hoc run() calls and the hook's own calls, as a DAG would make them."""
+    ok, message = hook.test_connection()
+    assert ok, message
+    if vendor.startswith("mailchimp"):
+        audience = hook.run("/ping").json() and hook.http.get_json("/lists")["lists"][0]["id"]
+        hook.get_merge_fields(audience)
+        hook.run(f"/lists/{audience}/members", data={"count": 1})
+        hook.get_member(audience, "nobody@example.com")
+    elif vendor == "campaign_monitor":
+        hook.run("/systemdate.json")
+        hook.run("/clients.json", data={"page": 1})
+    elif vendor == "dynamics365":
+        hook.run("/WhoAmI")
+        hook.run("/contacts", data={"$top": 1}, extra_options={"check_response": False})
+    else:
+        hook.run("/profileAndServices/profile", data={"_lineCount": 1})
+
+
+@pytest.mark.parametrize("vendor", ["mailchimp", "mailchimp_oauth", "campaign_monitor", "dynamics365",
+                                    "adobe_campaign"])
+def test_no_connection_field_is_sent_as_a_header_or_in_a_query_string(vendor, sandbox, monkeypatch):
+    """Every field of the connection set to a value we can find; after ad-hoc and ordinary calls (and the
+    trigger's way of building the client), no request the sandbox received carries a field's name as a
+    header or a field's value in a header or query string; Authorization carries only the credential."""
+    import asyncio
+    import importlib
+
+    path, conn, fields, allowed = every_field_connection(sandbox, vendor)
+    monkeypatch.setenv("AIRFLOW_CONN_EVERY_FIELD", json.dumps(conn))
+    module, _, name = path.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    hook = cls("every_field")
+    calls(hook, vendor)
+    hook.close()
+    from_trigger = asyncio.run(cls.afrom_conn_id("every_field"))  # the triggerer's way to the client
+    calls(from_trigger, vendor)
+    from_trigger.close()
+
+    wire = sandbox.session.get(f"{sandbox.admin}/requests/wire", timeout=30).json()["requests"]
+    assert len(wire) >= 5, wire
+    names = {k.lower() for k in fields} | {k.lower().replace("_", "-") for k in fields}
+    credential_fields = {"api_key", "access_token"}
+    found = []
+    for req in wire:
+        where = f"{req['method']} {req['path']}"
+        for field_name, value in fields.items():
+            if field_name == "data_privacy_acknowledged":
+                value = None  # "true" is no marker: its name is looked for instead
+            if value and value in req["query"]:
+                found.append(f"{where}: {field_name} in the query string")
+        for header, header_value in req["headers"]:
+            low = header.lower()
+            if low in names:
+                found.append(f"{where}: header {header} is a connection field")
+            if low == "authorization":
+                scheme, _, credential = header_value.partition(" ")
+                decoded = base64.b64decode(credential).decode() if scheme.lower() == "basic" else credential
+                others = [f for f, v in fields.items() if v and f not in credential_fields and len(str(v)) > 5
+                          and str(v) in decoded]
+                if others:
+                    found.append(f"{where}: Authorization carries {others}")
+                continue
+            for field_name, value in fields.items():
+                if allowed.get(low) == field_name:
+                    continue
+                if field_name == "data_privacy_acknowledged" or not value or len(str(value)) < 6:
+                    continue
+                if str(value) in header_value:
+                    found.append(f"{where}: header {header} carries {field_name}")
+    assert not found, found[:10]
+    # the check can fail: the credential is in the Authorization header it inspected
+    auths = [v for req in wire for h, v in req["headers"] if h.lower() == "authorization"]
+    assert auths
