@@ -245,7 +245,7 @@ def test_deferrable_watermark_stays_for_a_segment_whose_batch_operations_failed(
     advanced only for the segments whose every operation Mailchimp processed (a failed operation's rows must
     be read again by the next run, or their changes would never be sent)."""
     from airflow_provider_segexport.export.state import ExportState, Watermark
-    from airflow_provider_segexport.operators.mailchimp import MailchimpSegmentExportOperator
+    from airflow_provider_segexport.export.watermarks import advance_pending
 
     state = ExportState("mailchimp:mc:aud", tmp_path)
     a, b = state.scope_id("a"), state.scope_id("b")
@@ -257,9 +257,7 @@ def test_deferrable_watermark_stays_for_a_segment_whose_batch_operations_failed(
         "a": {"column": "updated_at", "since": "2026-01-01", "high": "2026-02-01", "pending": {"scope_id": a, **pending}},
         "b": {"column": "updated_at", "since": "2026-01-01", "high": "2026-02-01", "pending": {"scope_id": b, **pending}},
     }}
-    op = MailchimpSegmentExportOperator(task_id="t", audience_id="aud", segments=["a", "b"], sql="SELECT 1",
-                                        sql_conn_id="wh")
-    op._advance_watermarks(state, summary, incomplete={"a"}, run_id="r2")
+    advance_pending(state, summary["change_column"], incomplete={"a"}, run_id="r2")
     assert state.watermark(a) == old
     assert state.watermark(b) == Watermark("updated_at", '{"str": "2026-02-01"}', b"salt")
     assert "advanced_to" not in summary["change_column"]["a"] and summary["change_column"]["b"]["advanced_to"]

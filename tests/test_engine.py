@@ -19,6 +19,7 @@ from airflow_provider_segexport.export.engine import (
     ExportEngine,
     ExportError,
     ExportLimitExceeded,
+    ExportOptions,
     Outcome,
 )
 from airflow_provider_segexport.export.records import FieldMapping
@@ -90,11 +91,11 @@ def rows(n, start=0):
     return [{"customer_id": f"C{i}", "email": f"u{i}@example.com", "first_name": "A"} for i in range(start, start + n)]
 
 
-def run(dest, segs, tmp_path, **kw):
+def run(dest, segs, tmp_path, state=None, logger=None, **options):
     from airflow.sdk import ObjectStoragePath
 
-    return ExportEngine(dest, segs, rejects_path=ObjectStoragePath(f"file://{tmp_path}/rejects.jsonl"),
-                        progress_interval=0, **kw).run()
+    return ExportEngine(dest, segs, rejects_path=ObjectStoragePath(f"file://{tmp_path}/rejects.jsonl"), state=state,
+                        options=ExportOptions(progress_interval=0, **options), logger=logger).run()
 
 
 def test_batches_concurrency_and_counts(tmp_path):
@@ -548,3 +549,107 @@ def test_the_count_query_drops_only_a_final_order_by(sql, counted):
     from airflow_provider_segexport.export.sources import _without_final_order_by
 
     assert _without_final_order_by(sql) == (counted if counted is not None else sql)
+
+
+# -- mirror, circuit breakers, destination-assigned keys ------------------------------------------------
+
+class Mirror(Recorder):
+    """A mirror destination: records the keys it was asked to remove."""
+
+    mirror = True
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.removed: list[str] = []
+
+    def remove_members(self, segment, keys):
+        self.removed.extend(keys)
+        return len(keys)
+
+
+def state_run(tmp_path, dest, data, run_id, **options):
+    from airflow_provider_segexport.export.state import ExportState
+
+    state = ExportState("recorder:target", tmp_path / "state")
+    try:
+        return run(dest, [Segment("a", ListSource(data))], tmp_path, state=state, run_id=run_id, **options)
+    finally:
+        state.close()
+
+
+@pytest.mark.parametrize("full_refresh", [False, True], ids=["delta", "every_member_sent"])
+def test_mirror_that_would_remove_too_many_sends_nothing(tmp_path, full_refresh):
+    """Mirror mode compares the segment's count with the members the export state holds before the first send:
+    a segment that lost more than max_removal_share stops with nothing sent, whether members are sent by delta
+    or all of them (delta=False); within the share the leavers are removed."""
+    assert state_run(tmp_path, Mirror(), rows(100), "r1")["totals"]["created"] == 100
+    dest = Mirror()
+    with pytest.raises(ExportError) as info:
+        state_run(tmp_path, dest, rows(70), "r2", full_refresh=full_refresh)
+    assert dest.batches == [] and dest.removed == []
+    message = str(info.value)
+    for words in ("segment 'a' has 70 rows", "100 members", "at least 30 (30%)", "max_removal_share=20%",
+                  "Nothing was sent", "allow_large_changes=True"):
+        assert words in message, message
+    dest = Mirror()
+    summary = state_run(tmp_path, dest, rows(90), "r3", full_refresh=full_refresh)
+    assert sorted(dest.removed) == sorted(f"u{i}@example.com" for i in range(90, 100))
+    assert summary["totals"]["removed"] == 10
+    assert len(dest.sent) == (90 if full_refresh else 0)
+    dest = Mirror()
+    summary = state_run(tmp_path, dest, rows(60), "r4", full_refresh=full_refresh, allow_large_changes=True)
+    assert summary["totals"]["removed"] == 30
+
+
+def test_the_size_breaker_stops_an_exact_halving(tmp_path):
+    state_run(tmp_path, Recorder(), rows(100), "r1")
+    dest = Recorder()
+    with pytest.raises(ExportError, match=r"had 100 \(2.0x shrinkage; a change by a factor of max_size_change=2 or "
+                                          r"more stops the export\). Nothing was sent"):
+        state_run(tmp_path, dest, rows(50), "r2")
+    assert dest.batches == []
+    assert state_run(tmp_path, Recorder(), rows(51), "r3")["totals"]["skipped"] == 51
+
+
+def test_mirror_needs_export_state(tmp_path):
+    with pytest.raises(ExportError, match="Mirror mode and plans need export state"):
+        run(Mirror(), [Segment("a", ListSource(rows(3)))], tmp_path)
+
+
+def test_a_destination_assigned_key_is_kept_for_mirror_removals(tmp_path):
+    """A destination that declares assigns_keys sets Record.dest_key on what it confirms (e.g. a contact ID from
+    the vendor's answer); the export state keeps that key and mirror removals get it back."""
+
+    class Assigning(Mirror):
+        assigns_keys = True
+
+        def send(self, segment, records):
+            outcomes = super().send(segment, records)
+            for r in records:
+                r.dest_key = "contact-" + r.key
+            return outcomes
+
+    state_run(tmp_path, Assigning(), rows(10), "r1")
+    dest = Assigning()
+    state_run(tmp_path, dest, rows(9), "r2")
+    assert dest.removed == ["contact-C9"]
+
+    class Forgetful(Mirror):  # declares it, but assigns nothing: the export stops instead of keeping no key
+        assigns_keys = True
+
+    with pytest.raises(ExportError, match="without the key it assigned"):
+        state_run(tmp_path / "other", Forgetful(), rows(3), "r1")
+
+
+def test_capabilities_are_declared_not_inferred():
+    class Converting(Destination):
+        converts_records = True
+
+        def prepare(self, record):
+            return record.key
+
+    assert Converting(MAPPING, "t").prepare_many([]) == ([], [])
+    with pytest.raises(TypeError, match="declare converts_records = True"):
+        type("Undeclared", (Destination,), {"prepare_many": lambda self, records: (records, [])})
+    with pytest.raises(TypeError, match="declare has_member_key = True"):
+        type("Undeclared", (Destination,), {"member_key": lambda self, record: record.key})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -116,9 +117,12 @@ def test_export_holds_exactly_the_valid_members(airflow_db, mailchimp_conn, wh, 
     assert audience(sandbox) == got
 
 
-def test_mirror_removes_only_the_segment_tag_from_leavers(airflow_db, mailchimp_conn, wh, sandbox, tmp_path):
-    state, _ = run_dag("mailchimp_export_test", conf(sandbox, ["all_customers", "vip_customers"],
-                                                     state_dir=str(tmp_path)))
+@pytest.mark.parametrize("dag_id", ["mailchimp_export_test", "mailchimp_export_every_member_test"])
+def test_mirror_removes_only_the_segment_tag_from_leavers(dag_id, airflow_db, mailchimp_conn, wh, sandbox, tmp_path):
+    """Mirror mode removes the segment's tag from the members who left it, with delta (only changes sent) and
+    with delta=False (every member sent; the export state still finds the leavers)."""
+    state, _ = run_dag(dag_id, conf(sandbox, ["all_customers", "vip_customers"], mode="mirror",
+                                    state_dir=str(tmp_path)))
     assert state == "success"
     before = audience(sandbox)
     db = sqlite3.connect(wh)
@@ -131,8 +135,8 @@ def test_mirror_removes_only_the_segment_tag_from_leavers(airflow_db, mailchimp_
         leaver_emails = {e.strip().lower() for (e,) in db.execute(
             f"SELECT email FROM profiles WHERE customer_id IN ({','.join('?' * len(leavers))})", leavers)}
         # Same segments as before (duplicates across segments resolve in segment order).
-        state, xcom = run_dag("mailchimp_export_test", conf(sandbox, ["all_customers", "vip_customers"],
-                                                            mode="mirror", state_dir=str(tmp_path)))
+        state, xcom = run_dag(dag_id, conf(sandbox, ["all_customers", "vip_customers"], mode="mirror",
+                                           state_dir=str(tmp_path)))
         assert state == "success"
         after = audience(sandbox)
         removed = {e for e in before if "vip_customers" in before[e]["tags"] and "vip_customers" not in after[e]["tags"]}
@@ -142,6 +146,33 @@ def test_mirror_removes_only_the_segment_tag_from_leavers(airflow_db, mailchimp_
             assert after[email]["status"] == before[email]["status"]
             expected_tags = set(before[email]["tags"]) - ({"vip_customers"} if email in removed else set())
             assert set(after[email]["tags"]) == expected_tags
+    finally:
+        warehouse.refresh(wh)
+
+
+def test_mirror_without_delta_that_would_remove_too_many_sends_nothing(airflow_db, mailchimp_conn, wh, sandbox,
+                                                                       tmp_path, task_log):
+    """mode="mirror" with delta=False goes through the engine's circuit breakers: a segment that lost more than
+    max_removal_share of the members exported before stops the run before anything is sent (no add, no update,
+    no tag removed), naming the segment, the counts and the override."""
+    cfg = conf(sandbox, ["all_customers", "vip_customers"], mode="mirror", state_dir=str(tmp_path))
+    assert run_dag("mailchimp_export_every_member_test", cfg)[0] == "success"
+    before = audience(sandbox)
+    db = sqlite3.connect(wh)
+    db.execute("DELETE FROM segment_members WHERE segment_name = 'vip_customers' "
+               "AND CAST(substr(customer_id, 2) AS INTEGER) % 10 < 4")  # a broken upstream model: 40 % gone
+    db.commit()
+    try:
+        sandbox.session.delete(f"{sandbox.admin}/requests", timeout=30)
+        task_log()  # only this run's log below
+        state, xcom = run_dag("mailchimp_export_every_member_test", cfg)
+        logs = task_log()
+        assert state == "failed" and "export" not in xcom
+        assert not any(k.startswith("mailchimp POST") for k in sandbox.requests()["counts"]), sandbox.requests()
+        assert audience(sandbox) == before
+        for words in ("Mirror: segment 'vip_customers' has", "members exported before, so at least",
+                      "max_removal_share=20%", "Nothing was sent", "allow_large_changes=True"):
+            assert words in logs, (words, logs[-3000:])
     finally:
         warehouse.refresh(wh)
 
@@ -204,6 +235,20 @@ def test_deferrable_reaches_the_same_audience(airflow_db, mailchimp_conn, wh, sa
     assert (t["created"], t["updated"], t["unchanged"], t["rejected"]) == (s["created"], s["updated"], s["unchanged"],
                                                                            s["rejected"])
     assert any(k.startswith("mailchimp POST batches") for k in sandbox.requests()["counts"])
+
+    # No profile data left at rest: the work files (member ids, no address) are deleted once applied, and no file
+    # of the rejects or state directories holds an address of the segments, except the export state, whose
+    # member keys are the addresses Mailchimp's tag removal takes.
+    rejects_dir = Path(xcom["export"]["rejects"]["path"].removeprefix("file://")).parent
+    assert not list(rejects_dir.glob("*-batches"))
+    db = sqlite3.connect(wh)
+    emails = {e.strip().lower().encode() for (e,) in db.execute(
+        f"SELECT email FROM segment_export WHERE segment_name IN ({','.join('?' * len(SEGMENTS))}) "
+        "AND email LIKE '%_@_%'", SEGMENTS)}
+    files = [p for d in (rejects_dir, tmp_path / "b") for p in d.rglob("*") if p.is_file()]
+    assert any(p.name == "refusals.sqlite" for p in files) and any(p.suffix == ".jsonl" for p in files)
+    holding = {p.name for p in files if (data := p.read_bytes().lower()) and any(e in data for e in emails)}
+    assert holding <= {"export_state.sqlite"}, holding
 
 
 def test_answers_compressed_with_gzip_are_read_the_same(airflow_db, mailchimp_conn, wh, sandbox, tmp_path):

@@ -403,71 +403,38 @@ def test_folding_a_big_segment_holds_each_byte_once(tmp_path):
     state.close()
 
 
-def earlier_version_tables(db):
-    """The member table, per-member journal and journal batches of state files written by earlier versions."""
-    db.executescript("""
-        CREATE TABLE IF NOT EXISTS members (scope_id INTEGER NOT NULL, member INTEGER NOT NULL,
-            fingerprint INTEGER NOT NULL, dest_key TEXT NOT NULL, confirmed_run TEXT, seen_run TEXT,
-            PRIMARY KEY (scope_id, member)) WITHOUT ROWID;
-        CREATE TABLE IF NOT EXISTS journal (scope_id INTEGER NOT NULL, member INTEGER NOT NULL,
-            fingerprint INTEGER, dest_key TEXT, run TEXT NOT NULL);
-        CREATE TABLE IF NOT EXISTS journal_batches (scope_id INTEGER NOT NULL, run TEXT NOT NULL,
-            members BLOB NOT NULL, fingerprints BLOB, dest_keys BLOB);
-    """)
-
-
-def test_a_dead_runs_journal_is_folded_by_the_next_run_including_an_earlier_versions_rows(tmp_path):
+def test_a_dead_runs_journal_is_folded_by_the_next_run(tmp_path):
     """What a run that died had confirmed is kept (the journal is durable per batch) and folded when the next
-    run opens the segment; a journal left by an earlier version (one row per member, or batches whose keys are a
-    JSON list) too."""
+    run opens the segment."""
     dead = ExportState("mailchimp:mc:aud1", tmp_path)
     sid = dead.scope_id("s")
     dead.confirm(sid, [(1, 10, "a@example.com"), (2, 20, "b@example.com")], "r1")
     dead.confirm(sid, [(2, 21, "b@example.com")], "r1")  # a later batch of the same run wins
-    earlier_version_tables(dead._db)
-    dead._db.execute("INSERT INTO journal VALUES (?, 3, 30, 'c@example.com', 'r0')", (sid,))
-    dead._db.execute("INSERT INTO journal_batches VALUES (?, 'r0', ?, ?, ?)",
-                     (sid, (4).to_bytes(8, "little"), (40).to_bytes(8, "little"), b'["d@example.com"]'))
     dead._db.close()  # no flush: the task was killed
     journal = tmp_path / f"export_state.journal-{sid}.sqlite"
-    assert journal.exists()  # this version's journal: a file per segment beside the state file
+    assert journal.exists()  # a journal file per segment beside the state file
 
     nxt = ExportState("mailchimp:mc:aud1", tmp_path)
     assert nxt.scope_id("s") == sid
     assert not journal.exists()  # folded, then deleted
-    assert nxt.lookup(sid, [1, 2, 3, 4, 5]) == {1: (10, "r1"), 2: (21, "r1"), 3: (30, "r0"), 4: (40, "r0")}
-    assert nxt._db.execute("SELECT COUNT(*) FROM journal").fetchone()[0] == 0
-    assert nxt._db.execute("SELECT COUNT(*) FROM journal_batches").fetchone()[0] == 0
+    assert nxt.lookup(sid, [1, 2, 3]) == {1: (10, "r1"), 2: (21, "r1")}
     nxt.seen(sid, [1], "r2")
     end_of_segment(nxt, sid)
-    assert sorted(nxt.leavers(sid, "r2")) == [(2, "b@example.com"), (3, "c@example.com"), (4, "d@example.com")]
+    assert sorted(nxt.leavers(sid, "r2")) == [(2, "b@example.com")]
     nxt.close()
 
 
-def test_member_rows_of_earlier_versions_are_folded_into_pages_and_mean_the_same(tmp_path):
-    """An earlier version kept one row per member, naming runs by reference ("#<n>") or by the run id itself;
-    opening the segment folds them into pages once. A retry of that very run (full_refresh) still sees them as
-    its own, and they are not leavers of it."""
-    run = "scheduled__2026-11-23T00:00:00+00:00"
-    state = ExportState("mailchimp:mc:aud1", tmp_path)
+def test_keys_answer_the_destination_keys_of_members_with_state(open_state):
+    """A destination that confirms later journals its queued members with their keys; their confirmation
+    reads the keys back (the work files it keeps meanwhile hold no address)."""
+    state = open_state("mailchimp:mc:aud1")
     sid = state.scope_id("s")
-    state._db.execute("INSERT INTO runs (run) VALUES (?)", (run,))
-    earlier_version_tables(state._db)
-    state._db.execute("INSERT INTO members VALUES (?, 1, 10, 'a@example.com', '#1', '#1')", (sid,))
-    state._db.execute("INSERT INTO members VALUES (?, 2, 20, 'b@example.com', ?, ?)", (sid, run, run))
-    state._db.execute("INSERT INTO members VALUES (?, 3, 30, 'c@example.com', 'older', 'older')", (sid,))
+    state.confirm(sid, [(m, 0, f"m{m}@example.com") for m in range(-600, 600, 3)], "r1")
+    end_of_segment(state, sid)
+    assert state.keys(sid, [-600, 3, 597, 4, 10**12]) == {-600: "m-600@example.com", 3: "m3@example.com",
+                                                          597: "m597@example.com"}
+    assert state.keys(sid, []) == {}
     state.close()
-
-    again = ExportState("mailchimp:mc:aud1", tmp_path)  # a new process
-    assert again.scope_id("s") == sid
-    assert again._db.execute("SELECT COUNT(*) FROM members").fetchone()[0] == 0
-    assert again._db.execute("SELECT count FROM member_pages").fetchall() == [(3,)]
-    assert again.lookup(sid, [1, 2, 3]) == {1: (10, run), 2: (20, run), 3: (30, "older")}
-    snap = again.snapshot(sid, run)
-    assert snap.lookup([1, 2, 3], run) == {1: (10, run), 2: (20, run), 3: (30, None)}
-    assert again.leavers(sid, run) == [(3, "c@example.com")]
-    assert again.member_count(sid) == 3
-    again.close()
 
 
 def confirm_overlapping_batches(state, sid):

@@ -3,29 +3,29 @@ outcomes. The one place that knows Mailchimp's member payload and merge-field ty
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from datetime import date, datetime
 from typing import Any
 
-from airflow_provider_segexport.export.engine import (
+from airflow_provider_segexport.export.destination import (
     BatchOutcome,
     BatchRefused,
-    Destination,
+    EmailDestination,
     ExportError,
     Outcome,
+    in_chunks,
 )
 from airflow_provider_segexport.export.records import (
     INVALID_VALUE,
-    PREVIOUSLY_REFUSED,
     TOO_LONG,
     FieldMapping,
     Record,
     Reject,
+    member_id,
     redact_emails,
 )
 from airflow_provider_segexport.export.sources import Segment
@@ -51,22 +51,28 @@ _ABSENT = object()
 _DATE_FORMATS = {"MM/DD/YYYY": "%m/%d/%Y", "DD/MM/YYYY": "%d/%m/%Y", "MM/DD": "%m/%d", "DD/MM": "%d/%m"}
 
 
-def is_permanent_refusal(message: str | None) -> bool:
-    """Whether Mailchimp's refusal is for good (the address was forgotten, permanently deleted, or is in a
-    compliance state): such members are remembered and rejected up front by later runs."""
-    return bool(message) and any(m in message.lower() for m in PERMANENT_MARKERS)
+class MailchimpDestination(EmailDestination):
+    """Members of segments as members of a Mailchimp audience, upserted with batch-subscribe calls and tagged
+    with their segment's name; in mirror mode the tag is taken off members who left the segment.
 
+    :param hook: the Mailchimp hook.
+    :param audience_id: the audience (list) ID.
+    :param mapping: the field mapping (``email`` and merge-field tags -> source columns).
+    :param status_if_new: subscribed, pending or transactional.
+    :param mode: upsert or mirror.
+    :param tag_segments: tag members with their segment's name (mirror mode needs it).
+    :param create_missing_merge_fields: create mapped merge fields the audience lacks (as text).
+    :param refusals: the addresses Mailchimp refused for good in earlier runs.
+    :param max_in_flight: batch calls at once (at most Mailchimp's connection limit).
+    """
 
-def _digest(email: str) -> bytes:
-    return hashlib.blake2b(email.strip().lower().encode("utf-8"), digest_size=8).digest()
-
-
-class MailchimpDestination(Destination):
     name = "Mailchimp"
     batch_size = BATCH_SUBSCRIBE_MAX
     max_in_flight = MAX_CONNECTIONS
     max_per_export = MAX_PER_EXPORT
+    converts_records = True  # merge values to the fields' types; the member's JSON
     encodes_bodies = True  # the member's JSON is made where the member is (one pass over a chunk, not two)
+    permanent_markers = PERMANENT_MARKERS
 
     def __init__(
         self,
@@ -81,7 +87,7 @@ class MailchimpDestination(Destination):
         refusals: RefusalStore | None = None,
         max_in_flight: int | None = None,
     ) -> None:
-        super().__init__(mapping, audience_id)
+        super().__init__(mapping, audience_id, refusals=refusals)
         if status_if_new not in STATUS_IF_NEW:
             raise ValueError(f"status_if_new must be one of {STATUS_IF_NEW}, not {status_if_new!r}")
         if mode not in MODES:
@@ -93,22 +99,22 @@ class MailchimpDestination(Destination):
         self.mode = mode
         self.tag_segments = tag_segments
         self.create_missing = create_missing_merge_fields
-        self.refusals = refusals
         if max_in_flight:
             self.max_in_flight = max(1, min(MAX_CONNECTIONS, int(max_in_flight)))
         self.mirror = mode == "mirror"
-        self.email_field = mapping.email_field or "email"
         self.merge_map = {k: v for k, v in mapping.fields.items() if k != self.email_field}
         self.field_types: dict[str, dict] = {}
         self.audience: dict = {}
-        self._current: dict[str, set[bytes]] = {}
-        self._lock = threading.Lock()
         self._segment_tags: dict[str, list[str]] = {}
         self._converter_cache: list | None = None
         self._converter_types: dict | None = None
-
     # -- pre-flight -------------------------------------------------------------------------------
     def preflight(self, segments: list[Segment], dry_run: bool) -> None:
+        """Check the audience's merge fields against the mapping (create the missing ones when asked).
+
+        :param segments: the segments about to be exported.
+        :param dry_run: create nothing.
+        """
         self.audience = self.audience or self.hook.get_audience(self.target)  # the operator may have read it
         fields = {f["tag"]: f for f in self.hook.get_merge_fields(self.target)}
         missing = [t for t in self.merge_map if t not in fields]
@@ -143,26 +149,26 @@ class MailchimpDestination(Destination):
                  ", ".join(f"{t}:{f.get('type')}" for t, f in self.field_types.items()) or "none mapped")
 
     def fingerprint_config(self) -> bytes:
-        # what shapes a member's payload besides its values: the merge fields' types and formats included
-        # (a date field switching to DD/MM changes every payload, so a delta run re-sends them all)
+        """The audience, mapping, merge-field types and formats, status_if_new and tagging.
+
+        What shapes a member's payload besides its values: the merge fields' types and formats included
+        (a date field switching to DD/MM changes every payload, so a delta run re-sends them all)."""
         types = {tag: [f.get("type", "text"), f.get("options") or {}] for tag, f in self.field_types.items()}
         return _encode({"target": self.target, "fields": self.mapping.fields, "email_field": self.email_field,
                         "status_if_new": self.status_if_new, "tags": self.tag_segments, "types": types})
 
     # -- per record -------------------------------------------------------------------------------
     def prepare(self, record: Record) -> Record | Reject:
+        """The record's batch-subscribe member (``body``), its merge values converted to the fields' types; a
+        reject for a value that does not fit or an address refused for good earlier.
+
+        :param record: a validated record.
+        """
         payload = record.payload
         email = payload[self.email_field]
-        if self.mirror and not self.state_managed:
-            with self._lock:
-                self._current.setdefault(record.segment, set()).add(_digest(email))
-        refusals = self.refusals
-        if refusals is not None and refusals.known:  # an empty store (the usual case) costs nothing
-            previous = refusals.get(email, record.member or None)
-            if previous:
-                return Reject(record.segment, record.row, record.key, PREVIOUSLY_REFUSED, self.email_field,
-                              "Mailchimp refused this address permanently in an earlier run; not sent again",
-                              previous)
+        refused = self.previously_refused(record)
+        if refused is not None:
+            return refused
         merge: dict[str, Any] = {}
         for tag, convert in self._converters():
             value = payload.get(tag, _ABSENT)
@@ -192,9 +198,12 @@ class MailchimpDestination(Destination):
         return member
 
     def prepare_many(self, records: list[Record]) -> tuple[list[Record], list[Reject]]:
-        """:meth:`prepare` for a chunk; text merge fields holding plain text (the usual case) are inlined."""
+        """:meth:`prepare` for a chunk; text merge fields holding plain text (the usual case) are inlined.
+
+        :param records: a chunk's validated records, in row order.
+        """
         converters = self._converters()
-        if any(c is not None for _, c in converters) or (self.mirror and not self.state_managed):
+        if any(c is not None for _, c in converters):
             return super().prepare_many(records)
         tags = [tag for tag, _ in converters]
         email_field, member, encode = self.email_field, self._member, _encode
@@ -262,6 +271,12 @@ class MailchimpDestination(Destination):
 
     # -- per batch ----------------------------------------------------------------------------------
     def send(self, segment: Segment, records: list[Record]) -> BatchOutcome:
+        """One batch-subscribe call; a 400 for the whole batch is :class:`BatchRefused` (split to find the bad
+        member).
+
+        :param segment: the records' segment.
+        :param records: at most 500 prepared records.
+        """
         try:
             answer = self.hook.batch_subscribe(
                 self.target, [r.body if r.body is not None else r.payload for r in records])
@@ -275,7 +290,11 @@ class MailchimpDestination(Destination):
         """The batch's outcome from a batch-subscribe answer: as many created and updated as it counts
         (``total_created``, ``total_updated``; else as ``new_members`` and ``updated_members`` list), a
         rejected outcome per member in ``errors`` (matched by address), the others unchanged (Mailchimp
-        counts no member it left as it was)."""
+        counts no member it left as it was).
+
+        :param records: the batch, as sent.
+        :param answer: Mailchimp's answer.
+        """
         created = answer.get("total_created")
         created = len(answer.get("new_members") or ()) if created is None else int(created)
         updated = answer.get("total_updated")
@@ -284,18 +303,12 @@ class MailchimpDestination(Destination):
         errors = answer.get("errors")
         if errors:  # only the refused are looked up (most batches of a real audience have one or two)
             messages = {email: message for email, (_, message) in answer_statuses({"errors": errors}).items()}
-            for r in records:
-                email = self._email_of(r)
-                if email in messages:
-                    refused.append(Outcome(r, "rejected", messages[email]))
-            if refused and self.refusals is not None:  # refused for good: rejected up front by later runs
-                self.refusals.add_many((self._email_of(o.record), o.message) for o in refused
-                                       if is_permanent_refusal(o.message))
+            refused = self.refused_by_email(records, messages)
         unchanged = len(records) - created - updated - len(refused)
         if unchanged < 0:  # more members counted than sent (not Mailchimp's answer)
             if answer.get("new_members") or answer.get("updated_members"):  # listed: match each by address
                 get = answer_statuses(answer).get
-                return BatchOutcome.of([Outcome(r, *get(self._email_of(r), _UNCHANGED)) for r in records])
+                return BatchOutcome.of([Outcome(r, *get(self.email_of(r), _UNCHANGED)) for r in records])
             log.warning("Mailchimp counted %d created and %d updated for a batch of %d members (%d refused); "
                         "counting the excess as unchanged", created, updated, len(records), len(refused))
             room = len(records) - len(refused)
@@ -305,47 +318,25 @@ class MailchimpDestination(Destination):
         counts = {"created": created, "updated": updated, "unchanged": unchanged, "rejected": len(refused)}
         return BatchOutcome({k: n for k, n in counts.items() if n}, refused)
 
-    # -- after a segment -------------------------------------------------------------------------------
+    # -- mirror ------------------------------------------------------------------------------------------
     def remove_members(self, segment: Segment, keys: list[str]) -> int:
-        """Mirror: take this segment's tag off members who left it (their subscription is not touched)."""
+        """Take this segment's tag off members who left it (their subscription is not touched).
+
+        :param segment: the segment they left.
+        :param keys: their addresses (the export state's keys).
+        """
         tag_id = self.hook.find_tag(self.target, segment.name)
         if tag_id is None or not keys:
             return 0
         log.info("Mirror: removing tag '%s' from %d member(s) who left the segment", segment.name, len(keys))
-        chunks = [keys[i: i + SEGMENT_MEMBERS_MAX] for i in range(0, len(keys), SEGMENT_MEMBERS_MAX)]
-        removed = 0
-        with ThreadPoolExecutor(max_workers=self.max_in_flight) as pool:
-            for answer in pool.map(lambda c: self.hook.update_tag_members(self.target, tag_id, remove=c), chunks):
-                removed += int(answer.get("total_removed", 0))
-        return removed
 
-    def finish_segment(self, segment: Segment, dry_run: bool) -> dict[str, int]:
-        if self.mode != "mirror" or self.state_managed:
-            return {}
-        current = self._current.pop(segment.name, set())
-        tag_id = self.hook.find_tag(self.target, segment.name)
-        if tag_id is None:
-            return {"removed": 0}
-        leavers = [e for e in self.hook.tag_members(self.target, tag_id) if _digest(e) not in current]
-        if dry_run:
-            log.info("Dry run: would remove tag '%s' from %d member(s) who left the segment", segment.name,
-                     len(leavers))
-            return {}
-        if leavers:
-            log.info("Mirror: removing tag '%s' from %d member(s) who left the segment (their subscription is "
-                     "not touched)", segment.name, len(leavers))
-        chunks = [leavers[i: i + SEGMENT_MEMBERS_MAX] for i in range(0, len(leavers), SEGMENT_MEMBERS_MAX)]
-        removed = 0
-        with ThreadPoolExecutor(max_workers=self.max_in_flight) as pool:
-            for answer in pool.map(lambda c: self.hook.update_tag_members(self.target, tag_id, remove=c), chunks):
-                removed += int(answer.get("total_removed", 0))
-        return {"removed": removed}
+        def remove(chunk: list[str]) -> int:
+            return int(self.hook.update_tag_members(self.target, tag_id, remove=chunk).get("total_removed", 0))
 
-    def _email_of(self, record: Record) -> str:
-        """A record's address in lower case (records keep it in ``email`` as a rule; else the payload's)."""
-        return record.email or str(record.payload.get(self.email_field, "")).lower()
+        return in_chunks(keys, SEGMENT_MEMBERS_MAX, remove, self.max_in_flight)
 
     def http_stats(self) -> dict[str, int]:
+        """The hook's HTTP counters (calls, retries, throttling), once it made a call."""
         return self.hook.http.stats.as_dict() if "http" in self.hook.__dict__ else {}
 
 
@@ -379,8 +370,12 @@ class MailchimpBatchOperationsDestination(MailchimpDestination):
     """Deferrable mode: batch-subscribe calls are queued as Mailchimp batch operations (``/batches``).
 
     ``send`` only queues (outcome ``planned``); every ``ops_per_batch`` operations one ``/batches`` call
-    is made. A sidecar file per ``/batches`` call keeps (operation, segment, row, key, email) so the
-    results archive can later be turned into per-row outcomes without holding the export in memory.
+    is made. A work file per ``/batches`` call keeps, per member, what turns the results archive into
+    per-row outcomes without holding the export in memory: the operation, segment, row, key, member id and
+    fingerprint (no address: Mailchimp's per-member errors are matched by the member id of the address they
+    name). :meth:`discard` deletes the files once the outcomes are applied.
+
+    :param work_dir: where the work files go (an ``ObjectStoragePath``).
     """
 
     ops_per_batch = 100
@@ -392,28 +387,33 @@ class MailchimpBatchOperationsDestination(MailchimpDestination):
         self.groups: list[dict] = []
         self._ops: list[dict] = []
         self._fh = None
-        self._sidecar = None
+        self._work_file = None
         self._op_lock = threading.Lock()
 
     def send(self, segment: Segment, records: list[Record]) -> list[Outcome]:
+        """Queue one batch-subscribe call as a batch operation (a ``/batches`` call every ``ops_per_batch``).
+
+        :param segment: the records' segment.
+        :param records: at most 500 prepared records.
+        """
         members = b",".join(r.body if r.body is not None else _encode(r.payload) for r in records)
         body = (b'{"members":[' + members + b'],"update_existing":true,"sync_tags":false}').decode("utf-8")
         with self._op_lock:
             if self._fh is None:
-                self._sidecar = self.work_dir / f"batch-{len(self.groups):05d}.jsonl"
-                self._sidecar.parent.mkdir(parents=True, exist_ok=True)
-                self._fh = self._sidecar.open("w", encoding="utf-8")
+                self._work_file = self.work_dir / f"batch-{len(self.groups):05d}.jsonl"
+                self._work_file.parent.mkdir(parents=True, exist_ok=True)
+                self._fh = self._work_file.open("w", encoding="utf-8")
             op_id = f"{len(self.groups)}-{len(self._ops)}"
             self._ops.append({"method": "POST", "path": f"/lists/{self.target}", "operation_id": op_id,
                               "body": body})
-            for r in records:
-                self._fh.write(json.dumps([op_id, r.segment, r.row, r.key, self._email_of(r),
-                                           r.member, r.fp], ensure_ascii=False) + "\n")
+            self._fh.write("".join(json.dumps([op_id, r.segment, r.row, r.key, r.member, r.fp],
+                                              ensure_ascii=False) + "\n" for r in records))
             if len(self._ops) >= self.ops_per_batch:
                 self._submit_locked()
         return [Outcome(r, "planned") for r in records]
 
     def flush(self) -> list[dict]:
+        """Submit the operations not submitted yet; return every ``/batches`` call made (batch id, work file)."""
         with self._op_lock:
             if self._ops:
                 self._submit_locked()
@@ -424,8 +424,76 @@ class MailchimpBatchOperationsDestination(MailchimpDestination):
         self._fh = None
         answer = self.hook.submit_batch(self._ops)
         log.info("Queued Mailchimp batch %s: %d operation(s)", answer.get("id"), len(self._ops))
-        self.groups.append({"batch_id": answer["id"], "sidecar": str(self._sidecar)})
+        self.groups.append({"batch_id": answer["id"], "work_file": str(self._work_file)})
         self._ops = []
+
+    def deferred_outcomes(self, results: dict) -> Iterator[tuple[list[Outcome], bool]]:
+        """The outcomes of every queued operation, from the finished batches' results archives: per member
+        created, updated, unchanged or rejected (an operation Mailchimp answered with an error, or did not
+        answer, rejects its members and counts as not processed). Permanent refusals are remembered.
+
+        :param results: ``groups`` (what :meth:`flush` returned) and ``batches`` (the finished batches, with
+            their ``response_body_url``).
+        """
+        from airflow.sdk import ObjectStoragePath
+
+        batches = {b["id"]: b for b in results["batches"]}
+        for group in results["groups"]:
+            per_op: dict[str, dict[int, tuple[str, str | None]]] = {}
+            op_error: dict[str, str] = {}
+            for result in self.hook.batch_results(batches[group["batch_id"]]["response_body_url"]):
+                op = str(result.get("operation_id"))
+                try:
+                    body = json.loads(result.get("response") or "{}")
+                except ValueError:
+                    body = {}
+                if int(result.get("status_code", 500)) >= 400:
+                    op_error[op] = redact_emails(f"{body.get('title', 'error')}: {body.get('detail', '')}")
+                else:
+                    per_op[op] = {member_id(email): status for email, status in answer_statuses(body).items()}
+            op, outcomes = None, []
+            with ObjectStoragePath(group["work_file"]).open("r", encoding="utf-8") as fh:
+                for line in fh:
+                    line_op, segment, row, key, member, fp = json.loads(line)
+                    if line_op != op:
+                        if outcomes:
+                            yield self._finished(op, outcomes, op_error, per_op)
+                        op, outcomes = line_op, []
+                    outcomes.append(Record(segment, row, key, {}, None, member, fp))
+            if outcomes:
+                yield self._finished(op, outcomes, op_error, per_op)
+
+    def _finished(self, op: str, records: list[Record], op_error: dict[str, str],
+                  per_op: dict[str, dict]) -> tuple[list[Outcome], bool]:
+        if op in op_error:
+            outcomes = [Outcome(r, "rejected", op_error[op]) for r in records]
+        elif op not in per_op:
+            outcomes = [Outcome(r, "rejected", "Mailchimp returned no result for this operation") for r in records]
+        else:
+            get = per_op[op].get
+            outcomes = [Outcome(r, *get(r.member, _UNCHANGED)) for r in records]
+        self.remember_refusals(outcomes)
+        return outcomes, op in per_op
+
+    @staticmethod
+    def discard(groups: list[dict]) -> None:
+        """Delete the work files (and their folder once empty) after their outcomes were applied.
+
+        :param groups: what :meth:`flush` returned.
+        """
+        from airflow.sdk import ObjectStoragePath
+
+        folders = set()
+        for group in groups:
+            path = ObjectStoragePath(group["work_file"])
+            path.unlink(missing_ok=True)
+            folders.add(path.parent)
+        for folder in folders:
+            try:
+                if not any(folder.iterdir()):
+                    folder.rmdir()
+            except (FileNotFoundError, OSError):  # already gone, or a store without folders
+                pass
 
 
 def convert_merge_value(field: dict, value: Any) -> tuple[Any, str | None]:

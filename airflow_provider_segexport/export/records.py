@@ -89,6 +89,9 @@ class Record(msgspec.Struct, gc=False):
     #: is encoded as itself between quotes). A destination that sends the payload reshaped builds its member
     #: from these bytes instead of encoding it again (the fingerprint was made from them).
     payload_json: bytes | None = None
+    #: the member's key as the destination assigned it when it confirmed the member (e.g. a contact ID), for
+    #: destinations that declare ``assigns_keys``; the export state keeps it for mirror removals
+    dest_key: str | None = None
 
 
 class Reject(msgspec.Struct, gc=False):

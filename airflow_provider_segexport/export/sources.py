@@ -13,7 +13,9 @@ import io
 import itertools
 import json
 import operator
+import queue
 import re
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -514,3 +516,67 @@ def segments_from_spec(
             source = SqlSource(conn_id, query.replace("{segment}", quoted), item.get("parameters"), chunk_size)
         out.append(Segment(name, source))
     return out
+
+
+_END = object()
+
+
+class Prefetch:
+    """A source's chunks, read by a thread ahead of the reader (at most ``depth`` chunks ahead). The
+    source's connection and cursor live and die in that thread.
+
+    :param source: the source to read.
+    :param columns: the columns to read.
+    :param depth: chunks read ahead at most.
+    """
+
+    def __init__(self, source: Source, columns: list[str], depth: int = 4) -> None:
+        self._queue: queue.Queue = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(source, columns), name="segexport-prefetch",
+                                        daemon=True)
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, source: Source, columns: list[str]) -> None:
+        try:
+            chunks = source.chunks(columns)
+            try:
+                for chunk in chunks:
+                    if not self._put(chunk):
+                        return
+            finally:
+                chunks.close()
+            self._put(_END)
+        except BaseException as exc:  # noqa: BLE001 - raised in the reader
+            self._put(exc)
+
+    def __iter__(self) -> Iterator[list]:
+        try:
+            while True:
+                item = self._queue.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the thread (and close its cursor)."""
+        self._stop.set()
+        while True:  # unblock a pending put
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join(timeout=30)

@@ -35,7 +35,6 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from airflow_provider_segexport.export.records import member_id
-from airflow_provider_segexport.http import decode_json
 
 
 @contextmanager
@@ -113,11 +112,15 @@ class RefusalStore:
 
     def add_many(self, refused: Iterable[tuple[str, str]]) -> None:
         """Remember (email, reason) pairs; one commit for them all (a batch's refusals)."""
+        self.add_members((member_id(email), reason) for email, reason in refused)
+
+    def add_members(self, refused: Iterable[tuple[int, str]]) -> None:
+        """Remember (member id, reason) pairs, the ids as :func:`member_id` makes them from the address; one
+        commit for them all."""
         now = time.time()
         with self._lock:
             rows = []
-            for email, reason in refused:
-                member = member_id(email)
+            for member, reason in refused:
                 if member not in self.known:
                     self.known[member] = reason
                     rows.append((self.scope, member, reason, now))
@@ -263,6 +266,11 @@ class ExportStateBackend(ABC):
         """Members confirmed earlier that this run did not see: (member, destination key)."""
 
     @abstractmethod
+    def keys(self, scope_id: int, members: Sequence[int]) -> dict[int, str]:
+        """member -> destination key, for the members that have state (a destination that confirms later
+        journals its members with their keys when it queues them; their confirmation keeps the keys)."""
+
+    @abstractmethod
     def watermark(self, scope_id: int) -> Watermark | None:
         """The change-column watermark the last complete export of the segment recorded (None: none)."""
 
@@ -306,9 +314,7 @@ class ExportState(ExportStateBackend):
     own beside the state file (one row per batch, one small transaction: a crash loses at most the batches in
     flight), and folded into the pages in one sorted pass (numpy) when the segment ends (:meth:`flush`), or by
     the next run if this one died; the folded journal file is then deleted (its copies of the destination keys
-    go with it, without zeroing and committing its pages in the state file first, ~0.3 s at 1,000,000
-    members). State written by earlier versions (one row per member in ``members``, per-member journal rows,
-    journal batches in the state file) is folded into pages the first time its segment is opened.
+    go with it, without zeroing and committing its pages in the state file first).
     """
 
     def __init__(self, scope: str, state_dir: str | Path | None = None) -> None:
@@ -332,8 +338,6 @@ class ExportState(ExportStateBackend):
             CREATE TABLE IF NOT EXISTS runs (id INTEGER PRIMARY KEY, run TEXT NOT NULL UNIQUE);
             """
         )
-        self._legacy = {name for (name,) in self._db.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND name IN ('members', 'journal', 'journal_batches')")}
         self._numbers: dict[str, int] = {}  # run id -> its row in runs
         self._run_ids: dict[int, str] = {}  # and back
         self._opened: set[int] = set()  # scope ids folded by this instance (a dead run's journal, older rows)
@@ -345,7 +349,7 @@ class ExportState(ExportStateBackend):
         self._journal_lock = threading.Lock()
         self._journals: dict[int, sqlite3.Connection] = {}  # scope id -> its journal file, open
 
-    # -- runs: a member's runs are numbers (rows of ``runs``); rows of earlier versions name them "#<n>" or by id
+    # -- runs: a member's runs are numbers (rows of ``runs``); the journal names them "#<n>"
     def _number(self, run_id: str, db: sqlite3.Connection | None = None) -> int:
         """The run's number (its row of ``runs``, created on first use), through ``db`` when the caller holds
         a transaction on it, else through the worker threads' connection."""
@@ -369,13 +373,6 @@ class ExportState(ExportStateBackend):
             run = self._run_ids[number] = row[0] if row else f"#{number}"
         return run
 
-    def _stored_number(self, stored: str | None) -> int:
-        """The number of a run as the journal or a row of an earlier version names it ("#<n>" or the id);
-        called during a fold (a transaction on the main connection)."""
-        if stored is None:
-            return 0
-        return int(stored[1:]) if stored.startswith("#") else self._number(stored, self._db)
-
     def scope_id(self, segment: str) -> int:
         with self._lock:
             self._db.execute("INSERT OR IGNORE INTO scopes (scope, segment) VALUES (?, ?)", (self.scope, segment))
@@ -385,7 +382,7 @@ class ExportState(ExportStateBackend):
         return sid
 
     def _open(self, scope_id: int) -> None:
-        """Fold what a run that died had journaled (and rows of an earlier version) once per instance."""
+        """Fold what a run that died had journaled, once per instance."""
         if scope_id not in self._opened:
             self.flush(scope_id)
             self._opened.add(scope_id)
@@ -449,45 +446,18 @@ class ExportState(ExportStateBackend):
             self._db.executemany("INSERT INTO member_pages VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                                  ((scope_id, *page) for page in merged.pages(PAGE_MEMBERS)))
             del merged
-            if "journal_batches" in self._legacy:
-                self._db.execute("DELETE FROM journal_batches WHERE scope_id = ?", (scope_id,))
-            if "journal" in self._legacy:
-                self._db.execute("DELETE FROM journal WHERE scope_id = ?", (scope_id,))
-            if "members" in self._legacy:
-                self._db.execute("DELETE FROM members WHERE scope_id = ?", (scope_id,))
             self._cache.pop(scope_id, None)
 
     def _journaled(self, scope_id: int) -> list[_Pages]:
-        """What the segment's journal holds, in order (rows of an earlier version first): parts of
-        confirmations (with keys) and of "seen" marks (keys None)."""
-        db, parts = self._db, []
-        if "members" in self._legacy:  # an earlier version's member rows: the state before the journal
-            rows = db.execute("SELECT member, fingerprint, dest_key, confirmed_run, seen_run FROM members "
-                              "WHERE scope_id = ? ORDER BY member", (scope_id,)).fetchall()
-            if rows:
-                parts.append(_Pages.from_rows([(m, fp, key, self._stored_number(c), self._stored_number(s))
-                                               for m, fp, key, c, s in rows]))
-        if "journal" in self._legacy:  # an earlier version's journal rows: confirmations in order, and marks
-            confirmed = []
-            for member, fp, key, run in db.execute("SELECT member, fingerprint, dest_key, run FROM journal "
-                                                   "WHERE scope_id = ? ORDER BY rowid", (scope_id,)).fetchall():
-                number = self._stored_number(run)
-                if fp is None:
-                    parts.append(_Pages.seen_marks([member], number))
-                else:
-                    confirmed.append((member, fp, key, number, number))
-            if confirmed:
-                parts.append(_Pages.from_rows(confirmed))
-        batches = []
-        if "journal_batches" in self._legacy:  # an earlier version's journal batches, in the state file
-            batches = db.execute("SELECT run, members, fingerprints, dest_keys FROM journal_batches WHERE scope_id = ? "
-                                 "ORDER BY rowid", (scope_id,)).fetchall()
+        """What the segment's journal holds, in order: parts of confirmations (with keys) and of "seen" marks
+        (keys None)."""
         with self._journal_lock:
             journal = self._journal(scope_id, create=False)
-            if journal is not None:
-                batches += journal.execute("SELECT run, members, fingerprints, dest_keys FROM batches ORDER BY rowid")
+            batches = [] if journal is None else journal.execute(
+                "SELECT run, members, fingerprints, dest_keys FROM batches ORDER BY rowid").fetchall()
+        parts = []
         for run, members, fps, keys in batches:
-            number = self._stored_number(run)
+            number = int(run[1:])  # "#<n>"
             if fps is None:
                 parts.append(_Pages.seen_marks(np.frombuffer(members, np.int64), number))
             else:
@@ -599,6 +569,26 @@ class ExportState(ExportStateBackend):
                                          ((scope_id, *p) for p in _Merged(page, np.flatnonzero(keep)).pages(PAGE_MEMBERS)))
             self._cache.pop(scope_id, None)
 
+    def keys(self, scope_id: int, members: Sequence[int]) -> dict[int, str]:
+        self._open(scope_id)
+        if not members:
+            return {}
+        wanted = np.unique(np.fromiter(members, np.int64, len(members)))
+        out: dict[int, str] = {}
+        with self._lock:  # only the pages that may hold them
+            firsts = np.fromiter((f for (f,) in self._db.execute(
+                "SELECT first FROM member_pages WHERE scope_id = ? ORDER BY first", (scope_id,))), np.int64)
+            if not firsts.size:
+                return out
+            for first in np.unique(firsts[np.maximum(np.searchsorted(firsts, wanted, "right") - 1, 0)]).tolist():
+                ids, keys = self._db.execute("SELECT members, dest_keys FROM member_pages WHERE scope_id = ? AND "
+                                             "first = ?", (scope_id, first)).fetchone()
+                page = _Pages(np.frombuffer(ids, np.int64), keys=np.frombuffer(keys, np.uint8))
+                at, found = page.find(wanted)
+                at = at[found]
+                out.update(zip(page.members[at].tolist(), page.keys_at(at), strict=True))
+        return out
+
     def leavers(self, scope_id: int, run_id: str) -> list[tuple[int, str]]:
         """Members confirmed earlier that this run did not see: (member, destination key); a page at a time."""
         self._open(scope_id)
@@ -627,7 +617,7 @@ PAGE_MEMBERS = 8192
 
 
 def _pack_keys(keys: Sequence[str]) -> bytes:
-    """Destination keys as the journal keeps them: a NUL marker (earlier versions wrote a JSON list), then
+    """Destination keys as the journal keeps them: a NUL (the journal's format mark), then
     each key NUL-terminated."""
     joined = "\0".join(keys)
     if joined.count("\0") != len(keys) - 1:
@@ -672,16 +662,8 @@ class _Pages:
     @classmethod
     def journaled(cls, members: bytes, fps: bytes, keys: bytes, number: int) -> _Pages:
         ids = np.frombuffer(members, np.int64)
-        if keys[:1] != b"\0":  # the earlier form: a JSON list
-            keys = _pack_keys(decode_json(keys))
         runs = np.full(ids.size, number, _RUN)
         return cls(ids, np.frombuffer(fps, np.int64), runs, runs, np.frombuffer(keys, np.uint8, offset=1))
-
-    @classmethod
-    def from_rows(cls, rows: list[tuple[int, int, str, int, int]]) -> _Pages:
-        members, fps, keys, confirmed, seen = zip(*rows, strict=True)
-        return cls(np.array(members, np.int64), np.array(fps, np.int64), np.array(confirmed, _RUN),
-                   np.array(seen, _RUN), np.frombuffer(_pack_keys(keys), np.uint8, offset=1))
 
     @classmethod
     def from_page(cls, members: bytes, fps: bytes, confirmed: bytes, seen: bytes, keys: bytes) -> _Pages:
@@ -1057,6 +1039,16 @@ class SqlConnectionExportState(ExportStateBackend):
              .where(m.c.scope_id == scope_id, sa.or_(m.c.seen_run.is_(None), m.c.seen_run != run_id)))
         with self._engine.connect() as conn:
             return [(int(member), key) for member, key in conn.execute(q)]
+
+    def keys(self, scope_id: int, members: Sequence[int]) -> dict[int, str]:
+        m = self.members
+        out: dict[int, str] = {}
+        with self._engine.connect() as conn:
+            for chunk in _chunks(list(members)):
+                for member, key in conn.execute(sa.select(m.c.member, m.c.dest_key)
+                                                .where(m.c.scope_id == scope_id, m.c.member.in_(list(chunk)))):
+                    out[int(member)] = key
+        return out
 
     def close(self) -> None:
         self._engine.dispose()

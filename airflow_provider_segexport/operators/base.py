@@ -11,10 +11,12 @@ from typing import Any
 
 from airflow.sdk import BaseOperator
 
-from airflow_provider_segexport.export.engine import Destination, ExportEngine
+from airflow_provider_segexport.export.engine import Destination, ExportEngine, ExportOptions, apply_outcomes
 from airflow_provider_segexport.export.records import FieldMapping
-from airflow_provider_segexport.export.report import default_rejects_path
+from airflow_provider_segexport.export.report import default_rejects_path, summary_table
 from airflow_provider_segexport.export.sources import Segment, segments_from_spec
+from airflow_provider_segexport.export.state import ExportStateBackend, RefusalStore, open_export_state
+from airflow_provider_segexport.hooks.base import as_bool
 
 
 class BaseSegmentExportOperator(BaseOperator):
@@ -35,7 +37,9 @@ class BaseSegmentExportOperator(BaseOperator):
         Templated.
     :param max_rejects_share: fail the task when more than this share of rows is rejected (e.g. 0.05).
     :param progress_interval: seconds between progress lines in the log.
-    :param delta: keep export state and send only new and changed members (default True).
+    :param delta: keep export state and send only new and changed members (default True). With
+        ``delta=False`` every member is sent; mirror mode still keeps the export state (the members who left
+        are found there, and the circuit breakers compare with it).
     :param change_column: a source column that changes whenever a row's exported values change or the row
         joins the segment (e.g. ``updated_at``). With it, a delta run reads only the rows whose value is at
         least the highest one the last complete export read (the condition is pushed into the SQL query:
@@ -121,25 +125,55 @@ class BaseSegmentExportOperator(BaseOperator):
         self.chunk_size = chunk_size
         self._destination: Destination | None = None
 
+    #: the vendor's name in export-state scopes, e.g. ``mailchimp``
+    vendor = ""
+
     # -- to implement per destination ---------------------------------------------------------
     def get_hook(self):
+        """The destination's hook (from its connection id parameter)."""
         raise NotImplementedError
 
     def field_mapping(self) -> FieldMapping:
+        """The mapping of destination fields to source columns, from the operator's parameters."""
         raise NotImplementedError
 
     def build_destination(self, hook, mapping: FieldMapping, context) -> Destination:
+        """The destination adapter.
+
+        :param hook: what :meth:`get_hook` returned.
+        :param mapping: what :meth:`field_mapping` returned.
+        :param context: the task's context.
+        """
+        raise NotImplementedError
+
+    def destination_conn_id(self) -> str:
+        """The destination connection's id (part of the export state's scope)."""
+        raise NotImplementedError
+
+    def destination_target(self) -> str:
+        """The vendor object exported to, e.g. an audience ID (part of the export state's scope)."""
         raise NotImplementedError
 
     def before_export(self, destination: Destination, context) -> None:
-        """Called before the engine runs (e.g. to push an extra link's URL)."""
+        """Called before the engine runs (e.g. to push an extra link's URL).
+
+        :param destination: the destination adapter.
+        :param context: the task's context.
+        """
 
     def after_export(self, destination: Destination, summary: dict, context) -> dict:
-        """Called after the engine ran (e.g. to defer until the destination has processed the work)."""
+        """Called after the engine ran (e.g. to defer until the destination has processed the work).
+
+        :param destination: the destination adapter.
+        :param summary: the engine's summary.
+        :param context: the task's context.
+        """
         return summary
 
     # -- shared ---------------------------------------------------------------------------------
     def build_segments(self) -> list[Segment]:
+        """The segments from ``segments`` (names, dicts, a JSON list or comma-separated names) and the source
+        parameters."""
         segs = self.segments
         if isinstance(segs, str) and segs.strip().startswith("["):
             import json
@@ -151,20 +185,50 @@ class BaseSegmentExportOperator(BaseOperator):
                                   file_format=self.file_format, chunk_size=self.chunk_size)
 
     def is_dry_run(self) -> bool:
-        return _flag(self.dry_run)
+        """Whether ``dry_run`` (possibly a rendered template) is true."""
+        return as_bool(self.dry_run)
 
     def state_scope(self) -> str:
-        """Export state key: destination connection + target (a segment is added per segment)."""
-        raise NotImplementedError
+        """The export state's scope: vendor, destination connection and target (``<vendor>:<conn>:<target>``;
+        the state keeps each segment under it)."""
+        return f"{self.vendor}:{self.destination_conn_id()}:{self.destination_target()}"
 
-    def open_state(self):
-        from airflow_provider_segexport.export.state import open_export_state
+    def open_refusals(self) -> RefusalStore:
+        """The store of members the destination refused for good, in ``state_dir``."""
+        return RefusalStore(self.state_scope(), self.state_dir)
 
-        if not self.delta:
+    def open_state(self, destination: Destination) -> ExportStateBackend | None:
+        """The export state, when kept: with ``delta``, and always in mirror mode.
+
+        :param destination: the destination adapter (its ``mirror`` capability).
+        """
+        if not (self.delta or destination.mirror):
             return None
         return open_export_state(self.state_scope(), state_dir=self.state_dir, state_conn_id=self.state_conn_id)
 
+    def export_options(self, context) -> ExportOptions:
+        """The engine's options from the operator's parameters.
+
+        :param context: the task's context.
+        """
+        from airflow.sdk import ObjectStoragePath
+
+        dry_run = self.is_dry_run()
+        return ExportOptions(
+            dry_run=dry_run, run_id=str(context.get("run_id") or "manual"),
+            full_refresh=as_bool(self.full_refresh) or not self.delta, max_rejects_share=self.max_rejects_share,
+            max_removal_share=self.max_removal_share, max_size_change=self.max_size_change,
+            allow_large_changes=as_bool(self.allow_large_changes),
+            change_column=(self.change_column or None) if self.delta else None,
+            plan_out=self.plan_path(context) if dry_run and self.delta else None,
+            plan_in=ObjectStoragePath(str(self.apply_plan)) if self.apply_plan else None,
+            progress_interval=self.progress_interval)
+
     def resolve_rejects_path(self, context):
+        """Where the rejects file goes: ``rejects_path``, else under ``$AIRFLOW_HOME``.
+
+        :param context: the task's context.
+        """
         from airflow.sdk import ObjectStoragePath
 
         if self.rejects_path:
@@ -174,12 +238,18 @@ class BaseSegmentExportOperator(BaseOperator):
                                     getattr(ti, "try_number", None))
 
     def plan_path(self, context):
+        """Where a dry run's plan goes: beside the rejects file.
+
+        :param context: the task's context.
+        """
         rejects = self.resolve_rejects_path(context)
         return rejects.parent / rejects.name.replace(".jsonl", "-plan.jsonl")
 
     def execute(self, context) -> dict:
-        from airflow.sdk import ObjectStoragePath
+        """Run the export; return its summary (XCom).
 
+        :param context: the task's context.
+        """
         hook = self.get_hook()
         dag_id = getattr(context.get("dag"), "dag_id", None) or self.dag_id
         hook.check_export_allowed(dag_id)
@@ -189,18 +259,9 @@ class BaseSegmentExportOperator(BaseOperator):
         self.before_export(destination, context)
         state = None
         try:
-            state = self.open_state()
-            engine = ExportEngine(
-                destination, segments, rejects_path=self.resolve_rejects_path(context),
-                dry_run=self.is_dry_run(), logger=self.log, progress_interval=self.progress_interval,
-                max_rejects_share=self.max_rejects_share, state=state,
-                run_id=str(context.get("run_id") or "manual"), full_refresh=_flag(self.full_refresh),
-                max_removal_share=self.max_removal_share, max_size_change=self.max_size_change,
-                allow_large_changes=_flag(self.allow_large_changes),
-                plan_out=self.plan_path(context) if self.delta and self.is_dry_run() else None,
-                plan_in=ObjectStoragePath(str(self.apply_plan)) if self.apply_plan else None,
-                change_column=self.change_column if self.delta else None,
-            )
+            state = self.open_state(destination)
+            engine = ExportEngine(destination, segments, rejects_path=self.resolve_rejects_path(context), state=state,
+                                  options=self.export_options(context), logger=self.log)
             summary = engine.run()
             summary = self.after_export(destination, summary, context)
         finally:
@@ -210,27 +271,32 @@ class BaseSegmentExportOperator(BaseOperator):
                 state.close()  # the SQL backend's connection pool, or the SQLite file
         return summary
 
-    def _advance_watermarks(self, state, summary: dict, incomplete: set[str], run_id: str) -> None:
-        """Deferrable mode, once the destination processed the work: the change-column watermarks the export
-        left pending are advanced for the segments whose every operation was processed (for the others the
-        next run reads the same rows again and sends what is still due)."""
-        from airflow_provider_segexport.export.state import Watermark
+    def apply_deferred(self, context, destination: Destination, summary: dict, results: Any, rejects_path: str) -> dict:
+        """Deferrable mode, once the vendor processed the work: the destination's outcomes applied to the export
+        state, the rejects file and the summary (:func:`~airflow_provider_segexport.export.engine.apply_outcomes`);
+        the final summary logged and returned.
 
-        for seg, info in (summary.get("change_column") or {}).items():
-            pending = info.pop("pending", None)
-            if pending is None:
-                continue
-            if seg in incomplete:
-                self.log.warning("Segment '%s': some operations failed; the change-column watermark stays where it "
-                                 "was, so the next run reads those rows again.", seg)
-                continue
-            state.set_watermark(int(pending["scope_id"]), Watermark.from_dict(pending), run_id)
-            info["advanced_to"] = info.get("high")
+        :param context: the task's context.
+        :param destination: the destination adapter (it reads the outcomes: ``deferred_outcomes``).
+        :param summary: the summary the export returned before deferring.
+        :param results: what the destination reads its outcomes from (e.g. the trigger event's batches).
+        :param rejects_path: the export's rejects file.
+        """
+        from airflow.sdk import ObjectStoragePath
+
+        state = self.open_state(destination)
+        try:
+            summary = apply_outcomes(summary, destination.deferred_outcomes(results), destination=destination,
+                                     state=state, rejects_path=ObjectStoragePath(rejects_path),
+                                     run_id=str(context.get("run_id") or "manual"), logger=self.log)
+        finally:
+            destination.close()
+            if state is not None:
+                state.close()
+        self.log.info("%s processed the queued work:\n%s", destination.name, summary_table(summary))
+        return summary
 
     def on_kill(self) -> None:
+        """Release the destination's threads and connections."""
         if self._destination is not None:
             self._destination.close()
-
-
-def _flag(value: Any) -> bool:
-    return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes", "on")

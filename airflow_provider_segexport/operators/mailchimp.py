@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
@@ -10,12 +9,8 @@ from typing import Any
 from airflow_provider_segexport.destinations.mailchimp import (
     MailchimpBatchOperationsDestination,
     MailchimpDestination,
-    answer_statuses,
-    is_permanent_refusal,
 )
-from airflow_provider_segexport.export.records import VENDOR_REJECTED, FieldMapping, Reject, redact_emails
-from airflow_provider_segexport.export.report import RejectsWriter, summary_table
-from airflow_provider_segexport.export.state import RefusalStore
+from airflow_provider_segexport.export.records import FieldMapping
 from airflow_provider_segexport.hooks.mailchimp import MailchimpHook
 from airflow_provider_segexport.links import MAILCHIMP_AUDIENCE_URL_KEY, MailchimpAudienceLink
 from airflow_provider_segexport.operators.base import BaseSegmentExportOperator
@@ -35,7 +30,7 @@ class MailchimpSegmentExportOperator(BaseSegmentExportOperator):
     :param merge_fields: more merge fields, ``{"TAG": "source_column"}``; values are converted to each
         field's declared type (numbers, dates and birthdays in the field's format, addresses).
     :param status_if_new: ``subscribed`` (default), ``pending`` (double opt-in) or ``transactional``.
-    :param mode: ``upsert`` (default) or ``mirror``.
+    :param mode: ``upsert`` (default) or ``mirror`` (keeps export state even with ``delta=False``).
     :param tag_segments: tag members with the segment name (default True).
     :param create_missing_merge_fields: create mapped merge fields the audience lacks (as text).
     :param mailchimp_conn_id: the ``mailchimp`` connection. Default ``mailchimp_default``.
@@ -51,6 +46,7 @@ class MailchimpSegmentExportOperator(BaseSegmentExportOperator):
     text_template_fields: Sequence[str] = (*BaseSegmentExportOperator.text_template_fields, "audience_id", "mode",
                                            "status_if_new")
     operator_extra_links = (MailchimpAudienceLink(),)
+    vendor = "mailchimp"
 
     def __init__(
         self,
@@ -89,13 +85,20 @@ class MailchimpSegmentExportOperator(BaseSegmentExportOperator):
         self.mailchimp_conn_id = mailchimp_conn_id
         self.max_in_flight = max_in_flight
 
-    def state_scope(self) -> str:
-        return f"mailchimp:{self.mailchimp_conn_id}:{self.audience_id}"
+    def destination_conn_id(self) -> str:
+        """The Mailchimp connection's id."""
+        return self.mailchimp_conn_id
+
+    def destination_target(self) -> str:
+        """The audience ID."""
+        return str(self.audience_id)
 
     def get_hook(self) -> MailchimpHook:
+        """The Mailchimp hook, its pool sized to ``max_in_flight``."""
         return MailchimpHook(self.mailchimp_conn_id, concurrency=self.max_in_flight)
 
     def field_mapping(self) -> FieldMapping:
+        """``email``, ``FNAME``, ``LNAME`` and the other merge fields, mapped to their source columns."""
         fields = {"email": self.email_field}
         if self.first_name_field:
             fields["FNAME"] = self.first_name_field
@@ -105,9 +108,14 @@ class MailchimpSegmentExportOperator(BaseSegmentExportOperator):
         return FieldMapping(fields, key_column=self.key_column, email_field="email")
 
     def build_destination(self, hook: MailchimpHook, mapping: FieldMapping, context) -> MailchimpDestination:
-        refusals = RefusalStore(f"mailchimp:{self.mailchimp_conn_id}:{self.audience_id}", self.state_dir)
+        """The batch-subscribe destination, or in deferrable mode (not a dry run) the batch-operations one.
+
+        :param hook: the Mailchimp hook.
+        :param mapping: the field mapping.
+        :param context: the task's context.
+        """
         kwargs = dict(status_if_new=self.status_if_new, mode=self.mode, tag_segments=self.tag_segments,
-                      create_missing_merge_fields=self.create_missing_merge_fields, refusals=refusals,
+                      create_missing_merge_fields=self.create_missing_merge_fields, refusals=self.open_refusals(),
                       max_in_flight=self.max_in_flight)
         if self.deferrable and not self.is_dry_run():
             work_dir = self.resolve_rejects_path(context).parent / f"{self.task_id}-batches"
@@ -116,6 +124,12 @@ class MailchimpSegmentExportOperator(BaseSegmentExportOperator):
         return MailchimpDestination(hook, str(self.audience_id), mapping, **kwargs)
 
     def after_export(self, destination, summary: dict, context) -> dict:
+        """Deferrable mode: submit the last operations and wait for Mailchimp in the triggerer.
+
+        :param destination: the destination adapter.
+        :param summary: the engine's summary.
+        :param context: the task's context.
+        """
         if not isinstance(destination, MailchimpBatchOperationsDestination):
             return summary
         groups = destination.flush()
@@ -136,95 +150,33 @@ class MailchimpSegmentExportOperator(BaseSegmentExportOperator):
         return summary  # not reached: defer() raises
 
     def execute_complete(self, context, event: dict | None = None) -> dict:
-        """Turn the batch results archives into per-member outcomes and the final summary."""
-        from airflow.sdk import ObjectStoragePath
+        """Apply the batch operations' per-member outcomes; return the final summary.
 
+        :param context: the task's context.
+        :param event: the trigger's event (the finished batches and the payload :meth:`after_export` gave it).
+        """
         if not event or event.get("status") != "success":
             raise RuntimeError(f"Waiting for the Mailchimp batch operations failed: {(event or {}).get('message')}. "
                                "Members already processed by Mailchimp are kept; clear the task to export again.")
-        summary, groups = event["payload"]["summary"], event["payload"]["groups"]
-        rejects_path = event["payload"]["rejects_path"]
+        payload = event["payload"]
         hook = self.get_hook()
-        refusals = RefusalStore(f"mailchimp:{self.mailchimp_conn_id}:{self.audience_id}", self.state_dir)
-        writer = RejectsWriter(ObjectStoragePath(rejects_path), append=True)
-        prior_rejects = summary["rejects"]["count"]
-        writer.count = prior_rejects
-        counts = {seg: {k: 0 for k in ("created", "updated", "unchanged", "rejected")} for seg in summary["segments"]}
-        incomplete: set[str] = set()
-        state = self.open_state()
-        scope_ids = {seg: state.scope_id(seg) for seg in summary["segments"]} if state is not None else {}
         try:
-            run_id = str(context.get("run_id") or "manual")
-            batches = {b["id"]: b for b in event["batches"]}
-            for group in groups:
-                batch = batches[group["batch_id"]]
-                per_op: dict[str, dict] = {}
-                op_error: dict[str, str] = {}
-                for result in hook.batch_results(batch["response_body_url"]):
-                    op = str(result.get("operation_id"))
-                    try:
-                        body = json.loads(result.get("response") or "{}")
-                    except ValueError:
-                        body = {}
-                    if int(result.get("status_code", 500)) >= 400:
-                        op_error[op] = redact_emails(f"{body.get('title', 'error')}: {body.get('detail', '')}")
-                    else:
-                        per_op[op] = answer_statuses(body)
-                confirmed: dict[str, list] = {}
-                refused: dict[str, list] = {}
-                with ObjectStoragePath(group["sidecar"]).open("r", encoding="utf-8") as fh:
-                    for line in fh:
-                        op, seg, row, key, email, member, fp = json.loads(line)
-                        if op in op_error:
-                            status, msg = "rejected", op_error[op]
-                        elif op in per_op:
-                            status, msg = per_op[op].get(email, ("unchanged", None))
-                        else:
-                            status, msg = "rejected", "Mailchimp returned no result for this operation"
-                        counts[seg][status] += 1
-                        if state is not None:
-                            if status == "rejected":
-                                refused.setdefault(seg, []).append(member)
-                            else:
-                                confirmed.setdefault(seg, []).append((member, fp, email))
-                        if status == "rejected":
-                            writer.write(Reject(seg, row, key, VENDOR_REJECTED, None, "Mailchimp refused the member", msg))
-                            if is_permanent_refusal(msg):
-                                refusals.add(email, msg)
-                        if status == "rejected" and (op in op_error or op not in per_op):
-                            incomplete.add(seg)  # Mailchimp did not process it: not past the watermark
-                for seg, rows in confirmed.items():
-                    state.confirm(scope_ids[seg], rows, run_id)
-                for seg, members in refused.items():
-                    state.forget(scope_ids[seg], members)
-            if state is not None:
-                for sid in scope_ids.values():
-                    state.flush(sid)
-                self._advance_watermarks(state, summary, incomplete, run_id)
+            destination = self.build_destination(hook, self.field_mapping(), context)
+            summary = self.apply_deferred(context, destination, payload["summary"],
+                                          {"groups": payload["groups"], "batches": event["batches"]},
+                                          payload["rejects_path"])
         finally:
-            refusals.close()
-            if state is not None:
-                state.close()
-        writer.close()
-        totals = summary["totals"]
-        for seg, c in counts.items():
-            s = summary["segments"][seg]
-            s["planned"] -= sum(c.values())
-            totals["planned"] -= sum(c.values())
-            for k, v in c.items():
-                s[k] += v
-                totals[k] += v
-        summary["rejects"]["count"] = writer.count
-        summary["rejects"]["by_reason"][VENDOR_REJECTED] = (summary["rejects"]["by_reason"].get(VENDOR_REJECTED, 0)
-                                                             + writer.count - prior_rejects)
-        if writer.count:
-            summary["rejects"]["path"] = rejects_path
-        summary["mailchimp_batches"] = [group["batch_id"] for group in groups]
-        self.log.info("Mailchimp processed the batch operations:\n%s", summary_table(summary))
+            hook.close()
+        destination.discard(payload["groups"])
+        summary["mailchimp_batches"] = [group["batch_id"] for group in payload["groups"]]
         return summary
 
     def before_export(self, destination: MailchimpDestination, context) -> None:
-        """Push the audience link first (the UI button works even if the export fails)."""
+        """Push the audience link first (the UI button works even if the export fails).
+
+        :param destination: the destination adapter (it keeps the audience read here for its pre-flight).
+        :param context: the task's context.
+        """
         hook = destination.hook
         try:
             audience = destination.audience = hook.get_audience(str(self.audience_id))  # pre-flight needs it too

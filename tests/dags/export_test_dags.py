@@ -37,7 +37,8 @@ PARAMS = {"audience_id": "", "segments": [], "sql": "", "mode": "upsert", "dry_r
           "allow_large_changes": False, "apply_plan": "", "change_column": ""}
 
 for dag_id, kwargs in (("mailchimp_export_test", {}),
-                       ("mailchimp_export_deferred_test", {"deferrable": True, "poll_interval": 0.5})):
+                       ("mailchimp_export_deferred_test", {"deferrable": True, "poll_interval": 0.5}),
+                       ("mailchimp_export_every_member_test", {"delta": False})):
     with DAG(
         dag_id,
         schedule=None,
