@@ -33,13 +33,19 @@ class _VerifyingSession:
         self._verify = verify
 
     def get(self, url, **kwargs):
-        """GET with the connection's TLS settings and a timeout."""
+        """GET with the connection's TLS settings and a timeout.
+
+        :param url: the URL (msal's).
+        """
         kwargs.setdefault("verify", self._verify)
         kwargs.setdefault("timeout", 30)
         return self._session.get(url, **kwargs)
 
     def post(self, url, **kwargs):
-        """POST with the connection's TLS settings and a timeout."""
+        """POST with the connection's TLS settings and a timeout.
+
+        :param url: the URL (msal's).
+        """
         kwargs.setdefault("verify", self._verify)
         kwargs.setdefault("timeout", 30)
         return self._session.post(url, **kwargs)
