@@ -408,10 +408,10 @@ def test_mailchimp_batch_outcome_counts_the_answer_and_matches_only_the_errors(t
     refusals.close()
 
 
-def test_the_validator_fingerprints_what_earlier_versions_fingerprinted_later():
+def test_the_validator_fingerprints_the_encoded_validated_payload():
     """With a fingerprint hasher the validator sets each record's ``fp`` while the payload is at hand: the keyed
-    hash of the encoded validated payload, the very value the engine's delta step computed before (state written
-    by earlier versions keeps matching), on the inlined path and the one-by-one path alike."""
+    hash of the encoded validated payload, on the inlined path and the one-by-one path alike (the delta step
+    compares it with the export state's)."""
     from hashlib import blake2b
 
     from airflow_provider_segexport.export.records import Deduper

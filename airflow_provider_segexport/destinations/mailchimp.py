@@ -346,6 +346,8 @@ def answer_statuses(answer: dict) -> dict[str, tuple[str, str | None]]:
     ``new_members`` / ``updated_members`` hold member objects (the API's answer) or just their emails
     (:func:`~airflow_provider_segexport.hooks.mailchimp.decode_batch_answer`). Members in none of the
     arrays were unchanged (Mailchimp reports no change for them).
+
+    :param answer: a batch-subscribe answer (or a batch operation's response body).
     """
     status: dict[str, tuple[str, str | None]] = {}
     for key, outcome in (("new_members", _CREATED), ("updated_members", _UPDATED)):
@@ -497,7 +499,11 @@ class MailchimpBatchOperationsDestination(MailchimpDestination):
 
 
 def convert_merge_value(field: dict, value: Any) -> tuple[Any, str | None]:
-    """Convert a source value to a merge field's declared type and format; (value, problem)."""
+    """Convert a source value to a merge field's declared type and format; (value, problem).
+
+    :param field: the merge field as Mailchimp describes it (``type``, ``options``).
+    :param value: the validated source value.
+    """
     ftype = field.get("type", "text")
     options = field.get("options") or {}
     if ftype == "number":

@@ -281,8 +281,7 @@ class ExportStateBackend(ABC):
 
     def snapshot(self, scope_id: int, run_id: str) -> StateSnapshot:
         """Every member's (fingerprint, confirmed by ``run_id``?) of a segment, in memory (17 bytes a member),
-        for the lookups of a delta run: one ordered read instead of an indexed query per chunk of rows
-        (~0.5 instead of ~6 µs a row at 1,000,000 members)."""
+        for the lookups of a delta run: one ordered read instead of an indexed query per chunk of rows."""
         return StateSnapshot.from_rows(self._ordered_rows(scope_id, run_id))
 
     def _ordered_rows(self, scope_id: int, run_id: str) -> Iterator[list[tuple[int, int, int]]]:
@@ -308,7 +307,7 @@ class ExportState(ExportStateBackend):
     Members are kept in *pages*: rows of ``member_pages`` holding up to :data:`PAGE_MEMBERS` members
     sorted by id, each column packed in a blob (ids and fingerprints as 64-bit integers, runs as numbers
     of rows of ``runs``, destination keys NUL-terminated). Reading or rewriting a page is one row, not
-    thousands, so folding a run into the state costs ~1 µs a member instead of ~7 for one SQLite row each.
+    thousands, so folding a run into the state touches one row per page, not one per member.
 
     During a run, confirmations and "seen" marks are appended to the segment's journal, a SQLite file of its
     own beside the state file (one row per batch, one small transaction: a crash loses at most the batches in
@@ -1083,8 +1082,8 @@ def _plan_each_statement(dbapi_connection, _record) -> None:
     """PostgreSQL: plan every statement with the current statistics.
 
     psycopg 3 prepares a statement run 5 times, and PostgreSQL may then keep a generic plan, made when
-    the table (filled from empty by a first export) looked tiny: measured, it turned a 100,000-member
-    round trip from ~10 s into ~50 s. ``force_custom_plan`` plans each execution (cheap for these
+    the table (filled from empty by a first export) looked tiny, and such a plan reads the whole scope for
+    each statement. ``force_custom_plan`` plans each execution (cheap for these
     statements)."""
     cursor = dbapi_connection.cursor()
     try:

@@ -13,7 +13,7 @@ from airflow.sdk import BaseOperator
 
 from airflow_provider_segexport.export.engine import Destination, ExportEngine, ExportOptions, apply_outcomes
 from airflow_provider_segexport.export.records import FieldMapping
-from airflow_provider_segexport.export.report import default_rejects_path, summary_table
+from airflow_provider_segexport.export.report import default_rejects_path
 from airflow_provider_segexport.export.sources import Segment, segments_from_spec
 from airflow_provider_segexport.export.state import ExportStateBackend, RefusalStore, open_export_state
 from airflow_provider_segexport.hooks.base import as_bool
@@ -274,7 +274,7 @@ class BaseSegmentExportOperator(BaseOperator):
     def apply_deferred(self, context, destination: Destination, summary: dict, results: Any, rejects_path: str) -> dict:
         """Deferrable mode, once the vendor processed the work: the destination's outcomes applied to the export
         state, the rejects file and the summary (:func:`~airflow_provider_segexport.export.engine.apply_outcomes`);
-        the final summary logged and returned.
+        the final summary returned.
 
         :param context: the task's context.
         :param destination: the destination adapter (it reads the outcomes: ``deferred_outcomes``).
@@ -293,7 +293,6 @@ class BaseSegmentExportOperator(BaseOperator):
             destination.close()
             if state is not None:
                 state.close()
-        self.log.info("%s processed the queued work:\n%s", destination.name, summary_table(summary))
         return summary
 
     def on_kill(self) -> None:

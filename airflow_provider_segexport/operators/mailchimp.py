@@ -11,6 +11,7 @@ from airflow_provider_segexport.destinations.mailchimp import (
     MailchimpDestination,
 )
 from airflow_provider_segexport.export.records import FieldMapping
+from airflow_provider_segexport.export.report import summary_table
 from airflow_provider_segexport.hooks.mailchimp import MailchimpHook
 from airflow_provider_segexport.links import MAILCHIMP_AUDIENCE_URL_KEY, MailchimpAudienceLink
 from airflow_provider_segexport.operators.base import BaseSegmentExportOperator
@@ -169,6 +170,7 @@ class MailchimpSegmentExportOperator(BaseSegmentExportOperator):
             hook.close()
         destination.discard(payload["groups"])
         summary["mailchimp_batches"] = [group["batch_id"] for group in payload["groups"]]
+        self.log.info("Mailchimp processed the batch operations:\n%s", summary_table(summary))
         return summary
 
     def before_export(self, destination: MailchimpDestination, context) -> None:
