@@ -204,5 +204,6 @@ def get_provider_info() -> dict:
                                  "get-started-apis.html", "tags": ["service"]},
         ],
         "connection-types": _connection_types(),
-        "extra-links": ["airflow_provider_segexport.links.MailchimpAudienceLink"],
+        "extra-links": ["airflow_provider_segexport.links.MailchimpAudienceLink",
+                        "airflow_provider_segexport.links.CampaignMonitorListLink"],
     }

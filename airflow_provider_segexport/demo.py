@@ -85,6 +85,13 @@ def configure_airflow(env: dict, info: dict, warehouse_path: Path) -> None:
             "extra": json.dumps({"api_key": info["mailchimp"]["api_key"], "ca_bundle": info["ca_bundle"],
                                  "data_privacy_acknowledged": True}),
         },
+        "campaign_monitor_default": {
+            "conn_type": "campaign_monitor", "host": info["campaign_monitor"]["base_url"], "port": 0,
+            "description": "Campaign Monitor (local sandbox)",
+            "extra": json.dumps({"api_key": info["campaign_monitor"]["api_key"],
+                                 "client_id": info["campaign_monitor"]["client_id"], "ca_bundle": info["ca_bundle"],
+                                 "data_privacy_acknowledged": True}),
+        },
     }
     # Through the ORM rather than `airflow connections add`, which stores port 0 as NULL.
     code = (
@@ -99,13 +106,17 @@ def configure_airflow(env: dict, info: dict, warehouse_path: Path) -> None:
     )
     _run([sys.executable, "-c", code, json.dumps(conns)], env)
     _run([airflow, "variables", "set", "mailchimp_audience_id", info["mailchimp"]["audience_id"]], env)
+    _run([airflow, "variables", "set", "campaign_monitor_list_id", info["campaign_monitor"]["list_id"]], env)
     # A known password for the UI (SimpleAuthManager keeps it in this file; local demo only).
     pw_file = Path(env["AIRFLOW_HOME"]) / "simple_auth_manager_passwords.json.generated"
     pw_file.write_text(json.dumps({"admin": "admin"}) + "\n")
     _run([airflow, "pools", "set", "mailchimp_default", "10",
           "Mailchimp: 10 simultaneous connections per API key"], env)
-    print("• Airflow: connections segexport_warehouse and mailchimp_default, variable mailchimp_audience_id, "
-          "pool mailchimp_default (10 slots)", flush=True)
+    _run([airflow, "pools", "set", "campaign_monitor_default", "4",
+          "Campaign Monitor: import calls in flight per API key"], env)
+    print("• Airflow: connections segexport_warehouse, mailchimp_default and campaign_monitor_default, variables "
+          "mailchimp_audience_id and campaign_monitor_list_id, pools mailchimp_default (10 slots) and "
+          "campaign_monitor_default (4 slots)", flush=True)
 
 
 def show_destinations(info: dict) -> None:
@@ -124,6 +135,17 @@ def show_destinations(info: dict) -> None:
         print(f"\nMailchimp audience {audience_id} ({aud['name']}) now holds {len(members):,} members")
         print("  by status: " + ", ".join(f"{k} {v:,}" for k, v in sorted(by_status.items())))
         print("  by tag:    " + ", ".join(f"{k} {v:,}" for k, v in sorted(by_tag.items())))
+    state = session.get(info["admin_url"] + "/state/campaign_monitor", timeout=60).json()
+    for list_id, lst in state["lists"].items():
+        subs = lst["subscribers"]
+        by_segment: dict[str, int] = {}
+        for sub in subs.values():
+            for f in sub["custom_fields"]:
+                if f["Key"].strip("[]") == "Segments":
+                    by_segment[f["Value"]] = by_segment.get(f["Value"], 0) + 1
+        print(f"\nCampaign Monitor list {list_id} ({lst['title']}) now holds {len(subs):,} subscribers")
+        print("  by state:   " + ", ".join(f"{k} {v:,}" for k, v in sorted(lst["counts"].items()) if v))
+        print("  by segment: " + ", ".join(f"{k} {v:,}" for k, v in sorted(by_segment.items())))
     counts = session.get(info["admin_url"] + "/requests", timeout=60).json()["counts"]
     print("  requests the sandbox received: " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
 
@@ -146,18 +168,22 @@ def show_summary(env: dict) -> bool:
     )
     result = _run([sys.executable, "-c", code], env)
     data = json.loads(result.stdout.strip().splitlines()[-1])
-    summary = data["xcom"].get("export_mailchimp")
     print(f"\nDAG run state: {data['state']}")
-    if summary:
+    summaries = {name: data["xcom"].get(task) for name, task in (("Mailchimp", "export_mailchimp"),
+                                                                 ("Campaign Monitor", "export_campaign_monitor"))}
+    for name, summary in summaries.items():
+        if not summary:
+            print(f"{name} export: no summary (the task did not run or failed)")
+            continue
         t = summary["totals"]
-        print(f"Mailchimp export: {t['rows']:,} rows -> created {t['created']:,}, updated {t['updated']:,}, "
+        print(f"{name} export: {t['rows']:,} rows -> created {t['created']:,}, updated {t['updated']:,}, "
               f"unchanged {t['unchanged']:,}, rejected {t['rejected']:,} in {summary['duration_s']}s")
         if summary["rejects"]["path"]:
             print(f"  rejects (row, key, reason): {summary['rejects']['path']}")
     for row in data["xcom"].get("report") or []:
-        print(f"  {row['destination']:<10} {row['segment']:<16} sent {row['sent']:>6,}  rejected {row['rejected']:>4,}"
+        print(f"  {row['destination']:<16} {row['segment']:<16} sent {row['sent']:>6,}  rejected {row['rejected']:>4,}"
               f"  {row['seconds']}s")
-    return data["state"].endswith("success") and bool(summary) and summary["totals"]["created"] > 0
+    return data["state"].endswith("success") and all(s and s["totals"]["created"] > 0 for s in summaries.values())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,3 +16,17 @@ class MailchimpAudienceLink(BaseOperatorLink):
         from airflow.sdk.execution_time.xcom import XCom
 
         return XCom.get_value(ti_key=ti_key, key=MAILCHIMP_AUDIENCE_URL_KEY) or ""
+
+
+CAMPAIGN_MONITOR_LIST_URL_KEY = "campaign_monitor_list_url"
+
+
+class CampaignMonitorListLink(BaseOperatorLink):
+    """Opens the exported list in Campaign Monitor. The operator pushes the URL once it knows the list."""
+
+    name = "Campaign Monitor list"
+
+    def get_link(self, operator, *, ti_key) -> str:
+        from airflow.sdk.execution_time.xcom import XCom
+
+        return XCom.get_value(ti_key=ti_key, key=CAMPAIGN_MONITOR_LIST_URL_KEY) or ""

@@ -2,8 +2,8 @@
 ### Segment export
 
 Every day: **refresh** the unified profiles' segment membership in the warehouse, then **export** the
-segments to each destination that has a connection (today Mailchimp; Campaign Monitor and
-Dynamics 365 Sales join the chain as they land), then **report** one table of what was sent.
+segments to each destination that has a connection (Mailchimp and Campaign Monitor; Dynamics 365
+Sales joins the chain when it lands), then **report** one table of what was sent.
 
 **On demand:** press *Trigger* and fill the form: which segments, which destinations, a dry run
 (validate and count, send nothing), a full refresh. Saving or unpausing this DAG never exports by
@@ -11,9 +11,11 @@ itself: DAGs start paused, and a scheduled run only happens once you unpause it.
 
 Connections used (see the README): `segexport_warehouse` (the SQL database holding `segment_export`;
 by default the bundled SQLite sample warehouse), `mailchimp_default`; the Airflow Variable
-`mailchimp_audience_id` names the audience. A destination without a
+`mailchimp_audience_id` names the audience, `campaign_monitor_default` and the Variable
+`campaign_monitor_list_id` the Campaign Monitor list. A destination without a
 connection is skipped with a log line. Export tasks run in a pool named after their connection
-(`mailchimp_default`, 10 slots = Mailchimp's 10 simultaneous connections) so that several DAGs and
+(`mailchimp_default`, 10 slots = Mailchimp's 10 simultaneous connections; `campaign_monitor_default`,
+4 slots = the import calls this example keeps in flight) so that several DAGs and
 workers together never exceed the vendor's limit.
 """
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import DAG, Asset, Param, task
 
+from airflow_provider_segexport.operators.campaign_monitor import CampaignMonitorSegmentExportOperator
 from airflow_provider_segexport.operators.mailchimp import MailchimpSegmentExportOperator
 
 WAREHOUSE_CONN_ID = "segexport_warehouse"
@@ -36,11 +39,12 @@ SEGMENT_ASSETS = {name: Asset(name=f"segment_{name}", uri=f"x-segexport://wareho
 # destination -> (connection id, export task id, pool slots = the vendor's concurrency)
 DESTINATIONS = {
     "mailchimp": ("mailchimp_default", "export_mailchimp", 10),
+    "campaign_monitor": ("campaign_monitor_default", "export_campaign_monitor", 4),
 }
 
 with DAG(
     dag_id="segment_export",
-    description="Refresh segments in the warehouse, then export them to Mailchimp (and more destinations).",
+    description="Refresh segments in the warehouse, then export them to Mailchimp and Campaign Monitor.",
     doc_md=__doc__,
     schedule="@daily",
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
@@ -50,7 +54,7 @@ with DAG(
     render_template_as_native_obj=True,
     default_args={"owner": "data-team", "retries": 2, "retry_delay": pendulum.duration(minutes=5),
                   "retry_exponential_backoff": True},
-    tags=["segexport", "mailchimp", "example"],
+    tags=["segexport", "mailchimp", "campaign_monitor", "example"],
     params={
         "segments": Param(DEFAULT_SEGMENTS, type="array", items={"type": "string", "enum": SEGMENTS},
                           title="Segments", description="Which segments to refresh-and-export."),
@@ -127,6 +131,31 @@ with DAG(
             mailchimp_conn_id="mailchimp_default",
             pool="mailchimp_default",
             pool_slots=DESTINATIONS["mailchimp"][2],
+            max_rejects_share=0.05,
+        ),
+        CampaignMonitorSegmentExportOperator(
+            task_id="export_campaign_monitor",
+            list_id="{{ var.value.campaign_monitor_list_id }}",
+            segments="{{ params.segments }}",
+            sql=EXPORT_SQL,
+            sql_conn_id=WAREHOUSE_CONN_ID,
+            first_name_field="first_name",
+            last_name_field="last_name",
+            custom_fields={"City": "city", "Country": "country"},
+            create_missing_custom_fields=True,
+            # Campaign Monitor requires a consent-to-track value on every subscriber: "Unchanged" keeps an
+            # existing subscriber's choice and records none for a new one.
+            consent_to_track="Unchanged",
+            segment_field="Segments",  # a MultiSelectMany field listing each subscriber's segments
+            dry_run="{{ params.dry_run }}",
+            full_refresh="{{ params.full_refresh }}",
+            allow_large_changes="{{ params.allow_large_changes }}",
+            apply_plan="{{ params.apply_plan }}",
+            change_column="updated_at",
+            campaign_monitor_conn_id="campaign_monitor_default",
+            pool="campaign_monitor_default",
+            pool_slots=DESTINATIONS["campaign_monitor"][2],
+            max_in_flight=DESTINATIONS["campaign_monitor"][2],
             max_rejects_share=0.05,
         ),
     ]

@@ -128,6 +128,17 @@ class RefusalStore:
                 self._db.executemany("INSERT OR REPLACE INTO refused_members VALUES (?, ?, ?, ?)", rows)
                 self._db.commit()
 
+    def discard_members(self, members: Iterable[int]) -> None:
+        """Forget members (ids as :func:`member_id` makes them); one commit for them all.
+
+        :param members: the member ids to forget.
+        """
+        with self._lock:
+            gone = [(self.scope, m) for m in members if self.known.pop(m, None) is not None]
+            if gone:
+                self._db.executemany("DELETE FROM refused_members WHERE scope = ? AND member = ?", gone)
+                self._db.commit()
+
     def __len__(self) -> int:
         return len(self.known)
 
