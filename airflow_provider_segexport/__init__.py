@@ -99,6 +99,12 @@ def _connection_types() -> list[dict]:
                     "description": "The Campaign Monitor client that owns the lists.",
                     "schema": {"type": ["string", "null"]},
                 },
+                "web_url": {
+                    "label": "Web app URL",
+                    "description": "Your Campaign Monitor web app's address, for the task's 'Campaign Monitor list' "
+                                   "button (default https://app.createsend.com).",
+                    "schema": {"type": ["string", "null"]},
+                },
                 **_common_fields(),
             },
             "ui-field-behaviour": {
