@@ -235,3 +235,34 @@ def test_mirror_takes_off_only_the_leavers_segment_and_remove_leavers_deletes_th
     assert got[special["deleted"]]["state"] == "Deleted"  # deleted by someone else: never brought back
     for email in leavers:
         assert segments_of(got[email]) == {"all_customers", "newsletter_fr"}
+
+
+def test_delta_sends_only_what_is_due_and_a_plan_applies_exactly(airflow_db, cm_conn, wh, sandbox, tmp_path):
+    seed(sandbox, wh)
+    first = run_dag(DAG_ID, conf(sandbox, SEGMENTS, tmp_path))[1]["export"]
+    refused = first["rejects"]["by_reason"]["vendor_rejected"]  # unsubscribed, bounced, deleted, suppressed
+    assert refused > 0
+
+    def sent_since() -> int:
+        n = sum(sandbox.requests()["items_received"].values())
+        sandbox.session.delete(f"{sandbox.admin}/requests", timeout=30).raise_for_status()
+        return n
+
+    sent_since()
+    # a second run: every member the list confirmed is skipped; only the rows Campaign Monitor refused are
+    # tried again (an address may have changed state since), and refused again
+    again = run_dag(DAG_ID, conf(sandbox, SEGMENTS, tmp_path))[1]["export"]
+    assert again["totals"]["skipped"] == first["totals"]["created"] + first["totals"]["updated"]
+    assert again["totals"]["created"] == again["totals"]["updated"] == 0
+    assert again["totals"]["rejected"] == first["totals"]["rejected"]
+    assert sent_since() == refused
+    # a dry run writes the plan (those rows again) and sends nothing; applying it sends exactly the plan
+    dry = run_dag(DAG_ID, conf(sandbox, SEGMENTS, tmp_path, dry_run=True))[1]["export"]
+    # (a row the destination itself rejects, e.g. a name too long, is a "reject" line, not an "add")
+    assert dry["plan"]["counts"]["add"] == refused
+    assert sent_since() == 0
+    applied = run_dag(DAG_ID, conf(sandbox, SEGMENTS, tmp_path, apply_plan=dry["plan"]["path"]))[1]["export"]
+    converted_away = first["rejects"]["by_reason"].get("too_long", 0)  # rejected by the destination: not planned
+    assert applied["totals"]["rejected"] == first["totals"]["rejected"] - converted_away
+    assert applied["totals"]["not_in_plan"] == converted_away
+    assert sent_since() == refused

@@ -165,6 +165,7 @@ class ExportEngine:
                                     dry_run=o.dry_run, confirms_later=destination.confirms_later, run_id=o.run_id,
                                     logger=self.log) if o.change_column and state is not None else None
         self.plan_out = PlanWriter(o.plan_out) if o.plan_out is not None and o.dry_run else None
+        self._plan_updates: set[tuple[str, int]] = set()  # a dry run's members known to the state (plan "update")
         self._plan = Plan.load(o.plan_in) if o.plan_in is not None and not o.dry_run else None
         self._dry_seen: dict[int, set[int]] = {}
 
@@ -405,8 +406,14 @@ class ExportEngine:
     def _send(self, ctx: _SegmentRun, records: list[Record]) -> list[Outcome] | BatchOutcome:
         return self.destination.send(ctx.segment, records)
 
-    @staticmethod
-    def _plan_only(ctx: _SegmentRun, records: list[Record]) -> BatchOutcome:
+    def _plan_only(self, ctx: _SegmentRun, records: list[Record]) -> BatchOutcome:
+        """A dry run's "send": the plan lists each member that would be sent (after the destination converted
+        it: a member it rejects is a ``reject`` line, not an ``add``)."""
+        plan_out, updates = self.plan_out, self._plan_updates
+        if plan_out is not None:
+            for r in records:
+                plan_out.write("update" if (r.segment, r.member) in updates else "add", r.segment, row=r.row,
+                               key=r.key, member=r.member, fp=r.fp)
         return BatchOutcome({"planned": len(records)})
 
     def _on_result(self, ctx: _SegmentRun, records: list[Record], outcome: BatchOutcome) -> None:
@@ -494,9 +501,8 @@ class ExportEngine:
                 not_planned += 1  # applying a plan: exactly what it lists, nothing more
             else:
                 send.append(r)
-                if plan_out is not None:
-                    plan_out.write("update" if k is not None else "add", r.segment, row=r.row, key=r.key,
-                                   member=r.member, fp=r.fp)
+                if plan_out is not None and k is not None:  # the plan's line is written once it is batched
+                    self._plan_updates.add((r.segment, r.member))
         if self.dry_run and d.mirror:  # nothing is written in a dry run: remember who was seen here
             self._dry_seen.setdefault(sid, set()).update(r.member for r in records)
         if not_planned:
