@@ -35,7 +35,7 @@ HEALTHCHECKS = {
     "airflow-dag-processor": "airflow jobs check --job-type DagProcessorJob",
     "sandbox": "http://localhost:8443/_sandbox/requests",
 }
-POOLS = {"mailchimp_default": 10, "campaign_monitor_default": 10, "dynamics365_default": 52}
+POOLS = {"mailchimp_default": 10, "campaign_monitor_default": 4, "dynamics365_default": 52}
 SANDBOX_BASE = "http://sandbox:8443"
 
 
