@@ -52,6 +52,7 @@ import time
 import uuid
 from collections import deque
 from datetime import UTC, datetime
+from functools import lru_cache
 from itertools import islice
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
@@ -81,7 +82,8 @@ _SEGMENT_RE = re.compile(r"^(?P<name>[A-Za-z_$][A-Za-z0-9_.$]*)(?:\((?P<key>.*)\
 _CONFIG = ("window_seconds", "max_requests", "max_execution_ms", "max_concurrent", "concurrency_retry_after",
            "batch_inner_requests_count", "max_batch_requests", "max_page_size", "max_add_list_members",
            "skip_inactive_members", "remove_member_entity_id", "remove_member_list_available",
-           "application_user")
+           "application_user", "strict_literal_types", "max_url_length", "max_batch_url_length",
+           "max_url_segment_length")
 _STATUS_TEXT = {200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
                 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 412: "Precondition Failed",
                 413: "Payload Too Large", 429: "Too Many Requests", 500: "Internal Server Error",
@@ -370,6 +372,166 @@ class MarketingList:
         self.members: dict[str, None] = {}
 
 
+class ListTable(Table):
+    """Marketing lists: ``membercount`` is read from the membership itself, so it follows every add / remove
+    (and their rollback in change sets) — "Shows the sum of all members in the marketing list" (list entity
+    reference, ``MemberCount``: IsValidForCreate/IsValidForUpdate False)."""
+
+    def __init__(self, members_of, *args, **kwargs) -> None:
+        self.members_of = members_of
+        super().__init__(*args, **kwargs)
+
+    def value(self, rec, attr: str):
+        if attr == "membercount":
+            ml = self.members_of(rec["listid"])
+            return len(ml.members) if ml is not None else 0
+        return super().value(rec, attr)
+
+
+# ---------------------------------------------------------------------------------------------
+# metadata (EntityDefinitions)
+# ---------------------------------------------------------------------------------------------
+#: per table: SchemaName, ObjectTypeCode, PrimaryNameAttribute, display name, ownership, activity, custom.
+#: Standard tables' values from the Dataverse table references (contact 2, list 4300, listmember 4301,
+#: organization 1019); custom tables get codes >= 10000 as Dataverse assigns them.
+_ENTITY_META = {
+    "contact": ("Contact", 2, "fullname", "Contact", "UserOwned", False, False),
+    "list": ("List", 4300, "listname", "Marketing List", "UserOwned", False, False),
+    "listmember": ("ListMember", 4301, None, "Marketing List Member", "None", False, False),
+    "new_segmentmembership": ("new_SegmentMembership", 10000, "new_name", "Segment Membership", "UserOwned",
+                              False, True),
+    "new_emailevent": ("new_EmailEvent", 10001, "subject", "Email Event", "UserOwned", True, True),
+    "organization": ("Organization", 1019, "name", "Organization", "None", False, False),
+}
+#: option labels of the choice columns (state/status per the table references; new_eventtype is the
+#: sandbox's own custom choice). Status options carry the state they belong to.
+_OPTION_LABELS: dict[tuple[str, str], dict[int, str]] = {
+    ("contact", "statecode"): {0: "Active", 1: "Inactive"},
+    ("contact", "statuscode"): {1: "Active", 2: "Inactive"},
+    ("list", "statecode"): {0: "Active", 1: "Inactive"},
+    ("list", "statuscode"): {0: "Active", 1: "Inactive"},
+    ("list", "createdfromcode"): {1: "Account", 2: "Contact", 4: "Lead"},
+    ("new_segmentmembership", "statecode"): {0: "Active", 1: "Inactive"},
+    ("new_segmentmembership", "statuscode"): {1: "Active", 2: "Inactive"},
+    ("new_emailevent", "statecode"): {0: "Open", 1: "Completed", 2: "Canceled", 3: "Scheduled"},
+    ("new_emailevent", "statuscode"): {1: "Open", 2: "Completed", 3: "Canceled", 4: "Scheduled"},
+    ("new_emailevent", "new_eventtype"): {100000000: "Send", 100000001: "Open", 100000002: "Click",
+                                          100000003: "Bounce"},
+}
+_STATUS_STATE = {("contact", 1): 0, ("contact", 2): 1, ("list", 0): 0, ("list", 1): 1,
+                 ("new_segmentmembership", 1): 0, ("new_segmentmembership", 2): 1,
+                 ("new_emailevent", 1): 0, ("new_emailevent", 2): 1, ("new_emailevent", 3): 2,
+                 ("new_emailevent", 4): 3}
+_ATTRIBUTE_CLASS = {"String": "StringAttributeMetadata", "Memo": "MemoAttributeMetadata",
+                    "Boolean": "BooleanAttributeMetadata", "Integer": "IntegerAttributeMetadata",
+                    "DateTime": "DateTimeAttributeMetadata", "Uniqueidentifier": "UniqueIdentifierAttributeMetadata",
+                    "Lookup": "LookupAttributeMetadata", "State": "StateAttributeMetadata",
+                    "Status": "StatusAttributeMetadata", "Picklist": "PicklistAttributeMetadata"}
+_NOT_UPDATABLE = {("list", "createdfromcode"), ("list", "type")}
+
+
+def _meta_id(*parts: str) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, "segexport-dataverse-metadata:" + ":".join(parts)))
+
+
+def _label(text: str) -> dict:
+    loc = {"Label": text, "LanguageCode": 1033, "IsManaged": True, "MetadataId": _meta_id("label", text),
+           "HasChanged": None}
+    return {"LocalizedLabels": [loc] if text else [], "UserLocalizedLabel": loc if text else None}
+
+
+def _entity_metadata(table: Table) -> dict:
+    schema, otc, primary_name, display, ownership, activity, custom = _ENTITY_META[table.logical]
+    return {
+        "MetadataId": _meta_id(table.logical), "LogicalName": table.logical, "SchemaName": schema,
+        "EntitySetName": table.set_name, "LogicalCollectionName": table.set_name,
+        "CollectionSchemaName": schema + "s", "PrimaryIdAttribute": table.pk, "PrimaryNameAttribute": primary_name,
+        "ObjectTypeCode": otc, "IsCustomEntity": custom, "IsActivity": activity,
+        "IsIntersect": table.logical == "listmember", "OwnershipType": ownership, "TableType": "Standard",
+        "IsValidForAdvancedFind": True, "DisplayName": _label(display), "DisplayCollectionName": _label(display + "s"),
+        "Description": _label(""),
+    }
+
+
+def _attribute_metadata(table: Table, name: str, attr: Attr) -> dict:
+    logical, targets = name, None
+    if name.startswith("_") and name.endswith("_value"):
+        logical, kind = name[1:-len("_value")], "Lookup"
+        targets = [t for nav, (t, value_attr) in table.lookups.items() if value_attr == name]
+    elif name == table.pk or attr.kind == "guid":
+        kind = "Uniqueidentifier"
+    elif name in ("statecode", "statuscode"):
+        kind = "State" if name == "statecode" else "Status"
+    elif attr.choices or (table.logical, name) in _OPTION_LABELS:
+        kind = "Picklist"
+    else:
+        kind = {"string": "Memo" if attr.max_len > 4000 or attr.max_len == 0 and name == "query" else "String",
+                "bool": "Boolean", "int": "Integer", "datetime": "DateTime"}.get(attr.kind, "String")
+    primary_name = _ENTITY_META[table.logical][2]
+    writable = name == table.pk or not attr.readonly
+    out = {
+        "@odata.type": f"#{NS}{_ATTRIBUTE_CLASS[kind]}", "MetadataId": _meta_id(table.logical, logical),
+        "LogicalName": logical, "SchemaName": logical, "EntityLogicalName": table.logical, "AttributeType": kind,
+        "AttributeTypeName": {"Value": f"{kind}Type"}, "AttributeOf": None, "IsPrimaryId": name == table.pk,
+        "IsPrimaryName": logical == primary_name, "IsCustomAttribute": logical.startswith("new_"),
+        "IsLogical": False, "IsValidForCreate": writable,
+        "IsValidForUpdate": writable and name != table.pk and (table.logical, name) not in _NOT_UPDATABLE,
+        "IsValidForRead": True, "DisplayName": _label(logical), "Description": _label(""),
+        "RequiredLevel": {"Value": "SystemRequired" if name in table.required or name == table.pk else "None",
+                          "CanBeChanged": False, "ManagedPropertyLogicalName": "canmodifyrequirementlevelsettings"},
+    }
+    if kind in ("String", "Memo"):
+        out["MaxLength"] = attr.max_len or 1048576
+    if kind == "Lookup":
+        out["Targets"] = [t.removesuffix("s") for t in targets or []]
+    if kind in ("Picklist", "State", "Status"):
+        out["DefaultFormValue"] = attr.default if isinstance(attr.default, int) else -1
+    return out
+
+
+def _option_set(table: Table, attr_meta: dict) -> dict:
+    logical, kind = attr_meta["LogicalName"], attr_meta["AttributeType"]
+    labels = _OPTION_LABELS.get((table.logical, logical), {})
+    options = []
+    for value, text in labels.items():
+        opt = {"Value": value, "Label": _label(text), "Description": _label(""), "Color": None, "IsManaged": True,
+               "ExternalValue": None, "ParentValues": [], "Tag": None, "IsHidden": False,
+               "MetadataId": None, "HasChanged": None}
+        if kind == "State":
+            opt.update({"@odata.type": f"#{NS}StateOptionMetadata", "InvariantName": text,
+                        "DefaultStatus": next((s for (t, s), st in _STATUS_STATE.items()
+                                               if t == table.logical and st == value), None)})
+        elif kind == "Status":
+            opt.update({"@odata.type": f"#{NS}StatusOptionMetadata",
+                        "State": _STATUS_STATE.get((table.logical, value)), "TransitionData": None})
+        options.append(opt)
+    return {"MetadataId": _meta_id(table.logical, logical, "optionset"), "HasChanged": None, "IsCustomOptionSet":
+            logical.startswith("new_"), "IsGlobal": False, "IsManaged": True, "Name": f"{table.logical}_{logical}",
+            "ExternalTypeName": None, "OptionSetType": kind, "IntroducedVersion": "5.0.0.0",
+            "Description": _label(""), "DisplayName": _label(logical), "Options": options}
+
+
+def _metadata_view(logical: str, fields: dict[str, str]) -> Table:
+    """A Table over metadata dicts so $filter and its type checks work on PascalCase properties."""
+    view = Table(logical, "EntityDefinitions", "MetadataId", {k: Attr(v) for k, v in fields.items()})
+    view.value = lambda rec, a: rec.get(a)  # type: ignore[method-assign]
+    return view
+
+
+_ENTITY_FIELDS = {"LogicalName": "string", "SchemaName": "string", "EntitySetName": "string",
+                  "LogicalCollectionName": "string", "CollectionSchemaName": "string", "PrimaryIdAttribute": "string",
+                  "PrimaryNameAttribute": "string", "ObjectTypeCode": "int", "IsCustomEntity": "bool",
+                  "IsActivity": "bool", "IsIntersect": "bool", "OwnershipType": "string", "TableType": "string",
+                  "IsValidForAdvancedFind": "bool", "DisplayName": "complex", "DisplayCollectionName": "complex",
+                  "Description": "complex"}
+_ATTRIBUTE_FIELDS = {"LogicalName": "string", "SchemaName": "string", "EntityLogicalName": "string",
+                     "AttributeType": "string", "AttributeTypeName": "complex", "AttributeOf": "string",
+                     "IsPrimaryId": "bool", "IsPrimaryName": "bool", "IsCustomAttribute": "bool", "IsLogical": "bool",
+                     "IsValidForCreate": "bool", "IsValidForUpdate": "bool", "IsValidForRead": "bool",
+                     "DisplayName": "complex", "Description": "complex", "RequiredLevel": "complex",
+                     "MaxLength": "int", "Targets": "complex", "DefaultFormValue": "int"}
+
+
 def _intern(value):
     """Share repeated short strings (first / last names) between records."""
     return sys.intern(value) if isinstance(value, str) and len(value) <= 40 else value
@@ -392,23 +554,132 @@ def _listmember_id(listid: str, entityid: str) -> str:
 _TOKEN_RE = re.compile(r"""
     (?P<ws>\s+)
   | (?P<str>'(?:[^']|'')*')
+  | (?P<datetime>\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(?::\d{2}(?:\.\d{1,12})?)?(?:Z|[+-]\d{2}:\d{2})(?![\w:.+-]))
+  | (?P<date>\d{4}-\d{2}-\d{2}(?![\w:.-]))
   | (?P<guid>[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}(?![\w-]))
   | (?P<num>-?\d+(?:\.\d+)?(?![\w]))
   | (?P<ident>[A-Za-z_@][A-Za-z0-9_./@]*)
-  | (?P<punct>[()\[\],=])
+  | (?P<punct>[()\],=])
 """, re.VERBOSE)
 _COMPARISONS = {"eq", "ne", "gt", "ge", "lt", "le"}
-_LITERALS = {"true": True, "false": False, "null": None}
+_OPERATOR_KIND = {"eq": "Equal", "ne": "NotEqual", "gt": "GreaterThan", "ge": "GreaterThanOrEqual",
+                  "lt": "LessThan", "le": "LessThanOrEqual"}
+_LITERALS = {"true": (True, "Edm.Boolean"), "false": (False, "Edm.Boolean"), "null": (None, None)}
+#: the Edm type of a column kind, and the literal types ODataLib accepts in a comparison with it
+_EDM = {"guid": "Edm.Guid", "datetime": "Edm.DateTimeOffset", "string": "Edm.String", "int": "Edm.Int32",
+        "bool": "Edm.Boolean"}
+_ACCEPTS = {"guid": {"Edm.Guid"}, "datetime": {"Edm.DateTimeOffset", "Edm.Date"}, "string": {"Edm.String"}}
+#: documented on learn.microsoft.com/power-apps/developer/data-platform/webapi/query/filter-rows ("Manage
+#: single quotes"); the same text comes back for unquoted GUIDs in PropertyValues (XrmDefinitelyTyped#309)
+_INVALID_JSON = ("Invalid JSON. A comma character ',' was expected in scope 'Array'. Every two elements in an array "
+                 "and properties of an object must be separated by commas.")
+_NO_TOKEN = (None, None, None, "")
+
+
+def _parse_datetime_literal(text: str) -> datetime:
+    """An OData ``Edm.DateTimeOffset`` literal (``2024-01-01T00:00:00Z``, ``…T10:00:00.123+01:00``) in UTC."""
+    head, _, frac = text.partition(".")
+    tz = ""
+    if frac:
+        m = re.match(r"(\d+)(.*)$", frac)
+        digits, tz = m.group(1), m.group(2)
+        text = f"{head}.{digits[:6].ljust(6, '0')}{tz}"
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
+
+
+@lru_cache(maxsize=4096)
+def _stored_datetime(value: str):
+    """A datetime column's stored string (``%Y-%m-%dT%H:%M:%SZ``) as an aware datetime (shared strings: cached)."""
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(UTC)
+    except ValueError:
+        return None
+
+
+def _read_json_array(text: str) -> list:
+    """``PropertyValues`` as Dataverse reads it: a JSON array (ODataLib's reader also takes single-quoted strings,
+    without ``''`` escapes). Anything else fails with the documented ``Invalid JSON`` message."""
+    i, n, out = 1, len(text), []
+    ws = " \t\r\n"
+
+    def skip(j: int) -> int:
+        while j < n and text[j] in ws:
+            j += 1
+        return j
+
+    i = skip(i)
+    if i < n and text[i] == "]":
+        return out
+    while True:
+        i = skip(i)
+        if i >= n:
+            raise ODataError(400, E_PROPERTY, _INVALID_JSON)
+        ch = text[i]
+        if ch == '"':
+            m = re.compile(r'"(?:[^"\\]|\\.)*"').match(text, i)
+            if m is None:
+                raise ODataError(400, E_PROPERTY, "Invalid JSON. Unterminated string in 'PropertyValues'.")
+            out.append(json.loads(m.group()))
+            i = m.end()
+        elif ch == "'":
+            end = text.find("'", i + 1)
+            if end < 0:
+                raise ODataError(400, E_PROPERTY, "Invalid JSON. Unterminated string in 'PropertyValues'.")
+            out.append(text[i + 1:end])
+            i = end + 1
+        else:
+            m = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?|true|false|null").match(text, i)
+            if m is None:
+                raise ODataError(400, E_PROPERTY, _INVALID_JSON)
+            out.append(json.loads(m.group()))
+            i = m.end()
+        i = skip(i)
+        if i < n and text[i] == ",":
+            i += 1
+            continue
+        if i < n and text[i] == "]" and skip(i + 1) == n:
+            return out
+        raise ODataError(400, E_PROPERTY, _INVALID_JSON)
 
 
 class FilterParser:
-    def __init__(self, text: str, table: Table) -> None:
-        self.table = table
-        self.tokens: list[tuple[str, Any]] = []
+    """``$filter`` as Dataverse's ODataLib parses it: typed literals (unquoted ``Edm.Guid``,
+    ``Edm.DateTimeOffset``, ``Edm.Date``; quoted ``Edm.String``), a 400 for incompatible operand types,
+    ``Microsoft.Dynamics.CRM.In``/``NotIn`` with JSON ``PropertyValues`` and ``@alias`` parameters."""
+
+    def __init__(self, text: str, table: Table, aliases: dict | None = None, strict: bool = True) -> None:
+        self.table, self.aliases, self.strict = table, aliases or {}, strict
+        self.tokens: list[tuple] = []
         pos = 0
         while pos < len(text):
+            if text[pos] == "[":  # a JSON array (PropertyValues): up to the matching bracket outside "strings"
+                depth, j, in_str = 0, pos, False
+                while j < len(text):
+                    c = text[j]
+                    if in_str:
+                        if c == "\\":
+                            j += 1
+                        elif c == '"':
+                            in_str = False
+                    elif c == '"':
+                        in_str = True
+                    elif c == "[":
+                        depth += 1
+                    elif c == "]":
+                        depth -= 1
+                        if depth == 0:
+                            break
+                    j += 1
+                if j >= len(text):
+                    raise ODataError(400, E_PROPERTY, f"Syntax error: ']' expected in '{text}'.")
+                self.tokens.append(("array", text[pos:j + 1], None, text[pos:j + 1]))
+                pos = j + 1
+                continue
             m = _TOKEN_RE.match(text, pos)
             if m is None:
+                if text[pos] == "'":
+                    raise ODataError(400, E_PROPERTY, f"There is an unterminated literal at position {pos} in "
+                                                      f"'{text}'.")
                 raise ODataError(400, E_PROPERTY, f"Syntax error at position {pos} in '{text}'.")
             pos = m.end()
             kind = m.lastgroup
@@ -416,21 +687,35 @@ class FilterParser:
                 continue
             val = m.group()
             if kind == "str":
-                self.tokens.append(("lit", val[1:-1].replace("''", "'")))
+                self.tokens.append(("lit", val[1:-1].replace("''", "'"), "Edm.String", val))
+            elif kind == "datetime":
+                try:
+                    self.tokens.append(("lit", _parse_datetime_literal(val), "Edm.DateTimeOffset", val))
+                except ValueError as exc:
+                    raise ODataError(400, E_PROPERTY, f"Unrecognized 'Edm.DateTimeOffset' literal '{val}' at "
+                                                      f"'{m.start()}' in '{text}'.") from exc
+            elif kind == "date":
+                try:
+                    d = datetime.fromisoformat(val).replace(tzinfo=UTC)
+                except ValueError as exc:
+                    raise ODataError(400, E_PROPERTY, f"Unrecognized 'Edm.Date' literal '{val}' at '{m.start()}' "
+                                                      f"in '{text}'.") from exc
+                self.tokens.append(("lit", d, "Edm.Date", val))
             elif kind == "guid":
-                self.tokens.append(("lit", val.lower()))
+                self.tokens.append(("lit", val.lower(), "Edm.Guid", val))
             elif kind == "num":
-                self.tokens.append(("lit", float(val) if "." in val else int(val)))
+                self.tokens.append(("lit", float(val) if "." in val else int(val),
+                                    "Edm.Double" if "." in val else "Edm.Int32", val))
             elif kind == "ident" and val.lower() in _LITERALS:
-                self.tokens.append(("lit", _LITERALS[val.lower()]))
+                self.tokens.append(("lit", *_LITERALS[val.lower()], val))
             else:
-                self.tokens.append((kind, val))
+                self.tokens.append((kind, val, None, val))
         self.i = 0
         self.text = text
 
     def peek(self, offset: int = 0):
         j = self.i + offset
-        return self.tokens[j] if j < len(self.tokens) else (None, None)
+        return self.tokens[j] if j < len(self.tokens) else _NO_TOKEN
 
     def take(self):
         tok = self.peek()
@@ -439,17 +724,17 @@ class FilterParser:
 
     def expect(self, value: str) -> None:
         tok = self.take()
-        if tok[1] != value:
+        if tok[1] != value or tok[0] not in ("punct", "ident"):
             raise ODataError(400, E_PROPERTY, f"Syntax error: '{value}' expected in '{self.text}'.")
 
     def parse(self):
         node = self.parse_or()
         if self.i != len(self.tokens):
-            raise ODataError(400, E_PROPERTY, f"Syntax error at token {self.peek()[1]!r} in '{self.text}'.")
+            raise ODataError(400, E_PROPERTY, f"Syntax error at token {self.peek()[3]!r} in '{self.text}'.")
         return node
 
     def _word(self, word: str) -> bool:
-        kind, val = self.peek()
+        kind, val = self.peek()[:2]
         return kind == "ident" and val.lower() == word
 
     def parse_or(self):
@@ -481,17 +766,59 @@ class FilterParser:
                                               f"'{NS}{self.table.logical}'.")
         return name
 
+    def _alias(self, name: str) -> FilterParser | None:
+        """A parser over the text of parameter alias ``name`` (``&@p1=...``); None when it has no value."""
+        text = self.aliases.get(name)
+        if text is None:
+            return None
+        return FilterParser(text, self.table, None, self.strict)
+
     def operand(self):
-        kind, val = self.take()
+        kind, val, edm, _ = self.take()
         if kind == "lit":
-            return ("lit", val)
+            return ("lit", val, edm)
+        if kind == "ident" and val.startswith("@"):
+            sub = self._alias(val)
+            if sub is None:
+                return ("lit", None, None)  # OData: an alias without a value is null
+            node = sub.operand()
+            if sub.i != len(sub.tokens):
+                raise ODataError(400, E_PROPERTY, f"Syntax error in the value of parameter alias '{val}'.")
+            return node
         if kind == "ident":
             return ("prop", self.prop(val))
         raise ODataError(400, E_PROPERTY, f"Syntax error in '{self.text}'.")
 
+    def _check_types(self, op: str, left, right):
+        """ODataLib refuses comparisons of incompatible types (a quoted string with a Guid or DateTimeOffset
+        column); the emulator checks literals against the column's type."""
+        for prop, lit, prop_first in ((left, right, True), (right, left, False)):
+            if prop[0] != "prop" or lit[0] != "lit" or lit[2] is None:
+                continue
+            kind = self.table.attrs[prop[1]].kind
+            accepted = _ACCEPTS.get(kind)
+            if accepted is None or lit[2] in accepted:
+                return left, right
+            if not self.strict and lit[2] == "Edm.String":  # lenient mode: convert the string as before
+                value = lit[1]
+                if kind == "guid":
+                    value = _guid(value) or value
+                elif kind == "datetime":
+                    try:
+                        value = _parse_datetime_literal(value)
+                    except ValueError:
+                        pass
+                new = ("lit", value, _EDM[kind])
+                return (left, new) if prop_first else (new, right)
+            a, b = (_EDM[kind], lit[2]) if prop_first else (lit[2], _EDM[kind])
+            raise ODataError(400, E_PROPERTY, f"A binary operator with incompatible types was detected. Found "
+                                              f"operand types '{a}' and '{b}' for operator kind "
+                                              f"'{_OPERATOR_KIND[op]}'.")
+        return left, right
+
     def parse_primary(self):
-        kind, val = self.peek()
-        if val == "(":
+        kind, val = self.peek()[:2]
+        if val == "(" and kind == "punct":
             self.take()
             node = self.parse_or()
             self.expect(")")
@@ -499,14 +826,56 @@ class FilterParser:
         if kind == "ident" and self.peek(1)[1] == "(":
             return self.parse_function()
         left = self.operand()
-        op_kind, op = self.take()
+        op_kind, op = self.take()[:2]
         if op_kind != "ident" or op.lower() not in _COMPARISONS:
             raise ODataError(400, E_PROPERTY, f"Syntax error: comparison operator expected in '{self.text}'.")
         right = self.operand()
+        left, right = self._check_types(op.lower(), left, right)
         return ("cmp", op.lower(), left, right)
 
+    def _argument(self, name: str):
+        """One function argument: a literal, a JSON array, or a parameter alias holding either."""
+        kind, val, edm, raw = self.take()
+        if kind == "ident" and val.startswith("@"):
+            sub = self._alias(val)
+            if sub is None:
+                return None
+            value = sub._argument(name)
+            if sub.i != len(sub.tokens):
+                raise ODataError(400, E_PROPERTY, f"Syntax error in the value of parameter alias '{val}'.")
+            return value
+        if kind == "array":
+            return _read_json_array(raw)
+        if kind == "lit":
+            return val
+        raise ODataError(400, E_PROPERTY, f"Syntax error in the value of parameter '{name}' in '{self.text}'.")
+
+    def _coerce_in_value(self, attr: str, value):
+        """PropertyValues is Collection(Edm.String): each value is converted to the column's type."""
+        if value is None:
+            return None
+        kind = self.table.attrs[attr].kind
+        text = value if isinstance(value, str) else json.dumps(value)
+        try:
+            if kind == "guid":
+                gid = _guid(text)
+                if gid is None:
+                    raise ValueError(text)
+                return gid
+            if kind == "int":
+                return int(text)
+            if kind == "bool":
+                return {"true": True, "false": False, "1": True, "0": False}[text.lower()]
+            if kind == "datetime":
+                return _parse_datetime_literal(text) if "T" in text else datetime.fromisoformat(text).replace(
+                    tzinfo=UTC)
+        except (ValueError, KeyError) as exc:
+            raise ODataError(400, E_ARGUMENT, f"Cannot convert the literal '{text}' to the expected type "
+                                              f"'{_EDM.get(kind, 'Edm.String')}'.") from exc
+        return text
+
     def parse_function(self):
-        _, name = self.take()
+        name = self.take()[1]
         self.expect("(")
         lname = name.lower()
         if lname in ("contains", "startswith", "endswith"):
@@ -520,32 +889,24 @@ class FilterParser:
         if lname in ("microsoft.dynamics.crm.in", "microsoft.dynamics.crm.notin"):
             args: dict[str, Any] = {}
             while True:
-                _, key = self.take()
+                kind, key = self.take()[:2]
+                if kind != "ident":
+                    raise ODataError(400, E_PROPERTY, f"Syntax error: parameter name expected in '{self.text}'.")
                 self.expect("=")
-                if self.peek()[1] == "[":
-                    self.take()
-                    values = []
-                    while self.peek()[1] != "]":
-                        k, v = self.take()
-                        if k != "lit":
-                            raise ODataError(400, E_PROPERTY, f"Syntax error in PropertyValues of '{self.text}'.")
-                        values.append(v)
-                        if self.peek()[1] == ",":
-                            self.take()
-                    self.take()
-                    args[str(key)] = values
-                else:
-                    k, v = self.take()
-                    args[str(key)] = v
+                args[str(key)] = self._argument(str(key))
                 if self.peek()[1] == ",":
                     self.take()
                     continue
                 self.expect(")")
                 break
-            if "PropertyName" not in args or "PropertyValues" not in args:
+            unknown = [k for k in args if k not in ("PropertyName", "PropertyValues")]
+            if unknown:
+                raise ODataError(400, E_PROPERTY, f"The parameter '{unknown[0]}' is not a parameter of {name}.")
+            if not isinstance(args.get("PropertyName"), str) or not isinstance(args.get("PropertyValues"), list):
                 raise ODataError(400, E_ARGUMENT, f"{name} requires PropertyName and PropertyValues.")
-            return ("in", self.prop(str(args["PropertyName"])), list(args["PropertyValues"]),
-                    lname.endswith("notin"))
+            attr = self.prop(args["PropertyName"])
+            values = [self._coerce_in_value(attr, v) for v in args["PropertyValues"]]
+            return ("in", attr, values, lname.endswith("notin"))
         raise ODataError(501, E_PROPERTY, f"The function '{name}' is not supported by the sandbox.")
 
 
@@ -553,6 +914,15 @@ def _cmp_value(v):
     if isinstance(v, str):
         return v.lower()
     return v
+
+
+def _comparable(a, b):
+    """A datetime column's stored string against a DateTimeOffset/Date literal: both as datetimes."""
+    if isinstance(b, datetime) and isinstance(a, str):
+        return _stored_datetime(a), b
+    if isinstance(a, datetime) and isinstance(b, str):
+        return a, _stored_datetime(b)
+    return a, b
 
 
 def evaluate(node, table: Table, rec) -> bool:
@@ -564,8 +934,11 @@ def evaluate(node, table: Table, rec) -> bool:
     if kind == "not":
         return not evaluate(node[1], table, rec)
     if kind == "in":
-        v = _cmp_value(table.value(rec, node[1]))
-        hit = v in {_cmp_value(x) for x in node[2]}
+        v = table.value(rec, node[1])
+        values = node[2]
+        if values and isinstance(values[0], datetime) and isinstance(v, str):
+            v = _stored_datetime(v)
+        hit = _cmp_value(v) in {_cmp_value(x) for x in values}
         return hit != node[3]
     if kind == "func":
         v = table.value(rec, node[2])
@@ -574,8 +947,12 @@ def evaluate(node, table: Table, rec) -> bool:
         v, arg = v.lower(), str(node[3]).lower()
         return {"contains": arg in v, "startswith": v.startswith(arg), "endswith": v.endswith(arg)}[node[1]]
     _, op, left, right = node
-    a = _cmp_value(table.value(rec, left[1]) if left[0] == "prop" else left[1])
-    b = _cmp_value(table.value(rec, right[1]) if right[0] == "prop" else right[1])
+    a = table.value(rec, left[1]) if left[0] == "prop" else left[1]
+    b = table.value(rec, right[1]) if right[0] == "prop" else right[1]
+    if isinstance(a, datetime) or isinstance(b, datetime):
+        a, b = _comparable(a, b)
+    else:
+        a, b = _cmp_value(a), _cmp_value(b)
     if op == "eq":
         return a == b
     if op == "ne":
@@ -638,6 +1015,10 @@ class DataverseEmulator(Emulator):
     remove_member_entity_id = "record"
     remove_member_list_available = True
     application_user = True
+    strict_literal_types = True
+    max_url_length = 32768
+    max_batch_url_length = 65536
+    max_url_segment_length = 260
 
     #: extra contact columns and the contact alternate keys (a publisher-prefixed customer id)
     contact_custom_attributes = {"new_customerid": _s(100)}
@@ -654,7 +1035,7 @@ class DataverseEmulator(Emulator):
         self.organization_id = str(uuid.UUID(sandbox.token()))
         self.tokens: dict[str, tuple[float, str]] = {}  # access token -> (expiry, audience)
         self.contacts = ContactTable(dict(self.contact_custom_attributes), tuple(self.contact_alternate_keys))
-        self.lists = Table("list", "lists", "listid", {
+        self.lists = ListTable(lambda lid: self.memberships.get(lid), "list", "lists", "listid", {
             "listname": _s(128), "createdfromcode": Attr("int", choices=(1, 2, 4)),
             "type": Attr("bool", default=False), "membertype": Attr("int", readonly=True),
             "membercount": Attr("int", readonly=True, default=0), "lockstatus": Attr("bool", default=False),
@@ -682,6 +1063,11 @@ class DataverseEmulator(Emulator):
         }, lookups={"regardingobjectid_contact_new_emailevent": ("contacts", "_regardingobjectid_value")},
             required=("subject",))
         self.organizations = Table("organization", "organizations", "organizationid", {"name": _s(160)})
+        #: listmember is served by ``listmembers()``; this Table only describes it for EntityDefinitions
+        self.listmember_meta = Table("listmember", "listmembers", "listmemberid", {
+            "entitytype": _s(100), "createdon": Attr("datetime", readonly=True),
+            "modifiedon": Attr("datetime", readonly=True)},
+            lookups={"listid": ("lists", "_listid_value"), "entityid": ("contacts", "_entityid_value")})
         self.tables: dict[str, Table] = {t.set_name: t for t in (
             self.contacts, self.lists, self.segment_rows, self.email_events, self.organizations)}
         self.memberships: dict[str, MarketingList] = {}
@@ -737,6 +1123,7 @@ class DataverseEmulator(Emulator):
         for lid, rec in self.lists.rows.items():
             lists[lid] = {"listname": rec.get("listname"), "createdfromcode": rec.get("createdfromcode"),
                           "type": rec.get("type", False), "lockstatus": rec.get("lockstatus", False),
+                          "membercount": self.lists.value(rec, "membercount"),
                           "members": list(self.memberships[lid].members)}
         return {
             "contacts": len(self.contacts),
@@ -959,8 +1346,30 @@ class DataverseEmulator(Emulator):
             "WWW-Authenticate": f"Bearer authorization_uri={base}/login/{self.tenant_id}/oauth2/authorize, "
                                 f"resource_id={base}{self.prefix}/"})
 
+    @staticmethod
+    def _http_sys_error(status: int) -> Response:
+        """The front end's own refusals (HTTP.sys pages, not OData errors): URL too long, segment too long."""
+        title, text = {414: ("Request URL Too Long", "HTTP Error 414. The request URL is too long."),
+                       400: ("Bad Request - Invalid URL", "HTTP Error 400. The request URL is invalid.")}[status]
+        body = ('<!DOCTYPE HTML PUBLIC "-//W3C//DTD HTML 4.01//EN""http://www.w3.org/TR/html4/strict.dtd">\r\n'
+                f"<HTML><HEAD><TITLE>{title}</TITLE>\r\n"
+                '<META HTTP-EQUIV="Content-Type" Content="text/html; charset=us-ascii"></HEAD>\r\n'
+                f"<BODY><h2>{title}</h2>\r\n<hr><p>{text}</p>\r\n</BODY></HTML>\r\n")
+        return Response(body, status_code=status, media_type="text/html; charset=us-ascii")
+
+    def _url_refusal(self, url: str, rest: str, limit: int) -> Response | None:
+        if len(url) > limit:
+            return self._http_sys_error(414)
+        if any(len(seg) > self.max_url_segment_length for seg in rest.split("/")):
+            return self._http_sys_error(400)
+        return None
+
     async def h_api(self, request: Request) -> Response:
         rest = request.path_params["rest"]
+        refused = self._url_refusal(str(request.url), rest, self.max_url_length)
+        if refused is not None:
+            self.sandbox.log.request(self.name, request.method, "url-refused")
+            return refused
         raw = await request.body() if request.method in ("POST", "PATCH", "PUT") else b""
         route = _route_name(request.method, rest)
         items = _count_items(rest, raw, request.headers.get("content-type", ""))
@@ -1034,8 +1443,13 @@ class DataverseEmulator(Emulator):
         if name in ("AddListMembersList", NS + "AddListMembersList") and len(segments) == 1:
             self._method(method, "POST")
             return self.add_list_members(body)
+        if name in ("RemoveListMembersList", NS + "RemoveListMembersList") and len(segments) == 1:
+            self._method(method, "POST")
+            return self.remove_list_members(body)
         if name == "listmembers":
             return self.listmembers(method, key, segments, q, headers, prefer, api)
+        if name == "EntityDefinitions":
+            return self.entity_definitions(method, key, segments, q, api)
         table = self.tables.get(name)
         if table is None:
             raise ODataError(404, E_SEGMENT, f"Resource not found for the segment '{segments[0]}'.")
@@ -1110,6 +1524,144 @@ class DataverseEmulator(Emulator):
                 return table.find_by_alternate_key(attr, value), f"{attr}={value}"
         raise ODataError(400, E_ARGUMENT, f"The key '{key}' does not match an alternate key defined on "
                                           f"{table.logical}.")
+
+    def _filter(self, q: dict, table: Table):
+        """The parsed ``$filter`` of query ``q`` (None without one), with its ``@alias`` parameters."""
+        if not q.get("$filter"):
+            return None
+        aliases = {k: v for k, v in q.items() if k.startswith("@")}
+        return FilterParser(q["$filter"], table, aliases, self.strict_literal_types).parse()
+
+    # -- metadata -------------------------------------------------------------------------------
+    def _metadata_tables(self) -> list[Table]:
+        return [self.contacts, self.lists, self.listmember_meta, self.segment_rows, self.email_events,
+                self.organizations]
+
+    @staticmethod
+    def _meta_select(q: dict, fields: dict, type_name: str) -> list[str] | None:
+        raw = q.get("$select")
+        if not raw:
+            return None
+        names = [a.strip() for a in raw.split(",") if a.strip()]
+        for a in names:
+            if a not in fields and a not in ("MetadataId", "OptionSet", "GlobalOptionSet"):
+                raise ODataError(400, E_PROPERTY, f"Could not find a property named '{a}' on type "
+                                                  f"'{NS}{type_name}'.")
+        return names
+
+    @staticmethod
+    def _meta_project(item: dict, select: list[str] | None) -> dict:
+        if select is None:
+            return dict(item)
+        out = {k: item[k] for k in ("@odata.type",) if k in item}
+        out.update({a: item.get(a) for a in select})
+        out["MetadataId"] = item["MetadataId"]
+        return out
+
+    @staticmethod
+    def _meta_expand(q: dict) -> tuple[bool, list[str] | None]:
+        """``$expand=OptionSet`` / ``OptionSet($select=Options)`` (also GlobalOptionSet): (expand?, inner select)."""
+        raw = q.get("$expand")
+        if not raw:
+            return False, None
+        m = re.fullmatch(r"\s*(OptionSet|GlobalOptionSet)(?:\((.*)\))?\s*", raw)
+        if m is None:
+            prop = raw.split("(")[0].strip()
+            raise ODataError(400, E_PROPERTY, f"Could not find a property named '{prop}' on type "
+                                              f"'{NS}AttributeMetadata'.")
+        inner = None
+        if m.group(2):
+            opts = dict(parse_qsl(m.group(2).replace(";", "&")))
+            if "$select" in opts:
+                inner = [x.strip() for x in opts["$select"].split(",") if x.strip()]
+        return True, inner
+
+    def _meta_entity(self, key: str) -> Table:
+        key = key.strip()
+        gid = _guid(key)
+        for table in self._metadata_tables():
+            if gid is not None and _meta_id(table.logical) == gid:
+                return table
+            m = re.fullmatch(r"LogicalName\s*=\s*'([^']*)'", key)
+            if m is not None and m.group(1).lower() == table.logical:
+                return table
+        raise ODataError(404, E_NOT_FOUND, f"Could not find entity with key {key}.")
+
+    def entity_definitions(self, method: str, key: str | None, segments: list[str], q: dict, api: str) -> Response:
+        """``EntityDefinitions``: the table metadata Microsoft's clients read before any record call (GET only)."""
+        if method != "GET":
+            raise ODataError(501, E_ARGUMENT, "Metadata changes are not supported by the sandbox.")
+        for opt in q:
+            if opt.startswith("$") and opt not in ("$select", "$filter", "$expand"):
+                raise ODataError(501, E_PROPERTY, f"The query option {opt} is not supported on metadata by the "
+                                                  "sandbox.")
+        ctx = f"{api}/$metadata#EntityDefinitions"
+        if key is None:
+            if len(segments) != 1:
+                raise ODataError(404, E_SEGMENT, f"Resource not found for the segment '{segments[1]}'.")
+            if q.get("$expand"):
+                raise ODataError(501, E_PROPERTY, "$expand on EntityDefinitions is not supported by the sandbox.")
+            select = self._meta_select(q, _ENTITY_FIELDS, "EntityMetadata")
+            view = _metadata_view("EntityMetadata", {k: v for k, v in _ENTITY_FIELDS.items() if v != "complex"})
+            node = self._filter(q, view)
+            items = [_entity_metadata(t) for t in self._metadata_tables()]
+            items = [i for i in items if node is None or evaluate(node, view, i)]
+            sel = f"({','.join(select)})" if select else ""
+            return self.json({"@odata.context": ctx + sel, "value": [self._meta_project(i, select) for i in items]})
+        table = self._meta_entity(key)
+        ent = _entity_metadata(table)
+        if len(segments) == 1:
+            if q.get("$expand") or q.get("$filter"):
+                raise ODataError(501, E_PROPERTY, "Only $select is supported on one entity's metadata by the "
+                                                  "sandbox.")
+            select = self._meta_select(q, _ENTITY_FIELDS, "EntityMetadata")
+            sel = f"({','.join(select)})" if select else ""
+            return self.json({"@odata.context": f"{ctx}{sel}/$entity", **self._meta_project(ent, select)})
+        sub = _SEGMENT_RE.match(segments[1])
+        ctx = f"{api}/$metadata#EntityDefinitions({ent['MetadataId']})"
+        if sub is not None and sub.group("name") == "Keys" and len(segments) == 2:
+            keys = [{"MetadataId": _meta_id(table.logical, k, "key"), "LogicalName": f"{k}_key",
+                     "SchemaName": f"{k}_key", "EntityLogicalName": table.logical, "KeyAttributes": [k],
+                     "EntityKeyIndexStatus": "Active", "DisplayName": _label(k)} for k in table.alternate_keys]
+            return self.json({"@odata.context": f"{ctx}/Keys", "value": keys})
+        if sub is None or sub.group("name") != "Attributes" or len(segments) > 3:
+            raise ODataError(404, E_SEGMENT, f"Resource not found for the segment '{segments[-1]}'.")
+        attrs = [_attribute_metadata(table, n, a) for n, a in table.attrs.items()]
+        cast = None
+        if len(segments) == 3:
+            cast = segments[2].removeprefix(NS)
+            if cast not in _ATTRIBUTE_CLASS.values():
+                raise ODataError(404, E_SEGMENT, f"Resource not found for the segment '{segments[2]}'.")
+            attrs = [a for a in attrs if a["@odata.type"] == f"#{NS}{cast}"]
+        expand, inner = self._meta_expand(q)
+        if expand and cast not in ("PicklistAttributeMetadata", "StateAttributeMetadata", "StatusAttributeMetadata"):
+            raise ODataError(400, E_PROPERTY, f"Could not find a property named 'OptionSet' on type "
+                                              f"'{NS}{cast or 'AttributeMetadata'}'.")
+        select = self._meta_select(q, _ATTRIBUTE_FIELDS, cast or "AttributeMetadata")
+
+        def shape(a: dict) -> dict:
+            out = self._meta_project(a, select)
+            if expand:
+                opts = _option_set(table, a)
+                if inner:
+                    opts = {k: opts[k] for k in inner if k in opts} | {"MetadataId": opts["MetadataId"]}
+                out["OptionSet"] = opts
+            return out
+
+        key_attr = sub.group("key")
+        if key_attr is not None:
+            gid = _guid(key_attr)
+            m = re.fullmatch(r"LogicalName\s*=\s*'([^']*)'", key_attr.strip())
+            hit = [a for a in attrs if (gid and a["MetadataId"] == gid) or (m and a["LogicalName"] == m.group(1))]
+            if not hit:
+                raise ODataError(404, E_NOT_FOUND, f"Could not find attribute with key {key_attr} on entity "
+                                                   f"{table.logical}.")
+            return self.json({"@odata.context": f"{ctx}/Attributes/$entity", **shape(hit[0])})
+        view = _metadata_view("AttributeMetadata", {k: v for k, v in _ATTRIBUTE_FIELDS.items() if v != "complex"})
+        node = self._filter(q, view)
+        attrs = [a for a in attrs if node is None or evaluate(node, view, a)]
+        cast_ctx = f"/{NS}{cast}" if cast else ""
+        return self.json({"@odata.context": f"{ctx}/Attributes{cast_ctx}", "value": [shape(a) for a in attrs]})
 
     # -- records ----------------------------------------------------------------------------
     def _etag(self, table: Table, rec) -> str:
@@ -1410,7 +1962,7 @@ class DataverseEmulator(Emulator):
             if opt.startswith("$") and opt not in ("$select", "$filter", "$top", "$count", "$orderby", "$skiptoken"):
                 raise ODataError(501, E_PROPERTY, f"The query option {opt} is not supported by the sandbox.")
         select = self._select(table, q)
-        node = FilterParser(q["$filter"], table).parse() if q.get("$filter") else None
+        node = self._filter(q, table)
         page_size = self.max_page_size
         applied = []
         if "odata.maxpagesize" in prefer:
@@ -1571,6 +2123,30 @@ class DataverseEmulator(Emulator):
         self._add_members(list_rec, ids)
         return Response(status_code=204, headers={"OData-Version": "4.0"})
 
+    def remove_list_members(self, body) -> Response:
+        """``RemoveListMembersList`` (``List`` + ``Members``, as AddListMembersList): members not on the list are
+        skipped (not documented; inferred from AddListMembersList's handling of existing members)."""
+        self._params(body, "RemoveListMembersList", ("List", "Members"))
+        if not isinstance(body.get("List"), dict) or not isinstance(body.get("Members"), list):
+            raise ODataError(400, E_ARGUMENT, "The parameters 'List' and 'Members' are required.")
+        list_rec = self._list_for_members(body["List"].get("listid", ""), adding=False)
+        expected = {1: "account", 2: "contact", 4: "lead"}.get(list_rec.get("createdfromcode"), "contact")
+        ml = self.memberships[list_rec["listid"]]
+        gone = []
+        for m in body["Members"]:
+            if not isinstance(m, dict) or m.get("@odata.type") != NS + expected:
+                raise ODataError(400, E_ARGUMENT, f"Each entry of 'Members' must be a '{NS}{expected}' with its id.")
+            gid = _guid(str(m.get(f"{expected}id") or ""))
+            if gid is None:
+                raise ODataError(400, E_ARGUMENT, f"Cannot convert the literal '{m.get(f'{expected}id')}' to the "
+                                                  "expected type 'Edm.Guid'.")
+            if gid in ml.members:
+                self._remove_member(list_rec["listid"], gid)
+                gone.append(gid)
+        self.sandbox.log.members(self.name, gone)
+        list_rec["modifiedon"] = _now()
+        return Response(status_code=204, headers={"OData-Version": "4.0"})
+
     def navigation(self, table: Table, rec, method: str, segs: list[str], q: dict, body, prefer: dict, api: str,
                    rest: str, raw_query: str) -> Response:
         if table is not self.lists:
@@ -1679,7 +2255,7 @@ class DataverseEmulator(Emulator):
         view = Table("listmember", "listmembers", "listmemberid", {})
         view.attrs = attrs
         view.value = lambda rec, a: rec.get(a)  # type: ignore[method-assign]
-        node = FilterParser(q["$filter"], view).parse() if q.get("$filter") else None
+        node = self._filter(q, view)
         want_list = _eq_value(node, "_listid_value")
         select = self._select(view, q)
         page_size = self.max_page_size
@@ -1767,6 +2343,8 @@ class DataverseEmulator(Emulator):
 
     def _run_inner(self, req: dict, outer_headers: dict, base: str, refs: dict) -> Response:
         url = req["url"]
+        if len(url) > self.max_batch_url_length:
+            return self._http_sys_error(414)
         for cid, entity_url in refs.items():
             if url.startswith(f"${cid}"):
                 url = entity_url + url[len(cid) + 1:]
@@ -1887,7 +2465,7 @@ def _count_items(rest: str, raw: bytes, ctype: str) -> int:
         return 0
     if rest == "$batch":
         return raw.count(b"application/http")
-    if rest.endswith("AddListMembersList") or rest.endswith("Multiple"):
+    if rest.endswith("ListMembersList") or rest.endswith("Multiple"):
         try:
             body = json.loads(raw)
         except ValueError:
