@@ -6,6 +6,7 @@ import json
 import threading
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import msal
 import pytest
@@ -316,3 +317,219 @@ def test_injected_429_is_odata_shaped(dv):
     r = dv.get("WhoAmI")
     assert r.status_code == 429 and "Retry-After" in r.headers
     assert json.loads(r.text)["error"]["code"] == "0x80072322"
+
+
+# -- fidelity: $filter literals, In/NotIn, URL limits, metadata, membercount (SANDBOX-FIDELITY §4 items 1, 8-10) --
+
+def test_filter_datetime_and_guid_literals_unquoted(dv):
+    ids = dv.create_contacts(3, prefix="lit")
+    for flt in ("modifiedon ge 2024-01-01T00:00:00Z", "modifiedon ge 2024-01-01T00:00:00.123Z",
+                "modifiedon ge 2024-01-01T01:00:00+01:00", "createdon gt 2024-01-01",
+                f"contactid eq {ids[1]}", f"contactid eq {ids[1].upper()}"):
+        r = dv.get("contacts", params={"$select": "contactid", "$filter": flt})
+        assert r.status_code == 200, (flt, r.text)
+        got = {v["contactid"] for v in r.json()["value"]}
+        assert (got == {ids[1]}) if "contactid" in flt else set(ids) <= got, flt
+    r = dv.get("contacts", params={"$select": "contactid", "$filter": "modifiedon lt 2000-01-01T00:00:00Z"})
+    assert r.json()["value"] == []
+    r = dv.get("contacts", params={"$select": "contactid", "$filter": "modifiedon ge 2999-12-31T23:59:59.999999Z"})
+    assert r.json()["value"] == []
+
+    # quoted values are Edm.String: ODataLib refuses the comparison with a DateTimeOffset / Guid column
+    r = dv.get("contacts", params={"$filter": "modifiedon ge '2024-01-01T00:00:00Z'"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "0x80060888"
+    assert r.json()["error"]["message"] == (
+        "A binary operator with incompatible types was detected. Found operand types 'Edm.DateTimeOffset' and "
+        "'Edm.String' for operator kind 'GreaterThanOrEqual'.")
+    r = dv.get("contacts", params={"$filter": f"contactid eq '{ids[0]}'"})
+    assert r.status_code == 400 and "'Edm.Guid' and 'Edm.String' for operator kind 'Equal'" in r.text
+    r = dv.get("contacts", params={"$filter": f"emailaddress1 eq {ids[0]}"})     # a Guid against a string column
+    assert r.status_code == 400 and "'Edm.String' and 'Edm.Guid'" in r.text
+    r = dv.get("contacts", params={"$filter": "lastname eq 'O'Bryan'"})
+    assert r.status_code == 400 and "unterminated literal" in r.json()["error"]["message"]
+    # the lenient mode, for whoever wants the old behaviour
+    dv.config(strict_literal_types=False)
+    r = dv.get("contacts", params={"$select": "contactid", "$filter": f"contactid eq '{ids[0]}'"})
+    assert [v["contactid"] for v in r.json()["value"]] == [ids[0]]
+
+
+def test_in_and_notin_forms(dv):
+    ids = dv.create_contacts(4, prefix="in")
+    for last, cid in zip(["OBrian", "O'Brian", "Smith", "Jones"], ids, strict=True):
+        assert dv.session.patch(dv.api + f"contacts({cid})", json={"lastname": last}, timeout=10).status_code == 204
+
+    def names(query: str):
+        r = dv.session.get(dv.api + "contacts?$select=lastname&" + query, timeout=10)
+        assert r.status_code == 200, r.text
+        return sorted(v["lastname"] for v in r.json()["value"])
+
+    pn = "PropertyName='contactid'"
+    assert names(f'$filter=Microsoft.Dynamics.CRM.In({pn},PropertyValues=["{ids[0]}","{ids[2]}"])') == [
+        "OBrian", "Smith"]                                                     # what Microsoft's client emits
+    assert names(f"$filter=Microsoft.Dynamics.CRM.In({pn},PropertyValues=['{ids[0]}','{ids[2]}'])") == [
+        "OBrian", "Smith"]
+    alias = ("$filter=Microsoft.Dynamics.CRM.In(PropertyName=@p1,PropertyValues=@p2)&@p1='lastname'"
+             "&@p2=" + requests.utils.quote('["OBrian","OBryan","O\'Brian","O\'Bryan"]', safe=""))
+    assert names(alias) == ["O'Brian", "OBrian"]                               # the documented example
+    assert names(f'$filter=Microsoft.Dynamics.CRM.NotIn({pn},PropertyValues=["{ids[0]}","{ids[1]}"]) and '
+                 "startswith(emailaddress1,'in')") == ["Jones", "Smith"]
+    r = dv.session.get(dv.api + "contacts?$filter=Microsoft.Dynamics.CRM.In(PropertyName='lastname',"
+                                "PropertyValues=['OBrian','O'Brian'])", timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith(
+        "Invalid JSON. A comma character ',' was expected in scope 'Array'.")
+    r = dv.session.get(dv.api + f"contacts?$filter=Microsoft.Dynamics.CRM.In({pn},PropertyValues=[{ids[0]}])",
+                       timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("Invalid JSON.")  # unquoted GUIDs
+
+    # GET URLs are limited to 32,768 characters; a GET inside $batch to 65,536 (compose-http-requests-handle-errors)
+    many = ",".join(f'"{uuid.uuid4()}"' for _ in range(900)) + f',"{ids[3]}"'
+    long_query = f"$select=lastname&$filter=Microsoft.Dynamics.CRM.In({pn},PropertyValues=[{many}])"
+    assert len(dv.api) + len("contacts?") + len(long_query) > 32768
+    r = dv.session.get(dv.api + "contacts?" + long_query, timeout=10)
+    assert r.status_code == 414 and "HTTP Error 414" in r.text
+    api_path = dv.api.split("://", 1)[1].split("/", 1)[1]
+    body = ("--b\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\n"
+            f"GET /{api_path}contacts?{long_query} HTTP/1.1\r\nAccept: application/json\r\n\r\n--b--\r\n")
+    r = dv.session.post(dv.api + "$batch", data=body, headers={"Content-Type": "multipart/mixed; boundary=b"},
+                        timeout=30)
+    assert r.status_code == 200 and "HTTP/1.1 200 OK" in r.text and '"lastname":"Jones"' in r.text
+    r = dv.session.get(dv.api + "contacts(new_customerid='" + "x" * 300 + "')", timeout=10)
+    assert r.status_code == 400 and "Invalid URL" in r.text                      # a segment over 260 characters
+
+
+def test_entity_definitions(dv):
+    r = dv.get("EntityDefinitions", params={"$select": "LogicalName,EntitySetName,PrimaryIdAttribute",
+                                            "$filter": "LogicalName eq 'contact'"})
+    assert r.status_code == 200, r.text
+    (item,) = r.json()["value"]
+    assert item["EntitySetName"] == "contacts" and item["PrimaryIdAttribute"] == "contactid" and item["MetadataId"]
+    assert set(item) == {"LogicalName", "EntitySetName", "PrimaryIdAttribute", "MetadataId"}
+    for logical, set_name in (("list", "lists"), ("listmember", "listmembers"),
+                              ("new_segmentmembership", "new_segmentmemberships"),
+                              ("new_emailevent", "new_emailevents")):
+        r = dv.get("EntityDefinitions", params={"$select": "EntitySetName", "$filter": f"LogicalName eq '{logical}'"})
+        assert [v["EntitySetName"] for v in r.json()["value"]] == [set_name]
+    assert dv.get("EntityDefinitions", params={"$filter": "LogicalName eq 'nosuch'"}).json()["value"] == []
+    r = dv.get("EntityDefinitions(LogicalName='contact')", params={"$select": "SchemaName,PrimaryNameAttribute"})
+    assert r.json()["SchemaName"] == "Contact" and r.json()["PrimaryNameAttribute"] == "fullname"
+    mid = r.json()["MetadataId"]
+    assert dv.get(f"EntityDefinitions({mid})").json()["LogicalName"] == "contact"
+    assert dv.get("EntityDefinitions(LogicalName='nosuch')").status_code == 404
+
+    r = dv.get(f"EntityDefinitions({mid})/Attributes", params={"$select": "LogicalName,AttributeType",
+                                                              "$filter": "LogicalName eq 'emailaddress1'"})
+    assert [(a["LogicalName"], a["AttributeType"]) for a in r.json()["value"]] == [("emailaddress1", "String")]
+    for cast, name, options in (("StateAttributeMetadata", "statecode", {0: "Active", 1: "Inactive"}),
+                                ("StatusAttributeMetadata", "statuscode", {1: "Active", 2: "Inactive"})):
+        r = dv.get(f"EntityDefinitions(LogicalName='contact')/Attributes/Microsoft.Dynamics.CRM.{cast}",
+                   params={"$select": "LogicalName", "$expand": "OptionSet"})
+        (attr,) = r.json()["value"]
+        assert attr["LogicalName"] == name
+        got = {o["Value"]: o["Label"]["UserLocalizedLabel"]["Label"] for o in attr["OptionSet"]["Options"]}
+        assert got == options
+    r = dv.get("EntityDefinitions(LogicalName='list')/Attributes/Microsoft.Dynamics.CRM.PicklistAttributeMetadata",
+               params={"$select": "LogicalName", "$expand": "OptionSet($select=Options)"})
+    pick = {a["LogicalName"]: [o["Value"] for o in a["OptionSet"]["Options"]] for a in r.json()["value"]}
+    assert pick == {"createdfromcode": [1, 2, 4]}
+    r = dv.get("EntityDefinitions(LogicalName='list')/Attributes(LogicalName='membercount')")
+    assert r.json()["IsValidForCreate"] is False and r.json()["IsValidForUpdate"] is False
+
+
+def test_list_membercount_follows_membership_and_is_read_only(dv):
+    ids = dv.create_contacts(5, prefix="mc")
+    r = dv.post("lists", {"listname": "Counted", "createdfromcode": 2, "type": False, "membercount": 99},
+                headers={"Prefer": "return=representation"})
+    assert r.status_code == 201 and r.json()["membercount"] == 0                 # read-only: ignored on create
+    lid = r.json()["listid"]
+
+    def count():
+        return dv.get(f"lists({lid})", params={"$select": "membercount"}).json()["membercount"]
+
+    assert dv.post("AddListMembersList", {"List": {"@odata.type": NS + "list", "listid": lid}, "Members": [
+        {"@odata.type": NS + "contact", "contactid": c} for c in ids[:4]]}).status_code == 204
+    assert count() == 4
+    assert dv.post(f"lists({lid})/Microsoft.Dynamics.CRM.AddMemberList", {"EntityId": ids[4]}).status_code == 200
+    assert count() == 5
+    assert dv.post(f"lists({lid})/Microsoft.Dynamics.CRM.RemoveMemberList", {"EntityId": ids[0]}).status_code == 204
+    assert dv.session.delete(dv.api + f"lists({lid})/listcontact_association({ids[1]})/$ref",
+                             timeout=10).status_code == 204
+    lm = dv.get("listmembers", params={"$filter": f"_listid_value eq {lid}", "$select": "_entityid_value"}).json()
+    target = next(v["listmemberid"] for v in lm["value"] if v["_entityid_value"] == ids[2])
+    assert dv.session.delete(dv.api + f"listmembers({target})", timeout=10).status_code == 204
+    assert count() == 2
+    assert dv.post("RemoveListMembersList", {"List": {"@odata.type": NS + "list", "listid": lid}, "Members": [
+        {"@odata.type": NS + "contact", "contactid": ids[3]}]}).status_code == 204
+    assert count() == 1
+    assert dv.session.patch(dv.api + f"lists({lid})", json={"membercount": 50}, timeout=10).status_code == 204
+    assert count() == 1                                                          # read-only: ignored on update
+    r = dv.get("lists", params={"$select": "listid,listname,type,createdfromcode,statecode,membercount",
+                                "$filter": "listname eq 'Counted'"})
+    assert [(v["listid"], v["membercount"], v["type"], v["statecode"]) for v in r.json()["value"]] == [
+        (lid, 1, False, 0)]
+    assert dv.sandbox.state("dynamics365")["lists"][lid]["membercount"] == 1
+
+
+def test_members_paging_and_inactive_contacts(dv):
+    ids = dv.create_contacts(7, prefix="pg")
+    lid = dv.info["marketing_list_id"]
+    assert dv.session.patch(dv.api + f"contacts({ids[6]})", json={"statecode": 1, "statuscode": 2},
+                            timeout=10).status_code == 204
+
+    def add(members):
+        return dv.post("AddListMembersList", {"List": {"@odata.type": NS + "list", "listid": lid}, "Members": [
+            {"@odata.type": NS + "contact", "contactid": c} for c in members]})
+
+    assert add(ids).status_code == 204              # the inactive contact is left out (skip_inactive_members)
+    seen, url = [], dv.api + f"lists({lid})/listcontact_association?$select=contactid"
+    while url:
+        r = dv.session.get(url, headers={"Prefer": "odata.maxpagesize=2"}, timeout=10)
+        seen += [v["contactid"] for v in r.json()["value"]]
+        url = r.json().get("@odata.nextLink")
+    assert sorted(seen) == sorted(ids[:6])
+    seen, url = [], dv.api + f"listmembers?$filter=_listid_value eq {lid}&$select=_entityid_value"
+    while url:
+        r = dv.session.get(url, headers={"Prefer": "odata.maxpagesize=4"}, timeout=10)
+        assert r.status_code == 200, r.text
+        seen += [v["_entityid_value"] for v in r.json()["value"]]
+        url = r.json().get("@odata.nextLink")
+    assert sorted(seen) == sorted(ids[:6])
+    dv.config(skip_inactive_members=False)
+    assert add([ids[6]]).status_code == 204
+    assert len(dv.sandbox.state("dynamics365")["lists"][lid]["members"]) == 7
+
+
+def test_official_dataverse_client(dv, monkeypatch):
+    """Microsoft's own Python client (powerplatform-dataverse-client) against the sandbox: only its URL and CA."""
+    azure_identity = pytest.importorskip("azure.identity")
+    dataverse = pytest.importorskip("PowerPlatform.Dataverse.client")
+    filters = pytest.importorskip("PowerPlatform.Dataverse.models.filters")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", dv.sandbox.info["ca_bundle"])
+    monkeypatch.setenv("SSL_CERT_FILE", dv.sandbox.info["ca_bundle"])
+    info = dv.info
+    host = info["authority"].split("/login/", 1)[0]
+    cred = azure_identity.ClientSecretCredential(info["tenant_id"], info["client_id"], info["client_secret"],
+                                                 authority=host + "/login", disable_instance_discovery=True)
+    client = dataverse.DataverseClient(info["base_url"], cred)
+    cid = client.records.create("contact", {"firstname": "Ada", "lastname": "Lovelace",
+                                            "emailaddress1": "ada@example.com"})
+    rec = client.records.retrieve("contact", cid, select=["firstname", "emailaddress1"])
+    assert rec["firstname"] == "Ada" and rec["emailaddress1"] == "ada@example.com"
+    client.records.update("contact", cid, {"lastname": "King"})
+    assert client.records.retrieve("contact", cid, select=["lastname"])["lastname"] == "King"
+    more = client.records.create("contact", [{"firstname": f"B{i}", "emailaddress1": f"b{i}@example.com"}
+                                             for i in range(3)])
+    assert len(more) == 3
+    found = client.records.list("contact", select=["emailaddress1"], filter="startswith(emailaddress1,'b')",
+                                page_size=2)
+    assert sorted(r["emailaddress1"] for r in found) == [f"b{i}@example.com" for i in range(3)]
+    # the client's own filter builder: unquoted datetimes and GUIDs, In with double-quoted values
+    col = filters.col
+    since = datetime.now(UTC) - timedelta(hours=1)
+    found = client.records.list("contact", select=["contactid"],
+                                filter=(col("modifiedon") >= since) & col("contactid").in_([cid, more[0]]))
+    assert sorted(r["contactid"] for r in found) == sorted([cid, more[0]])
+    found = client.records.list("contact", select=["contactid"], filter=col("contactid") == uuid.UUID(more[1]))
+    assert [r["contactid"] for r in found] == [more[1]]
+    found = client.records.list("contact", select=["contactid"],
+                                filter=col("modifiedon") > datetime.now(UTC) + timedelta(days=1))
+    assert len(found) == 0
