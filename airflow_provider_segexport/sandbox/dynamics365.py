@@ -20,7 +20,8 @@ alternate key, ``If-Match: *`` / ``If-None-Match: *``) / delete; ``CreateMultipl
 id, nothing added; members already on the list are skipped), bound ``AddMemberList`` and
 ``RemoveMemberList``, ``lists(<id>)/listcontact_association`` (read, ``$ref`` associate / disassociate);
 ``$batch`` (multipart/mixed, at most 1,000 requests, change sets all-or-nothing with ``Content-ID``
-/ ``$n`` references, ``Prefer: odata.continue-on-error``). Errors use ``{"error": {"code", "message"}}``.
+/ ``$n`` references, ``Prefer: odata.continue-on-error``); ``RemoveListMembersList``; ``EntityDefinitions``
+(table and attribute metadata, option sets). Errors use ``{"error": {"code", "message"}}``.
 
 Service protection (per application user, sliding window): number of requests (``0x80072322``),
 combined execution time (``0x80072321``, measured as wall time including the latency model) and
@@ -35,6 +36,67 @@ Configurable (class attributes, ``seed["dynamics365"]["config"]`` or ``POST /_sa
 ``remove_member_entity_id`` (``record``: RemoveMemberList's ``EntityId`` is the contact id;
 ``listmember``: it is the listmemberid; ``either``), ``remove_member_list_available`` (True),
 ``application_user`` (True; False -> 403 ``0x80072560`` for every call).
+
+More configuration: ``strict_literal_types`` (True: a quoted string compared with a Guid or DateTimeOffset
+column is refused as ODataLib does; False: converted, the sandbox's old behaviour), ``max_url_length`` (32768),
+``max_batch_url_length`` (65536, a GET inside ``$batch``), ``max_url_segment_length`` (260).
+
+Sources per behaviour (MS = learn.microsoft.com/power-apps/developer/data-platform/, repo
+MicrosoftDocs/powerapps-docs ``powerapps-docs/developer/data-platform/``; DV-sdk =
+microsoft/PowerPlatform-DataverseClient-Python 1.1.0; "inferred" = not documented, chosen and configurable
+where it matters):
+
+- ``$filter`` literals: GUIDs and ``Edm.DateTimeOffset`` (``2024-01-01T00:00:00Z``, fractional seconds,
+  ``+01:00`` offsets) and ``Edm.Date`` (``2024-01-01``, compared as midnight UTC: inferred) are unquoted, as
+  DV-sdk ``models/filters.py`` ``_format_value`` writes them and OData v4 ABNF defines them. A quoted value is
+  an ``Edm.String``; against a Guid/DateTimeOffset column (or an unquoted Guid against a string column) the
+  answer is 400 ``0x80060888`` "A binary operator with incompatible types was detected. Found operand types
+  'Edm.DateTimeOffset' and 'Edm.String' for operator kind 'GreaterThanOrEqual'." — ODataLib's wording as
+  reported in OData/ODataLib users' issues (e.g. rosostolato/odata-fluent-query#3, XrmDefinitelyTyped#35 for
+  Dynamics); the code ``0x80060888`` is the one Dataverse uses for its other $filter/$select errors (inferred
+  here). Caveat: MS ``webapi/query/filter-rows.md`` shows ``_owninguser_value eq '<systemuserid value>'``
+  (quoted) in one example, so Dataverse may be lenient for lookups; ``strict_literal_types=False`` emulates
+  that. Unbalanced quotes: "There is an unterminated literal at position N in '…'" (filter-rows.md).
+- ``Microsoft.Dynamics.CRM.In``/``NotIn``: ``PropertyValues`` is a JSON array (double-quoted values, what
+  DV-sdk ``_InFilter.to_odata`` emits; single-quoted values also read), parameter aliases
+  ``In(PropertyName=@p1,PropertyValues=@p2)&@p1='lastname'&@p2=["OBrian",…]`` and the documented error for a
+  single-quoted value containing ``'``: "Invalid JSON. A comma character ',' was expected in scope 'Array'. …"
+  (filter-rows.md "Manage single quotes"); the same error for unquoted GUIDs in the array
+  (context-and-oss/XrmDefinitelyTyped#309). Values are converted to the column's type. No documented limit on
+  the number of values: the URL length limit below is what bounds it.
+- URL limits: "The maximum length of URL accepted is 32 KB (32768 characters)… inside the body of a $batch
+  request … URLs up to 64 KB (65,536 characters)", and a URL segment over 260 characters gives "400 Bad
+  Request - Invalid URL" (MS ``webapi/compose-http-requests-handle-errors.md`` "Maximum URL length",
+  "Maximum OData Segment length"; ``fetchxml/retrieve-data.md``). The status/body for an over-long URL is not
+  documented: the sandbox answers HTTP.sys's page "HTTP Error 414. The request URL is too long." (inferred),
+  and HTTP.sys's "HTTP Error 400. The request URL is invalid." for a long segment. Neither counts toward
+  service protection (refused before the Web API).
+- ``EntityDefinitions`` (GET only): collection with ``$select``/``$filter`` (``LogicalName eq 'contact'``),
+  ``EntityDefinitions(LogicalName='x')`` / ``(MetadataId)``, ``…/Attributes`` (``$select``, ``$filter``),
+  ``…/Attributes(LogicalName='x')``, the casts ``…/Attributes/Microsoft.Dynamics.CRM.PicklistAttributeMetadata``
+  / ``StateAttributeMetadata`` / ``StatusAttributeMetadata`` with ``$expand=OptionSet`` or
+  ``OptionSet($select=Options)``, and ``…/Keys`` (MS ``webapi/query-metadata-web-api.md``; DV-sdk
+  ``data/_odata.py`` ``_entity_set_from_schema_name``, ``_bulk_fetch_picklists``). statecode/statuscode are
+  State/Status attributes (not Picklist) as in Dataverse; their labels come from the table references. The
+  metadata API does not page (DV-sdk comment). Object type codes from the table references; custom tables'
+  codes, MetadataIds (stable uuid5) and the 404 wording for an unknown table are inferred.
+- ``list.membercount`` is computed from the membership, so every add/remove path (AddListMembersList,
+  AddMemberList, ``$ref`` associate/disassociate, RemoveMemberList, RemoveListMembersList, DELETE listmembers,
+  contact deletion, change-set rollback) keeps it right; it is read-only ("Shows the sum of all members in the
+  marketing list", IsValidForCreate/IsValidForUpdate False — list entity reference) and a value sent on
+  create/update is ignored, as the platform ignores read-only columns (inferred: not documented for this
+  column).
+- ``AddListMembersList`` (MS ``webapi/reference/addlistmemberslist``: parameters ``List``/``Members``, "does not
+  return a value"): what happens with unknown, inactive or already-present members is not documented. The
+  sandbox refuses the whole call with 404 naming the first unknown contact (FakeXrmEasy's executor does the
+  same: secondary), skips already-present members, and skips inactive contacts while
+  ``skip_inactive_members`` (the list's ``ignoreinactivelistmembers`` default is true). ``RemoveListMembersList``
+  (an action listed for the list table in the Dynamics 365 table reference) takes the same body; members not
+  on the list are skipped (inferred).
+- Service protection codes, messages and ``Retry-After`` (MS ``api-limits.md``), paging cookie and
+  ``Preference-Applied`` (MS ``webapi/query/page-results.md``), ``$batch`` (MS
+  ``webapi/execute-batch-operations-using-web-api.md``), token lifetime: ``sandbox.token_ttl`` (admin
+  ``/_sandbox/token-ttl``; msal re-requests a token when fewer than 5 minutes remain).
 
 Seed: ``{"contacts": [{"contactid", "emailaddress1", "firstname", "lastname", ...}],
 "lists": [{"listid", "listname", "createdfromcode", "type", "members": [contactid]}], "config": {...}}``.
