@@ -211,5 +211,6 @@ def get_provider_info() -> dict:
         ],
         "connection-types": _connection_types(),
         "extra-links": ["airflow_provider_segexport.links.MailchimpAudienceLink",
-                        "airflow_provider_segexport.links.CampaignMonitorListLink"],
+                        "airflow_provider_segexport.links.CampaignMonitorListLink",
+                        "airflow_provider_segexport.links.DynamicsMarketingListLink"],
     }

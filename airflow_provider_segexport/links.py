@@ -30,3 +30,18 @@ class CampaignMonitorListLink(BaseOperatorLink):
         from airflow.sdk.execution_time.xcom import XCom
 
         return XCom.get_value(ti_key=ti_key, key=CAMPAIGN_MONITOR_LIST_URL_KEY) or ""
+
+
+DYNAMICS_LIST_URL_KEY = "dynamics365_marketing_list_url"
+
+
+class DynamicsMarketingListLink(BaseOperatorLink):
+    """Opens the segment's marketing list in Dynamics 365 (the marketing lists view when the export had several
+    segments). The operator pushes the URL."""
+
+    name = "Dynamics 365 marketing list"
+
+    def get_link(self, operator, *, ti_key) -> str:
+        from airflow.sdk.execution_time.xcom import XCom
+
+        return XCom.get_value(ti_key=ti_key, key=DYNAMICS_LIST_URL_KEY) or ""

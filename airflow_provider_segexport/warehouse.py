@@ -61,7 +61,8 @@ Tables
 ``dynamics365_contacts(contactid, email, first_name, last_name, customer_id)``
     The contacts that exist in Dynamics 365: ~98 % of profiles (their ``dataverse_contact_id``). The
     other ~2 % have a ``dataverse_contact_id`` no contact has, so a Dynamics 365 export rejects them
-    with "contact not found". Names are cut to 50 characters (Dataverse's column size). The view
+    with "contact not found". 1 in 500 contacts (the customers whose number is 23 modulo 500) is
+    inactive (``statecode`` 1). Names are cut to 50 characters (Dataverse's column size). The view
     ``dataverse_contact_exists(customer_id, dataverse_contact_id, contact_exists)`` has one row per
     profile.
 ``segment_definitions(name, description, predicate, destinations)``
@@ -130,6 +131,8 @@ CAMPAIGN_MONITOR_STATES = (("Unsubscribed", 0.010),)
 POSITIONAL_STATES = (("mailchimp", "archived", 1000, 57), ("mailchimp", "forgotten", 3000, 101),
                      ("campaign_monitor", "Bounced", 2000, 211))
 DYNAMICS_MISSING_RATE = 0.02
+#: 1 in INACTIVE_CONTACT_EVERY existing contacts (by customer number) is inactive (statecode 1)
+INACTIVE_CONTACT_EVERY, INACTIVE_CONTACT_OFFSET = 500, 23
 
 SEGMENTS: list[dict[str, Any]] = [
     {
@@ -213,7 +216,8 @@ CREATE TABLE dynamics365_contacts (
     email TEXT,
     first_name TEXT,
     last_name TEXT,
-    customer_id TEXT
+    customer_id TEXT,
+    statecode INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE segment_definitions (
     name TEXT PRIMARY KEY,
@@ -801,6 +805,9 @@ def _destination_tables(conn: sqlite3.Connection) -> None:
         WHERE customer_id NOT IN (SELECT customer_id FROM temp.picks WHERE destination = 'dynamics365')
         ORDER BY customer_id
     """)
+    # Deactivated contacts, at fixed positions (every build of 1,000 profiles or more has some).
+    conn.execute(f"UPDATE dynamics365_contacts SET statecode = 1 WHERE CAST(substr(customer_id, 2) AS INTEGER) "
+                 f"% {INACTIVE_CONTACT_EVERY} = {INACTIVE_CONTACT_OFFSET}")
     # Indexed after the insert: GUIDs arrive in random order, and building the index by sorting is faster.
     conn.execute("CREATE UNIQUE INDEX dynamics365_contacts_contactid ON dynamics365_contacts (contactid)")
 
@@ -869,9 +876,9 @@ def _seed_parts(conn: sqlite3.Connection) -> tuple[list, list, Iterator[dict]]:
             WHERE d.destination = 'campaign_monitor' ORDER BY d.customer_id""")
     ]
     contacts = (
-        {"contactid": cid, "emailaddress1": email, "firstname": first, "lastname": last}
-        for cid, email, first, last in conn.execute(
-            "SELECT contactid, email, first_name, last_name FROM dynamics365_contacts ORDER BY customer_id")
+        {"contactid": cid, "emailaddress1": email, "firstname": first, "lastname": last, "statecode": state}
+        for cid, email, first, last, state in conn.execute(
+            "SELECT contactid, email, first_name, last_name, statecode FROM dynamics365_contacts ORDER BY customer_id")
     )
     return mailchimp, campaign_monitor, contacts
 

@@ -126,7 +126,7 @@ def test_schema(conn):
         "segment_definitions": ["name", "description", "predicate", "destinations"],
         "segment_members": ["segment_name", "customer_id"],
         "segment_refresh_log": ["segment_name", "refreshed_at", "member_count"],
-        "dynamics365_contacts": ["contactid", "email", "first_name", "last_name"],
+        "dynamics365_contacts": ["contactid", "email", "first_name", "last_name", "customer_id", "statecode"],
     }.items():
         names = [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
         assert names[: len(columns)] == columns, table
@@ -330,7 +330,9 @@ def test_sandbox_seed_format(warehouse, conn, tmp_path):
     assert all(set(s) == {"EmailAddress", "Name", "State"} and s["Name"] for s in subscribers)
     contacts = seed["dynamics365"]["contacts"]
     assert len(contacts) == conn.execute("SELECT count(*) FROM dynamics365_contacts").fetchone()[0]
-    assert all(set(c) == {"contactid", "emailaddress1", "firstname", "lastname"} for c in contacts)
+    assert all(set(c) == {"contactid", "emailaddress1", "firstname", "lastname", "statecode"} for c in contacts)
+    inactive = [c for c in contacts if c["statecode"] == 1]
+    assert inactive and len(inactive) < len(contacts) / 100  # a few deactivated contacts, on purpose
     assert all(uuid.UUID(c["contactid"]).version == 5 for c in contacts[:100])
     dest = {(d, e) for d, e in conn.execute("SELECT destination, email FROM destination_state")}
     assert {("mailchimp", m["email_address"]) for m in members} | {

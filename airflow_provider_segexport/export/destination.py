@@ -151,7 +151,8 @@ class Destination:
     #: False the key is the record's email, else its source key
     has_member_key = False
     #: ``send`` sets ``Record.dest_key`` on each record it confirms to the key the vendor assigned (e.g. a
-    #: contact ID); the export state keeps that key for mirror removals instead of :meth:`member_key`'s
+    #: contact ID); the export state keeps that key for mirror removals instead of :meth:`member_key`'s. A
+    #: record the state already holds reaches :meth:`prepare_many` with the key stored last time in ``dest_key``
     assigns_keys = False
     #: ``send`` only queues the work (outcome ``planned``) and the vendor confirms it after the engine
     #: returned (deferrable mode): :meth:`deferred_outcomes` reads the results and
@@ -159,6 +160,10 @@ class Destination:
     confirms_later = False
     #: members who left the segment are removed (:meth:`remove_members`); needs export state
     mirror = False
+    #: the destination creates or finds an object per segment (e.g. a marketing list) whose ID the export state
+    #: keeps: :meth:`recall_targets` gets the remembered IDs before :meth:`preflight`, and :meth:`target_of`
+    #: is asked for each segment's ID when the segment was exported
+    remembers_targets = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -244,6 +249,19 @@ class Destination:
         :param results: what the wait returned, as the destination's operator passes it.
         """
         raise NotImplementedError
+
+    def recall_targets(self, targets: dict[str, str | None]) -> None:
+        """``remembers_targets``: the IDs the export state remembers, per segment (None: none yet).
+
+        :param targets: segment name -> remembered ID or None.
+        """
+
+    def target_of(self, segment: Segment) -> str | None:
+        """``remembers_targets``: the ID of the object the segment was exported to, for the export state.
+
+        :param segment: a segment exported by this run.
+        """
+        return None
 
     def http_stats(self) -> dict[str, int]:
         """Counters of the HTTP layer (calls, retries, throttling) for the summary."""

@@ -192,6 +192,8 @@ class ExportEngine:
         if self.state is not None:
             for seg in self.segments:
                 self._scope_ids[seg.name] = self.state.scope_id(seg.name)
+            if d.remembers_targets:
+                d.recall_targets({seg.name: self.state.target(self._scope_ids[seg.name]) for seg in self.segments})
         # While the destination is checked, the segments are counted (one query each, in the database) and the
         # first segment's rows start streaming in; on a repeat export the counts are awaited only before the
         # first send.
@@ -351,7 +353,16 @@ class ExportEngine:
                 row_number += len(rows)
                 if sid is not None and records:  # unchanged since the last confirmed export: not converted at all
                     records = self._delta(ctx, records)
+                    if d.assigns_keys and records and prev_members:  # the key the vendor assigned last time
+                        stored = self.state.keys(sid, [r.member for r in records])
+                        if stored:
+                            for r in records:
+                                r.dest_key = stored.get(r.member)
                 if prepare and records:
+                    if self._totals is None and d.max_per_segment is not None:
+                        # a destination with a per-segment limit may look members up at the vendor while it
+                        # converts them: the limits come first
+                        stats.total = progress.total = self._counts()[seg.name]
                     records, refused = d.prepare_many(records)
                     if refused:
                         rejects = sorted(rejects + refused, key=row_of) if rejects else refused
@@ -394,6 +405,8 @@ class ExportEngine:
             self._on_not_sent(ctx, batch)
         sender.wait()
         if self._failure is None and sid is not None:
+            if d.remembers_targets and not self.dry_run and (target := d.target_of(seg)) is not None:
+                self.state.set_target(sid, target, self.run_id)
             self._finish_state(seg, sid, total, prev_members, stats)
             if self.changes is not None:
                 self.changes.advance(seg.name, sid, since, high)

@@ -29,6 +29,8 @@ INVALID_VALUE = "invalid_value"
 VENDOR_REJECTED = "vendor_rejected"
 PREVIOUSLY_REFUSED = "previously_refused"
 NOT_SENT = "not_sent"
+CONTACT_NOT_FOUND = "contact_not_found"
+CONTACT_INACTIVE = "contact_inactive"
 
 REASONS = {
     MISSING_KEY: "the row has no value in the key column",
@@ -41,6 +43,8 @@ REASONS = {
     VENDOR_REJECTED: "the destination refused the member",
     PREVIOUSLY_REFUSED: "the destination refused this member permanently in an earlier run",
     NOT_SENT: "the export stopped before the destination confirmed this member",
+    CONTACT_NOT_FOUND: "no contact in Dynamics 365 has this ID (or matches this value); contacts are never created",
+    CONTACT_INACTIVE: "the Dynamics 365 contact is inactive",
 }
 
 EMAIL_MAX_LENGTH = 254

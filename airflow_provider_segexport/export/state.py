@@ -290,6 +290,15 @@ class ExportStateBackend(ABC):
         """Record the watermark after every row changed up to it was confirmed (or refused) by the
         destination."""
 
+    @abstractmethod
+    def target(self, scope_id: int) -> str | None:
+        """The destination object the segment was last exported to, as the destination identified it (e.g. the
+        ID of the marketing list it created), or None."""
+
+    @abstractmethod
+    def set_target(self, scope_id: int, value: str, run_id: str) -> None:
+        """Remember the destination object of the segment (see :meth:`target`)."""
+
     def snapshot(self, scope_id: int, run_id: str) -> StateSnapshot:
         """Every member's (fingerprint, confirmed by ``run_id``?) of a segment, in memory (17 bytes a member),
         for the lookups of a delta run: one ordered read instead of an indexed query per chunk of rows."""
@@ -346,6 +355,7 @@ class ExportState(ExportStateBackend):
             CREATE TABLE IF NOT EXISTS watermarks (scope_id INTEGER PRIMARY KEY, column_name TEXT NOT NULL,
                 value TEXT NOT NULL, salt BLOB NOT NULL, run TEXT);
             CREATE TABLE IF NOT EXISTS runs (id INTEGER PRIMARY KEY, run TEXT NOT NULL UNIQUE);
+            CREATE TABLE IF NOT EXISTS targets (scope_id INTEGER PRIMARY KEY, value TEXT NOT NULL, run TEXT);
             """
         )
         self._numbers: dict[str, int] = {}  # run id -> its row in runs
@@ -519,6 +529,15 @@ class ExportState(ExportStateBackend):
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO watermarks VALUES (?, ?, ?, ?, ?)",
                              (scope_id, watermark.column, watermark.value, watermark.salt, run_id))
+
+    def target(self, scope_id: int) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM targets WHERE scope_id = ?", (scope_id,)).fetchone()
+        return row[0] if row else None
+
+    def set_target(self, scope_id: int, value: str, run_id: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO targets VALUES (?, ?, ?)", (scope_id, value, run_id))
 
     def lookup(self, scope_id: int, members: list[int]) -> dict[int, tuple[int, str | None]]:
         """member -> (fingerprint, confirmed_run) for the members that have state."""
@@ -851,6 +870,19 @@ class SqlConnectionExportState(ExportStateBackend):
             self.watermarks.create(self._engine, checkfirst=True)
         except sa.exc.DBAPIError as exc:
             self._watermarks_error = exc
+        # The destination objects (e.g. Dynamics 365 marketing lists) came later too: without the table (a role
+        # that may not create it) a destination finds its objects by name instead.
+        self.targets = sa.Table(
+            f"{table_prefix}targets", sa.MetaData(),
+            sa.Column("scope_id", sa.BigInteger, primary_key=True, autoincrement=False),
+            sa.Column("value", sa.Text, nullable=False),
+            sa.Column("run", sa.String(250)),
+        )
+        try:
+            self.targets.create(self._engine, checkfirst=True)
+            self._has_targets = True
+        except sa.exc.DBAPIError:
+            self._has_targets = False
         self._confirm_stmt = self._upsert_statement()
         self._lookup_stmt = self._pg_lookup_statement() if self.dialect == "postgresql" else None
         self._written: dict[int, int] = {}  # rows confirmed or forgotten per scope id (see set_last_count)
@@ -966,6 +998,22 @@ class SqlConnectionExportState(ExportStateBackend):
         with self._engine.begin() as conn:  # one writer per segment at a time (the task): update, else insert
             if not conn.execute(sa.update(w).where(w.c.scope_id == scope_id).values(**values)).rowcount:
                 conn.execute(sa.insert(w).values(scope_id=scope_id, **values))
+
+    def target(self, scope_id: int) -> str | None:
+        if not self._has_targets:
+            return None
+        t = self.targets
+        with self._engine.connect() as conn:
+            row = conn.execute(sa.select(t.c.value).where(t.c.scope_id == scope_id)).first()
+        return row[0] if row else None
+
+    def set_target(self, scope_id: int, value: str, run_id: str) -> None:
+        if not self._has_targets:
+            return
+        t = self.targets
+        with self._engine.begin() as conn:  # one writer per segment at a time (the task): update, else insert
+            if not conn.execute(sa.update(t).where(t.c.scope_id == scope_id).values(value=value, run=run_id)).rowcount:
+                conn.execute(sa.insert(t).values(scope_id=scope_id, value=value, run=run_id))
 
     def _analyze(self) -> None:
         """Refresh the planner's statistics after a run wrote many rows (a segment's end, once per run).

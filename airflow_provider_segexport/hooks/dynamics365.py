@@ -1,17 +1,28 @@
 """Dynamics 365 (Dataverse Web API v9.2) with Microsoft Entra ID client-credentials tokens (msal).
 
-The marketing-list destination comes with its own issue; today the hook gets a token (cached by
-msal, refreshed on expiry or after a 401) and tests the connection with WhoAmI.
+The hook gets a token (cached by msal, refreshed after a 401: a token expiring mid-export), tests the
+connection with WhoAmI, and has the endpoints the Dynamics 365 Sales marketing-list export uses: contacts read
+in bulk (``Microsoft.Dynamics.CRM.In``), static marketing lists (``lists``) found, read and created, members
+added with ``AddListMembersList`` and removed by disassociating them. Limits: ``shared/API-FACTS.md`` section 3.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import threading
+from collections.abc import Iterable, Iterator
 from functools import cached_property
 from typing import Any
 
 from airflow_provider_segexport.hooks.base import SegexportBaseHook
-from airflow_provider_segexport.http import RequestBudget, VendorAuthError, VendorSession
+from airflow_provider_segexport.http import (
+    RequestBudget,
+    VendorAPIError,
+    VendorAuthError,
+    VendorSession,
+    encode_json,
+)
 
 API_PATH = "/api/data/v9.2"
 #: Dataverse service protection: 52 concurrent requests per user
@@ -19,7 +30,34 @@ MAX_CONCURRENCY = 52
 #: Dataverse service protection: 6,000 requests per user in a sliding window of 300 seconds
 SERVICE_PROTECTION_REQUESTS = 6000
 SERVICE_PROTECTION_WINDOW_S = 300.0
+#: the Customer Insights export's limit: members per segment (marketing list)
 MAX_PER_SEGMENT = 100_000
+#: members per AddListMembersList call. The action documents no maximum; Microsoft's guidance for bulk
+#: operations is 100 to 1,000 records a call (bulk-operations: "start around 100-1,000"), a call must finish
+#: within the server's ~2-minute timeout, and each call's execution time counts against the 20 minutes per
+#: 5 minutes of the service-protection budget: 1,000, the largest the guidance names.
+ADD_MEMBERS_MAX = 1000
+#: contact IDs per ``Microsoft.Dynamics.CRM.In`` query: ~45 URL characters each once encoded, well inside the
+#: 32,768 characters a Dataverse URL may have
+IN_FILTER_MAX = 250
+#: rows per page (``Prefer: odata.maxpagesize``; 5,000 is Dataverse's maximum and default)
+PAGE_MAX = 5000
+#: calls in flight by default: a modest share of the 52 concurrent requests Dataverse allows a user
+DEFAULT_CONCURRENCY = 4
+#: list.createdfromcode of a list of contacts
+MEMBER_TYPE_CONTACT = 2
+_GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+_ENTITY_ID = re.compile(r"\(([0-9a-fA-F-]{36})\)\s*$")
+
+
+def is_guid(value: str) -> bool:
+    """Whether ``value`` is a GUID as Dataverse writes them (8-4-4-4-12 hexadecimal digits)."""
+    return bool(_GUID.match(value))
+
+
+def odata_string(value: str) -> str:
+    """An OData string literal: in single quotes, a single quote doubled."""
+    return "'" + value.replace("'", "''") + "'"
 
 
 class _VerifyingSession:
@@ -143,3 +181,115 @@ class Dynamics365Hook(SegexportBaseHook):
     def _check_connection(self) -> str:
         who = self.http.get_json("/WhoAmI")
         return f"Connected to Dataverse as user {who.get('UserId')} (organization {who.get('OrganizationId')})"
+
+    # -- reading in bulk ----------------------------------------------------------------------------
+    def paged(self, path: str, params: dict[str, Any] | None = None, page_size: int = PAGE_MAX) -> Iterator[dict]:
+        """Every row of a query, page by page (``Prefer: odata.maxpagesize``, ``@odata.nextLink`` followed as given).
+
+        :param path: the entity set or navigation path, e.g. ``contacts``.
+        :param params: ``$select``, ``$filter``...
+        :param page_size: rows per page (at most 5,000).
+        """
+        headers = {"Prefer": f"odata.maxpagesize={min(page_size, PAGE_MAX)}"}
+        page = self.http.get_json(path, params=params, headers=headers)
+        while True:
+            yield from page.get("value") or []
+            next_link = page.get("@odata.nextLink")
+            if not next_link:
+                return
+            if not next_link.startswith(self.base_url):  # never send the token elsewhere
+                raise VendorAPIError(self.vendor, None, "the next page's link points outside the environment")
+            page = self.http.get_json(next_link, headers=headers)
+
+    def contacts_where_in(self, attribute: str, values: Iterable[str], select: str = "contactid,statecode"
+                          ) -> Iterator[dict]:
+        """The contacts whose ``attribute`` is one of ``values``, read with ``Microsoft.Dynamics.CRM.In`` in
+        queries of :data:`IN_FILTER_MAX` values.
+
+        :param attribute: a contact column, e.g. ``contactid`` or ``emailaddress1``.
+        :param values: the values to look for.
+        :param select: the columns to read.
+        """
+        values = list(values)
+        for i in range(0, len(values), IN_FILTER_MAX):
+            chunk = values[i: i + IN_FILTER_MAX]
+            # PropertyValues is a JSON array: double-quoted values (a single quote inside one is then plain text)
+            in_filter = (f"Microsoft.Dynamics.CRM.In(PropertyName={odata_string(attribute)},PropertyValues="
+                         + json.dumps([str(v) for v in chunk], ensure_ascii=False, separators=(",", ":")) + ")")
+            yield from self.paged("contacts", {"$select": select, "$filter": in_filter})
+
+    # -- marketing lists ------------------------------------------------------------------------------
+    _LIST_COLUMNS = "listid,listname,type,createdfromcode,statecode,lockstatus,membercount"
+
+    def get_list(self, list_id: str) -> dict | None:
+        """A marketing list's columns, or None when it no longer exists.
+
+        :param list_id: the list's ID.
+        """
+        response = self.http.request("GET", f"lists({list_id})", params={"$select": self._LIST_COLUMNS},
+                                     expected=(404,))
+        return None if response.status_code == 404 else response.json()
+
+    def find_lists(self, name: str) -> list[dict]:
+        """The marketing lists named ``name`` (any type, active or not).
+
+        :param name: the list's name.
+        """
+        return list(self.paged("lists", {"$select": self._LIST_COLUMNS,
+                                         "$filter": f"listname eq {odata_string(name)}"}))
+
+    def create_list(self, name: str, description: str = "") -> str:
+        """Create a static marketing list of contacts; return its ID.
+
+        :param name: the list's name (at most 128 characters).
+        :param description: shown on the list.
+        """
+        body = {"listname": name, "createdfromcode": MEMBER_TYPE_CONTACT, "type": False, "description": description}
+        response = self.http.request("POST", "lists", data=encode_json(body),
+                                     headers={"Content-Type": "application/json"})
+        found = _ENTITY_ID.search(response.headers.get("OData-EntityId", ""))
+        if found:
+            return found.group(1).lower()
+        return str(response.json()["listid"]).lower()
+
+    def list_member_ids(self, list_id: str) -> Iterator[str]:
+        """The contact IDs on a marketing list (paged).
+
+        :param list_id: the list's ID.
+        """
+        for row in self.paged(f"lists({list_id})/listcontact_association", {"$select": "contactid"}):
+            yield str(row["contactid"]).lower()
+
+    def add_list_members(self, list_id: str, contact_ids: list[str]) -> None:
+        """``AddListMembersList``: add contacts to a static marketing list in one call.
+
+        :param list_id: the list's ID.
+        :param contact_ids: at most :data:`ADD_MEMBERS_MAX` contact IDs.
+        """
+        if len(contact_ids) > ADD_MEMBERS_MAX:
+            raise ValueError(f"at most {ADD_MEMBERS_MAX} members per AddListMembersList")
+        body = {"List": {"@odata.type": "Microsoft.Dynamics.CRM.list", "listid": list_id},
+                "Members": [{"@odata.type": "Microsoft.Dynamics.CRM.contact", "contactid": c} for c in contact_ids]}
+        # Adding a contact that is already a member changes nothing: repeating the call after a lost answer is safe.
+        self.http.request("POST", "AddListMembersList", data=encode_json(body), idempotent=True,
+                          headers={"Content-Type": "application/json"})
+
+    def remove_list_member(self, list_id: str, contact_id: str) -> bool:
+        """Take a contact off a marketing list (the N:N disassociation; the contact is not touched); False when
+        it was not a member.
+
+        :param list_id: the list's ID.
+        :param contact_id: the contact's ID.
+        """
+        response = self.http.request("DELETE", f"lists({list_id})/listcontact_association({contact_id})/$ref",
+                                     expected=(404,))
+        return response.status_code != 404
+
+    def list_url(self, list_id: str | None = None) -> str:
+        """A marketing list in the Dynamics 365 web app (the lists view without an ID).
+
+        :param list_id: the list's ID.
+        """
+        if list_id:
+            return f"{self.environment_url}/main.aspx?pagetype=entityrecord&etn=list&id={list_id}"
+        return f"{self.environment_url}/main.aspx?pagetype=entitylist&etn=list"
