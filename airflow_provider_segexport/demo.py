@@ -85,6 +85,15 @@ def configure_airflow(env: dict, info: dict, warehouse_path: Path) -> None:
             "extra": json.dumps({"api_key": info["mailchimp"]["api_key"], "ca_bundle": info["ca_bundle"],
                                  "data_privacy_acknowledged": True}),
         },
+        "dynamics365_default": {
+            "conn_type": "dynamics365", "host": info["dynamics365"]["base_url"], "port": 0,
+            "description": "Dynamics 365 / Dataverse (local sandbox)",
+            "extra": json.dumps({"tenant_id": info["dynamics365"]["tenant_id"],
+                                 "client_id": info["dynamics365"]["client_id"],
+                                 "client_secret": info["dynamics365"]["client_secret"],
+                                 "authority": info["dynamics365"]["authority"], "ca_bundle": info["ca_bundle"],
+                                 "data_privacy_acknowledged": True}),
+        },
         "campaign_monitor_default": {
             "conn_type": "campaign_monitor", "host": info["campaign_monitor"]["base_url"], "port": 0,
             "description": "Campaign Monitor (local sandbox)",
@@ -114,9 +123,11 @@ def configure_airflow(env: dict, info: dict, warehouse_path: Path) -> None:
           "Mailchimp: 10 simultaneous connections per API key"], env)
     _run([airflow, "pools", "set", "campaign_monitor_default", "4",
           "Campaign Monitor: import calls in flight per API key"], env)
-    print("• Airflow: connections segexport_warehouse, mailchimp_default and campaign_monitor_default, variables "
-          "mailchimp_audience_id and campaign_monitor_list_id, pools mailchimp_default (10 slots) and "
-          "campaign_monitor_default (4 slots)", flush=True)
+    _run([airflow, "pools", "set", "dynamics365_default", "4",
+          "Dynamics 365: calls in flight (Dataverse allows 52 concurrent requests per user)"], env)
+    print("• Airflow: connections segexport_warehouse, mailchimp_default, campaign_monitor_default and "
+          "dynamics365_default, variables mailchimp_audience_id and campaign_monitor_list_id, pools "
+          "mailchimp_default (10 slots), campaign_monitor_default (4) and dynamics365_default (4)", flush=True)
 
 
 def show_destinations(info: dict) -> None:
@@ -146,6 +157,12 @@ def show_destinations(info: dict) -> None:
         print(f"\nCampaign Monitor list {list_id} ({lst['title']}) now holds {len(subs):,} subscribers")
         print("  by state:   " + ", ".join(f"{k} {v:,}" for k, v in sorted(lst["counts"].items()) if v))
         print("  by segment: " + ", ".join(f"{k} {v:,}" for k, v in sorted(by_segment.items())))
+    state = session.get(info["admin_url"] + "/state/dynamics365", timeout=60).json()
+    lists = {v["listname"]: v for v in state["lists"].values() if v["listname"].startswith("Segment: ")}
+    print(f"\nDynamics 365 ({state['contacts']:,} contacts, none created or changed) now has {len(lists)} "
+          "marketing list(s) from the export")
+    for name, lst in sorted(lists.items()):
+        print(f"  {name:<28} {lst['membercount']:>6,} members")
     counts = session.get(info["admin_url"] + "/requests", timeout=60).json()["counts"]
     print("  requests the sandbox received: " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
 
@@ -170,7 +187,8 @@ def show_summary(env: dict) -> bool:
     data = json.loads(result.stdout.strip().splitlines()[-1])
     print(f"\nDAG run state: {data['state']}")
     summaries = {name: data["xcom"].get(task) for name, task in (("Mailchimp", "export_mailchimp"),
-                                                                 ("Campaign Monitor", "export_campaign_monitor"))}
+                                                                 ("Campaign Monitor", "export_campaign_monitor"),
+                                                                 ("Dynamics 365 Sales", "export_dynamics_sales"))}
     for name, summary in summaries.items():
         if not summary:
             print(f"{name} export: no summary (the task did not run or failed)")

@@ -2,8 +2,8 @@
 ### Segment export
 
 Every day: **refresh** the unified profiles' segment membership in the warehouse, then **export** the
-segments to each destination that has a connection (Mailchimp and Campaign Monitor; Dynamics 365
-Sales joins the chain when it lands), then **report** one table of what was sent.
+segments to each destination that has a connection (Mailchimp, Campaign Monitor, Dynamics 365 Sales
+marketing lists), then **report** one table of what was sent.
 
 **On demand:** press *Trigger* and fill the form: which segments, which destinations, a dry run
 (validate and count, send nothing), a full refresh. Saving or unpausing this DAG never exports by
@@ -12,10 +12,12 @@ itself: DAGs start paused, and a scheduled run only happens once you unpause it.
 Connections used (see the README): `segexport_warehouse` (the SQL database holding `segment_export`;
 by default the bundled SQLite sample warehouse), `mailchimp_default`; the Airflow Variable
 `mailchimp_audience_id` names the audience, `campaign_monitor_default` and the Variable
-`campaign_monitor_list_id` the Campaign Monitor list. A destination without a
+`campaign_monitor_list_id` the Campaign Monitor list, `dynamics365_default` the Dataverse environment (one
+marketing list per segment, named "Segment: <name>"). A destination without a
 connection is skipped with a log line. Export tasks run in a pool named after their connection
 (`mailchimp_default`, 10 slots = Mailchimp's 10 simultaneous connections; `campaign_monitor_default`,
-4 slots = the import calls this example keeps in flight) so that several DAGs and
+4 slots = the import calls this example keeps in flight; `dynamics365_default`, 4 slots of the 52
+concurrent requests Dataverse allows a user) so that several DAGs and
 workers together never exceed the vendor's limit.
 """
 
@@ -25,6 +27,7 @@ import pendulum
 from airflow.sdk import DAG, Asset, Param, task
 
 from airflow_provider_segexport.operators.campaign_monitor import CampaignMonitorSegmentExportOperator
+from airflow_provider_segexport.operators.dynamics_sales import DynamicsSalesSegmentExportOperator
 from airflow_provider_segexport.operators.mailchimp import MailchimpSegmentExportOperator
 
 WAREHOUSE_CONN_ID = "segexport_warehouse"
@@ -40,11 +43,12 @@ SEGMENT_ASSETS = {name: Asset(name=f"segment_{name}", uri=f"x-segexport://wareho
 DESTINATIONS = {
     "mailchimp": ("mailchimp_default", "export_mailchimp", 10),
     "campaign_monitor": ("campaign_monitor_default", "export_campaign_monitor", 4),
+    "dynamics_sales": ("dynamics365_default", "export_dynamics_sales", 4),
 }
 
 with DAG(
     dag_id="segment_export",
-    description="Refresh segments in the warehouse, then export them to Mailchimp and Campaign Monitor.",
+    description="Refresh segments in the warehouse, then export them to Mailchimp, Campaign Monitor and Dynamics 365.",
     doc_md=__doc__,
     schedule="@daily",
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
@@ -53,8 +57,11 @@ with DAG(
     max_active_runs=1,
     render_template_as_native_obj=True,
     default_args={"owner": "data-team", "retries": 2, "retry_delay": pendulum.duration(minutes=5),
-                  "retry_exponential_backoff": True},
-    tags=["segexport", "mailchimp", "campaign_monitor", "example"],
+                  "retry_exponential_backoff": True,
+                  # Export state in a SQL connection (several workers): the Variable segexport_state_conn_id
+                  # names it; unset, each export keeps its state in a SQLite file of its worker.
+                  "state_conn_id": "{{ var.value.get('segexport_state_conn_id', none) }}"},
+    tags=["segexport", "mailchimp", "campaign_monitor", "dynamics365", "example"],
     params={
         "segments": Param(DEFAULT_SEGMENTS, type="array", items={"type": "string", "enum": SEGMENTS},
                           title="Segments", description="Which segments to refresh-and-export."),
@@ -156,6 +163,26 @@ with DAG(
             pool="campaign_monitor_default",
             pool_slots=DESTINATIONS["campaign_monitor"][2],
             max_in_flight=DESTINATIONS["campaign_monitor"][2],
+            max_rejects_share=0.05,
+        ),
+        DynamicsSalesSegmentExportOperator(
+            task_id="export_dynamics_sales",
+            segments="{{ params.segments }}",
+            sql=EXPORT_SQL,
+            sql_conn_id=WAREHOUSE_CONN_ID,
+            # The warehouse keeps each profile's Dataverse contact ID; contacts are never created: a profile
+            # without an (active) contact is a reject.
+            contact_id_field="dataverse_contact_id",
+            list_name="Segment: {segment}",  # one static marketing list per segment
+            dry_run="{{ params.dry_run }}",
+            full_refresh="{{ params.full_refresh }}",
+            allow_large_changes="{{ params.allow_large_changes }}",
+            apply_plan="{{ params.apply_plan }}",
+            change_column="updated_at",
+            dynamics365_conn_id="dynamics365_default",
+            pool="dynamics365_default",
+            pool_slots=DESTINATIONS["dynamics_sales"][2],
+            max_in_flight=DESTINATIONS["dynamics_sales"][2],
             max_rejects_share=0.05,
         ),
     ]
