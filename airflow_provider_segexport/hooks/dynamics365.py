@@ -183,14 +183,20 @@ class Dynamics365Hook(SegexportBaseHook):
         return f"Connected to Dataverse as user {who.get('UserId')} (organization {who.get('OrganizationId')})"
 
     # -- reading in bulk ----------------------------------------------------------------------------
-    def paged(self, path: str, params: dict[str, Any] | None = None, page_size: int = PAGE_MAX) -> Iterator[dict]:
+    def paged(self, path: str, params: dict[str, Any] | None = None, page_size: int = PAGE_MAX,
+              formatted: bool = False) -> Iterator[dict]:
         """Every row of a query, page by page (``Prefer: odata.maxpagesize``, ``@odata.nextLink`` followed as given).
 
         :param path: the entity set or navigation path, e.g. ``contacts``.
         :param params: ``$select``, ``$filter``...
         :param page_size: rows per page (at most 5,000).
+        :param formatted: also read the formatted values (``<attribute>@OData.Community.Display.V1.FormattedValue``:
+            option-set labels, booleans and dates as the app shows them).
         """
-        headers = {"Prefer": f"odata.maxpagesize={min(page_size, PAGE_MAX)}"}
+        prefer = [f"odata.maxpagesize={min(page_size, PAGE_MAX)}"]
+        if formatted:
+            prefer.append('odata.include-annotations="OData.Community.Display.V1.FormattedValue"')
+        headers = {"Prefer": ",".join(prefer)}
         page = self.http.get_json(path, params=params, headers=headers)
         while True:
             yield from page.get("value") or []
