@@ -83,7 +83,14 @@ STANDARD_OTHER = {"gender": ("unknown", "male", "female"), "birthDate": None, "t
 READ_ONLY = {"PKey", "href", "created", "lastModified", "subscriptions", "title"}
 EVENT_TYPES = ("sent", "open", "click", "bounce")
 _CONFIG = ("rate_limit", "rate_period", "throttle_retry_after", "line_count_default", "big_table_threshold",
-           "unknown_fields", "by_email_filter", "allowed_scopes", "journal_default_limit", "journal_retry_after")
+           "unknown_fields", "by_email_filter", "allowed_scopes", "journal_default_limit", "journal_retry_after",
+           "validation_status", "order_check")
+FIELD_TYPES = ("string", "int", "double", "boolean", "date", "datetime")
+#: standard profile fields ``_order`` accepts (inferred: ACS tells per field with "sortable" in the metadata)
+SORTABLE_STANDARD = {"email", "firstName", "lastName", "birthDate", "created", "lastModified"}
+FILTER_OPERATORS = ("=", ">=", ">", "<=", "<")
+_OOPS = "Oops. Something went wrong. Check your URI and try again."
+_ROOTS = {"profileAndServices", "profileAndServicesExt", "customResources", "history", "workflow", "mc", "privacy"}
 _RST = "RST-360011 An error has occurred - please contact your administrator."
 
 
@@ -128,9 +135,9 @@ class Profile:
 
 
 class CampaignError(Exception):
-    def __init__(self, status: int, detail: str) -> None:
+    def __init__(self, status: int, detail: str, rst: bool = True) -> None:
         super().__init__(detail)
-        self.status, self.detail = status, detail
+        self.status, self.detail, self.rst = status, detail, rst
 
 
 class AdobeCampaignEmulator(Emulator):
@@ -150,12 +157,31 @@ class AdobeCampaignEmulator(Emulator):
     journal_default_limit = 100
     journal_retry_after = 10
 
+    validation_status = 500
+    order_check = True
+
     #: fields of the profile resource extension (only under /profileAndServicesExt) and the custom key
-    ext_fields = {"cusCustomerKey": "string", "cusSegment": "string", "cusScore": "int", "cusLastExport": "datetime"}
-    custom_key = "cusCustomerKey"
-    custom_resource = "cusSegmentMembership"
-    custom_resource_fields = {"cusSegmentId": "string", "cusEmail": "string", "cusExternalId": "string",
-                              "cusScore": "int", "cusUpdatedOn": "datetime"}
+    #: (defaults; the seed's ``profile_fields`` / ``custom_key`` and ``POST /_sandbox/adobe_campaign/schema`` add more)
+    default_profile_fields = {"cusCustomerKey": "string", "cusSegment": "string", "cusScore": "int",
+                              "cusLastExport": "datetime", "cusCrmId": {"type": "string", "length": 36}}
+    default_custom_key = "cusCustomerKey"
+    #: custom filters the customer defined in ACS on the profile (only under /profileAndServicesExt)
+    default_profile_filters = {"byExternalId": {"field": "externalId", "param": "externalId"},
+                               "byCrmId": {"field": "cusCrmId", "param": "crmId"}}
+    #: custom resources: linked to the profile (``link``) -> /profileAndServicesExt/<name>, else /customResources/<name>
+    default_custom_resources = {
+        "cusSegmentMembership": {"fields": {"cusSegmentId": "string", "cusEmail": "string", "cusExternalId": "string",
+                                            "cusScore": "int", "cusUpdatedOn": "datetime"}},
+        "cusLoyaltyCard": {"label": "Loyalty cards",
+                           "fields": {"cusCardId": {"type": "string", "length": 36},
+                                      "cusCardNumber": {"type": "string", "length": 30},
+                                      "cusTier": {"type": "string", "length": 20, "sortable": True},
+                                      "cusPoints": {"type": "int", "sortable": True},
+                                      "cusValidUntil": "date", "cusUnlinked": "boolean"},
+                           "id_field": "cusCardId", "link": "profile",
+                           "filters": {"byCardId": {"field": "cusCardId", "param": "cardId"},
+                                       "byProfile": {"field": "profile", "param": "profile"}}},
+    }
 
     def __init__(self, sandbox) -> None:
         super().__init__(sandbox)
@@ -177,15 +203,118 @@ class AdobeCampaignEmulator(Emulator):
         self.buckets: dict[str, list[float]] = {}
         self.profiles: dict[int, Profile] = {}
         self.by_email: dict[str, Any] = {}
-        self.by_ext_id: dict[str, int] = {}
-        self.by_custom_key: dict[str, int] = {}
         self.next_id = 1
-        self.resources: dict[int, dict] = {}
+        self.ext_fields: dict[str, dict] = {}
+        self.custom_key = self.default_custom_key
+        self.profile_filters: dict[str, dict] = {}
+        self.custom_resources: dict[str, dict] = {}
+        self.rows: dict[str, dict[int, dict]] = {}
+        self.row_keys: dict[str, dict[Any, int]] = {}
         self.next_resource_id = 1
         self.events: list[dict] = []
+        self.field_index: dict[str, dict[Any, list[int]]] = {}
+        self.declare({"profile_fields": self.default_profile_fields, "profile_filters": self.default_profile_filters,
+                      "custom_resources": self.default_custom_resources})
+        self.declare({k: seed[k] for k in ("profile_fields", "custom_key", "profile_filters", "custom_resources")
+                      if k in seed})
         now = _stamp()
         for p in seed.get("profiles", []):
             self._write(None, dict(p), ext=True, now=now)
+        for name, rows in (seed.get("rows") or {}).items():
+            for row in rows:
+                self._seed_row(name, dict(row), now)
+
+    # -- schema (what the customer built in ACS: resource extension, custom resources, custom filters) ----------
+    def declare(self, schema: dict) -> dict:
+        """Add profile extension fields, the custom key, custom filters and custom resources (seed keys
+        ``profile_fields``, ``custom_key``, ``profile_filters``, ``custom_resources``, or
+        ``POST /_sandbox/adobe_campaign/schema``). Returns the resulting schema."""
+        if not isinstance(schema, dict):
+            raise ValueError("the schema must be a JSON object")
+        unknown = set(schema) - {"profile_fields", "custom_key", "profile_filters", "custom_resources"}
+        if unknown:
+            raise ValueError(f"unknown schema keys {sorted(unknown)}")
+        fields = {n: _field_spec(n, f) for n, f in (schema.get("profile_fields") or {}).items()}
+        clash = [n for n in fields if n in STANDARD_STRINGS or n in _FLAG or n in STANDARD_OTHER or n in READ_ONLY]
+        if clash:
+            raise ValueError(f"{clash} are standard profile fields")
+        self.ext_fields.update(fields)
+        if schema.get("custom_key"):
+            if schema["custom_key"] not in self.ext_fields:
+                raise ValueError("custom_key must be one of the profile_fields")
+            self.custom_key = schema["custom_key"]
+        for name, spec in (schema.get("profile_filters") or {}).items():
+            f = _filter_spec(name, spec)
+            if f["field"] not in self.ext_fields and f["field"] not in STANDARD_STRINGS \
+                    and f["field"] not in ("created", "lastModified") and f["field"] not in _FLAG:
+                raise ValueError(f"filter {name}: unknown profile field {f['field']!r}")
+            self.profile_filters[name] = f
+        for name, spec in (schema.get("custom_resources") or {}).items():
+            if not name.startswith("cus") or name in ("profile", "resourceType"):
+                raise ValueError(f"custom resource {name!r}: names start with 'cus'")
+            if not isinstance(spec, dict) or not isinstance(spec.get("fields", {}), dict):
+                raise ValueError(f"custom resource {name}: {{'fields': {{...}}, 'id_field', 'link', 'filters'}}")
+            link = spec.get("link")
+            if isinstance(link, str):
+                link = {"name": link}
+            if link is not None:
+                if not isinstance(link, dict) or not link.get("name"):
+                    raise ValueError(f"custom resource {name}: link is 'profile' or {{'name', 'on_profile_delete'}}")
+                link = {"name": link["name"], "on_profile_delete": link.get("on_profile_delete", "keep")}
+                if link["on_profile_delete"] not in ("keep", "cascade"):
+                    raise ValueError(f"custom resource {name}: on_profile_delete is keep or cascade")
+            res = {"label": spec.get("label", name), "link": link,
+                   "fields": {n: _field_spec(n, f) for n, f in (spec.get("fields") or {}).items()},
+                   "id_field": spec.get("id_field"), "filters": {}}
+            if res["id_field"] and res["id_field"] not in res["fields"]:
+                raise ValueError(f"custom resource {name}: id_field must be one of its fields")
+            for fname, fspec in (spec.get("filters") or {}).items():
+                f = _filter_spec(fname, fspec)
+                if f["field"] not in res["fields"] and f["field"] not in ("created", "lastModified") \
+                        and not (link and f["field"] == link["name"]):
+                    raise ValueError(f"custom resource {name}, filter {fname}: unknown field {f['field']!r}")
+                res["filters"][fname] = f
+            self.custom_resources[name] = res
+            self.rows.setdefault(name, {})
+            self.row_keys[name] = {}
+            if res["id_field"]:
+                for rid, rec in self.rows[name].items():
+                    if rec.get(res["id_field"]) is not None:
+                        self.row_keys[name][rec[res["id_field"]]] = rid
+        indexed = {f["field"] for f in self.profile_filters.values()
+                   if f["operator"] == "=" and f["field"] not in ("email", "created", "lastModified")}
+        indexed.add(self.custom_key)
+        if indexed != set(self.field_index):
+            self.field_index = {f: {} for f in indexed}
+            for p in self.profiles.values():
+                self._index_fields(p, True)
+        return self.schema()
+
+    def schema(self) -> dict:
+        return {"profile_fields": self.ext_fields, "custom_key": self.custom_key,
+                "profile_filters": self.profile_filters, "custom_resources": self.custom_resources}
+
+    async def h_schema(self, request: Request) -> Response:
+        """``GET|POST /_sandbox/adobe_campaign/schema``: read or extend what the customer declared in ACS."""
+        try:
+            return JSONResponse(self.declare(await request.json()) if request.method == "POST" else self.schema())
+        except (ValueError, TypeError) as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+
+    def _seed_row(self, name: str, row: dict, now: str) -> None:
+        res = self.custom_resources.get(name)
+        if res is None:
+            raise ValueError(f"seed rows for undeclared custom resource {name!r}")
+        link = res["link"]
+        pid = None
+        if link and isinstance(row.get(link["name"]), dict) and "PKey" not in row[link["name"]]:
+            (field, value), = row.pop(link["name"]).items()       # seed only: {"email"|"externalId"|<cus field>: v}
+            pid = next((p.id for p in self.profiles.values() if _profile_value(p, field) == value), None)
+            if pid is None:
+                raise ValueError(f"seed row of {name}: no profile with {field}={value!r}")
+        rid = self._create_row(name, row, now)
+        if pid is not None:
+            self.rows[name][rid]["@link"] = pid
 
     def check_setting(self, key: str, value: Any) -> Any:
         if key == "unknown_fields" and value not in ("reject", "ignore"):
@@ -206,8 +335,18 @@ class AdobeCampaignEmulator(Emulator):
         for p in self.profiles.values():
             key = p.email if p.email else self._pkey(p.id)
             profiles[key] = {"PKey": self._pkey(p.id), **self._fields(p, ext=True)}
-        return {"profiles": profiles, "count": len(self.profiles),
-                "custom_resource": {self.custom_resource: [dict(r) for r in self.resources.values()]},
+        resources = {}
+        for name, rows in self.rows.items():
+            link = self.custom_resources[name]["link"]
+            out = []
+            for rid, rec in rows.items():
+                row = {"PKey": self._pkey(rid, self._kind(name)), **{k: v for k, v in rec.items() if k != "@link"}}
+                if link:
+                    pid = rec.get("@link")
+                    row[link["name"]] = self._pkey(pid) if pid is not None else None
+                out.append(row)
+            resources[name] = out
+        return {"profiles": profiles, "count": len(self.profiles), "custom_resource": resources,
                 "events": len(self.events)}
 
     # -- keys -------------------------------------------------------------------------------
@@ -250,8 +389,9 @@ class AdobeCampaignEmulator(Emulator):
         return JSONResponse({"error_code": code, "message": message}, status_code=status, headers=headers)
 
     @staticmethod
-    def campaign_error(status: int, detail: str) -> JSONResponse:
-        return JSONResponse({"code": status, "message": f"{_RST} {detail}".strip()}, status_code=status)
+    def campaign_error(status: int, detail: str, rst: bool = True) -> JSONResponse:
+        message = f"{_RST} {detail}".strip() if rst else detail
+        return JSONResponse({"code": status, "message": message}, status_code=status)
 
     def _throttled(self) -> JSONResponse:
         headers = {"Retry-After": str(self.throttle_retry_after)} if self.throttle_retry_after else None
@@ -345,6 +485,8 @@ class AdobeCampaignEmulator(Emulator):
                   self.h_journal),
             Route("/_sandbox/adobe_campaign/events", self.h_generate, methods=["POST"]),
             Route("/_sandbox/adobe_campaign/config", self.h_config, methods=["GET", "POST"]),
+            Route("/_sandbox/adobe_campaign/schema", self.h_schema, methods=["GET", "POST"]),
+            Route(self.prefix + "/{rest:path}", self.h_wrong_uri, methods=["GET", "POST", "PATCH", "PUT", "DELETE"]),
         ]
 
     async def h_campaign(self, request: Request) -> Response:
@@ -369,20 +511,88 @@ class AdobeCampaignEmulator(Emulator):
         try:
             return self.dispatch(method, segs, dict(request.query_params), body, base)
         except CampaignError as exc:
-            return self.campaign_error(exc.status, exc.detail)
+            return self.campaign_error(exc.status, exc.detail, exc.rst)
+
+    async def h_wrong_uri(self, request: Request) -> Response:
+        """Anything under the gateway that is not ``/<org>/campaign/...``: the adobe.io answer to a wrong URI
+        [ACS troubleshooting.md] (after the key/token checks - inferred)."""
+        denied = self._gateway(request, None)
+        if denied is not None:
+            return denied
+        return JSONResponse({"code": 500, "message": _OOPS}, status_code=500)
 
     def dispatch(self, method: str, segs: list[str], q: dict, body, base: str) -> Response:
+        if not segs or segs[0] not in _ROOTS:
+            return JSONResponse({"code": 500, "message": _OOPS}, status_code=500)
+        if segs == ["profileAndServicesExt"] and method == "GET":
+            return self.ext_root(base)
         if len(segs) >= 2 and segs[0] in ("profileAndServices", "profileAndServicesExt"):
             ext = segs[0] == "profileAndServicesExt"
             if segs[1] == "profile":
                 return self.profiles_endpoint(method, segs[2:], q, body, base, ext)
             if segs[1] == "resourceType" and len(segs) >= 3:
                 return self.resource_type(segs[2:], base, ext)
-        if len(segs) >= 2 and segs[0] == "customResources" and segs[1] == self.custom_resource:
-            return self.custom_resource_endpoint(method, segs[2:], q, body, base)
+            res = self.custom_resources.get(segs[1])
+            if ext and res is not None and res["link"]:
+                return self.custom_resource_endpoint(segs[1], method, segs[2:], q, body, base)
+        if len(segs) >= 2 and segs[0] == "customResources":
+            res = self.custom_resources.get(segs[1])
+            if res is not None and not res["link"]:
+                return self.custom_resource_endpoint(segs[1], method, segs[2:], q, body, base)
         if len(segs) == 3 and segs[0] == "history" and segs[2] == "events" and method == "GET":
             return self.history(segs[1], base)
         raise CampaignError(404, f"The resource '/{'/'.join(segs)}' does not exist.")
+
+    def ext_root(self, base: str) -> Response:
+        """``GET /profileAndServicesExt/``: the resources linked to the profile [ACS custom-resources.md]."""
+        out: dict[str, Any] = {"apiName": "resourceType"}
+        for name, res in [("profile", {"label": "Profiles"})] + [
+                (n, r) for n, r in self.custom_resources.items() if r["link"]]:
+            out[name] = {"content": f"{base}/profileAndServicesExt/{name}/", "data": f"/profileAndServicesExt/{name}/",
+                         "help": res["label"], "href": f"{base}/profileAndServicesExt/{name}/metadata",
+                         "name": name, "type": "collection"}
+        return JSONResponse(out)
+
+    # -- validation ---------------------------------------------------------------------------
+    def _invalid(self, detail: str) -> CampaignError:
+        return CampaignError(self.validation_status, detail)
+
+    def _bad_pkey(self, key: str, label: str = "Profiles (nms:recipient)") -> CampaignError:
+        """An undecryptable PKey (URI or body) [experience-cloud.en help/campaign/api/limitations.md, ACS column]."""
+        raw = key.lstrip("@")
+        return CampaignError(500, f"'{raw}' attribute unknown (see definition of '{label}' schema). XTK-170036 "
+                                  f"Unable to parse expression '@id = @{raw}'.", rst=False)
+
+    def _typed(self, name: str, spec: dict, v, resource: str):
+        if v is None:
+            return None
+        kind = spec["type"]
+        if kind == "string":
+            if not isinstance(v, str):
+                raise self._invalid(f"Value '{v}' of field '{name}' is not a string.")
+            if len(v) > spec["length"]:
+                raise self._invalid(f"PGS-220000 PostgreSQL error: ERROR:  value too long for type character "
+                                    f"varying({spec['length']}) (field '@{name}' of resource '{resource}').")
+            return v
+        if kind == "int":
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise self._invalid(f"Value '{v}' of field '{name}' is not an integer.")
+            return v
+        if kind == "double":
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise self._invalid(f"Value '{v}' of field '{name}' is not a number.")
+            return v
+        if kind == "boolean":
+            if not isinstance(v, bool):
+                raise self._invalid(f"Value '{v}' of field '{name}' is not a boolean.")
+            return v
+        try:
+            if kind == "date":
+                return datetime.strptime(str(v)[:10], "%Y-%m-%d").strftime("%Y-%m-%d")
+            datetime.fromisoformat(str(v).replace("Z", "+00:00").replace(" ", "T"))
+        except ValueError as exc:
+            raise self._invalid(f"Value '{v}' of field '{name}' is not a valid date.") from exc
+        return str(v)
 
     # -- profiles -----------------------------------------------------------------------------
     def _fields(self, p: Profile, ext: bool) -> dict:
@@ -395,8 +605,8 @@ class AdobeCampaignEmulator(Emulator):
                 continue
             out[k] = v
         if ext:
-            for k, kind in self.ext_fields.items():
-                out.setdefault(k, 0 if kind == "int" else "")
+            for k, spec in self.ext_fields.items():
+                out.setdefault(k, _empty(spec))
         out["created"] = p.created
         out["lastModified"] = p.modified
         return out
@@ -419,17 +629,23 @@ class AdobeCampaignEmulator(Emulator):
             elif isinstance(cur, tuple):
                 rest = tuple(i for i in cur if i != p.id)
                 self.by_email[key] = rest[0] if len(rest) == 1 else rest
-        if p.ext_id:
+        self._index_fields(p, add)
+
+    def _index_fields(self, p: Profile, add: bool) -> None:
+        for field, index in self.field_index.items():
+            value = _profile_value(p, field)
+            if value is None or value == "":
+                continue
+            ids = index.get(value)
             if add:
-                self.by_ext_id[p.ext_id] = p.id
-            elif self.by_ext_id.get(p.ext_id) == p.id:
-                del self.by_ext_id[p.ext_id]
-        ck = (p.extra or {}).get(self.custom_key)
-        if ck:
-            if add:
-                self.by_custom_key[ck] = p.id
-            elif self.by_custom_key.get(ck) == p.id:
-                del self.by_custom_key[ck]
+                if ids is None:
+                    index[value] = [p.id]
+                else:
+                    ids.append(p.id)
+            elif ids is not None and p.id in ids:
+                ids.remove(p.id)
+                if not ids:
+                    del index[value]
 
     def _clean(self, body, ext: bool, creating: bool) -> dict:
         if not isinstance(body, dict):
@@ -440,24 +656,25 @@ class AdobeCampaignEmulator(Emulator):
                 continue
             if k in STANDARD_STRINGS:
                 if v is not None and not isinstance(v, str):
-                    raise CampaignError(400, f"Value '{v}' of field '{k}' is not a string.")
+                    raise self._invalid(f"Value '{v}' of field '{k}' is not a string.")
                 if v and len(v) > STANDARD_STRINGS[k]:
-                    raise CampaignError(400, f"The value of field '{k}' is too long (maximum "
-                                             f"{STANDARD_STRINGS[k]} characters).")
+                    raise self._invalid(f"PGS-220000 PostgreSQL error: ERROR:  value too long for type character "
+                                        f"varying({STANDARD_STRINGS[k]}) (field '@{k}' of resource 'profile').")
                 data[k] = v or None
             elif k in _FLAG:
                 if not isinstance(v, bool):
-                    raise CampaignError(400, f"Value '{v}' of field '{k}' is not a boolean.")
+                    raise self._invalid(f"Value '{v}' of field '{k}' is not a boolean.")
                 data[k] = v
             elif k in STANDARD_OTHER:
                 choices = STANDARD_OTHER[k]
                 if choices and v not in choices:
-                    raise CampaignError(400, f"Value '{v}' is not valid for enumeration '{k}'.")
+                    raise self._invalid(f"The value '{v}' is not valid for the 'nms:recipient:{k}' enumeration of "
+                                        f"the '@{k}' field")
                 data[k] = v
             elif k in self.ext_fields and ext:
-                data[k] = _typed(k, self.ext_fields[k], v)
+                data[k] = self._typed(k, self.ext_fields[k], v, "profile")
             elif self.unknown_fields == "reject":
-                raise CampaignError(400, f"Property '{k}' unknown (document of type 'Profiles (profile)').")
+                raise self._invalid(f"'{k}' property is not valid for the 'profile' resource.")
         return data
 
     def _write(self, p: Profile | None, data: dict, ext: bool, now: str) -> Profile:
@@ -465,9 +682,12 @@ class AdobeCampaignEmulator(Emulator):
         ck = data.get(self.custom_key)
         if p is not None and self.custom_key in data and ck != (p.extra or {}).get(self.custom_key) \
                 and (p.extra or {}).get(self.custom_key):
-            raise CampaignError(400, f"The custom key '{self.custom_key}' of a profile cannot be modified.")
-        if ck and self.by_custom_key.get(ck) not in (None, p.id if p else None):
-            raise CampaignError(400, f"Unique index violation: a profile with {self.custom_key}='{ck}' already exists.")
+            raise CampaignError(500, f"RST-360012 Inconsistent operation on resource 'profile' - Cannot update key "
+                                     f"'{(p.extra or {}).get(self.custom_key)}' to '{ck}'.")
+        if ck and any(i != (p.id if p else None) for i in self.field_index[self.custom_key].get(ck, ())):
+            raise CampaignError(500, f"A 'Profiles' with the same key '{ck}' already exists. PGS-220000 PostgreSQL "
+                                     f"error: ERROR:  duplicate key value violates unique constraint "
+                                     f"\"nmsrecipient_{self.custom_key.lower()}\"", rst=False)
         if p is None:
             p = Profile(self.next_id, now)
             self.next_id += 1
@@ -506,18 +726,31 @@ class AdobeCampaignEmulator(Emulator):
                 hit = self.by_email.get(email.strip().lower())
                 ids = [] if hit is None else list(hit) if isinstance(hit, tuple) else [hit]
             elif f == "byText":
-                text = (q.get("text") or "").lower()
+                # case-sensitive prefix; without filterType: email and last name [retrieving-profiles.md, filtering.md]
+                text = q.get("text") or ""
                 ftype = q.get("filterType")
-                attrs = {"email": "email", "firstName": "first", "lastName": "last"}
+                attrs = {"email": "email", "firstName": "firstName", "lastName": "lastName"}
+                if ext:
+                    attrs.update({n: n for n, spec in self.ext_fields.items() if spec.get("searchable")})
                 if ftype and ftype not in attrs:
-                    raise CampaignError(400, f"Invalid value '{ftype}' for parameter 'filterType'.")
-                wanted = [attrs[ftype]] if ftype else list(attrs.values())
+                    raise self._invalid(f"Invalid value '{ftype}' for parameter 'filterType'.")
+                wanted = [attrs[ftype]] if ftype else ["email", "lastName"]
                 pool = result if result is not None else list(self.profiles)
-                ids = [i for i in pool
-                       if any((getattr(self.profiles[i], a) or "").lower().startswith(text) for a in wanted)]
-            elif f == "byExternalId" and ext:
-                value = q.get("externalId")
-                ids = [self.by_ext_id[value]] if value in self.by_ext_id else []
+                ids = [i for i in pool if any(str(_profile_value(self.profiles[i], a) or "").startswith(text)
+                                              for a in wanted)]
+            elif f in self.profile_filters and ext:
+                spec = self.profile_filters[f]
+                value = q.get(spec["param"])
+                if value is None:
+                    raise CampaignError(400, f"The parameter '{spec['param']}' of filter '{f}' is mandatory.")
+                value = self._param_value(value, spec, self.ext_fields.get(spec["field"]))
+                index = self.field_index.get(spec["field"])
+                if index is not None:
+                    ids = list(index.get(value, ()))
+                else:
+                    pool = result if result is not None else list(self.profiles)
+                    ids = [i for i in pool if _compare(_profile_value(self.profiles[i], spec["field"]),
+                                                       spec["operator"], value)]
             else:
                 raise CampaignError(404, f"The filter '{f}' does not exist on resource 'profile'.")
             if result is None:
@@ -528,6 +761,37 @@ class AdobeCampaignEmulator(Emulator):
         if result is not None:
             result.sort()
         return result
+
+    def _param_value(self, value: str, spec: dict, field: dict | None):
+        kind = (field or {}).get("type", "string")
+        if spec["field"] in ("created", "lastModified"):
+            return value.replace("T", " ")
+        try:
+            if kind == "int":
+                return int(value)
+            if kind == "double":
+                return float(value)
+        except ValueError as exc:
+            raise self._invalid(f"Invalid value '{value}' for parameter '{spec['param']}'.") from exc
+        if kind == "boolean":
+            return value.strip().lower() in ("true", "1")
+        return value
+
+    def _find_profile(self, key: str, ext: bool) -> Profile:
+        if key.startswith("@"):
+            pid = self._pid(key)
+            if pid is None:
+                raise self._bad_pkey(key)
+        elif ext:
+            ids = self.field_index[self.custom_key].get(key)
+            pid = ids[0] if ids else None
+        else:
+            raise self._bad_pkey(key)
+        p = self.profiles.get(pid) if pid is not None else None
+        if p is None:
+            raise CampaignError(404, f"Unable to find document with path 'Profiles' from key '{key}' (document with "
+                                     f"schema 'profile').")
+        return p
 
     def profiles_endpoint(self, method: str, segs: list[str], q: dict, body, base: str, ext: bool) -> Response:
         root = f"{base}/{'profileAndServicesExt' if ext else 'profileAndServices'}/profile"
@@ -545,18 +809,14 @@ class AdobeCampaignEmulator(Emulator):
             if count_only:
                 return JSONResponse({"count": len(self.profiles) if ids is None else len(ids)})
             return self._collection(ids, q, f"{root}{''.join('/' + f for f in filters)}",
-                                    lambda _i, p: self._profile_json(p, base, ext))
+                                    lambda _i, p: self._profile_json(p, base, ext), self.profiles, self.next_id,
+                                    self._profile_sortable(ext))
         if len(segs) > 1:
             if len(segs) == 2 and segs[1] == "subscriptions" and method == "GET":
+                self._find_profile(segs[0], ext)
                 return JSONResponse({"content": [], "serverSidePagination": True})
             raise CampaignError(404, f"The resource '{'/'.join(segs)}' does not exist.")
-        key = segs[0]
-        pid = self._pid(key)
-        if pid is None and ext and not key.startswith("@"):
-            pid = self.by_custom_key.get(key)
-        p = self.profiles.get(pid) if pid is not None else None
-        if p is None:
-            raise CampaignError(404, f"Document of identifier '{key}' and type 'Profiles (profile)' not found.")
+        p = self._find_profile(segs[0], ext)
         if method == "GET":
             return JSONResponse(self._profile_json(p, base, ext))
         log_key = p.email.lower() if p.email else self._pkey(p.id)
@@ -567,12 +827,32 @@ class AdobeCampaignEmulator(Emulator):
         if method == "DELETE":
             self._index(p, False)
             del self.profiles[p.id]
+            self._profile_deleted(p.id)
             self.sandbox.log.members(self.name, [log_key])
             return Response(b"", status_code=200, media_type="application/json")
         raise CampaignError(405, f"Method {method} is not allowed on this resource.")
 
-    def _collection(self, ids: list[int] | None, q: dict, href: str, render, store: dict | None = None) -> Response:
-        store = self.profiles if store is None else store
+    def _profile_deleted(self, pid: int) -> None:
+        """Rows linked to a deleted profile: deleted with the option "Deleting the target record implies deleting
+        records referenced by the link" (``on_profile_delete: cascade``), else kept with an empty link (inferred)."""
+        for name, res in self.custom_resources.items():
+            if not res["link"]:
+                continue
+            rows = self.rows[name]
+            for rid in [r for r, rec in rows.items() if rec.get("@link") == pid]:
+                if res["link"]["on_profile_delete"] == "cascade":
+                    self._drop_row(name, rid)
+                else:
+                    rows[rid]["@link"] = None
+
+    def _profile_sortable(self, ext: bool) -> set[str]:
+        out = set(SORTABLE_STANDARD)
+        if ext:
+            out.update(n for n, spec in self.ext_fields.items() if spec.get("sortable"))
+        return out
+
+    def _collection(self, ids: list[int] | None, q: dict, href: str, render, store: dict, next_id: int,
+                    sortable: set[str]) -> Response:
         try:
             count = int(q.get("_lineCount", self.line_count_default))
         except ValueError as exc:
@@ -585,6 +865,8 @@ class AdobeCampaignEmulator(Emulator):
         more = False
         if order:
             field, _, direction = order.partition(" ")
+            if self.order_check and field not in sortable:
+                raise self._invalid(f"The field '{field}' cannot be used to sort (it is not 'sortable').")
             pool = [(i, store[i]) for i in (ids if ids is not None else store)]
             pool.sort(key=lambda ir: _order_key(ir[1], field), reverse=direction.strip().lower() == "desc")
             offset = cursor.get("o", 0)
@@ -596,7 +878,7 @@ class AdobeCampaignEmulator(Emulator):
             if ids is not None:
                 source = (i for i in ids if i > last)
             else:
-                source = (i for i in range(last + 1, self._next_of(store)) if i in store)
+                source = (i for i in range(last + 1, next_id) if i in store)
             for i in source:
                 if len(rows) == count:
                     more = True
@@ -618,9 +900,6 @@ class AdobeCampaignEmulator(Emulator):
         out["serverSidePagination"] = True
         return JSONResponse(out)
 
-    def _next_of(self, store: dict) -> int:
-        return self.next_id if store is self.profiles else self.next_resource_id
-
     def resource_type(self, segs: list[str], base: str, ext: bool) -> Response:
         root = f"{base}/{'profileAndServicesExt' if ext else 'profileAndServices'}"
         rt_key = "@" + _b64(b"resourceType/profile")
@@ -633,65 +912,178 @@ class AdobeCampaignEmulator(Emulator):
             if self.by_email_filter:
                 filters.append({"name": "byEmail", "label": "By email",
                                 "data": f"{root}/profile/byEmail?email=$value"})
-            filters.append({"name": "byText", "label": "By text",
+            filters.append({"name": "byText", "label": "By name or email",
                             "data": f"{root}/profile/byText?text=$value&filterType=$value"})
             if ext:
-                filters.append({"name": "byExternalId", "label": "By external id",
-                                "data": f"{root}/profile/byExternalId?externalId=$value"})
+                for name, spec in self.profile_filters.items():
+                    filters.append({"name": name, "label": spec["label"],
+                                    "data": f"{root}/profile/{name}?{spec['param']}=$value"})
             return JSONResponse({"content": filters, "serverSidePagination": False})
         raise CampaignError(404, f"The resource 'resourceType/{'/'.join(segs)}' does not exist.")
 
-    # -- custom resource ----------------------------------------------------------------------
-    def _resource_json(self, rid: int, rec: dict, base: str) -> dict:
-        pkey = self._pkey(rid, b"r")
-        return {"PKey": pkey, "href": f"{base}/customResources/{self.custom_resource}/{pkey}", **rec}
+    # -- custom resources ---------------------------------------------------------------------
+    @staticmethod
+    def _kind(name: str) -> bytes:
+        return b"r" if name == "cusSegmentMembership" else b"r:" + name.encode()
 
-    def custom_resource_endpoint(self, method: str, segs: list[str], q: dict, body, base: str) -> Response:
-        href = f"{base}/customResources/{self.custom_resource}"
-        if not segs or segs == ["_count"]:
+    def _resource_root(self, name: str, base: str) -> str:
+        family = "profileAndServicesExt" if self.custom_resources[name]["link"] else "customResources"
+        return f"{base}/{family}/{name}"
+
+    def _resource_json(self, name: str, rid: int, rec: dict, base: str) -> dict:
+        pkey = self._pkey(rid, self._kind(name))
+        res = self.custom_resources[name]
+        out = {"PKey": pkey, "href": f"{self._resource_root(name, base)}/{pkey}"}
+        for k, spec in res["fields"].items():
+            out[k] = rec.get(k, _empty(spec))
+        if res["link"]:
+            pid = rec.get("@link")
+            p = self.profiles.get(pid) if pid is not None else None
+            out[res["link"]["name"]] = None if p is None else {
+                "PKey": self._pkey(p.id), "href": f"{base}/profileAndServicesExt/profile/{self._pkey(p.id)}",
+                "email": p.email or "", "firstName": p.first or "", "lastName": p.last or "", "title": p.email or ""}
+        out["created"] = rec["created"]
+        out["lastModified"] = rec["lastModified"]
+        return out
+
+    def custom_resource_endpoint(self, name: str, method: str, segs: list[str], q: dict, body, base: str) -> Response:
+        href = self._resource_root(name, base)
+        res = self.custom_resources[name]
+        rows = self.rows[name]
+        if not segs or all(s.startswith("by") or s == "_count" for s in segs):
+            count_only = bool(segs) and segs[-1] == "_count"
+            filters = [s for s in segs if s != "_count"]
             if method == "POST" and not segs:
-                rec = self._resource_fields(body)
-                rec.setdefault("created", _stamp())
-                rec["lastModified"] = rec["created"]
-                rid = self.next_resource_id
-                self.next_resource_id += 1
-                self.resources[rid] = rec
-                return JSONResponse(self._resource_json(rid, rec, base), status_code=201)
+                rid = self._create_row(name, body, _stamp())
+                return JSONResponse(self._resource_json(name, rid, rows[rid], base), status_code=201)
             if method != "GET":
                 raise CampaignError(405, f"Method {method} is not allowed on this resource.")
-            if segs:
-                return JSONResponse({"count": len(self.resources)})
-            ids = sorted(self.resources)
-            return self._collection(ids, q, href, lambda i, r: self._resource_json(i, r, base), store=self.resources)
-        rid = self._pid(segs[0], b"r")
-        rec = self.resources.get(rid) if rid is not None else None
+            ids = self._row_filter(name, filters, q)
+            if count_only:
+                return JSONResponse({"count": len(rows) if ids is None else len(ids)})
+            sortable = {n for n, spec in res["fields"].items() if spec.get("sortable")} | {"created", "lastModified"}
+            return self._collection(ids, q, f"{href}{''.join('/' + f for f in filters)}",
+                                    lambda i, r: self._resource_json(name, i, r, base), rows, self.next_resource_id,
+                                    sortable)
+        key = segs[0]
+        rid = self._pid(key, self._kind(name))
+        if rid is None:
+            raise self._bad_pkey(key, f"{res['label']} ({name})")
+        rec = rows.get(rid)
         if rec is None or len(segs) != 1:
-            raise CampaignError(404, f"Document of identifier '{segs[0]}' and type '{self.custom_resource}' not "
-                                     "found.")
+            raise CampaignError(404, f"Unable to find document with path '{name}' from key '{key}' (document with "
+                                     f"schema '{name}').")
         if method == "GET":
-            return JSONResponse(self._resource_json(rid, rec, base))
+            return JSONResponse(self._resource_json(name, rid, rec, base))
         if method == "PATCH":
-            rec.update(self._resource_fields(body))
+            data, link = self._resource_fields(name, body)
+            self._check_unique(name, data, rid)
+            idf = res["id_field"]
+            if idf and idf in data and rec.get(idf) is not None and data[idf] != rec[idf]:
+                self.row_keys[name].pop(rec[idf], None)
+            rec.update(data)
+            if idf and rec.get(idf) is not None:
+                self.row_keys[name][rec[idf]] = rid
+            if link is not _NO_LINK:
+                rec["@link"] = link
             rec["lastModified"] = _stamp()
-            return JSONResponse({"PKey": segs[0], "href": f"{href}/{segs[0]}"})
+            return JSONResponse({"PKey": key, "href": f"{href}/{key}"})
         if method == "DELETE":
-            del self.resources[rid]
+            self._drop_row(name, rid)
             return Response(b"", status_code=200, media_type="application/json")
         raise CampaignError(405, f"Method {method} is not allowed on this resource.")
 
-    def _resource_fields(self, body) -> dict:
+    def _create_row(self, name: str, body, now: str) -> int:
+        data, link = self._resource_fields(name, body)
+        self._check_unique(name, data, None)
+        rec = {**data, "created": now, "lastModified": now}
+        if self.custom_resources[name]["link"]:
+            rec["@link"] = None if link is _NO_LINK else link
+        rid = self.next_resource_id
+        self.next_resource_id += 1
+        self.rows[name][rid] = rec
+        idf = self.custom_resources[name]["id_field"]
+        if idf and rec.get(idf) is not None:
+            self.row_keys[name][rec[idf]] = rid
+        return rid
+
+    def _drop_row(self, name: str, rid: int) -> None:
+        rec = self.rows[name].pop(rid)
+        idf = self.custom_resources[name]["id_field"]
+        if idf and self.row_keys[name].get(rec.get(idf)) == rid:
+            del self.row_keys[name][rec[idf]]
+
+    def _check_unique(self, name: str, data: dict, rid: int | None) -> None:
+        idf = self.custom_resources[name]["id_field"]
+        if idf and data.get(idf) is not None and self.row_keys[name].get(data[idf], rid) != rid:
+            raise CampaignError(500, f"A '{self.custom_resources[name]['label']}' with the same key '{data[idf]}' "
+                                     f"already exists. PGS-220000 PostgreSQL error: ERROR:  duplicate key value "
+                                     f"violates unique constraint \"{name.lower()}_{idf.lower()}\"", rst=False)
+
+    def _row_filter(self, name: str, filters: list[str], q: dict) -> list[int] | None:
+        res = self.custom_resources[name]
+        rows = self.rows[name]
+        result: list[int] | None = None
+        for f in filters:
+            spec = res["filters"].get(f)
+            if spec is None:
+                raise CampaignError(404, f"The filter '{f}' does not exist on resource '{name}'.")
+            value = q.get(spec["param"])
+            if value is None:
+                raise CampaignError(400, f"The parameter '{spec['param']}' of filter '{f}' is mandatory.")
+            field = spec["field"]
+            if res["link"] and field == res["link"]["name"]:
+                pid = self._pid(value) if value.startswith("@") else None
+                if pid is None:
+                    raise self._bad_pkey(value)
+                pool = result if result is not None else list(rows)
+                ids = [i for i in pool if rows[i].get("@link") == pid]
+            elif field == res["id_field"] and spec["operator"] == "=":
+                rid = self.row_keys[name].get(self._param_value(value, spec, res["fields"][field]))
+                ids = [] if rid is None else [rid]
+            else:
+                value = self._param_value(value, spec, res["fields"].get(field))
+                pool = result if result is not None else list(rows)
+                ids = [i for i in pool if _compare(rows[i].get(field), spec["operator"], value)]
+            if result is None:
+                result = ids
+            else:
+                keep = set(ids)
+                result = [i for i in result if i in keep]
+        if result is not None:
+            result.sort()
+        return result
+
+    def _resource_fields(self, name: str, body) -> tuple[dict, Any]:
+        """The typed fields of a row and its profile link (``_NO_LINK`` when the body does not set it)."""
         if not isinstance(body, dict):
             raise CampaignError(400, "The request body must be a JSON object.")
+        res = self.custom_resources[name]
+        link_name = res["link"]["name"] if res["link"] else None
         out = {}
+        link: Any = _NO_LINK
         for k, v in body.items():
             if k in ("PKey", "href", "created", "lastModified"):
                 continue
-            if k not in self.custom_resource_fields:
-                if self.unknown_fields == "reject":
-                    raise CampaignError(400, f"Property '{k}' unknown (document of type '{self.custom_resource}').")
+            if k == link_name:
+                if v is None:
+                    link = None
+                elif isinstance(v, dict) and "PKey" in v:
+                    pid = self._pid(str(v["PKey"])) if str(v["PKey"]).startswith("@") else None
+                    if pid is None:
+                        raise self._bad_pkey(str(v["PKey"]))
+                    if pid not in self.profiles:
+                        raise CampaignError(404, f"Unable to find document with path 'Profiles' from key "
+                                                 f"'{v['PKey']}' (document with schema 'profile').")
+                    link = pid
+                # a link given by other fields than the PKey is ignored [limitations.md "POST with linked resources"]
                 continue
-            out[k] = _typed(k, self.custom_resource_fields[k], v)
-        return out
+            if k not in res["fields"]:
+                if self.unknown_fields == "reject":
+                    raise self._invalid(f"'{k}' property is not valid for the '{name}' resource.")
+                continue
+            out[k] = self._typed(k, res["fields"][k], v, name)
+        return out, link
 
     # -- events -------------------------------------------------------------------------------
     def generate_events(self, specs: list[dict] | None = None, count: int = 0, types: list[str] | None = None) -> int:
@@ -796,30 +1188,83 @@ class AdobeCampaignEmulator(Emulator):
                              "href": f"{base}/history/{pkey}/events"})
 
 
+_NO_LINK = object()
+
+
+def _field_spec(name: str, spec) -> dict:
+    """``"string"`` or ``{"type", "length", "sortable", "searchable"}`` -> the full spec."""
+    if isinstance(spec, str):
+        spec = {"type": spec}
+    if not isinstance(spec, dict) or spec.get("type") not in FIELD_TYPES:
+        raise ValueError(f"field {name}: type must be one of {FIELD_TYPES}")
+    if not name.startswith("cus"):
+        raise ValueError(f"field {name}: custom fields start with 'cus'")
+    out = {"type": spec["type"]}
+    if spec["type"] == "string":
+        out["length"] = int(spec.get("length", 255))
+    for flag in ("sortable", "searchable"):
+        if spec.get(flag):
+            out[flag] = True
+    return out
+
+
+def _filter_spec(name: str, spec) -> dict:
+    """``"<field>"`` or ``{"field", "param" (default: the field), "operator" ("=", ">=", ">", "<=", "<"), "label"}``."""
+    if not name.startswith("by") or len(name) < 3:
+        raise ValueError(f"filter {name}: filter names start with 'by'")
+    if isinstance(spec, str):
+        spec = {"field": spec}
+    if not isinstance(spec, dict) or not spec.get("field"):
+        raise ValueError(f"filter {name}: {{'field', 'param', 'operator'}}")
+    op = spec.get("operator", "=")
+    if op not in FILTER_OPERATORS:
+        raise ValueError(f"filter {name}: operator must be one of {FILTER_OPERATORS}")
+    return {"field": spec["field"], "param": spec.get("param", spec["field"]), "operator": op,
+            "label": spec.get("label", name)}
+
+
+def _empty(spec: dict):
+    return {"string": "", "int": 0, "double": 0, "boolean": False}.get(spec["type"], "")
+
+
+def _profile_value(p: Profile, field: str):
+    if field == "email":
+        return p.email
+    if field == "firstName":
+        return p.first
+    if field == "lastName":
+        return p.last
+    if field == "externalId":
+        return p.ext_id
+    if field == "created":
+        return p.created
+    if field == "lastModified":
+        return p.modified
+    if field in _FLAG:
+        return bool(p.flags & _FLAG[field])
+    return (p.extra or {}).get(field)
+
+
+def _compare(value, op: str, wanted) -> bool:
+    if value is None or value == "":
+        return False
+    try:
+        if op == "=":
+            return value == wanted
+        if op == ">=":
+            return value >= wanted
+        if op == ">":
+            return value > wanted
+        if op == "<=":
+            return value <= wanted
+        return value < wanted
+    except TypeError:
+        return False
+
+
 def _order_key(rec, field: str):
     if isinstance(rec, Profile):
-        value = {"email": rec.email, "firstName": rec.first, "lastName": rec.last, "externalId": rec.ext_id,
-                 "created": rec.created, "lastModified": rec.modified}.get(field, (rec.extra or {}).get(field))
+        value = _profile_value(rec, field)
     else:
         value = rec.get(field)
     return (value is not None, str(value).lower() if isinstance(value, str) else value if value is not None else "")
-
-
-def _typed(name: str, kind: str, v):
-    if v is None:
-        return None
-    if kind == "string":
-        if not isinstance(v, str):
-            raise CampaignError(400, f"Value '{v}' of field '{name}' is not a string.")
-        return v
-    if kind == "int":
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise CampaignError(400, f"Value '{v}' of field '{name}' is not an integer.")
-        return v
-    if kind == "datetime":
-        try:
-            datetime.fromisoformat(str(v).replace("Z", "+00:00"))
-        except ValueError as exc:
-            raise CampaignError(400, f"Value '{v}' of field '{name}' is not a valid date.") from exc
-        return str(v)
-    return v
