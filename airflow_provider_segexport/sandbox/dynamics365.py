@@ -113,7 +113,7 @@ import sys
 import time
 import uuid
 from collections import deque
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from itertools import islice
 from typing import Any
@@ -139,13 +139,17 @@ E_BATCH = "0x80060891"
 E_REQUESTS = "0x80072322"
 E_TIME = "0x80072321"
 E_CONCURRENCY = "0x80072326"
+FORMATTED = "OData.Community.Display.V1.FormattedValue"
+NAV_PROPERTY = "Microsoft.Dynamics.CRM.associatednavigationproperty"
+LOOKUP_TABLE = "Microsoft.Dynamics.CRM.lookuplogicalname"
 _GUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 _SEGMENT_RE = re.compile(r"^(?P<name>[A-Za-z_$][A-Za-z0-9_.$]*)(?:\((?P<key>.*)\))?$")
 _CONFIG = ("window_seconds", "max_requests", "max_execution_ms", "max_concurrent", "concurrency_retry_after",
            "batch_inner_requests_count", "max_batch_requests", "max_page_size", "max_add_list_members",
            "skip_inactive_members", "remove_member_entity_id", "remove_member_list_available",
            "application_user", "strict_literal_types", "max_url_length", "max_batch_url_length",
-           "max_url_segment_length")
+           "max_url_segment_length", "change_tracking_unsupported", "change_tracking_expire_days",
+           "formatted_utc_offset_minutes")
 _STATUS_TEXT = {200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
                 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 412: "Precondition Failed",
                 413: "Payload Too Large", 429: "Too Many Requests", 500: "Internal Server Error",
@@ -188,11 +192,61 @@ def _b64(data: bytes) -> str:
 # Tables
 # ---------------------------------------------------------------------------------------------
 class Attr:
-    __slots__ = ("kind", "max_len", "readonly", "default", "choices")
+    """A column: ``kind`` string/int/bool/datetime/guid; ``labels`` the option labels of a choice column
+    ({value: label}) or of a Yes/No column ({True: label, False: label}); ``schema`` its SchemaName."""
+
+    __slots__ = ("kind", "max_len", "readonly", "default", "choices", "labels", "schema")
 
     def __init__(self, kind: str, max_len: int = 0, readonly: bool = False, default: Any = None,
-                 choices: tuple | None = None) -> None:
+                 choices: tuple | None = None, labels: dict | None = None, schema: str | None = None) -> None:
         self.kind, self.max_len, self.readonly, self.default, self.choices = kind, max_len, readonly, default, choices
+        self.labels, self.schema = labels, schema
+        if labels and kind == "int" and choices is None:
+            self.choices = tuple(labels)
+
+
+def _choice(labels: dict, default: Any = None) -> Attr:
+    return Attr("int", default=default, labels=labels)
+
+
+def _yes_no(true_label: str, false_label: str, default: bool = False) -> Attr:
+    return Attr("bool", default=default, labels={True: true_label, False: false_label})
+
+
+_ALLOW = {True: "Do Not Allow", False: "Allow"}  # donot* columns: 1 "Do Not Allow", 0 "Allow" (contact reference)
+#: new_loyaltycard.new_tier: a custom choice (values from the publisher's 100000000 prefix, as Dataverse numbers them)
+_TIER_LABELS = {100000000: "Bronze", 100000001: "Silver", 100000002: "Gold", 100000003: "Platinum"}
+_SEED_KINDS = {"string": "string", "text": "string", "memo": "string", "integer": "int", "int": "int",
+               "boolean": "bool", "bool": "bool", "datetime": "datetime", "choice": "int", "picklist": "int",
+               "guid": "guid"}
+
+
+def _seed_columns(spec: dict | None) -> dict[str, Attr]:
+    """Extra columns declared by the seed: ``{"new_tier": {"type": "choice", "options": {"100000000": "Gold"}},
+    "donotsms": {"type": "boolean", "labels": {"true": "Do Not Allow", "false": "Allow"}},
+    "new_loyaltyid": {"type": "string", "max_length": 100}, "new_points": {"type": "integer"}}``."""
+    out: dict[str, Attr] = {}
+    for name, col in (spec or {}).items():
+        if isinstance(col, str):
+            col = {"type": col}
+        kind = _SEED_KINDS.get(str(col.get("type", "string")).lower())
+        if kind is None or name != name.lower():
+            raise ValueError(f"dynamics365 seed: column {name!r} must be lower case with a type in {sorted(_SEED_KINDS)}")
+        labels = None
+        if col.get("options"):
+            labels = {int(v): str(text) for v, text in col["options"].items()}
+        elif kind == "bool":
+            given = {str(k).lower(): v for k, v in (col.get("labels") or {}).items()}
+            labels = {True: given.get("true", "Yes"), False: given.get("false", "No")}
+        max_len = int(col.get("max_length", 100 if kind == "string" else 0))
+        out[name] = Attr(kind, max_len, default=col.get("default"), labels=labels, schema=col.get("schema_name"))
+    return out
+
+
+def _utc_text(value) -> str:
+    """A seeded datetime in Dataverse's format (``2024-01-01T00:00:00Z``)."""
+    parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _s(n: int) -> Attr:
@@ -241,7 +295,9 @@ class Table:
         return {a: self.value(rec, a) for a in self.attrs}
 
     def insert(self, data: dict, rid: str, now: str):
-        rec = {self.pk: rid, **data, "createdon": now, "modifiedon": now}
+        # createdon / modifiedon only come in from a seed (the API drops read-only columns before this)
+        created = data.get("createdon") or now
+        rec = {self.pk: rid, **data, "createdon": created, "modifiedon": data.get("modifiedon") or created}
         self.rows[rid] = rec
         self.pos[rid] = len(self.order)
         self.order.append(rid)
@@ -306,10 +362,11 @@ class ContactTable(Table):
             "emailaddress1": _s(100), "emailaddress2": _s(100), "telephone1": _s(50), "mobilephone": _s(50),
             "jobtitle": _s(100), "statecode": Attr("int", default=0, choices=(0, 1)),
             "statuscode": Attr("int", default=1, choices=(1, 2)),
-            "donotbulkemail": Attr("bool", default=False), "donotemail": Attr("bool", default=False),
-            "donotphone": Attr("bool", default=False), "donotfax": Attr("bool", default=False),
-            "donotpostalmail": Attr("bool", default=False), "donotbulkpostalmail": Attr("bool", default=False),
-            "donotsendmm": Attr("bool", default=False), "followemail": Attr("bool", default=True),
+            "gendercode": _choice({1: "Male", 2: "Female"}),
+            "preferredcontactmethodcode": _choice({1: "Any", 2: "Email", 3: "Phone", 4: "Fax", 5: "Mail"}),
+            **{k: Attr("bool", default=False, labels=_ALLOW) for k in (
+                "donotbulkemail", "donotemail", "donotphone", "donotfax", "donotpostalmail", "donotbulkpostalmail")},
+            "donotsendmm": _yes_no("Do Not Send", "Send"), "followemail": _yes_no("Allow", "Do Not Allow", True),
             "createdon": Attr("datetime", readonly=True), "modifiedon": Attr("datetime", readonly=True),
             **custom_attrs,
         }
@@ -363,6 +420,9 @@ class ContactTable(Table):
         extra = {k: v for k, v in data.items() if k not in _CONTACT_SLOTS} or None
         rec = Contact(rid, data.get("emailaddress1"), _intern(data.get("firstname")), _intern(data.get("lastname")),
                       int(data.get("statecode") or 0), now, extra, len(self.order))
+        if data.get("createdon") or data.get("modifiedon"):  # from a seed only (the API drops read-only columns)
+            rec.created = data.get("createdon") or now
+            rec.modified = data.get("modifiedon") or rec.created
         self.rows[rid] = rec
         self.order.append(rec)
         self._index(rec, True)
@@ -463,6 +523,7 @@ _ENTITY_META = {
     "new_segmentmembership": ("new_SegmentMembership", 10000, "new_name", "Segment Membership", "UserOwned",
                               False, True),
     "new_emailevent": ("new_EmailEvent", 10001, "subject", "Email Event", "UserOwned", True, True),
+    "new_loyaltycard": ("new_LoyaltyCard", 10002, "new_name", "Loyalty Card", "UserOwned", False, True),
     "organization": ("Organization", 1019, "name", "Organization", "None", False, False),
 }
 #: option labels of the choice columns (state/status per the table references; new_eventtype is the
@@ -479,16 +540,20 @@ _OPTION_LABELS: dict[tuple[str, str], dict[int, str]] = {
     ("new_emailevent", "statuscode"): {1: "Open", 2: "Completed", 3: "Canceled", 4: "Scheduled"},
     ("new_emailevent", "new_eventtype"): {100000000: "Send", 100000001: "Open", 100000002: "Click",
                                           100000003: "Bounce"},
+    ("new_loyaltycard", "statecode"): {0: "Active", 1: "Inactive"},
+    ("new_loyaltycard", "statuscode"): {1: "Active", 2: "Inactive"},
 }
 _STATUS_STATE = {("contact", 1): 0, ("contact", 2): 1, ("list", 0): 0, ("list", 1): 1,
                  ("new_segmentmembership", 1): 0, ("new_segmentmembership", 2): 1,
                  ("new_emailevent", 1): 0, ("new_emailevent", 2): 1, ("new_emailevent", 3): 2,
-                 ("new_emailevent", 4): 3}
+                 ("new_emailevent", 4): 3, ("new_loyaltycard", 1): 0, ("new_loyaltycard", 2): 1}
 _ATTRIBUTE_CLASS = {"String": "StringAttributeMetadata", "Memo": "MemoAttributeMetadata",
                     "Boolean": "BooleanAttributeMetadata", "Integer": "IntegerAttributeMetadata",
                     "DateTime": "DateTimeAttributeMetadata", "Uniqueidentifier": "UniqueIdentifierAttributeMetadata",
                     "Lookup": "LookupAttributeMetadata", "State": "StateAttributeMetadata",
                     "Status": "StatusAttributeMetadata", "Picklist": "PicklistAttributeMetadata"}
+_OPTION_CASTS = ("PicklistAttributeMetadata", "StateAttributeMetadata", "StatusAttributeMetadata",
+                 "BooleanAttributeMetadata")
 _NOT_UPDATABLE = {("list", "createdfromcode"), ("list", "type")}
 
 
@@ -502,7 +567,15 @@ def _label(text: str) -> dict:
     return {"LocalizedLabels": [loc] if text else [], "UserLocalizedLabel": loc if text else None}
 
 
-def _entity_metadata(table: Table) -> dict:
+def _labels(table: Table, name: str) -> dict:
+    """The option labels of a choice / state / status / Yes-No column ({} for other columns)."""
+    attr = table.attrs.get(name)
+    if attr is not None and attr.labels:
+        return attr.labels
+    return _OPTION_LABELS.get((table.logical, name), {})
+
+
+def _entity_metadata(table: Table, change_tracking: bool = False) -> dict:
     schema, otc, primary_name, display, ownership, activity, custom = _ENTITY_META[table.logical]
     return {
         "MetadataId": _meta_id(table.logical), "LogicalName": table.logical, "SchemaName": schema,
@@ -511,20 +584,25 @@ def _entity_metadata(table: Table) -> dict:
         "ObjectTypeCode": otc, "IsCustomEntity": custom, "IsActivity": activity,
         "IsIntersect": table.logical == "listmember", "OwnershipType": ownership, "TableType": "Standard",
         "IsValidForAdvancedFind": True, "DisplayName": _label(display), "DisplayCollectionName": _label(display + "s"),
-        "Description": _label(""),
+        "Description": _label(""), "ChangeTrackingEnabled": change_tracking,
+        "CanChangeTrackingBeEnabled": {"Value": table.logical != "listmember", "CanBeChanged": True,
+                                       "ManagedPropertyLogicalName": "canchangetrackingbeenabled"},
     }
 
 
 def _attribute_metadata(table: Table, name: str, attr: Attr) -> dict:
-    logical, targets = name, None
+    logical, targets, schema = name, None, attr.schema or name
     if name.startswith("_") and name.endswith("_value"):
         logical, kind = name[1:-len("_value")], "Lookup"
-        targets = [t for nav, (t, value_attr) in table.lookups.items() if value_attr == name]
+        navs = [(nav, t) for nav, (t, value_attr) in table.lookups.items() if value_attr == name]
+        targets = [t for _, t in navs]
+        # a custom lookup's SchemaName is its navigation property name (new_ContactId), as Dataverse names them
+        schema = navs[0][0] if len(navs) == 1 and navs[0][0].lower() == logical else logical
     elif name == table.pk or attr.kind == "guid":
         kind = "Uniqueidentifier"
     elif name in ("statecode", "statuscode"):
         kind = "State" if name == "statecode" else "Status"
-    elif attr.choices or (table.logical, name) in _OPTION_LABELS:
+    elif attr.kind == "int" and (attr.choices or _labels(table, name)):
         kind = "Picklist"
     else:
         kind = {"string": "Memo" if attr.max_len > 4000 or attr.max_len == 0 and name == "query" else "String",
@@ -533,7 +611,7 @@ def _attribute_metadata(table: Table, name: str, attr: Attr) -> dict:
     writable = name == table.pk or not attr.readonly
     out = {
         "@odata.type": f"#{NS}{_ATTRIBUTE_CLASS[kind]}", "MetadataId": _meta_id(table.logical, logical),
-        "LogicalName": logical, "SchemaName": logical, "EntityLogicalName": table.logical, "AttributeType": kind,
+        "LogicalName": logical, "SchemaName": schema, "EntityLogicalName": table.logical, "AttributeType": kind,
         "AttributeTypeName": {"Value": f"{kind}Type"}, "AttributeOf": None, "IsPrimaryId": name == table.pk,
         "IsPrimaryName": logical == primary_name, "IsCustomAttribute": logical.startswith("new_"),
         "IsLogical": False, "IsValidForCreate": writable,
@@ -551,14 +629,25 @@ def _attribute_metadata(table: Table, name: str, attr: Attr) -> dict:
     return out
 
 
+def _option(value, text: str) -> dict:
+    return {"Value": value, "Label": _label(text), "Description": _label(""), "Color": None, "IsManaged": True,
+            "ExternalValue": None, "ParentValues": [], "Tag": None, "IsHidden": False,
+            "MetadataId": None, "HasChanged": None}
+
+
 def _option_set(table: Table, attr_meta: dict) -> dict:
     logical, kind = attr_meta["LogicalName"], attr_meta["AttributeType"]
-    labels = _OPTION_LABELS.get((table.logical, logical), {})
+    labels = _labels(table, logical)
+    common = {"MetadataId": _meta_id(table.logical, logical, "optionset"), "HasChanged": None,
+              "IsCustomOptionSet": logical.startswith("new_"), "IsGlobal": False, "IsManaged": True,
+              "Name": f"{table.logical}_{logical}", "ExternalTypeName": None, "IntroducedVersion": "5.0.0.0",
+              "Description": _label(""), "DisplayName": _label(logical)}
+    if kind == "Boolean":  # BooleanOptionSetMetadata: TrueOption / FalseOption (values 1 / 0)
+        return {**common, "OptionSetType": "Boolean", "TrueOption": _option(1, labels.get(True, "Yes")),
+                "FalseOption": _option(0, labels.get(False, "No"))}
     options = []
     for value, text in labels.items():
-        opt = {"Value": value, "Label": _label(text), "Description": _label(""), "Color": None, "IsManaged": True,
-               "ExternalValue": None, "ParentValues": [], "Tag": None, "IsHidden": False,
-               "MetadataId": None, "HasChanged": None}
+        opt = _option(value, text)
         if kind == "State":
             opt.update({"@odata.type": f"#{NS}StateOptionMetadata", "InvariantName": text,
                         "DefaultStatus": next((s for (t, s), st in _STATUS_STATE.items()
@@ -567,10 +656,7 @@ def _option_set(table: Table, attr_meta: dict) -> dict:
             opt.update({"@odata.type": f"#{NS}StatusOptionMetadata",
                         "State": _STATUS_STATE.get((table.logical, value)), "TransitionData": None})
         options.append(opt)
-    return {"MetadataId": _meta_id(table.logical, logical, "optionset"), "HasChanged": None, "IsCustomOptionSet":
-            logical.startswith("new_"), "IsGlobal": False, "IsManaged": True, "Name": f"{table.logical}_{logical}",
-            "ExternalTypeName": None, "OptionSetType": kind, "IntroducedVersion": "5.0.0.0",
-            "Description": _label(""), "DisplayName": _label(logical), "Options": options}
+    return {**common, "OptionSetType": kind, "Options": options}
 
 
 def _metadata_view(logical: str, fields: dict[str, str]) -> Table:
@@ -585,7 +671,7 @@ _ENTITY_FIELDS = {"LogicalName": "string", "SchemaName": "string", "EntitySetNam
                   "PrimaryNameAttribute": "string", "ObjectTypeCode": "int", "IsCustomEntity": "bool",
                   "IsActivity": "bool", "IsIntersect": "bool", "OwnershipType": "string", "TableType": "string",
                   "IsValidForAdvancedFind": "bool", "DisplayName": "complex", "DisplayCollectionName": "complex",
-                  "Description": "complex"}
+                  "Description": "complex", "ChangeTrackingEnabled": "bool", "CanChangeTrackingBeEnabled": "complex"}
 _ATTRIBUTE_FIELDS = {"LogicalName": "string", "SchemaName": "string", "EntityLogicalName": "string",
                      "AttributeType": "string", "AttributeTypeName": "complex", "AttributeOf": "string",
                      "IsPrimaryId": "bool", "IsPrimaryName": "bool", "IsCustomAttribute": "bool", "IsLogical": "bool",
@@ -1081,6 +1167,12 @@ class DataverseEmulator(Emulator):
     max_url_length = 32768
     max_batch_url_length = 65536
     max_url_segment_length = 260
+    #: ``Prefer: odata.track-changes`` on a table without change tracking: "ignore" (no delta link, no
+    #: Preference-Applied) or "error" (400)
+    change_tracking_unsupported = "ignore"
+    change_tracking_expire_days = 7.0
+    #: the calling user's time zone for datetime formatted values (minutes east of UTC)
+    formatted_utc_offset_minutes = 0
 
     #: extra contact columns and the contact alternate keys (a publisher-prefixed customer id)
     contact_custom_attributes = {"new_customerid": _s(100)}
@@ -1097,6 +1189,7 @@ class DataverseEmulator(Emulator):
         self.organization_id = str(uuid.UUID(sandbox.token()))
         self.tokens: dict[str, tuple[float, str]] = {}  # access token -> (expiry, audience)
         self.contacts = ContactTable(dict(self.contact_custom_attributes), tuple(self.contact_alternate_keys))
+        self.loyalty_cards = self._loyalty_table({})
         self.lists = ListTable(lambda lid: self.memberships.get(lid), "list", "lists", "listid", {
             "listname": _s(128), "createdfromcode": Attr("int", choices=(1, 2, 4)),
             "type": Attr("bool", default=False), "membertype": Attr("int", readonly=True),
@@ -1130,28 +1223,56 @@ class DataverseEmulator(Emulator):
             "entitytype": _s(100), "createdon": Attr("datetime", readonly=True),
             "modifiedon": Attr("datetime", readonly=True)},
             lookups={"listid": ("lists", "_listid_value"), "entityid": ("contacts", "_entityid_value")})
-        self.tables: dict[str, Table] = {t.set_name: t for t in (
-            self.contacts, self.lists, self.segment_rows, self.email_events, self.organizations)}
+        self.tables: dict[str, Table] = {}
         self.memberships: dict[str, MarketingList] = {}
+        self.change_tracking: dict[str, bool] = {}
+        self.version = 0
+        self.row_versions: dict[str, dict[str, int]] = {}  # entity set -> record id -> version of its last change
+        self.tombstones: dict[str, dict[str, int]] = {}  # entity set -> deleted record id -> version of the delete
         self._tx: list | None = None
         self.reset()
 
     # -- setup ------------------------------------------------------------------------------
+    @staticmethod
+    def _loyalty_table(columns: dict) -> Table:
+        """``new_loyaltycard``: a custom table referencing a contact through the custom lookup ``new_ContactId``
+        (lookup property ``_new_contactid_value``), alternate key ``new_cardnumber``."""
+        return Table("new_loyaltycard", "new_loyaltycards", "new_loyaltycardid", {
+            "new_name": _s(100), "new_cardnumber": _s(100), "new_points": Attr("int"),
+            "new_tier": _choice(dict(_TIER_LABELS)), "new_issuedon": Attr("datetime"),
+            "statecode": Attr("int", default=0, choices=(0, 1)), "statuscode": Attr("int", default=1, choices=(1, 2)),
+            "createdon": Attr("datetime", readonly=True), "modifiedon": Attr("datetime", readonly=True),
+            **columns,
+        }, lookups={"new_ContactId": ("contacts", "_new_contactid_value")}, alternate_keys=("new_cardnumber",))
+
     def reset(self) -> None:
         seed = self.sandbox.seed.get("dynamics365", {})
         self.reset_config()
         self.usage: deque[tuple[float, float]] = deque()
         self.usage_ms = 0.0
         self.in_flight = 0
+        columns = seed.get("columns") or {}
+        self.contacts = ContactTable({**self.contact_custom_attributes, **_seed_columns(columns.get("contact"))},
+                                     tuple(seed.get("contact_alternate_keys") or self.contact_alternate_keys))
+        self.loyalty_cards = self._loyalty_table(_seed_columns(columns.get("new_loyaltycard")))
+        self.tables = {t.set_name: t for t in (self.contacts, self.lists, self.segment_rows, self.email_events,
+                                               self.loyalty_cards, self.organizations)}
+        self.change_tracking = {"contact": True, "new_loyaltycard": True, **(seed.get("change_tracking") or {})}
+        # versions only grow (also across resets), like Dataverse's row versions: an old delta token stays valid
+        self.version = max(self.version, int(time.time() * 1000))
+        self.row_versions = {name: {} for name in self.tables}
+        self.tombstones = {name: {} for name in self.tables}
         for table in self.tables.values():
             table.clear()
         self.memberships = {}
         now = _now()
         self.organizations.insert({"name": "Sandbox organization"}, self.organization_id, now)
         for n, c in enumerate(seed.get("contacts", [])):
-            data = {k: v for k, v in c.items() if k != "contactid"}
+            data = {k: (_utc_text(v) if k in ("createdon", "modifiedon") and v else v)
+                    for k, v in c.items() if k != "contactid"}
             cid = c.get("contactid") or uuid.uuid5(uuid.NAMESPACE_URL, f"segexport-contact:{n}:{c.get('emailaddress1')}")
             self.contacts.insert(data, str(cid).lower(), now)
+        self._seed_loyalty_cards(seed, now)
         self._create_list({"listname": "Sandbox static contact list", "createdfromcode": 2, "type": False},
                           self.marketing_list_id, now)
         for lst in seed.get("lists", []):
@@ -1162,6 +1283,62 @@ class DataverseEmulator(Emulator):
                 rec = self.contacts.get(str(cid).lower())
                 if rec is not None:
                     self.memberships[lid].members[rec.id] = None
+
+    def _seed_loyalty_cards(self, seed: dict, now: str) -> None:
+        """Seeded ``new_loyaltycards`` rows (the contact as ``_new_contactid_value``); without the key, one sample
+        card for each of the first 20 seeded contacts."""
+        rows = seed.get("new_loyaltycards")
+        if rows is None:
+            rows = []
+            for n, rec in enumerate(islice(self.contacts.rows.values(), 20)):
+                rows.append({"new_loyaltycardid": str(uuid.uuid5(uuid.NAMESPACE_URL, f"segexport-card:{rec.id}")),
+                             "new_name": f"Card LC-{n + 1:06d}", "new_cardnumber": f"LC-{n + 1:06d}",
+                             "new_points": (n + 1) * 150, "new_tier": 100000000 + n % 4,
+                             "_new_contactid_value": rec.id, "statecode": 1 if n % 7 == 6 else 0})
+        for n, row in enumerate(rows):
+            data = {k: (_utc_text(v) if k in ("createdon", "modifiedon", "new_issuedon") and v else v)
+                    for k, v in row.items() if k != "new_loyaltycardid"}
+            contact = data.pop("new_contactid", None) or data.get("_new_contactid_value")
+            if contact is not None:
+                data["_new_contactid_value"] = str(contact).lower()
+            if data.get("statecode") and "statuscode" not in data:
+                data["statuscode"] = 2
+            rid = str(row.get("new_loyaltycardid") or uuid.uuid5(uuid.NAMESPACE_URL, f"segexport-card:{n}")).lower()
+            self.loyalty_cards.insert(data, rid, now)
+
+    def _tracked(self, table: Table) -> bool:
+        return bool(self.change_tracking.get(table.logical))
+
+    def _touch(self, table: Table, rid: str) -> None:
+        """Record a create / update for change tracking (undone with its change set)."""
+        self.version += 1
+        versions, tombs = self.row_versions[table.set_name], self.tombstones[table.set_name]
+        old_v, old_t = versions.get(rid), tombs.pop(rid, None)
+        versions[rid] = self.version
+
+        def undo() -> None:
+            if old_v is None:
+                versions.pop(rid, None)
+            else:
+                versions[rid] = old_v
+            if old_t is not None:
+                tombs[rid] = old_t
+
+        self._undo(undo)
+
+    def _tombstone(self, table: Table, rid: str) -> None:
+        """Record a delete for change tracking: the delta link answers it as a ``$deletedEntity``."""
+        self.version += 1
+        versions, tombs = self.row_versions[table.set_name], self.tombstones[table.set_name]
+        old_v = versions.pop(rid, None)
+        tombs[rid] = self.version
+
+        def undo() -> None:
+            tombs.pop(rid, None)
+            if old_v is not None:
+                versions[rid] = old_v
+
+        self._undo(undo)
 
     def _create_list(self, data: dict, lid: str, now: str):
         data = {**data, "membertype": data.get("createdfromcode"), "statuscode": 0 if not data.get("statecode") else 1}
@@ -1192,6 +1369,7 @@ class DataverseEmulator(Emulator):
             "lists": lists,
             "new_segmentmemberships": [self.segment_rows.row(r) for r in self.segment_rows.rows.values()],
             "new_emailevents": [self.email_events.row(r) for r in self.email_events.rows.values()],
+            "new_loyaltycards": [self.loyalty_cards.row(r) for r in self.loyalty_cards.rows.values()],
             "service_protection": {"requests_in_window": len(self.usage),
                                    "execution_ms_in_window": round(self.usage_ms), "in_flight": self.in_flight},
         }
@@ -1453,6 +1631,8 @@ class DataverseEmulator(Emulator):
                 return self.odata_error(403, E_AUTH, "The user is not a member of the organization.")
             base = f"{request.url.scheme}://{request.url.netloc}"
             headers = {k.lower(): v for k, v in request.headers.items()}
+            if len(request.headers.getlist("prefer")) > 1:  # the docs send one Prefer header per preference
+                headers["prefer"] = ", ".join(request.headers.getlist("prefer"))
             if rest == "$batch":
                 resp = await self.batch(request.method, headers, raw, base)
             else:
@@ -1518,7 +1698,7 @@ class DataverseEmulator(Emulator):
         if key is None:
             if len(segments) == 1:
                 if method == "GET":
-                    return self.query(table, q, prefer, api, rest, query, table.scan, None)
+                    return self.query(table, q, prefer, api, rest, query, table.scan, None, track=True)
                 self._method(method, "POST")
                 return self.create(table, body, prefer, api, q)
             action = segments[1].removeprefix(NS)
@@ -1527,6 +1707,10 @@ class DataverseEmulator(Emulator):
                 return self.multiple(table, action, body, api)
             if len(segments) == 2 and segments[1] == "$count":
                 self._method(method, "GET")
+                if "$deltatoken" in q:  # the number of changes since the delta token (change tracking doc)
+                    self._require_tracking(table)
+                    lo = self._read_deltatoken(q["$deltatoken"])
+                    return Response(str(len(self._changes(table, lo, self.version))), media_type="text/plain")
                 return Response(str(len(table)), media_type="text/plain")
             raise ODataError(404, E_SEGMENT, f"Resource not found for the segment '{segments[1]}'.")
         rec, key_desc = self._resolve_key(table, key)
@@ -1534,7 +1718,7 @@ class DataverseEmulator(Emulator):
             if method == "GET":
                 if rec is None:
                     raise self._missing(table, key_desc)
-                return self.single(table, rec, q, api)
+                return self.single(table, rec, q, api, prefer)
             if method == "PATCH":
                 return self.upsert(table, rec, key, body, headers, prefer, api, q)
             if method == "DELETE":
@@ -1597,7 +1781,7 @@ class DataverseEmulator(Emulator):
     # -- metadata -------------------------------------------------------------------------------
     def _metadata_tables(self) -> list[Table]:
         return [self.contacts, self.lists, self.listmember_meta, self.segment_rows, self.email_events,
-                self.organizations]
+                self.loyalty_cards, self.organizations]
 
     @staticmethod
     def _meta_select(q: dict, fields: dict, type_name: str) -> list[str] | None:
@@ -1666,12 +1850,12 @@ class DataverseEmulator(Emulator):
             select = self._meta_select(q, _ENTITY_FIELDS, "EntityMetadata")
             view = _metadata_view("EntityMetadata", {k: v for k, v in _ENTITY_FIELDS.items() if v != "complex"})
             node = self._filter(q, view)
-            items = [_entity_metadata(t) for t in self._metadata_tables()]
+            items = [_entity_metadata(t, self._tracked(t)) for t in self._metadata_tables()]
             items = [i for i in items if node is None or evaluate(node, view, i)]
             sel = f"({','.join(select)})" if select else ""
             return self.json({"@odata.context": ctx + sel, "value": [self._meta_project(i, select) for i in items]})
         table = self._meta_entity(key)
-        ent = _entity_metadata(table)
+        ent = _entity_metadata(table, self._tracked(table))
         if len(segments) == 1:
             if q.get("$expand") or q.get("$filter"):
                 raise ODataError(501, E_PROPERTY, "Only $select is supported on one entity's metadata by the "
@@ -1696,7 +1880,7 @@ class DataverseEmulator(Emulator):
                 raise ODataError(404, E_SEGMENT, f"Resource not found for the segment '{segments[2]}'.")
             attrs = [a for a in attrs if a["@odata.type"] == f"#{NS}{cast}"]
         expand, inner = self._meta_expand(q)
-        if expand and cast not in ("PicklistAttributeMetadata", "StateAttributeMetadata", "StatusAttributeMetadata"):
+        if expand and cast not in _OPTION_CASTS:
             raise ODataError(400, E_PROPERTY, f"Could not find a property named 'OptionSet' on type "
                                               f"'{NS}{cast or 'AttributeMetadata'}'.")
         select = self._meta_select(q, _ATTRIBUTE_FIELDS, cast or "AttributeMetadata")
@@ -1729,15 +1913,84 @@ class DataverseEmulator(Emulator):
     def _etag(self, table: Table, rec) -> str:
         return f'W/"{abs(hash((table.rid(rec), table.value(rec, "modifiedon")))) % 10**8}"'
 
-    def _project(self, table: Table, rec, select: list[str] | None) -> dict:
+    def _project(self, table: Table, rec, select: list[str] | None, ann=None) -> dict:
         out = {"@odata.etag": self._etag(table, rec)}
-        if select is None:
-            out.update(table.row(rec))
-        else:
-            for a in select:
-                out[a] = table.value(rec, a)
-            out[table.pk] = table.rid(rec)
+        if ann is None:
+            if select is None:
+                out.update(table.row(rec))
+            else:
+                for a in select:
+                    out[a] = table.value(rec, a)
+                out[table.pk] = table.rid(rec)
+            return out
+        for a in (table.attrs if select is None else select):
+            v = table.value(rec, a)
+            if v is not None and a != table.pk:
+                self._annotate(out, table, a, v, ann)
+            out[a] = v
+        out[table.pk] = table.rid(rec)
         return out
+
+    def _annotate(self, out: dict, table: Table, name: str, value, want) -> None:
+        """The annotations Dataverse puts before a property (MS webapi/query/select-columns.md "Formatted values",
+        "Lookup property data"): labels of choice / Yes-No / state / status columns, the primary name of a lookup's
+        record with its navigation property and table, datetimes in the user's time zone, grouped whole numbers."""
+        attr = table.attrs.get(name)
+        if attr is None:
+            return
+        text = None
+        if name.startswith("_") and name.endswith("_value"):
+            navs = [(nav, t) for nav, (t, value_attr) in table.lookups.items() if value_attr == name]
+            if not navs:
+                return
+            target = self.tables.get(navs[0][1])
+            if target is not None:
+                ref = target.get(str(value))
+                primary = _ENTITY_META[target.logical][2]
+                text = target.value(ref, primary) if ref is not None and primary else None
+                if text is not None and want(FORMATTED):
+                    out[f"{name}@{FORMATTED}"] = text
+                if want(NAV_PROPERTY):
+                    out[f"{name}@{NAV_PROPERTY}"] = navs[0][0]
+                if want(LOOKUP_TABLE):
+                    out[f"{name}@{LOOKUP_TABLE}"] = target.logical
+            return
+        if not want(FORMATTED):
+            return
+        if attr.kind == "bool":
+            text = (attr.labels or {True: "Yes", False: "No"}).get(bool(value))
+        elif attr.kind == "int":
+            labels = _labels(table, name)
+            text = labels.get(value) if labels else f"{value:,}"
+        elif attr.kind == "datetime":
+            when = _stored_datetime(value) if isinstance(value, str) else None
+            if when is not None:
+                local = when + timedelta(minutes=self.formatted_utc_offset_minutes)
+                hour = local.hour % 12 or 12
+                text = f"{local.month}/{local.day}/{local.year} {hour}:{local.minute:02d} {'AM' if local.hour < 12 else 'PM'}"
+        if text is not None:
+            out[f"{name}@{FORMATTED}"] = text
+
+    @staticmethod
+    def _annotations(prefer: dict):
+        """``Prefer: odata.include-annotations="…"`` as (predicate over annotation terms, Preference-Applied value), or
+        (None, None) when not asked. Patterns: ``*``, ``Namespace.*``, a term, ``-pattern`` to exclude (OData 4.0
+        part 1, 8.2.8.4)."""
+        raw = prefer.get("odata.include-annotations")
+        if raw is None:
+            return None, None
+        include, exclude = [], []
+        for pat in (p.strip() for p in raw.split(",") if p.strip()):
+            (exclude if pat.startswith("-") else include).append(pat.lstrip("-").lower())
+
+        def hit(term: str, pats: list[str]) -> bool:
+            t = term.lower()
+            return any(p == "*" or p == t or (p.endswith(".*") and t.startswith(p[:-1])) for p in pats)
+
+        def want(term: str) -> bool:
+            return hit(term, include) and not hit(term, exclude)
+
+        return want, f'odata.include-annotations="{raw}"'
 
     def _select(self, table: Table, q: dict) -> list[str] | None:
         raw = q.get("$select")
@@ -1754,13 +2007,15 @@ class DataverseEmulator(Emulator):
         sel = f"({','.join(select)})" if select else ""
         return f"{api}/$metadata#{table.set_name}{sel}" + ("/$entity" if entity else "")
 
-    def single(self, table: Table, rec, q: dict, api: str) -> Response:
+    def single(self, table: Table, rec, q: dict, api: str, prefer: dict | None = None) -> Response:
         for opt in q:
             if opt.startswith("$") and opt not in ("$select",):
                 raise ODataError(501, E_PROPERTY, f"The query option {opt} is not supported by the sandbox here.")
         select = self._select(table, q)
+        ann, applied = self._annotations(prefer or {})
         return self.json({"@odata.context": self._context(api, table, select, entity=True),
-                          **self._project(table, rec, select)})
+                          **self._project(table, rec, select, ann)},
+                         headers={"Preference-Applied": applied} if applied else None)
 
     def _clean(self, table: Table, body, creating: bool) -> dict:
         """Validate a request body for ``table``: known columns, types, lengths, lookups."""
@@ -1871,9 +2126,11 @@ class DataverseEmulator(Emulator):
                 data.setdefault("query", "")
             rec = self._create_list(data, rid, now)
             self._undo(lambda: (self.lists.remove(rid), self.memberships.pop(rid, None)))
+            self._touch(table, rid)
             return rec
         rec = table.insert(data, rid, now)
         self._undo(lambda: table.remove(rid))
+        self._touch(table, rid)
         return rec
 
     def _do_update(self, table: Table, rec, data: dict) -> None:
@@ -1889,8 +2146,13 @@ class DataverseEmulator(Emulator):
                     raise ODataError(412, E_DUPLICATE, f"A record that has the attribute values {k} already exists.")
         snap = table.snapshot(rec)
         data.pop(table.pk, None)
+        if table is not self.lists and data.get("statecode") is not None and "statuscode" not in data:
+            # statecode alone: statuscode becomes that state's default status (SetState semantics)
+            data["statuscode"] = next((sc for (t, sc), st in _STATUS_STATE.items()
+                                       if t == table.logical and st == data["statecode"]), None)
         table.apply(rec, data, _now())
         self._undo(lambda: table.restore(rec, snap))
+        self._touch(table, table.rid(rec))
 
     def delete(self, table: Table, rec) -> None:
         rid = table.rid(rec)
@@ -1906,6 +2168,9 @@ class DataverseEmulator(Emulator):
         elif table is self.lists:
             members = self.memberships.pop(rid, None)
         table.remove(rid)
+        self._tombstone(table, rid)
+        if table is self.contacts:
+            self._remove_links(rid)
 
         def undo() -> None:
             table.restore(rec, snap)
@@ -1923,6 +2188,13 @@ class DataverseEmulator(Emulator):
 
         self._undo(undo)
 
+    def _remove_links(self, contact_id: str) -> None:
+        """Deleting a contact clears ``new_loyaltycard.new_ContactId`` on its cards (and changes them): the
+        default delete behaviour of a new custom 1:N relationship is "Remove Link" (Referential)."""
+        for card in list(self.loyalty_cards.rows.values()):
+            if card.get("_new_contactid_value") == contact_id:
+                self._do_update(self.loyalty_cards, card, {"_new_contactid_value": None})
+
     def _undo(self, fn) -> None:
         if self._tx is not None:
             self._tx.append(fn)
@@ -1931,9 +2203,11 @@ class DataverseEmulator(Emulator):
         url = f"{api}/{table.set_name}({table.rid(rec)})"
         if "return" in prefer and prefer["return"] == "representation":
             select = self._select(table, q)
+            ann, applied = self._annotations(prefer)
             return self.json({"@odata.context": self._context(api, table, select, entity=True),
-                              **self._project(table, rec, select)}, status_if_repr,
-                             {"Preference-Applied": "return=representation", "OData-EntityId": url})
+                              **self._project(table, rec, select, ann)}, status_if_repr,
+                             {"Preference-Applied": ", ".join(x for x in ("return=representation", applied) if x),
+                              "OData-EntityId": url})
         return Response(status_code=204, headers={"OData-Version": "4.0", "OData-EntityId": url, "Location": url})
 
     def create(self, table: Table, body, prefer: dict, api: str, q: dict) -> Response:
@@ -1972,13 +2246,15 @@ class DataverseEmulator(Emulator):
         self._log_write(table, [rec])
         if prefer.get("return") == "representation":
             select = self._select(table, q)
+            ann, applied = self._annotations(prefer)
             return self.json({"@odata.context": self._context(api, table, select, entity=True),
-                              **self._project(table, rec, select)}, 200, {"Preference-Applied": "return=representation"})
+                              **self._project(table, rec, select, ann)}, 200,
+                             {"Preference-Applied": ", ".join(x for x in ("return=representation", applied) if x)})
         url = f"{api}/{table.set_name}({table.rid(rec)})"
         return Response(status_code=204, headers={"OData-Version": "4.0", "OData-EntityId": url})
 
     def multiple(self, table: Table, action: str, body, api: str) -> Response:
-        if table not in (self.contacts, self.segment_rows, self.email_events):
+        if table not in (self.contacts, self.segment_rows, self.email_events, self.loyalty_cards):
             raise ODataError(400, E_ARGUMENT, f"{action} is not enabled on the entity {table.logical}.")
         targets = body.get("Targets") if isinstance(body, dict) else None
         if not isinstance(targets, list) or not targets:
@@ -2018,11 +2294,25 @@ class DataverseEmulator(Emulator):
 
     # -- queries ------------------------------------------------------------------------------
     def query(self, table: Table, q: dict, prefer: dict, api: str, rest: str, raw_query: str, scan, restrict,
-              context: str | None = None, use_index: bool = True) -> Response:
-        """A collection read: $select/$filter/$orderby/$top/$count, paged with Prefer: odata.maxpagesize."""
+              context: str | None = None, use_index: bool = True, track: bool = False) -> Response:
+        """A collection read: $select/$filter/$orderby/$top/$count, paged with Prefer: odata.maxpagesize; on an
+        entity set also change tracking (Prefer: odata.track-changes, $deltatoken)."""
+        allowed = ("$select", "$filter", "$top", "$count", "$orderby", "$skiptoken") + (("$deltatoken",) if track else ())
         for opt in q:
-            if opt.startswith("$") and opt not in ("$select", "$filter", "$top", "$count", "$orderby", "$skiptoken"):
+            if opt.startswith("$") and opt not in allowed:
                 raise ODataError(501, E_PROPERTY, f"The query option {opt} is not supported by the sandbox.")
+        cookie = _decode_skiptoken(q.get("$skiptoken"))
+        tracking = track and ("$deltatoken" in q or "odata.track-changes" in prefer or "ct" in cookie)
+        if tracking and "$deltatoken" not in q and not self._tracked(table):
+            if self.change_tracking_unsupported == "error":
+                self._require_tracking(table)
+            tracking = False  # the preference is not applied: no delta link, no Preference-Applied
+        if tracking:
+            self._require_tracking(table)
+            for opt in ("$filter", "$orderby", "$expand", "$top"):
+                if opt in q:
+                    raise ODataError(400, E_PROPERTY, f'The "{opt}" query parameter isn\'t supported when Change '
+                                                      "Tracking is enabled.")
         select = self._select(table, q)
         node = self._filter(q, table)
         page_size = self.max_page_size
@@ -2033,8 +2323,13 @@ class DataverseEmulator(Emulator):
             except ValueError:
                 pass
             applied.append(f"odata.maxpagesize={page_size}")
-        if "odata.include-annotations" in prefer:
-            applied.append(f"odata.include-annotations={prefer['odata.include-annotations']}")
+        ann, ann_applied = self._annotations(prefer)
+        if ann_applied:
+            applied.append(ann_applied)
+        if tracking and "$deltatoken" in q:
+            return self._delta(table, q, api, rest, raw_query, select, ann, applied, page_size, cookie)
+        if tracking:
+            applied.append("odata.track-changes")
         top = None
         if "$top" in q:
             try:
@@ -2042,7 +2337,6 @@ class DataverseEmulator(Emulator):
             except ValueError as exc:
                 raise ODataError(400, E_ARGUMENT, f"Invalid value '{q['$top']}' for $top query option.") from exc
             page_size = min(page_size, top)
-        cookie = _decode_skiptoken(q.get("$skiptoken"))
 
         def match(rec) -> bool:
             return (restrict is None or restrict(rec)) and (node is None or evaluate(node, table, rec))
@@ -2087,13 +2381,70 @@ class DataverseEmulator(Emulator):
             if total is None:
                 total = sum(1 for _, rec in scan(0) if match(rec))
             out["@odata.count"] = min(total, 5000)
-        out["value"] = [self._project(table, r, select) for r in rows]
+        out["value"] = [self._project(table, r, select, ann) for r in rows]
+        if tracking:
+            next_cookie["ct"] = cookie.get("ct", self.version)  # changes from the first page on come in the delta
         if more and top is None:
             page = cookie.get("n", 1) + 1
             next_cookie["n"] = page
             out["@odata.nextLink"] = _next_link(api, rest, raw_query, _encode_skiptoken(next_cookie, page))
-        headers = {"Preference-Applied": ",".join(applied)} if applied else None
+        elif tracking:
+            out["@odata.deltaLink"] = self._delta_link(api, table, q, next_cookie["ct"])
+        headers = {"Preference-Applied": ", ".join(applied)} if applied else None
         return self.json(out, headers=headers)
+
+    # -- change tracking ------------------------------------------------------------------------
+    def _require_tracking(self, table: Table) -> None:
+        if not self._tracked(table):
+            raise ODataError(400, E_ARGUMENT, f"Change tracking is not enabled for the entity '{table.logical}'. "
+                                              "Enable Track changes (ChangeTrackingEnabled) on the table.")
+
+    def _delta_link(self, api: str, table: Table, q: dict, version: int) -> str:
+        stamp = datetime.now(UTC).strftime("%m/%d/%Y %H:%M:%S")
+        parts = [f"$select={quote(q['$select'], safe=',')}"] if q.get("$select") else []
+        parts.append("$deltatoken=" + quote(f"{version}!{stamp}", safe=""))
+        return f"{api}/{table.set_name}?" + "&".join(parts)
+
+    def _read_deltatoken(self, token: str) -> int:
+        m = re.fullmatch(r"(\d+)!(\d{2}/\d{2}/\d{4} \d{2}:\d{2}:\d{2})", token.strip())
+        if m is None:
+            raise ODataError(400, E_ARGUMENT, f"The delta token '{token}' is not valid.")
+        issued = datetime.strptime(m.group(2), "%m/%d/%Y %H:%M:%S").replace(tzinfo=UTC)
+        if (datetime.now(UTC) - issued).total_seconds() > self.change_tracking_expire_days * 86400:
+            raise ODataError(400, E_ARGUMENT, "The delta token has expired: changes are kept for "
+                                              f"{self.change_tracking_expire_days:g} days (ExpireChangeTrackingInDays). "
+                                              "Read the table again with Prefer: odata.track-changes.")
+        return int(m.group(1))
+
+    def _changes(self, table: Table, lo: int, hi: int) -> list[tuple[str, str]]:
+        """New or updated records (by version), then deleted ones, changed in (lo, hi]."""
+        rows = sorted((v, rid) for rid, v in self.row_versions[table.set_name].items() if lo < v <= hi)
+        gone = sorted((v, rid) for rid, v in self.tombstones[table.set_name].items() if lo < v <= hi)
+        return [("row", rid) for _, rid in rows if table.get(rid) is not None] + [("deleted", rid) for _, rid in gone]
+
+    def _delta(self, table: Table, q: dict, api: str, rest: str, raw_query: str, select, ann, applied: list,
+               page_size: int, cookie: dict) -> Response:
+        """GET of a delta link: changed records as usual, deleted ones as ``$deletedEntity`` entries, then the next
+        delta link (MS use-change-tracking-synchronize-data-external-systems.md)."""
+        lo = self._read_deltatoken(q["$deltatoken"])
+        hi = cookie.get("hi", self.version)
+        changes = self._changes(table, lo, hi)
+        offset = cookie.get("o", 0)
+        page = changes[offset: offset + page_size]
+        sel = f"({','.join(select)})" if select else ""
+        out: dict[str, Any] = {"@odata.context": f"{api}/$metadata#{table.set_name}{sel}/$delta"}
+        if offset + page_size < len(changes):
+            n = cookie.get("n", 1) + 1
+            out["@odata.nextLink"] = _next_link(api, rest, raw_query,
+                                                _encode_skiptoken({"o": offset + page_size, "hi": hi, "n": n}, n))
+        else:
+            out["@odata.deltaLink"] = self._delta_link(api, table, q, hi)
+        deleted_ctx = f"{api}/$metadata#{table.set_name}/$deletedEntity"
+        out["value"] = [self._project(table, table.get(rid), select, ann) if kind == "row"
+                        else {"@odata.context": deleted_ctx, "id": rid, "reason": "deleted"} for kind, rid in page]
+        if str(q.get("$count", "")).lower() == "true":
+            out["@odata.count"] = len(changes)
+        return self.json(out, headers={"Preference-Applied": ", ".join(applied)} if applied else None)
 
     # -- marketing lists ----------------------------------------------------------------------
     def _list_for_members(self, listid: str, adding: bool):
@@ -2130,6 +2481,7 @@ class DataverseEmulator(Emulator):
         if added:
             self._undo(lambda: [ml.members.pop(c, None) for c in added])
         list_rec["modifiedon"] = _now()
+        self._touch(self.lists, list_rec["listid"])
         return len(added)
 
     @staticmethod
@@ -2480,8 +2832,10 @@ def _eq_value(node, attr: str):
 
 
 def _parse_prefer(value: str) -> dict:
+    """``Prefer`` preferences (several headers arrive joined with commas); commas inside quotes stay in the value
+    (``odata.include-annotations="A,B"``)."""
     out = {}
-    for item in value.split(","):
+    for item in re.findall(r'(?:[^,"]|"[^"]*")+', value):
         item = item.strip()
         if not item:
             continue
