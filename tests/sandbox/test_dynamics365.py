@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
+from urllib.parse import unquote
 
 import msal
 import pytest
@@ -533,3 +535,238 @@ def test_official_dataverse_client(dv, monkeypatch):
     found = client.records.list("contact", select=["contactid"],
                                 filter=col("modifiedon") > datetime.now(UTC) + timedelta(days=1))
     assert len(found) == 0
+
+
+# -- what the Dynamics 365 -> Adobe Campaign sync reads: formatted values, custom entities, change tracking ----------
+FV = "@OData.Community.Display.V1.FormattedValue"
+ALL = {"Prefer": 'odata.include-annotations="*"'}
+C1, C2, C3 = (str(uuid.uuid5(uuid.NAMESPACE_URL, f"fv-contact-{i}")) for i in range(3))
+SYNC_SEED = {"dynamics365": {
+    "columns": {"contact": {"new_tier": {"type": "choice", "options": {"100000000": "Bronze", "100000001": "Gold"}},
+                            "new_vip": {"type": "boolean", "labels": {"true": "VIP", "false": "Regular"}},
+                            "new_points": "integer"}},
+    "contacts": [
+        {"contactid": C1, "firstname": "Ada", "lastname": "Lovelace", "emailaddress1": "ada@example.com",
+         "gendercode": 2, "preferredcontactmethodcode": 2, "donotbulkemail": True, "new_tier": 100000001,
+         "new_vip": True, "new_points": 12500, "createdon": "2023-05-01T08:00:00Z",
+         "modifiedon": "2023-06-01T14:05:00Z"},
+        {"contactid": C2, "firstname": "Alan", "lastname": "Turing", "emailaddress1": "alan@example.com",
+         "createdon": "2024-02-01T09:00:00Z", "modifiedon": "2024-03-01T10:00:00Z"},
+        {"contactid": C3, "firstname": "Grace", "lastname": "Hopper", "emailaddress1": "grace@example.com",
+         "statecode": 1, "createdon": "2024-02-02T09:00:00Z", "modifiedon": "2024-04-01T10:00:00Z"},
+    ]}}
+
+
+@pytest.fixture
+def sync_dv(dv):
+    r = dv.session.post(dv.sandbox.admin + "/seed", json=SYNC_SEED, timeout=30)
+    assert r.status_code == 200, r.text
+    return dv
+
+
+def test_formatted_values_for_choice_boolean_lookup_datetime_and_numbers(sync_dv):
+    dv = sync_dv
+    select = ("firstname,gendercode,preferredcontactmethodcode,donotbulkemail,donotemail,new_tier,new_vip,"
+              "new_points,statecode,statuscode,modifiedon")
+    r = dv.get("contacts", params={"$select": select, "$filter": f"contactid eq {C1}"}, headers=ALL)
+    assert r.status_code == 200, r.text
+    assert r.headers["Preference-Applied"] == 'odata.include-annotations="*"'
+    (row,) = r.json()["value"]
+    expected = {"gendercode": (2, "Female"), "preferredcontactmethodcode": (2, "Email"),
+                "donotbulkemail": (True, "Do Not Allow"), "donotemail": (False, "Allow"),
+                "new_tier": (100000001, "Gold"), "new_vip": (True, "VIP"), "new_points": (12500, "12,500"),
+                "statecode": (0, "Active"), "statuscode": (1, "Active"),
+                "modifiedon": ("2023-06-01T14:05:00Z", "6/1/2023 2:05 PM")}
+    for name, (value, text) in expected.items():
+        assert (row[name], row[name + FV]) == (value, text), name
+    assert "firstname" + FV not in row and "contactid" + FV not in row  # strings and keys have none
+    keys = list(row)
+    assert keys.index("gendercode" + FV) == keys.index("gendercode") - 1  # the annotation comes first
+    # a null column has no annotation; only the formatted-value term when only that one is asked for
+    r = dv.get(f"contacts({C2})", params={"$select": "gendercode,donotbulkemail"},
+               headers={"Prefer": f'odata.include-annotations="{FV[1:]}"'})
+    assert r.headers["Preference-Applied"] == f'odata.include-annotations="{FV[1:]}"'
+    assert r.json()["gendercode"] is None and "gendercode" + FV not in r.json()
+    assert r.json()["donotbulkemail" + FV] == "Allow"
+    # no preference: no annotations and no Preference-Applied
+    r = dv.get("contacts", params={"$select": "gendercode"})
+    assert "Preference-Applied" not in r.headers and not any("@" in k for v in r.json()["value"] for k in v
+                                                             if k != "@odata.etag")
+    # several Prefer headers in one line (as Microsoft's examples send them)
+    r = dv.get("contacts", params={"$select": "gendercode"},
+               headers={"Prefer": 'odata.include-annotations="*", odata.maxpagesize=1'})
+    assert r.headers["Preference-Applied"] == 'odata.maxpagesize=1, odata.include-annotations="*"'
+    assert len(r.json()["value"]) == 1 and "@odata.nextLink" in r.json()
+
+    # the option sets through EntityDefinitions, as the sync reads the labels
+    r = dv.get("EntityDefinitions(LogicalName='contact')/Attributes/Microsoft.Dynamics.CRM.PicklistAttributeMetadata",
+               params={"$select": "LogicalName", "$expand": "OptionSet"})
+    pick = {a["LogicalName"]: {o["Value"]: o["Label"]["UserLocalizedLabel"]["Label"]
+                               for o in a["OptionSet"]["Options"]} for a in r.json()["value"]}
+    assert pick["gendercode"] == {1: "Male", 2: "Female"}
+    assert pick["preferredcontactmethodcode"] == {1: "Any", 2: "Email", 3: "Phone", 4: "Fax", 5: "Mail"}
+    assert pick["new_tier"] == {100000000: "Bronze", 100000001: "Gold"}
+    r = dv.get("EntityDefinitions(LogicalName='contact')/Attributes/Microsoft.Dynamics.CRM.BooleanAttributeMetadata",
+               params={"$select": "LogicalName", "$expand": "OptionSet", "$filter": "LogicalName eq 'donotbulkemail'"})
+    (attr,) = r.json()["value"]
+    opts = attr["OptionSet"]
+    assert (opts["TrueOption"]["Value"], opts["TrueOption"]["Label"]["UserLocalizedLabel"]["Label"]) == (1, "Do Not Allow")
+    assert opts["FalseOption"]["Label"]["UserLocalizedLabel"]["Label"] == "Allow"
+    # a value outside the option set is refused
+    r = dv.session.patch(dv.api + f"contacts({C1})", json={"new_tier": 5}, timeout=10)
+    assert r.status_code == 400
+
+
+def test_loyalty_card_custom_entity_with_contact_lookup(sync_dv):
+    dv = sync_dv
+    r = dv.get("new_loyaltycards", params={"$select": "new_cardnumber,new_points,new_tier,_new_contactid_value"},
+               headers=ALL)
+    cards = r.json()["value"]
+    assert len(cards) == 3 and {c["_new_contactid_value"] for c in cards} == {C1, C2, C3}  # one sample per contact
+    ada = next(c for c in cards if c["_new_contactid_value"] == C1)
+    assert ada["_new_contactid_value" + FV] == "Ada Lovelace"
+    assert ada["_new_contactid_value@Microsoft.Dynamics.CRM.associatednavigationproperty"] == "new_ContactId"
+    assert ada["_new_contactid_value@Microsoft.Dynamics.CRM.lookuplogicalname"] == "contact"
+    assert ada["new_tier" + FV] in ("Bronze", "Silver", "Gold", "Platinum")
+
+    # create with the navigation property (SchemaName, case-sensitive); the lookup property is read-only
+    body = {"new_name": "Card X", "new_cardnumber": "X-1", "new_points": 10, "new_tier": 100000002,
+            "new_ContactId@odata.bind": f"/contacts({C2})"}
+    r = dv.post("new_loyaltycards", body, headers={"Prefer": "return=representation"})
+    assert r.status_code == 201, r.text
+    assert r.json()["_new_contactid_value"] == C2 and r.json()["statecode"] == 0
+    assert dv.post("new_loyaltycards", {**body, "new_cardnumber": "X-2", "new_ContactId@odata.bind": None,
+                                        "new_contactid@odata.bind": f"/contacts({C2})"}).status_code == 400
+    assert dv.post("new_loyaltycards", {"new_cardnumber": "X-3", "_new_contactid_value": C2}).status_code == 400
+    # the alternate key: upsert and a duplicate refused
+    r = dv.session.patch(dv.api + "new_loyaltycards(new_cardnumber='X-1')", json={"new_points": 20}, timeout=10)
+    assert r.status_code == 204
+    assert dv.post("new_loyaltycards", {"new_cardnumber": "X-1"}).status_code == 412
+    r = dv.get("new_loyaltycards", params={"$select": "new_points", "$filter": f"_new_contactid_value eq {C2}"})
+    assert sorted(c["new_points"] for c in r.json()["value"]) != [] and 20 in [c["new_points"] for c in r.json()["value"]]
+
+    # metadata: the table, its lookup and its key
+    r = dv.get("EntityDefinitions", params={"$select": "EntitySetName,PrimaryIdAttribute,ChangeTrackingEnabled",
+                                            "$filter": "LogicalName eq 'new_loyaltycard'"})
+    assert r.json()["value"][0]["EntitySetName"] == "new_loyaltycards"
+    assert r.json()["value"][0]["ChangeTrackingEnabled"] is True
+    r = dv.get("EntityDefinitions(LogicalName='new_loyaltycard')/Attributes(LogicalName='new_contactid')")
+    assert (r.json()["AttributeType"], r.json()["SchemaName"], r.json()["Targets"]) == ("Lookup", "new_ContactId",
+                                                                                        ["contact"])
+    r = dv.get("EntityDefinitions(LogicalName='new_loyaltycard')/Keys")
+    assert [k["KeyAttributes"] for k in r.json()["value"]] == [["new_cardnumber"]]
+
+    # deleting a contact removes the link on its cards (Referential, Remove Link)
+    assert dv.session.delete(dv.api + f"contacts({C2})", timeout=10).status_code == 204
+    r = dv.get("new_loyaltycards", params={"$select": "new_cardnumber,_new_contactid_value",
+                                           "$filter": "new_cardnumber eq 'X-1'"})
+    assert r.json()["value"][0]["_new_contactid_value"] is None
+
+
+def test_change_tracking_delta_links_and_deleted_records(sync_dv):
+    dv = sync_dv
+    track = {"Prefer": "odata.track-changes, odata.maxpagesize=2"}
+    r = dv.get("contacts", params={"$select": "firstname,statecode"}, headers=track)
+    assert r.status_code == 200, r.text
+    assert "odata.track-changes" in r.headers["Preference-Applied"]
+    first = r.json()
+    assert "@odata.nextLink" in first and "@odata.deltaLink" not in first  # the delta link comes on the last page
+    r = dv.session.get(first["@odata.nextLink"], headers=track, timeout=10)
+    last = r.json()
+    assert "@odata.nextLink" not in last and len(first["value"]) + len(last["value"]) == 3
+    delta = last["@odata.deltaLink"]
+    assert "$select=firstname,statecode" in delta and "$deltatoken=" in delta
+    # no change yet: an empty delta with a new delta link
+    r = dv.session.get(delta, timeout=10)
+    assert r.status_code == 200 and r.json()["value"] == [] and "@odata.deltaLink" in r.json()
+
+    # update, deactivate, create, delete (a contact created and deleted in between comes back as deleted too)
+    assert dv.session.patch(dv.api + f"contacts({C1})", json={"firstname": "Augusta"}, timeout=10).status_code == 204
+    assert dv.session.patch(dv.api + f"contacts({C2})", json={"statecode": 1}, timeout=10).status_code == 204
+    new = dv.create_contacts(2, prefix="ct")
+    assert dv.session.delete(dv.api + f"contacts({new[1]})", timeout=10).status_code == 204
+    assert dv.session.delete(dv.api + f"contacts({C3})", timeout=10).status_code == 204
+    assert dv.session.get(dv.api + "contacts/$count", params={"$deltatoken": unquote(delta.split("$deltatoken=")[1])},
+                          timeout=10).text == "5"
+    r = dv.session.get(delta, headers={"Prefer": "odata.maxpagesize=2"}, timeout=10)
+    body = r.json()
+    assert body["@odata.context"].endswith("/$metadata#contacts(firstname,statecode)/$delta")
+    values = body["value"]
+    while "@odata.nextLink" in body:
+        body = dv.session.get(body["@odata.nextLink"], headers={"Prefer": "odata.maxpagesize=2"}, timeout=10).json()
+        values += body["value"]
+    changed = [v for v in values if "reason" not in v]
+    deleted = [v for v in values if "reason" in v]
+    assert values[:3] == changed  # new or updated first, deleted last
+    assert {(v["contactid"], v["firstname"], v["statecode"]) for v in changed} == {
+        (C1, "Augusta", 0), (C2, "Alan", 1), (new[0], "F0", 0)}
+    assert sorted(v["id"] for v in deleted) == sorted([new[1], C3])
+    assert all(v == {"@odata.context": dv.api + "$metadata#contacts/$deletedEntity", "id": v["id"],
+                     "reason": "deleted"} for v in deleted)
+    assert dv.session.get(body["@odata.deltaLink"], timeout=10).json()["value"] == []
+    # the same delta link can be read again (tokens are versions)
+    assert len(dv.session.get(delta, timeout=10).json()["value"]) == 5
+
+    # query options the documentation says are refused with change tracking
+    for opt, value in (("$filter", "statecode eq 0"), ("$orderby", "modifiedon"), ("$top", "1")):
+        r = dv.get("contacts", params={"$select": "firstname", opt: value}, headers={"Prefer": "odata.track-changes"})
+        assert r.status_code == 400
+        assert r.json()["error"]["message"] == (f'The "{opt}" query parameter isn\'t supported when Change Tracking '
+                                                "is enabled.")
+    assert dv.session.get(delta + "&$filter=statecode eq 0", timeout=10).status_code == 400
+    assert dv.get("contacts", params={"$deltatoken": "garbage"}).status_code == 400
+
+    # a table without change tracking: the preference is not applied (no delta link)
+    r = dv.get("lists", params={"$select": "listname"}, headers={"Prefer": "odata.track-changes"})
+    assert r.status_code == 200 and "@odata.deltaLink" not in r.json() and "Preference-Applied" not in r.headers
+    dv.config(change_tracking_unsupported="error")
+    assert dv.get("lists", headers={"Prefer": "odata.track-changes"}).status_code == 400
+    r = dv.get("EntityDefinitions", params={"$select": "LogicalName", "$filter": "ChangeTrackingEnabled eq true"})
+    assert {v["LogicalName"] for v in r.json()["value"]} == {"contact", "new_loyaltycard"}
+    # per table and seedable
+    seed = json.loads(json.dumps(SYNC_SEED))
+    seed["dynamics365"]["change_tracking"] = {"contact": False, "list": True}
+    dv.session.post(dv.sandbox.admin + "/seed", json=seed, timeout=30).raise_for_status()
+    r = dv.get("contacts", headers={"Prefer": "odata.track-changes"})
+    assert "@odata.deltaLink" not in r.json()
+    assert "@odata.deltaLink" in dv.get("lists", headers={"Prefer": "odata.track-changes"}).json()
+
+
+def test_change_tracking_on_loyalty_cards_and_rolled_back_change_sets(sync_dv):
+    dv = sync_dv
+    r = dv.get("new_loyaltycards", params={"$select": "new_cardnumber"}, headers={"Prefer": "odata.track-changes"})
+    delta = r.json()["@odata.deltaLink"]
+    card = r.json()["value"][0]["new_loyaltycardid"]
+    assert dv.session.patch(dv.api + f"new_loyaltycards({card})", json={"statecode": 1},
+                            timeout=10).status_code == 204
+    # a failed UpsertMultiple changes nothing and records nothing
+    r = dv.post("new_loyaltycards/Microsoft.Dynamics.CRM.CreateMultiple", {"Targets": [
+        {"@odata.type": NS + "new_loyaltycard", "new_cardnumber": "ok-1"},
+        {"@odata.type": NS + "new_loyaltycard", "new_cardnumber": "ok-1"}]})
+    assert r.status_code == 412
+    values = dv.session.get(delta, timeout=10).json()["value"]
+    assert [(v["new_loyaltycardid"]) for v in values] == [card]
+    r = dv.get(f"new_loyaltycards({card})", params={"$select": "statecode,statuscode"}, headers=ALL)
+    assert (r.json()["statecode" + FV], r.json()["statuscode" + FV]) == ("Inactive", "Inactive")
+
+
+def test_modifiedon_watermark_and_deactivation(sync_dv):
+    dv = sync_dv
+    r = dv.get("contacts", params={"$select": "contactid,modifiedon,statecode", "$orderby": "modifiedon desc",
+                                   "$filter": "modifiedon ge 2024-01-01T00:00:00Z and statecode eq 0"})
+    assert r.status_code == 200, r.text
+    assert [v["contactid"] for v in r.json()["value"]] == [C2]
+    r = dv.get("contacts", params={"$select": "modifiedon", "$orderby": "modifiedon"})
+    stamps = [v["modifiedon"] for v in r.json()["value"]]
+    assert stamps == sorted(stamps) and stamps[0] == "2023-06-01T14:05:00Z"
+    before = datetime.now(UTC).replace(microsecond=0)
+    assert dv.session.patch(dv.api + f"contacts({C1})", json={"statecode": 1}, timeout=10).status_code == 204
+    rec = dv.get(f"contacts({C1})", params={"$select": "modifiedon,createdon,statecode,statuscode"}).json()
+    assert rec["createdon"] == "2023-05-01T08:00:00Z" and (rec["statecode"], rec["statuscode"]) == (1, 2)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", rec["modifiedon"])
+    watermark = before.strftime("%Y-%m-%dT%H:%M:%SZ")
+    r = dv.get("contacts", params={"$select": "contactid,statecode", "$filter": f"modifiedon ge {watermark}"})
+    assert [(v["contactid"], v["statecode"]) for v in r.json()["value"]] == [(C1, 1)]
+    new = dv.create_contacts(1, prefix="wm")[0]
+    rec = dv.get(f"contacts({new})", params={"$select": "createdon,modifiedon"}).json()
+    assert rec["createdon"] == rec["modifiedon"] >= watermark
