@@ -14,20 +14,90 @@ the org in the URL must be the token's org (403 ``403023`` "Profile is not valid
 - ``/profileAndServices/profile`` and ``/profileAndServicesExt/profile`` (the latter with the custom
   ``cus…`` fields of the resource extension; writing them through ``/profileAndServices`` is refused):
   ``POST`` -> 201 full profile with an opaque ``PKey`` and ``href``; ``GET /{PKey}``; ``PATCH /{PKey}``
-  -> 200 ``{"PKey", "href"}`` (the custom key cannot change); ``DELETE /{PKey}`` -> 200;
-  ``GET /profileAndServicesExt/profile/{customKey}``; filters ``byEmail?email=`` (index lookup),
-  ``byText?text=&filterType=email|firstName|lastName`` (case-insensitive prefix, a scan) and the
-  extension's ``byExternalId?externalId=``, chainable (``/byA/byB``); collections
-  ``{"content", "count": {"href"}, "next": {"href"}, "serverSidePagination": true}`` with
-  ``_lineCount`` (default 25), an opaque ``_lineStart`` cursor, ``_order=field[ desc]`` and, above
-  ``big_table_threshold`` profiles, no ``next`` unless ``_forcePagination=true``; ``…/_count`` ->
-  ``{"count": n}``; opt-out booleans ``blackList``, ``blackListEmail``, ``blackListFax``,
-  ``blackListMobile``, ``blackListPhone``, ``blackListPostalMail``, ``blackListPushnotification``,
-  ``ccpaOptOut``; metadata ``/profileAndServices/resourceType/profile`` and its ``filters``.
-- one custom resource ``/customResources/cusSegmentMembership`` (GET/POST, ``/{PKey}`` GET/PATCH/DELETE).
+  -> 200 ``{"PKey", "href"}``, only the given fields change, ``lastModified`` moves on every write
+  [creating-profiles-api.md, updating-profiles.md]; ``DELETE /{PKey}`` -> 200;
+  ``GET /profileAndServicesExt/profile/{customKey}`` (top-level profile only; a changed custom key ->
+  500 ``RST-360012 Inconsistent operation``) [must-read.md "Custom keys", limitations.md error table];
+  filters ``byEmail?email=`` (🟡 Adobe samples), ``byText?text=&filterType=email|firstName|lastName|<cus field
+  declared searchable>``: case-sensitive, prefix only, without ``filterType`` email and last name only
+  [retrieving-profiles.md "Searches are case-sensitive and performed on prefixes only"; filtering.md "the
+  byText filter searchs into both the email and last name fields"]; custom filters declared in the schema
+  (default ``byExternalId?externalId=`` and ``byCrmId?crmId=`` on ``cusCrmId``), Ext only, chainable
+  (``/byA/byB``) - in ACS they exist only once the customer created them in the ACS interface [filtering.md
+  "Custom filters"]; collections ``{"content", "count": {"href"}, "next": {"href"}, "serverSidePagination":
+  true}`` with ``_lineCount`` (default 25), an opaque ``_lineStart`` cursor, above ``big_table_threshold``
+  rows no ``next`` unless ``_forcePagination=true`` [pagination.md]; ``…/_count`` -> ``{"count": n}``
+  [counting.md]; ``_order=field[ desc]`` only on sortable fields [sorting.md: "check the sortable parameter"
+  - which standard fields are sortable is inferred: email, firstName, lastName, birthDate, created,
+  lastModified; custom fields declared ``sortable``; refusal shape inferred; ``order_check=False`` lifts it];
+  opt-out booleans ``blackList``, ``blackListEmail``, ``blackListFax``, ``blackListMobile``, ``blackListPhone``,
+  ``blackListPostalMail``, ``blackListPushnotification``, ``ccpaOptOut``; metadata
+  ``/profileAndServices/resourceType/profile`` and its ``filters`` (lists the declared filters) [filtering.md].
+- custom resources (all sources: AdobeDocs/campaign-standard.en ``help/api/using/``): linked to the profile ->
+  only under ``/profileAndServicesExt/<cusName>`` [custom-resources.md], not linked -> only under
+  ``/customResources/<cusName>`` ("The custom resources that are available under /profileAndServicesExt are
+  not exposed in the /customResources API" [interacting-with-custom-resources.md]); the other family answers
+  404. ``GET`` collection (same paging/count/_order as profiles), ``GET|PATCH|DELETE /{PKey}``, ``POST`` -> 201
+  the row, ``PATCH`` -> ``{"PKey", "href"}``, filters ``/<name>/by<Filter>?<param>=`` as declared (custom
+  filters, created by the customer in ACS [filtering.md]). ``GET /profileAndServicesExt/`` lists the linked
+  resources (``{"apiName": "resourceType", "<name>": {"data", "href", "name", "type": "collection", …}}``)
+  [custom-resources.md]. The profile link is written ``"<link>": {"PKey": "<profile PKey>"}`` (the documented
+  form for links: ``"orgUnit": {"PKey": …}`` [updating-profile-organizational-unit.md], ``"service": {"PKey":
+  …}`` [perform-subscriptions.md]); a link given by other fields is ignored and stays null ("The link
+  information is ignored … the link remains null" - AdobeDocs/experience-cloud.en
+  ``help/campaign/api/limitations.md``, "POST with linked resources", the Campaign Standard behaviour);
+  ``null`` clears it (inferred). Read back as ``{"PKey", "href", "email", "firstName", "lastName", "title"}``
+  (shape of a linked profile in [retrieving-subscriptions.md]; the exact fields are inferred) or ``null``.
+  A custom resource key can not be used in the URI (custom keys are for "top-level profile resources only"
+  [must-read.md]): look rows up with a filter on their ID field. The ID field is unique (a unique index, as
+  the customer would define it - inferred). When the profile is deleted its rows are kept with a null link
+  (``on_profile_delete: keep``, inferred) or deleted (``cascade``: the link option "Deleting the target record
+  implies deleting records referenced by the link", chosen per link under "Behavior if deleted/duplicated"
+  [AdobeDocs/campaign-standard.en help/developing/using/configuring-the-resource-s-data-structure.md; the option
+  name from the privacy-request page, help/start/using/privacy-requests.md, read in a translation]).
+- errors (Campaign): ``{"code": <status>, "message": "RST-360011 An error has occurred - please contact your
+  administrator. <detail>"}``. Invalid values are **500** in ACS, not 400 (limitations.md error table, "Campaign
+  Standard" column: an invalid enumeration value -> "500 - RST-360011 … The value 'invalid' is not valid for
+  the 'nms:recipient:gender' enumeration of the '@gender' field"); an unknown property -> 500 "'<f>' property
+  is not valid for the 'profile' resource." (troubleshooting.md, a commented-out note: "500 … 'age' property is
+  not valid for the 'profile' resource"); a too-long value -> 500 "PGS-220000 PostgreSQL error: ERROR:  value
+  too long for type character varying(<n>)" (❓ inferred, modelled on the documented PGS-220000 duplicate-key
+  message); a type mismatch -> 500 (inferred). ``validation_status`` (default 500) changes that status.
+  A PKey that does not decrypt (URI or body) -> 500 "'<x>' attribute unknown (see definition of 'Profiles
+  (nms:recipient)' schema). XTK-170036 Unable to parse expression '@id = @<x>'." (no RST prefix) and a
+  duplicate key -> 500 "A '<label>' with the same key '<v>' already exists. PGS-220000 PostgreSQL error: ERROR:
+  duplicate key value violates unique constraint …" [limitations.md]; a valid PKey of a deleted record -> 404
+  "Unable to find document with path …" (wording from the raw-id rows of that table; inferred for PKeys).
+- gateway: a URI outside the known roots (``/profileAndServices``, ``/profileAndServicesExt``,
+  ``/customResources``, ``/history``, ``/workflow``, ``/mc``, ``/privacy``) or outside ``/<org>/campaign/`` ->
+  500 ``{"code": 500, "message": "Oops. Something went wrong. Check your URI and try again."}``
+  [troubleshooting.md] (after the key/token checks - inferred); an injected ``status`` fault of 502 still
+  answers ``{"code": 502, …}``.
 - ``/history/{PKey}/events``: the profile's journal events (shape ❓, see below).
-- Campaign errors ``{"code": <status>, "message": "RST-360011 An error has occurred - please contact your
-  administrator. <detail>"}``.
+
+Schema (what the customer built in ACS) - seed keys next to ``profiles``, or ``POST
+/_sandbox/adobe_campaign/schema`` with the same keys (added to the current schema until the next reset;
+``GET`` returns it)::
+
+    "profile_fields": {"cusCrmId": {"type": "string", "length": 36, "sortable": true, "searchable": true},
+                       "cusScore": "int"},          # types: string (length, default 255), int, double,
+                                                    # boolean, date, datetime; names start with "cus"
+    "custom_key": "cusCustomerKey",                  # one of the profile fields
+    "profile_filters": {"byCrmId": {"field": "cusCrmId", "param": "crmId"},
+                        "byModifiedSince": {"field": "lastModified", "param": "since", "operator": ">="}},
+    "custom_resources": {"cusLoyaltyCard": {"label": "Loyalty cards", "fields": {...}, "id_field": "cusCardId",
+                         "link": "profile" | {"name": "profile", "on_profile_delete": "keep" | "cascade"},
+                         "filters": {"byCardId": {"field": "cusCardId", "param": "cardId"},
+                                     "byProfile": {"field": "profile", "param": "profile"}}}},
+    "rows": {"cusLoyaltyCard": [{"cusCardId": "c1", "profile": {"externalId": "…"}}]}   # seed only
+
+A filter is ``"<field>"`` (param = the field name, operator ``=``) or ``{"field", "param", "operator" (=, >=,
+>, <=, <), "label"}``; a filter on the link field takes the profile's PKey. Defaults: profile fields
+``cusCustomerKey`` (the custom key), ``cusSegment``, ``cusScore``, ``cusLastExport``, ``cusCrmId`` (string 36);
+filters ``byExternalId``, ``byCrmId``; resources ``cusSegmentMembership`` (not linked, ``/customResources``) and
+``cusLoyaltyCard`` (linked as ``profile``: ``cusCardId`` string 36 (ID field), ``cusCardNumber`` string 30,
+``cusTier`` string 20 sortable, ``cusPoints`` int sortable, ``cusValidUntil`` date, ``cusUnlinked`` boolean;
+filters ``byCardId?cardId=``, ``byProfile?profile=<PKey>``).
 
 Adobe I/O Events journal (``events_url`` in the start-up JSON): ``GET`` with the same Bearer token and
 ``x-api-key``; query ``since=<position>``, ``limit=<n>`` and ``latest=true``; answers 200
@@ -45,12 +115,14 @@ Configurable (class attributes, ``seed["adobe_campaign"]["config"]`` or
 (bucket, default 6000 per 60 s - ACS publishes no number), ``throttle_retry_after`` (seconds sent as
 ``Retry-After`` on 429; 0 = no header, the default because its presence is unverified),
 ``line_count_default`` (25), ``big_table_threshold`` (100000), ``unknown_fields`` (``reject`` or
-``ignore``), ``by_email_filter`` (True; False -> ``byEmail`` is 404 as on instances without it),
+``ignore``), ``validation_status`` (500), ``order_check`` (True), ``by_email_filter`` (True; False -> ``byEmail`` is 404 as on instances without it),
 ``allowed_scopes`` (comma-separated; ``*`` = any), ``journal_default_limit`` (100),
 ``journal_retry_after`` (10).
 
 Seed: ``{"profiles": [{"email", "firstName", "lastName", "externalId", "blackListEmail": true,
-"cusCustomerKey": "..."}], "config": {...}}``.
+"cusCustomerKey": "..."}], "config": {...}}`` plus the schema keys above. Sources in ``[…]`` are
+AdobeDocs/campaign-standard.en ``help/api/using/<page>``; "limitations.md" is AdobeDocs/experience-cloud.en
+``help/campaign/api/limitations.md`` (its "Error codes and messages" table lists the Campaign Standard answers).
 """
 
 from __future__ import annotations
