@@ -115,7 +115,8 @@ Configurable (class attributes, ``seed["adobe_campaign"]["config"]`` or
 (bucket, default 6000 per 60 s - ACS publishes no number), ``throttle_retry_after`` (seconds sent as
 ``Retry-After`` on 429; 0 = no header, the default because its presence is unverified),
 ``line_count_default`` (25), ``big_table_threshold`` (100000), ``unknown_fields`` (``reject`` or
-``ignore``), ``validation_status`` (500), ``order_check`` (True), ``by_email_filter`` (True; False -> ``byEmail`` is 404 as on instances without it),
+``ignore``), ``validation_status`` (500), ``order_check`` (True), ``by_email_filter`` (True; False ->
+``byEmail`` is 404 as on instances without it),
 ``allowed_scopes`` (comma-separated; ``*`` = any), ``journal_default_limit`` (100),
 ``journal_retry_after`` (10).
 
