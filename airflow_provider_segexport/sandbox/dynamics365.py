@@ -10,7 +10,7 @@ Tokens expire after ``sandbox.token_ttl`` seconds.
 Web API (``/dataverse/api/data/v9.2``): bearer tokens from the endpoint above only (401 +
 ``WWW-Authenticate: Bearer authorization_uri=..., resource_id=...``); ``WhoAmI``; entity sets
 ``contacts``, ``lists`` (marketing lists), ``listmembers`` (read / delete), ``organizations``, the custom
-table ``new_segmentmemberships`` and the custom activity ``new_emailevents``; ``$select``, ``$filter``
+tables ``new_segmentmemberships`` and ``new_loyaltycards`` and the custom activity ``new_emailevents``; ``$select``, ``$filter``
 (``eq ne gt ge lt le``, ``and or not``, parentheses, ``contains/startswith/endswith``,
 ``Microsoft.Dynamics.CRM.In``/``NotIn``), ``$top``, ``$count``, ``$orderby``, ``Prefer:
 odata.maxpagesize`` (max 5000, echoed in ``Preference-Applied``) with an opaque ``@odata.nextLink``
@@ -36,6 +36,10 @@ Configurable (class attributes, ``seed["dynamics365"]["config"]`` or ``POST /_sa
 ``remove_member_entity_id`` (``record``: RemoveMemberList's ``EntityId`` is the contact id;
 ``listmember``: it is the listmemberid; ``either``), ``remove_member_list_available`` (True),
 ``application_user`` (True; False -> 403 ``0x80072560`` for every call).
+
+Change tracking and formatted values: ``change_tracking_unsupported`` ("ignore": ``Prefer: odata.track-changes``
+on a table without change tracking is not applied; "error": 400), ``change_tracking_expire_days`` (7),
+``formatted_utc_offset_minutes`` (0: the calling user's time zone for datetime formatted values).
 
 More configuration: ``strict_literal_types`` (True: a quoted string compared with a Guid or DateTimeOffset
 column is refused as ODataLib does; False: converted, the sandbox's old behaviour), ``max_url_length`` (32768),
@@ -98,8 +102,59 @@ where it matters):
   ``webapi/execute-batch-operations-using-web-api.md``), token lifetime: ``sandbox.token_ttl`` (admin
   ``/_sandbox/token-ttl``; msal re-requests a token when fewer than 5 minutes remain).
 
-Seed: ``{"contacts": [{"contactid", "emailaddress1", "firstname", "lastname", ...}],
-"lists": [{"listid", "listname", "createdfromcode", "type", "members": [contactid]}], "config": {...}}``.
+- Formatted values (MS ``webapi/query/select-columns.md`` "Formatted values" and "Lookup property data"; response
+  examples in MS ``webapi/query-data-web-api.md`` and the OrganizationData.svc -> Web API migration page): with
+  ``Prefer: odata.include-annotations="*"`` (or the term ``OData.Community.Display.V1.FormattedValue``, a
+  ``Namespace.*`` pattern, ``-term`` exclusions) each non-null property gets ``<name>@OData.Community.Display.V1.
+  FormattedValue`` placed before it: choice / state / status labels, Yes/No labels (``donotbulkemail`` true "Do Not
+  Allow", false "Allow"; ``donotsendmm`` "Do Not Send"/"Send"; ``followemail`` "Allow"/"Do Not Allow" — contact table
+  reference), the lookup record's primary name plus ``@Microsoft.Dynamics.CRM.associatednavigationproperty`` and
+  ``@Microsoft.Dynamics.CRM.lookuplogicalname``, datetimes as ``6/1/2023 2:05 PM`` (en-US, user time zone: the
+  sandbox user is on UTC unless ``formatted_utc_offset_minutes``; inferred) and whole numbers grouped (``12,500``).
+  Strings and primary keys get none. ``Preference-Applied: odata.include-annotations="<as sent>"`` only on answers
+  that return records (collections, retrieve, ``return=representation``). Labels of Yes/No columns nobody declared
+  default to "Yes"/"No" (Dataverse's default for a new Yes/No column; inferred for the sandbox's own tables).
+  Several ``Prefer`` headers are read as one list, commas inside quotes kept.
+- Choice columns on contact: ``gendercode`` (1 Male, 2 Female), ``preferredcontactmethodcode`` (1 Any, 2 Email,
+  3 Phone, 4 Fax, 5 Mail) from the contact table reference; values outside an option set are refused (400). In
+  ``EntityDefinitions`` choice columns are ``PicklistAttributeMetadata`` with their ``OptionSet``, Yes/No columns
+  ``BooleanAttributeMetadata`` whose ``OptionSet`` has ``TrueOption``/``FalseOption`` (values 1 / 0).
+- ``new_loyaltycard`` (entity set ``new_loyaltycards``, PK ``new_loyaltycardid``, primary name ``new_name``,
+  ``new_cardnumber`` alternate key, ``new_points``, ``new_tier`` choice 100000000 Bronze … 100000003 Platinum,
+  ``new_issuedon``, ``statecode``/``statuscode``): a custom lookup to contact whose single-valued navigation property
+  is its SchemaName ``new_ContactId`` (case-sensitive, set with ``new_ContactId@odata.bind: "/contacts(<id>)"``)
+  and whose read-only lookup property is ``_new_contactid_value`` (MS ``webapi/web-api-properties.md`` "Lookup
+  properties", ``webapi/web-api-navigation-properties.md``: "the <name> found in the lookup property will match the
+  name of the navigation property"; the SchemaName casing of custom navigation properties is common knowledge, 🟡).
+  Deleting a contact clears the lookup on its cards (a new custom 1:N relationship is Referential, "Remove Link":
+  inferred for this table) and so changes them.
+- Change tracking (MS ``use-change-tracking-synchronize-data-external-systems.md``): per table
+  (``ChangeTrackingEnabled`` in ``EntityDefinitions``, filterable; seed ``change_tracking``: on for contact and
+  new_loyaltycard). ``Prefer: odata.track-changes`` on an entity-set GET -> ``Preference-Applied:
+  odata.track-changes`` and ``@odata.deltaLink`` on the last page (``<set>?$select=…&$deltatoken=<version>!<MM/dd/yyyy
+  HH:mm:ss>`` as in the doc's example; changes made while paging come in the next delta). GET of the delta link:
+  context ``…#<set>(<select>)/$delta``, new or updated records first (by version), then deleted ones as
+  ``{"@odata.context": "…#<set>/$deletedEntity", "id": "<guid>", "reason": "deleted"}`` ("Usually, the caller will get
+  all new or updated records first … followed by deleted records"; a record created and deleted between two reads
+  comes back as deleted), paged with ``Prefer: odata.maxpagesize``, and a new delta link; ``<set>/$count?$deltatoken=``
+  counts the changes. ``$filter``/``$orderby``/``$expand``/``$top`` with change tracking -> 400 with the documented
+  text ``The "$filter" query parameter isn't supported when Change Tracking is enabled.`` (status and error code
+  inferred). Inferred: an empty delta is ``"value": []`` with a new delta link (the doc says "An empty JSON response"),
+  a token is a version and may be read again, tokens older than ``change_tracking_expire_days``
+  (``ExpireChangeTrackingInDays``, default 7 per the doc) and malformed tokens get 400, and the preference on a table
+  without change tracking is silently not applied (``change_tracking_unsupported``).
+- ``createdon``/``modifiedon``: set on create, ``modifiedon`` on every update (also deactivation and membership
+  changes), UTC ``2023-04-07T21:59:01Z`` as in the docs' responses; PATCH of ``statecode`` alone sets ``statuscode``
+  to that state's default status (SetState semantics; inferred for the Web API).
+
+Seed: ``{"contacts": [{"contactid", "emailaddress1", "firstname", "lastname", "statecode", "createdon",
+"modifiedon", <any declared column>, ...}], "lists": [{"listid", "listname", "createdfromcode", "type",
+"members": [contactid]}], "columns": {"contact": {"new_tier": {"type": "choice", "options": {"100000000":
+"Gold"}}, "new_vip": {"type": "boolean", "labels": {"true": "VIP", "false": "Regular"}}, "new_code": {"type":
+"string", "max_length": 20}, "new_points": "integer", "new_since": "datetime"}, "new_loyaltycard": {...}},
+"new_loyaltycards": [{"new_loyaltycardid", "new_cardnumber", "new_contactid": <contact guid>, ...}] (without the
+key: one sample card for each of the first 20 seeded contacts), "change_tracking": {"contact": true, "list": false},
+"contact_alternate_keys": ["new_customerid"], "config": {...}}``.
 A static contact list (``marketing_list_id`` in the start-up JSON) always exists.
 """
 
