@@ -138,6 +138,29 @@ def _connection_types() -> list[dict]:
                     "description": "Optional; default https://login.microsoftonline.com/<tenant ID>.",
                     "schema": {"type": ["string", "null"]},
                 },
+                "max_requests_per_window": {
+                    "label": "Service protection: requests per window",
+                    "description": "Optional; Dataverse's published 6,000 per user when empty. Set it only if your "
+                                   "environment has other limits. Requests are paced to it; a 429 lowers it.",
+                    "schema": {"type": ["integer", "null"], "minimum": 1},
+                },
+                "window_seconds": {
+                    "label": "Service protection: window (seconds)",
+                    "description": "Optional; the sliding window of the limits, 300 (5 minutes) when empty.",
+                    "schema": {"type": ["number", "null"], "exclusiveMinimum": 0},
+                },
+                "max_execution_seconds_per_window": {
+                    "label": "Service protection: execution time per window (seconds)",
+                    "description": "Optional; combined execution time allowed per window, Dataverse's published "
+                                   "1,200 (20 minutes) when empty.",
+                    "schema": {"type": ["number", "null"], "exclusiveMinimum": 0},
+                },
+                "max_concurrent_requests": {
+                    "label": "Service protection: concurrent requests",
+                    "description": "Optional; Dataverse's published 52 per user when empty. The export's own "
+                                   "max_in_flight (default 4) stays below it.",
+                    "schema": {"type": ["integer", "null"], "minimum": 1},
+                },
                 **_common_fields(),
             },
             "ui-field-behaviour": {

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import math
 import random
 import threading
 import time
@@ -187,6 +188,12 @@ def default_error_parser(response: requests.Response) -> tuple[str, str | int | 
     return (response.reason or f"HTTP {response.status_code}", None)
 
 
+#: the service-protection rules a vendor's throttling answer may name (a hook maps its error codes to them):
+#: the number of requests in the window, their combined execution time, the requests in flight at once
+REQUESTS_RULE, EXECUTION_RULE, CONCURRENCY_RULE = "requests", "execution", "concurrency"
+THROTTLE_RULES = (REQUESTS_RULE, EXECUTION_RULE, CONCURRENCY_RULE)
+
+
 @dataclass
 class HttpStats:
     """Counters a benchmark or the run summary can read. Thread-safe."""
@@ -194,51 +201,89 @@ class HttpStats:
     requests: int = 0
     retries: int = 0
     throttled: int = 0
+    #: 429 answers by the rule the vendor named (when its hook knows the vendor's codes)
+    throttled_by: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def add(self, *, requests: int = 0, retries: int = 0, throttled: int = 0) -> None:
+    def add(self, *, requests: int = 0, retries: int = 0, throttled: int = 0, rule: str | None = None) -> None:
         """Add to the counters.
 
         :param requests: requests sent.
         :param retries: requests repeated.
         :param throttled: answers that were 429.
+        :param rule: the rule those 429 answers named (``requests``, ``execution``, ``concurrency``).
         """
         with self._lock:
             self.requests += requests
             self.retries += retries
             self.throttled += throttled
+            if rule and throttled:
+                self.throttled_by[rule] = self.throttled_by.get(rule, 0) + throttled
 
-    def as_dict(self) -> dict[str, int]:
-        """The counters as a plain dict (for XCom and logs)."""
-        return {"requests": self.requests, "retries": self.retries, "throttled": self.throttled}
+    def as_dict(self) -> dict[str, Any]:
+        """The counters as a plain dict (for XCom and logs); ``throttled_by`` only when a rule was named."""
+        with self._lock:
+            out: dict[str, Any] = {"requests": self.requests, "retries": self.retries, "throttled": self.throttled}
+            if self.throttled_by:
+                out["throttled_by"] = dict(self.throttled_by)
+            return out
 
 
 @dataclass(frozen=True)
 class RequestBudget:
-    """A vendor's published request budget: at most ``requests`` in any ``window`` seconds.
+    """A vendor's published service-protection budget over a sliding window of ``window`` seconds.
 
     :param requests: requests allowed in one window.
     :param window: the window's length in seconds (a sliding window).
+    :param execution: seconds of combined execution time allowed in one window (Dataverse: 1,200 per 300), if the
+        vendor publishes such a budget.
+    :param concurrent: requests allowed in flight at once (Dataverse: 52), if published.
     """
 
     requests: int
     window: float
+    execution: float | None = None
+    concurrent: int | None = None
+
+
+class Ticket:
+    """One request let through by a :class:`RateLimiter`: when it started, and how many others were in flight."""
+
+    __slots__ = ("started", "others")
+
+    def __init__(self, started: float, others: int) -> None:
+        self.started = started
+        self.others = others
+
+
+#: how long a request waiting for an answer to free a place re-checks anyway (seconds of real time)
+_ANSWER_POLL = 0.5
 
 
 class RateLimiter:
     """Decides when a request may start; shared by every thread of one :class:`VendorSession`.
 
-    Three rules, so that a vendor that publishes its limits rarely has to refuse a request:
+    Its rules, so that a vendor that publishes its limits rarely has to refuse a request:
 
-    * a published :class:`RequestBudget` (Dataverse: 6,000 requests per 5 minutes per user): a request
-      beyond the budget of the sliding window waits until the oldest request in it leaves the window;
+    * a published :class:`RequestBudget` (Dataverse: 6,000 requests, 1,200 s of combined execution time per
+      5 minutes per user, 52 in flight): a request starts only while the sliding window has room for it. A
+      request counts from its start until ``window`` seconds after its answer (a vendor may count it at either
+      end); its execution time is the time it took, as this client measured it (never less than the server's);
+      a request in flight is expected to take at least as long as the answered ones typically did. An answer
+      refused with 429 ("not processed") does not count;
     * the vendor's ``X-RateLimit-Limit``/``-Remaining``/``-Reset`` answers (Campaign Monitor sends them on
       every answer): once ``Remaining`` is down to the requests still in flight (each of them spends one),
       new requests wait until the reset;
     * a server-requested wait (``Retry-After`` or a reset on a 429): every thread waits it out, not only the
-      one that was refused (:meth:`pause`).
+      one that was refused (:meth:`pause`);
+    * what a 429 says (:meth:`throttled`, when the vendor's hook names the rule from the answer's error code):
+      the limiter lowers that rule's number to what the vendor evidently allows, so the same export is not
+      refused again: the request budget to the requests answered in the window before the refused one
+      started; the execution budget to 90 % of their execution time, and the requests in flight to what that
+      budget sustains; the requests in flight to those in flight when the refused one started.
 
-    It logs at INFO the first time each rule makes a request wait, with the numbers, then at DEBUG.
+    It logs at INFO the first time each rule makes a request wait, with the numbers, then at DEBUG; each
+    lowered limit at WARNING.
 
     :param vendor: the vendor's name, for the log.
     :param budget: the vendor's published budget, if any.
@@ -257,15 +302,23 @@ class RateLimiter:
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.vendor = vendor
+        #: the request budget in use (lowered after a 429 naming the number of requests)
         self.budget = budget
+        #: seconds of execution time allowed per window (lowered after a 429 naming the execution time)
+        self.execution_budget = budget.execution if budget is not None else None
+        #: requests allowed in flight at once (lowered after a 429 naming the concurrency)
+        self.max_in_flight = budget.concurrent if budget is not None else None
         self._clock = clock
         self._sleep = sleep
         self._wall = wall
         self._lock = threading.Lock()
-        self._started: deque[float] = deque()  # start times of the requests in the budget's window
+        self._answered_cond = threading.Condition(self._lock)
+        self._open: dict[Ticket, None] = {}  # requests in flight, oldest first
+        self._done: deque[tuple[float, float]] = deque()  # (answered at, seconds taken) of the window's requests
+        self._done_seconds = 0.0
+        self._typical = 0.0  # seconds an answered request typically took (moving average)
         self._not_before = 0.0  # no request starts before this (clock) time
         self._pause_reason = ""
-        self._in_flight = 0
         self._logged: set[str] = set()
         #: seconds requests waited, all threads together
         self.waited = 0.0
@@ -273,44 +326,89 @@ class RateLimiter:
     @property
     def in_flight(self) -> int:
         """Requests started and not yet answered."""
-        return self._in_flight
+        return len(self._open)
 
-    def acquire(self) -> None:
-        """Wait until a request may start, then count it as started and in flight."""
+    def acquire(self) -> Ticket:
+        """Wait until a request may start, then count it as started and in flight; return its ticket (for
+        :meth:`release` and :meth:`throttled`)."""
         while True:
             with self._lock:
                 now = self._clock()
                 wait, reason = self._wait(now)
                 if wait <= 0:
-                    if self.budget is not None:
-                        self._started.append(now)
-                    self._in_flight += 1
-                    return
-                self.waited += wait
+                    ticket = Ticket(now, len(self._open))
+                    self._open[ticket] = None
+                    return ticket
+                if wait == math.inf:  # until an answer frees a place
+                    began = time.monotonic()
+                    self._answered_cond.wait(_ANSWER_POLL)
+                    self.waited += time.monotonic() - began
+                else:
+                    self.waited += wait
             self._note(reason, wait)
-            self._sleep(wait)
+            if wait != math.inf:
+                self._sleep(wait)
+
+    def _prune(self, now: float) -> None:
+        if self.budget is None:
+            return
+        horizon = now - self.budget.window
+        done = self._done
+        while done and done[0][0] <= horizon:
+            self._done_seconds -= done.popleft()[1]
+        if not done:
+            self._done_seconds = 0.0  # no float drift
 
     def _wait(self, now: float) -> tuple[float, str]:
-        """How long a request starting ``now`` must wait, and which rule says so (called under the lock)."""
+        """How long a request starting ``now`` must wait (``math.inf``: until an answer), and which rule says so
+        (called under the lock)."""
         if self._not_before > now:
             return self._not_before - now, self._pause_reason
+        cap = self.max_in_flight
+        if cap is not None and len(self._open) >= cap:
+            return math.inf, "concurrency"
         budget = self.budget
-        if budget is not None:
-            horizon = now - budget.window
-            started = self._started
-            while started and started[0] <= horizon:
-                started.popleft()
-            if len(started) >= budget.requests:
-                return started[0] - horizon, "budget"
+        if budget is None:
+            return 0.0, ""
+        self._prune(now)
+        done = self._done
+        excess = len(self._open) + len(done) - budget.requests
+        if excess >= 0:  # excess + 1 answered requests must leave the window first
+            if excess >= len(done):
+                return math.inf, "budget"
+            return done[excess][0] + budget.window - now, "budget"
+        limit = self.execution_budget
+        if limit is not None and (self._open or done):
+            typical = self._typical
+            over = (self._done_seconds + sum(max(now - t.started, typical) for t in self._open) + typical) - limit
+            if over > 0:
+                for answered, seconds in done:
+                    over -= seconds
+                    if over <= 0:
+                        return answered + budget.window - now, "execution"
+                return math.inf, "execution"
         return 0.0, ""
 
-    def release(self, headers: Mapping[str, str] | None = None) -> None:
+    def release(self, headers: Mapping[str, str] | None = None, ticket: Ticket | None = None,
+                refused: bool = False) -> None:
         """Count a request as answered (or failed) and read the vendor's rate-limit headers of its answer.
 
         :param headers: the answer's headers; None when no answer came.
+        :param ticket: the request's ticket from :meth:`acquire` (the oldest request in flight when not given).
+        :param refused: the answer was a 429 (not processed: it does not count toward the budget).
         """
         with self._lock:
-            self._in_flight -= 1
+            if ticket is None:
+                ticket = next(iter(self._open), None)
+            if ticket is not None and ticket in self._open:
+                del self._open[ticket]
+                if not refused and self.budget is not None:
+                    now = self._clock()
+                    seconds = max(0.0, now - ticket.started)
+                    self._done.append((now, seconds))
+                    self._done_seconds += seconds
+                    self._typical = seconds if not self._typical else 0.8 * self._typical + 0.2 * seconds
+            self._answered_cond.notify_all()
             if not headers:
                 return
             remaining, reset = headers.get("X-RateLimit-Remaining"), headers.get("X-RateLimit-Reset")
@@ -320,13 +418,13 @@ class RateLimiter:
                 left = float(remaining)
             except ValueError:
                 return
-            if left > self._in_flight:
+            in_flight = len(self._open)
+            if left > in_flight:
                 return
             seconds = _reset_seconds(reset, self._wall())
             if not seconds:
                 return
             self._hold(seconds, "headers")
-            in_flight = self._in_flight
         self._note("headers", seconds, f"X-RateLimit-Remaining {remaining} of {headers.get('X-RateLimit-Limit', '?')} "
                                        f"with {in_flight} request(s) in flight")
 
@@ -341,6 +439,42 @@ class RateLimiter:
             self._hold(seconds, "server")
         self._note("server", seconds)
 
+    def throttled(self, rule: str | None, ticket: Ticket | None) -> None:
+        """A request was refused with 429 under a service-protection ``rule`` the vendor named: lower that rule's
+        number to what the vendor evidently allows (see the class's description). Nothing for an unnamed rule.
+
+        :param rule: ``requests``, ``execution`` or ``concurrency`` (:data:`THROTTLE_RULES`), or None.
+        :param ticket: the refused request's ticket.
+        """
+        if rule not in THROTTLE_RULES or ticket is None:
+            return
+        with self._lock:
+            budget = self.budget
+            before = [(end, seconds) for end, seconds in self._done if end <= ticket.started]
+            if rule == REQUESTS_RULE and budget is not None:
+                was = budget.requests
+                self.budget = budget = RequestBudget(max(1, len(before)), budget.window, budget.execution,
+                                                     budget.concurrent)
+                what = f"at most {budget.requests:,} requests per {budget.window:g} s (was {was:,})"
+            elif rule == EXECUTION_RULE and budget is not None and before:
+                was = self.execution_budget
+                self.execution_budget = 0.9 * sum(seconds for _, seconds in before)
+                sustained = max(1, int(self.execution_budget / budget.window))
+                if self.max_in_flight is None or sustained < self.max_in_flight:
+                    self.max_in_flight = sustained
+                what = (f"at most {self.execution_budget:.1f} s of execution time per {budget.window:g} s (was "
+                        f"{'unlimited' if was is None else f'{was:.1f} s'}) and {self.max_in_flight} request(s) in "
+                        "flight")
+            elif rule == CONCURRENCY_RULE:
+                was = self.max_in_flight
+                self.max_in_flight = max(1, min(ticket.others, was if was is not None else ticket.others))
+                what = f"at most {self.max_in_flight} request(s) in flight (was {was if was is not None else 'unlimited'})"
+            else:
+                return
+        log.warning("%s refused a request under its service protection (%s): %s from now on", self.vendor,
+                    {REQUESTS_RULE: "number of requests", EXECUTION_RULE: "combined execution time",
+                     CONCURRENCY_RULE: "concurrent requests"}[rule], what)
+
     def _hold(self, seconds: float, reason: str) -> None:
         until = self._clock() + seconds
         if until > self._not_before:
@@ -352,14 +486,22 @@ class RateLimiter:
             first = reason not in self._logged
             self._logged.add(reason)
         level = logging.INFO if first else logging.DEBUG
+        if not log.isEnabledFor(level):
+            return
+        until = "for an answer" if wait == math.inf else f"{wait:.1f} s"
         if reason == "budget":
-            log.log(level, "%s: pacing requests to the published budget of %d per %g s: waiting %.1f s",
-                    self.vendor, self.budget.requests, self.budget.window, wait)
+            log.log(level, "%s: pacing requests to the request budget of %d per %g s: waiting %s",
+                    self.vendor, self.budget.requests, self.budget.window, until)
+        elif reason == "execution":
+            log.log(level, "%s: pacing requests to the budget of %.1f s of execution time per %g s: waiting %s",
+                    self.vendor, self.execution_budget, self.budget.window, until)
+        elif reason == "concurrency":
+            log.log(level, "%s: at most %d request(s) in flight: waiting %s", self.vendor, self.max_in_flight, until)
         elif reason == "headers":
-            log.log(level, "%s: pacing requests to the vendor's rate limit (%s): new requests wait %.1f s for the "
-                    "reset", self.vendor, detail or "rate-limit headers", wait)
+            log.log(level, "%s: pacing requests to the vendor's rate limit (%s): new requests wait %s for the "
+                    "reset", self.vendor, detail or "rate-limit headers", until)
         else:
-            log.log(level, "%s: the server asked for a wait: every thread's requests wait %.1f s", self.vendor, wait)
+            log.log(level, "%s: the server asked for a wait: every thread's requests wait %s", self.vendor, until)
 
 
 class _HeaderAuth(requests.auth.AuthBase):
@@ -394,6 +536,8 @@ class VendorSession:
     :param read_timeout: seconds to wait for each read of the answer.
     :param retry: the retry policy.
     :param budget: the vendor's published request budget, if any (see :class:`RateLimiter`).
+    :param throttle_rules: the vendor's error codes of a 429 (lower case) -> the service-protection rule each
+        names (:data:`THROTTLE_RULES`), so that the rate limiter learns from a refusal.
     :param user_agent: the User-Agent header; defaults to the provider's name and version.
     :param sleep: how to wait between attempts (a test passes a fake one).
     """
@@ -412,6 +556,7 @@ class VendorSession:
         read_timeout: float = 130.0,
         retry: RetryPolicy | None = None,
         budget: RequestBudget | None = None,
+        throttle_rules: Mapping[str, str] | None = None,
         user_agent: str | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -425,6 +570,8 @@ class VendorSession:
         self.retry = retry or RetryPolicy()
         self.stats = HttpStats()
         self.limiter = RateLimiter(vendor, budget)
+        self._throttle_rules = {str(k).lower(): v for k, v in (throttle_rules or {}).items()}
+        self._tickets = threading.local()  # each thread's last request's ticket
         self._sleep = sleep
         self.session = requests.Session()
         # No urllib3-level retries: this class owns retrying so it can honour vendor headers and
@@ -533,11 +680,16 @@ class VendorSession:
                     log.info("%s: access token refreshed after 401; repeating %s %s", self.vendor, method, short_path)
                     continue
             message, code = self._error_parser(response)
+            rule = None
+            if status == 429:
+                # what the vendor said was exceeded: the limiter lowers that limit
+                rule = self._throttle_rules.get(str(code).lower()) if code is not None else None
+                self.limiter.throttled(rule, getattr(self._tickets, "last", None))
             if status in self.retry.statuses and attempt < self.retry.max_attempts and (safe or status == 429):
                 # 429 means "not processed": repeating is safe whatever the method.
                 wait = retry_after_seconds(response.headers)
                 if status == 429:
-                    self.stats.add(throttled=1)
+                    self.stats.add(throttled=1, rule=rule)
                 if wait is not None and wait > self.retry.max_retry_after:
                     raise VendorAPIError(
                         self.vendor, status, f"{message} (asked to wait {wait:.0f}s; giving up)",
@@ -561,14 +713,17 @@ class VendorSession:
 
     def _send(self, method: str, url: str, kwargs: dict[str, Any]) -> requests.Response:
         """One exchange through the pooled session, started when the rate limiter allows it."""
-        self.limiter.acquire()
+        ticket = self._tickets.last = self.limiter.acquire()
         response = None
         try:
             self.stats.add(requests=1)
             response = self.session.request(method, url, **kwargs)
             return response
         finally:
-            self.limiter.release(None if response is None else response.headers)
+            if response is None:
+                self.limiter.release(None, ticket)
+            else:
+                self.limiter.release(response.headers, ticket, refused=response.status_code == 429)
 
     def get_json(self, path: str, **kwargs: Any) -> Any:
         """``GET`` ``path`` and decode its JSON answer (None for an empty one).

@@ -41,7 +41,8 @@ if TYPE_CHECKING:
     from airflow_provider_segexport.export.sources import Segment
     from airflow_provider_segexport.export.state import RefusalStore
 
-CONFIRMED = frozenset({"created", "updated", "unchanged"})
+#: statuses of a record the destination took care of (journaled in the export state); "removed": a sync retired it
+CONFIRMED = frozenset({"created", "updated", "unchanged", "removed"})
 _status_of = operator.attrgetter("status")
 
 

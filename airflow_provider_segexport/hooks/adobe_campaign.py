@@ -1,6 +1,10 @@
 """Adobe Campaign Standard REST API with Adobe IMS server-to-server (OAuth client credentials) tokens.
 
-The sync comes with its own issue; today the hook gets a token and tests the connection.
+The hook gets an IMS token (renewed before it expires and after a 401), tests the connection, and has the
+endpoints the Dynamics 365 -> Campaign sync uses: profiles and custom resources linked to the profile, under
+``/profileAndServicesExt``, found by a custom filter on their key field (never by a stored PKey: Adobe asks
+integrations not to persist them), created, updated (PATCH: only the fields given) and deleted, one record a
+call (Campaign Standard has no bulk REST write). Facts: ``shared/API-FACTS.md`` section 4.
 """
 
 from __future__ import annotations
@@ -10,10 +14,24 @@ import time
 from typing import Any
 
 from airflow_provider_segexport.hooks.base import SegexportBaseHook
-from airflow_provider_segexport.http import VendorAuthError, VendorSession
+from airflow_provider_segexport.http import (
+    RETRY_STATUSES,
+    RetryPolicy,
+    VendorAPIError,
+    VendorAuthError,
+    VendorSession,
+    encode_json,
+)
 
 DEFAULT_IMS_URL = "https://ims-na1.adobelogin.com/ims/token/v3"
 DEFAULT_SCOPES = "openid,AdobeID,read_organizations,additional_info.projectedProductContext,campaign_sdk"
+EXT = "/profileAndServicesExt"
+#: Campaign Standard answers a refused value (unknown field, too long, wrong type) with HTTP 500 and one of
+#: these codes (AdobeDocs experience-cloud.en, help/campaign/api/limitations.md, "Error codes and messages"):
+#: permanent, never retried
+PERMANENT_500 = ("RST-360011", "RST-360012", "PGS-220000", "XTK-170036")
+#: the gateway's throttling and transient errors are retried; a 500 is Campaign refusing the request itself
+RETRIED = frozenset(RETRY_STATUSES - {500})
 
 
 class AdobeCampaignHook(SegexportBaseHook):
@@ -83,8 +101,55 @@ class AdobeCampaignHook(SegexportBaseHook):
             self._fetch_token(force=True)
             return True
 
-        return self.new_session(self.base_url, auth=auth, on_unauthorized=refresh)
+        return self.new_session(self.base_url, auth=auth, on_unauthorized=refresh,
+                                retry=RetryPolicy(statuses=RETRIED))
 
     def _check_connection(self) -> str:
         self.http.get_json("/profileAndServices/profile", params={"_lineCount": 1})
         return f"Connected to Adobe Campaign Standard at {self.base_url}"
+
+    # -- records (profiles and custom resources) ------------------------------------------------------------
+    def find(self, resource: str, filter_name: str, param: str, value: str) -> list[dict]:
+        """The records of ``resource`` a custom filter finds (e.g. profiles ``byCrmId?crmId=<contactid>``).
+
+        :param resource: ``profile`` or a custom resource linked to the profile (``cusLoyaltyCard``).
+        :param filter_name: the filter defined in Campaign (``byCrmId``).
+        :param param: the filter's parameter (``crmId``).
+        :param value: the value looked for.
+        """
+        answer = self.http.get_json(f"{EXT}/{resource}/{filter_name}", params={param: value})
+        return list((answer or {}).get("content") or [])
+
+    def create(self, resource: str, body: dict) -> dict:
+        """Create a record; the answer holds its ``PKey`` and ``href`` (not repeated when its answer is lost:
+        find it before creating again).
+
+        :param resource: ``profile`` or a custom resource.
+        :param body: the record's fields (a link to the profile as ``{"profile": {"PKey": ...}}``).
+        """
+        return self.http.post_json(f"{EXT}/{resource}", body)
+
+    def update(self, href: str, body: dict) -> None:
+        """PATCH a record: only the fields given change.
+
+        :param href: the record's ``href`` as Campaign gave it in this run (never stored).
+        :param body: the fields to set.
+        """
+        self.http.request("PATCH", href, data=encode_json(body), idempotent=True,
+                          headers={"Content-Type": "application/json"})
+
+    def delete(self, href: str) -> bool:
+        """Delete a record; False when it was already gone.
+
+        :param href: the record's ``href`` as Campaign gave it in this run.
+        """
+        return self.http.request("DELETE", href, expected=(404,)).status_code != 404
+
+
+def is_permanent(exc: VendorAPIError) -> bool:
+    """Whether Campaign refused the record itself (a 4xx, or a 500 carrying a validation code): not retried."""
+    if exc.status is None:
+        return False
+    if exc.status == 500:
+        return any(code in str(exc.message) for code in PERMANENT_500)
+    return 400 <= exc.status < 500 and exc.status not in (401, 408, 429)

@@ -17,6 +17,9 @@ from typing import Any
 
 from airflow_provider_segexport.hooks.base import SegexportBaseHook
 from airflow_provider_segexport.http import (
+    CONCURRENCY_RULE,
+    EXECUTION_RULE,
+    REQUESTS_RULE,
     RequestBudget,
     VendorAPIError,
     VendorAuthError,
@@ -30,6 +33,24 @@ MAX_CONCURRENCY = 52
 #: Dataverse service protection: 6,000 requests per user in a sliding window of 300 seconds
 SERVICE_PROTECTION_REQUESTS = 6000
 SERVICE_PROTECTION_WINDOW_S = 300.0
+#: Dataverse service protection: 20 minutes of combined execution time per user in the same window
+SERVICE_PROTECTION_EXECUTION_S = 1200.0
+#: the error codes of Dataverse's service-protection 429 answers (hexadecimal as the Web API writes them, and
+#: decimal) -> the rule each says was exceeded (api-limits: "Service protection API limit errors returned")
+THROTTLE_CODES = {
+    "0x80072322": REQUESTS_RULE, "-2147015902": REQUESTS_RULE,      # number of requests
+    "0x80072321": EXECUTION_RULE, "-2147015903": EXECUTION_RULE,    # combined execution time
+    "0x80072326": CONCURRENCY_RULE, "-2147015898": CONCURRENCY_RULE,  # concurrent requests
+}
+#: the connection extras that change the service-protection numbers (some environments have higher limits):
+#: extra -> (what it is, type, Dataverse's published number)
+SERVICE_PROTECTION_EXTRAS = {
+    "max_requests_per_window": ("requests per window", int, SERVICE_PROTECTION_REQUESTS),
+    "window_seconds": ("the window's length in seconds", float, SERVICE_PROTECTION_WINDOW_S),
+    "max_execution_seconds_per_window": ("seconds of combined execution time per window", float,
+                                         SERVICE_PROTECTION_EXECUTION_S),
+    "max_concurrent_requests": ("concurrent requests", int, MAX_CONCURRENCY),
+}
 #: the Customer Insights export's limit: members per segment (marketing list)
 MAX_PER_SEGMENT = 100_000
 #: members per AddListMembersList call. The action documents no maximum; Microsoft's guidance for bulk
@@ -98,7 +119,10 @@ class Dynamics365Hook(SegexportBaseHook):
 
     Connection (type ``dynamics365``): ``host`` (the Environment URL), extras ``tenant_id`` (or
     ``authority``), ``client_id`` and ``client_secret`` (an Entra ID app registration), plus the common
-    fields. Requests are paced to Dataverse's published service-protection budget.
+    fields. Requests are paced to Dataverse's published service-protection limits (6,000 requests and 1,200 s of
+    combined execution time per 300 s, 52 concurrent requests, per user), or the connection's own numbers
+    (extras ``max_requests_per_window``, ``window_seconds``, ``max_execution_seconds_per_window``,
+    ``max_concurrent_requests``); a 429 naming one of them lowers it for the rest of the export.
 
     :param conn_id: the Airflow connection's id.
     :param kwargs: as for :class:`~airflow_provider_segexport.hooks.base.SegexportBaseHook`.
@@ -108,7 +132,8 @@ class Dynamics365Hook(SegexportBaseHook):
     default_conn_name = "dynamics365_default"
     hook_name = "Dynamics 365 (Dataverse)"
     vendor = "Dataverse"
-    request_budget = RequestBudget(SERVICE_PROTECTION_REQUESTS, SERVICE_PROTECTION_WINDOW_S)
+    request_budget = RequestBudget(SERVICE_PROTECTION_REQUESTS, SERVICE_PROTECTION_WINDOW_S,
+                                   SERVICE_PROTECTION_EXECUTION_S, MAX_CONCURRENCY)
 
     def __init__(self, conn_id: str | None = None, **kwargs: Any) -> None:
         super().__init__(conn_id, **kwargs)
@@ -161,6 +186,27 @@ class Dynamics365Hook(SegexportBaseHook):
     def _resolve_base_url(self) -> str:
         return self.environment_url + API_PATH
 
+    @cached_property
+    def service_protection(self) -> RequestBudget:
+        """The service-protection limits the requests are paced to: Dataverse's published numbers, or the
+        connection's extras (see :data:`SERVICE_PROTECTION_EXTRAS`)."""
+        values = {}
+        for extra, (what, kind, default) in SERVICE_PROTECTION_EXTRAS.items():
+            raw = self.extras.get(extra)
+            if raw in (None, ""):
+                values[extra] = default
+                continue
+            try:
+                value = kind(float(raw)) if kind is int else kind(raw)
+            except (TypeError, ValueError):
+                value = 0
+            if value <= 0:
+                raise ValueError(f"Connection '{self.conn_id}': extra {extra!r} ({what}) must be a positive number, "
+                                 f"not {raw!r}; leave it empty for Dataverse's published {default:g}.")
+            values[extra] = value
+        return RequestBudget(values["max_requests_per_window"], values["window_seconds"],
+                             values["max_execution_seconds_per_window"], values["max_concurrent_requests"])
+
     def _build_session(self) -> VendorSession:
         used = threading.local()  # the token this thread's last request carried
 
@@ -172,11 +218,13 @@ class Dynamics365Hook(SegexportBaseHook):
             self._fetch_token(force=True, stale=getattr(used, "token", None))
             return True
 
-        return self.new_session(self.base_url, auth=auth, on_unauthorized=refresh)
+        return self.new_session(self.base_url, auth=auth, on_unauthorized=refresh, budget=self.service_protection,
+                                throttle_rules=THROTTLE_CODES)
 
     def pool_size(self) -> int:
-        """Connections kept per host: the concurrency in use (16 when not given), at most Dataverse's 52."""
-        return min(self.concurrency or 16, MAX_CONCURRENCY)
+        """Connections kept per host: the concurrency in use (16 when not given), at most the concurrent requests
+        allowed (Dataverse's 52 unless the connection says otherwise)."""
+        return min(self.concurrency or 16, self.service_protection.concurrent or MAX_CONCURRENCY)
 
     def _check_connection(self) -> str:
         who = self.http.get_json("/WhoAmI")

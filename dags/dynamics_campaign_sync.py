@@ -1,0 +1,106 @@
+"""
+### Dynamics 365 -> Adobe Campaign Standard sync
+
+Every 15 minutes, for each table below: read the Dynamics 365 rows changed since the last complete run
+(`modifiedon`), and create or update their Adobe Campaign records: contacts as **profiles**, loyalty cards
+(a custom entity that references a contact) as rows of the custom resource `cusLoyaltyCard`, **linked to the
+contact's profile**. Dynamics 365 is the source of truth for the synced attributes: a value edited in
+Campaign is set back to Dynamics 365's the next time the record syncs (the log counts them), except fields
+whose mapping writes them on creation only (`apply_updates: False`).
+
+**On demand:** press *Trigger* and fill the form: which tables, **replay** (a full resync: every record
+sent once, the watermark reset) and **detect deletions** (read every row: a record gone from Dynamics 365
+is handled as its table's `on_delete` says; the scheduled runs only read what changed). The mappings,
+replacements and filters are in `SYNC_TABLES` below: one readable place.
+
+Connections: `dynamics365_default` (read access is enough), `adobe_campaign_default`. In Campaign, the key
+fields (`cusCrmId` on the profile, `cusCardId` on the loyalty card), the filters that find records by them
+(`byCrmId`, `byCardId`), the custom resource and `cusCrmUnlinked` must exist (Campaign's administrators create
+them; the sandbox has them).
+"""
+
+from __future__ import annotations
+
+import pendulum
+from airflow.sdk import DAG, Param
+
+from airflow_provider_segexport.operators.dynamics_campaign_sync import DynamicsToCampaignSyncOperator
+
+SYNC_TABLES = {
+    "contacts": {
+        "name": "contacts",
+        "entity_set": "contacts",
+        "key": "contactid",
+        "filter": "emailaddress1 ne null",  # which contacts sync (an OData filter on Dataverse)
+        "target": "profile",
+        "target_key": "cusCrmId",  # the profile field holding the contactid (never a stored PKey)
+        "find": {"filter": "byCrmId", "param": "crmId"},
+        "mappings": {
+            "emailaddress1": "email",
+            "firstname": "firstName",
+            "lastname": "lastName",
+            # a replacement: Dataverse's option value -> Campaign's enumeration (no value: "unknown"; a cleared
+            # value is otherwise sent as null, which an enumeration refuses)
+            "gendercode": {"field": "gender", "replace": {1: "male", 2: "female", None: "unknown"}},
+            # written when the profile is created only: marketing may change it in Campaign afterwards
+            "telephone1": {"field": "phone", "apply_updates": False},
+        },
+        "on_delete": "unlink",  # deactivated or deleted contacts: cusCrmUnlinked = true (ignore | unlink | delete)
+        "unlink_field": "cusCrmUnlinked",
+    },
+    "loyalty_cards": {
+        "name": "loyalty_cards",
+        "entity_set": "new_loyaltycards",
+        "key": "new_loyaltycardid",
+        "target": "cusLoyaltyCard",
+        "target_key": "cusCardId",
+        "find": {"filter": "byCardId", "param": "cardId"},
+        "mappings": {
+            "new_cardnumber": {"field": "cusCardNumber", "apply_updates": False},
+            "new_points": "cusPoints",
+            "new_tier": {"field": "cusTier", "label": True},  # the option set's label ("Gold"), not 100000002
+        },
+        "link": {"attribute": "_new_contactid_value", "find": {"filter": "byCrmId", "param": "crmId"}},
+        "on_delete": "delete",
+    },
+}
+
+with DAG(
+    dag_id="dynamics_campaign_sync",
+    description="Dynamics 365 contacts and loyalty cards -> Adobe Campaign Standard profiles and custom resources.",
+    doc_md=__doc__,
+    schedule="*/15 * * * *",
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    is_paused_upon_creation=True,
+    max_active_runs=1,
+    render_template_as_native_obj=True,
+    default_args={"owner": "data-team", "retries": 2, "retry_delay": pendulum.duration(minutes=2)},
+    tags=["segexport", "dynamics365", "adobe_campaign", "example"],
+    params={
+        "tables": Param(list(SYNC_TABLES), type="array", items={"type": "string", "enum": list(SYNC_TABLES)},
+                        title="Tables", description="Which tables to sync (contacts first: cards link to them)."),
+        "replay": Param(False, type="boolean", title="Replay",
+                        description="Full resync of the chosen tables: every record sent once, the watermark reset."),
+        "detect_deletions": Param(False, type="boolean", title="Detect deletions",
+                                  description="Read every row and handle records gone from Dynamics 365."),
+    },
+) as dag:
+    previous = None
+    for name, table in SYNC_TABLES.items():
+        task = DynamicsToCampaignSyncOperator(
+            task_id=f"sync_{name}",
+            table=table,
+            enabled="{{ '" + name + "' in params.tables }}",  # a table not chosen in the form is skipped
+            replay="{{ params.replay }}",
+            detect_deletions="{{ params.detect_deletions }}",
+            dynamics365_conn_id="dynamics365_default",
+            adobe_campaign_conn_id="adobe_campaign_default",
+            pool="adobe_campaign_default",
+            pool_slots=1,
+            max_rejects_share=0.05,
+            trigger_rule="none_failed",  # a skipped table does not skip the next one
+        )
+        if previous is not None:
+            previous >> task  # profiles exist before the rows linked to them
+        previous = task
