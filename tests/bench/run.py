@@ -1,7 +1,13 @@
 """``make bench``: 1,000,000-profile exports to the sandbox under a fixed latency model, against the ideal
 and against what a user would write instead (a PythonOperator looping over the official client).
 
-Writes ``docs/bench/results.json`` and ``docs/bench/chart.png``; the README table is made from the JSON.
+Destinations (``--destinations``, default both): Mailchimp (batches of 500 on 10 connections) and Campaign
+Monitor (imports of 1,000, ``--cm-max-in-flight`` calls in flight, under the sandbox's rate limit
+``--cm-rate-limit`` requests per ``--cm-rate-period`` seconds; the ideal is the larger of the latency bound,
+calls / in flight x a full call's latency, and the rate-limit bound, calls / the limit's rate).
+
+Writes ``docs/bench/results.json`` (a section per destination) and ``docs/bench/chart.png``; the README table is
+made from the JSON.
 Each export runs in its own process, so its CPU time and peak memory are the exporter's alone (the
 sandbox runs in another process).
 """
@@ -28,7 +34,6 @@ SQL = "SELECT * FROM segment_export WHERE segment_name = 'all_customers' ORDER B
 
 OURS = textwrap.dedent("""
     import json, resource, sys, time
-    from airflow_provider_segexport.operators.mailchimp import MailchimpSegmentExportOperator
 
     def peak_mb():
         # VmHWM is this process's own peak RSS; ru_maxrss would also count the parent's pages inherited
@@ -41,18 +46,25 @@ OURS = textwrap.dedent("""
         def xcom_push(self, **kw):
             pass
 
-    op = MailchimpSegmentExportOperator(task_id="export", audience_id=sys.argv[1], segments=["all_customers"],
+    a = json.loads(sys.argv[1])
+    common = dict(task_id="export", segments=["all_customers"],
         sql="SELECT * FROM segment_export WHERE segment_name = {segment} ORDER BY customer_id",
         sql_conn_id="warehouse", first_name_field="first_name", last_name_field="last_name",
-        state_dir=sys.argv[2], rejects_path=sys.argv[3], progress_interval=30, full_refresh=sys.argv[4] == "full",
-        change_column=sys.argv[6] if len(sys.argv) > 6 else None)
+        state_dir=a["state_dir"], rejects_path=a["rejects"], progress_interval=30, full_refresh=a["mode"] == "full",
+        change_column=a.get("change_column"))
+    if a["vendor"] == "campaign_monitor":
+        from airflow_provider_segexport.operators.campaign_monitor import CampaignMonitorSegmentExportOperator
+        op = CampaignMonitorSegmentExportOperator(list_id=a["target"], max_in_flight=a.get("max_in_flight"), **common)
+    else:
+        from airflow_provider_segexport.operators.mailchimp import MailchimpSegmentExportOperator
+        op = MailchimpSegmentExportOperator(audience_id=a["target"], **common)
     # What Airflow's task runner does before execute() (get_template_context): load the plugins. Without it the
     # first write of the rejects file would load them (~0.4 s), which no real task pays there.
     from airflow.sdk.plugins_manager import integrate_macros_plugins
     integrate_macros_plugins()
     before = resource.getrusage(resource.RUSAGE_SELF)
     started = time.monotonic()
-    summary = op.execute({"run_id": sys.argv[5], "ti": TI(), "dag": None})
+    summary = op.execute({"run_id": a["run_id"], "ti": TI(), "dag": None})
     wall = time.monotonic() - started
     ru = resource.getrusage(resource.RUSAGE_SELF)
     # cpu_s: the export's own CPU time (all its threads); process_cpu_s adds the interpreter's start-up and
@@ -130,6 +142,77 @@ ALTERNATIVE = textwrap.dedent("""
 """)
 
 
+ALTERNATIVE_CM = textwrap.dedent("""
+    # What a user would write instead for Campaign Monitor: a PythonOperator looping over the official createsend
+    # client's import_subscribers (1,000 subscribers a call, Resubscribe false), calls one after another
+    # (threads = 1) or spread over a pool of threads with one client per thread.
+    import json, os, resource, sqlite3, sys, threading, time
+    from concurrent.futures import ThreadPoolExecutor
+    import createsend
+    import createsend.utils
+
+    def peak_mb():
+        # VmHWM is this process's own peak RSS; ru_maxrss would also count the parent's pages inherited
+        # through fork (Linux keeps the pre-exec peak), i.e. the benchmark driver's warehouse build.
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM")) / 1024
+
+    base, key, list_id, db, limit = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+    threads, ca_dir = int(sys.argv[6]), sys.argv[7]
+    # The SDK trusts only the cacert.pem next to createsend/utils.py (the sandbox's CA is copied to ca_dir), and
+    # takes its base URI from a class attribute.
+    createsend.utils.__file__ = os.path.join(ca_dir, "utils.py")
+    createsend.CreateSend.base_uri = base
+    local = threading.local()
+
+    def client():
+        if getattr(local, "client", None) is None:
+            local.client = createsend.Subscriber({"api_key": key})
+        return local.client
+
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    started = time.monotonic()
+    rows = sqlite3.connect(db, check_same_thread=False).execute(
+        "SELECT email, first_name, last_name FROM segment_export WHERE segment_name = 'all_customers' "
+        "ORDER BY customer_id LIMIT ?", (limit,))
+
+    def flush(batch):
+        client().import_subscribers(list_id, batch, False)  # a partial failure comes back as its ResultData
+
+    def batches():
+        batch = []
+        for email, first, last in rows:
+            batch.append({"EmailAddress": (email or "").strip(),
+                          "Name": " ".join(p.strip() for p in (first or "", last or "") if p.strip()),
+                          "CustomFields": [{"Key": "Segments", "Value": "all_customers"}],
+                          "ConsentToTrack": "Unchanged"})
+            if len(batch) == 1000:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    sent = []
+    if threads == 1:
+        for batch in batches():
+            flush(batch)
+            sent.append(len(batch))
+    else:
+        def flush_counted(batch):
+            flush(batch)
+            return len(batch)
+
+        with ThreadPoolExecutor(threads) as pool:
+            sent = list(pool.map(flush_counted, batches()))
+    n, calls = sum(sent), len(sent)
+    wall = time.monotonic() - started
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    print("RESULT " + json.dumps({"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime - before.ru_utime
+                                  - before.ru_stime, "peak_mb": peak_mb(), "rows": n, "requests": calls,
+                                  "threads": threads}))
+""")
+
+
 def reference_loop_us(db_path: Path, rows: int = 200_000) -> float:
     """This machine's speed right now: CPU µs per row of a fixed pure-Python loop (read a row from SQLite,
     check the address with a regular expression, hash it, build and encode a small payload). A shared VM's
@@ -171,7 +254,15 @@ def _result(proc: subprocess.CompletedProcess) -> dict:
     raise RuntimeError(f"no result; exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
 
+DESTINATIONS = ("mailchimp", "campaign_monitor")
+#: the Campaign Monitor list's segment field, in the seed so the official-client loops can send it too
+CM_SEGMENT_FIELD = {"FieldName": "Segments", "DataType": "MultiSelectMany", "Options": ["all_customers"],
+                    "VisibleInPreferenceCenter": False}
+
+
 def main(argv: list[str] | None = None) -> int:
+    from airflow_provider_segexport.hooks.campaign_monitor import DEFAULT_CONCURRENCY, IMPORT_MAX
+
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--profiles", type=int, default=1_000_000)
     p.add_argument("--repeats", type=int, default=3)
@@ -181,20 +272,45 @@ def main(argv: list[str] | None = None) -> int:
                    help="the official-client loops run on this many profiles; their times are scaled")
     p.add_argument("--alternative-threads", type=int, default=10,
                    help="threads of the threaded official-client loop (one client per thread)")
+    p.add_argument("--destinations", default=",".join(DESTINATIONS),
+                   help=f"comma-separated destinations to benchmark (default: {','.join(DESTINATIONS)}); the "
+                        "sections of the others are kept from an existing results.json of the same size and model")
+    p.add_argument("--cm-max-in-flight", type=int, default=DEFAULT_CONCURRENCY,
+                   help="Campaign Monitor import calls in flight (the operator's max_in_flight; default "
+                        f"{DEFAULT_CONCURRENCY}, the operator's default)")
+    p.add_argument("--cm-rate-limit", type=int, default=1000,
+                   help="the sandbox's Campaign Monitor rate limit: requests per --cm-rate-period (a token bucket)")
+    p.add_argument("--cm-rate-period", type=float, default=10.0,
+                   help="seconds in which the sandbox's Campaign Monitor bucket refills (default 10: 100 requests a "
+                        "second, which binds neither the export nor the official client's threads)")
     p.add_argument("--out", type=Path, default=OUT,
                    help="where results.json and chart.png go (another folder for a trial run on a small size)")
+    p.add_argument("--work", type=Path, default=REPO / "build" / "bench",
+                   help="working folder (warehouse, scripts, sandbox TLS files)")
     args = p.parse_args(argv)
+    dests = [d.strip() for d in args.destinations.split(",") if d.strip()]
+    unknown = sorted(set(dests) - set(DESTINATIONS))
+    if unknown or not dests:
+        p.error(f"--destinations: unknown {unknown or 'none given'}; choose from {', '.join(DESTINATIONS)}")
 
     from airflow_provider_segexport import warehouse
 
-    work = REPO / "build" / "bench"
+    work = args.work
     work.mkdir(parents=True, exist_ok=True)
     wh = work / f"warehouse-{args.profiles}.db"
     t0 = time.monotonic()
     warehouse.build(wh, profiles=args.profiles, seed=42)
     warehouse.refresh(wh)
     seed = work / "seed.json"
-    seed.write_text(json.dumps({"mailchimp": warehouse.sandbox_seed(wh)["mailchimp"]}))
+    seed_parts = warehouse.sandbox_seed(wh)
+    sandbox_seed = {}
+    if "mailchimp" in dests:
+        sandbox_seed["mailchimp"] = seed_parts["mailchimp"]
+    if "campaign_monitor" in dests:
+        sandbox_seed["campaign_monitor"] = {**seed_parts["campaign_monitor"], "custom_fields": [CM_SEGMENT_FIELD],
+                                            "config": {"rate_limit": args.cm_rate_limit,
+                                                       "rate_period": args.cm_rate_period}}
+    seed.write_text(json.dumps(sandbox_seed))
     print(f"warehouse of {args.profiles:,} profiles built in {time.monotonic() - t0:.0f}s", flush=True)
     speed_before = reference_loop_us(wh)
     print(f"this machine now: {speed_before} µs per row of the reference loop", flush=True)
@@ -205,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         [str(Path(sys.executable).parent / "segexport-sandbox"), "--port", "0", "--latency-ms", str(args.latency_ms),
          "--per-item-ms", str(args.per_item_ms), "--seed", str(seed), "--info-file", str(info_file),
          "--tls-dir", str(work / "tls")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sections: dict[str, dict] = {}
+    rows = 0
     try:
         for _ in range(600):
             if info_file.exists() and info_file.read_text().strip():
@@ -213,94 +331,183 @@ def main(argv: list[str] | None = None) -> int:
         info = json.loads(info_file.read_text())
         admin = requests.Session()
         admin.verify, admin.trust_env = info["ca_bundle"], False
-        mc = info["mailchimp"]
+        mc, cm = info["mailchimp"], info["campaign_monitor"]
         env = {**os.environ, "PYTHONPATH": str(REPO), "REQUESTS_CA_BUNDLE": info["ca_bundle"],
                "AIRFLOW_CONN_WAREHOUSE": json.dumps({"conn_type": "sqlite", "host": str(wh)}),
                "AIRFLOW_CONN_MAILCHIMP_DEFAULT": json.dumps({
                    "conn_type": "mailchimp", "host": mc["base_url"],
                    "extra": {"api_key": mc["api_key"], "ca_bundle": info["ca_bundle"],
+                             "data_privacy_acknowledged": True}}),
+               "AIRFLOW_CONN_CAMPAIGN_MONITOR_DEFAULT": json.dumps({
+                   "conn_type": "campaign_monitor", "host": cm["base_url"],
+                   "extra": {"api_key": cm["api_key"], "ca_bundle": info["ca_bundle"],
                              "data_privacy_acknowledged": True}})}
         script = work / "ours.py"
         script.write_text(OURS)
-        alt_script = work / "alternative.py"
-        alt_script.write_text(ALTERNATIVE)
 
-        def ours(state_dir: str, mode: str, run_id: str, *change_column: str) -> dict:
-            proc = subprocess.run([sys.executable, str(script), mc["audience_id"], state_dir,
-                                   f"file://{work}/rejects.jsonl", mode, run_id, *change_column], env=env,
-                                  capture_output=True, text=True, timeout=3600)
+        def ours(vendor: str, target: str, state_dir: str, mode: str, run_id: str, change_column: str | None = None,
+                 **extra) -> dict:
+            spec = {"vendor": vendor, "target": target, "state_dir": state_dir, "rejects": f"file://{work}/rejects.jsonl",
+                    "mode": mode, "run_id": run_id, "change_column": change_column, **extra}
+            proc = subprocess.run([sys.executable, str(script), json.dumps(spec)], env=env, capture_output=True,
+                                  text=True, timeout=3600)
             return _result(proc)
 
-        full_runs, delta_runs, every_row_runs = [], [], []
-        for i in range(args.repeats):
+        def alternative(alt_script: Path, args_before_db: list[str], threads: int, full_rows: int,
+                        *args_after: str) -> dict:
             admin.post(info["admin_url"] + "/reset", timeout=60)
-            with tempfile.TemporaryDirectory() as state_dir:
-                # change_column: the full run records the watermark, the delta run reads only the changed rows
-                r = ours(state_dir, "full", f"bench-full-{i}", "updated_at")
-                full_runs.append(r)
-                print(f"ours, full run {i + 1}: {r['wall_s']:.1f}s, {r['requests']} requests, "
-                      f"{1e6 * r['cpu_s'] / r['rows']:.1f} µs CPU/profile, peak {r['peak_mb']:.0f} MB", flush=True)
-                warehouse.mutate(wh, change_fraction=0.01, remove_fraction=0.0, seed=1, refresh_segments=True)
-                d = ours(state_dir, "delta", f"bench-delta-{i}", "updated_at")
-                delta_runs.append(d)
-                print(f"ours, delta run after a 1% change (change_column): {d['wall_s']:.1f}s, {d['sent']:,} sent, "
-                      f"{1e6 * d['cpu_s'] / d['rows']:.1f} µs CPU/profile", flush=True)
-                # without a change column every row is read, validated and compared with the export state
-                warehouse.mutate(wh, change_fraction=0.01, remove_fraction=0.0, seed=2, refresh_segments=True)
-                e = ours(state_dir, "delta", f"bench-every-row-{i}")
-                every_row_runs.append(e)
-                print(f"ours, delta run after a 1% change (every row read): {e['wall_s']:.1f}s, {e['sent']:,} sent, "
-                      f"{1e6 * e['cpu_s'] / e['rows']:.1f} µs CPU/profile", flush=True)
-                warehouse.build(wh, profiles=args.profiles, seed=42)  # undo the mutation for the next repeat
-                warehouse.refresh(wh)
-
-        def alternative(threads: int) -> dict:
-            admin.post(info["admin_url"] + "/reset", timeout=60)
-            proc = subprocess.run([sys.executable, str(alt_script), mc["base_url"], mc["api_key"], mc["audience_id"],
-                                   str(wh), str(args.alternative_profiles), str(threads)], env=env,
+            proc = subprocess.run([sys.executable, str(alt_script), *args_before_db, str(wh),
+                                   str(args.alternative_profiles), str(threads), *args_after], env=env,
                                   capture_output=True, text=True, timeout=3600)
             r = _result(proc)
-            scale = full_runs[0]["rows"] / r["rows"]
+            scale = full_rows / r["rows"]
             print(f"official client in {threads} thread(s) on {r['rows']:,} profiles: {r['wall_s']:.1f}s "
-                  f"(x{scale:.0f} = {r['wall_s'] * scale:.0f}s for {full_runs[0]['rows']:,})", flush=True)
+                  f"(x{scale:.0f} = {r['wall_s'] * scale:.0f}s for {full_rows:,})", flush=True)
             return r
 
-        alt = alternative(1)
-        alt_threads = alternative(args.alternative_threads)
-        scale = full_runs[0]["rows"] / alt["rows"]
+        if "mailchimp" in dests:
+            print("== Mailchimp", flush=True)
+            full_runs, delta_runs, every_row_runs = [], [], []
+            for i in range(args.repeats):
+                admin.post(info["admin_url"] + "/reset", timeout=60)
+                with tempfile.TemporaryDirectory() as state_dir:
+                    # change_column: the full run records the watermark, the delta run reads only the changed rows
+                    r = ours("mailchimp", mc["audience_id"], state_dir, "full", f"bench-full-{i}", "updated_at")
+                    full_runs.append(r)
+                    print(f"ours, full run {i + 1}: {r['wall_s']:.1f}s, {r['requests']} requests, "
+                          f"{1e6 * r['cpu_s'] / r['rows']:.1f} µs CPU/profile, peak {r['peak_mb']:.0f} MB", flush=True)
+                    warehouse.mutate(wh, change_fraction=0.01, remove_fraction=0.0, seed=1, refresh_segments=True)
+                    d = ours("mailchimp", mc["audience_id"], state_dir, "delta", f"bench-delta-{i}", "updated_at")
+                    delta_runs.append(d)
+                    print(f"ours, delta run after a 1% change (change_column): {d['wall_s']:.1f}s, {d['sent']:,} sent, "
+                          f"{1e6 * d['cpu_s'] / d['rows']:.1f} µs CPU/profile", flush=True)
+                    # without a change column every row is read, validated and compared with the export state
+                    warehouse.mutate(wh, change_fraction=0.01, remove_fraction=0.0, seed=2, refresh_segments=True)
+                    e = ours("mailchimp", mc["audience_id"], state_dir, "delta", f"bench-every-row-{i}")
+                    every_row_runs.append(e)
+                    print(f"ours, delta run after a 1% change (every row read): {e['wall_s']:.1f}s, {e['sent']:,} "
+                          f"sent, {1e6 * e['cpu_s'] / e['rows']:.1f} µs CPU/profile", flush=True)
+                    warehouse.build(wh, profiles=args.profiles, seed=42)  # undo the mutation for the next repeat
+                    warehouse.refresh(wh)
+
+            alt_script = work / "alternative.py"
+            alt_script.write_text(ALTERNATIVE)
+            rows = full_runs[0]["rows"]
+            alt_args = [mc["base_url"], mc["api_key"], mc["audience_id"]]
+            alt = alternative(alt_script, alt_args, 1, rows)
+            alt_threads = alternative(alt_script, alt_args, args.alternative_threads, rows)
+            scale = rows / alt["rows"]
+            per_call = (args.latency_ms + 500 * args.per_item_ms) / 1000
+            ideal = -(-rows // 500) / 10 * per_call  # ceil(calls) / 10 connections x latency of a full call
+            med = _medians(full_runs)
+            sections["mailchimp"] = {
+                "ideal_s": round(ideal, 1),
+                "ours": _ours_figures(full_runs, med, rows, ideal),
+                "delta_after_1pct_change": _delta_figures(delta_runs, rows, med["wall_s"])
+                | {"change_column": "updated_at"},
+                "delta_after_1pct_change_reading_every_row": _delta_figures(every_row_runs, rows, med["wall_s"]),
+                "alternative_official_client_sequential": _alternative_figures(alt, scale),
+                "alternative_official_client_threads": _alternative_figures(alt_threads, scale),
+            }
+
+        if "campaign_monitor" in dests:
+            print(f"== Campaign Monitor ({args.cm_max_in_flight} import calls of {IMPORT_MAX:,} in flight; sandbox "
+                  f"rate limit {args.cm_rate_limit} requests per {args.cm_rate_period:g}s)", flush=True)
+            full_runs, delta_runs = [], []
+            for i in range(args.repeats):
+                admin.post(info["admin_url"] + "/reset", timeout=60)
+                with tempfile.TemporaryDirectory() as state_dir:
+                    r = ours("campaign_monitor", cm["list_id"], state_dir, "full", f"bench-cm-full-{i}", "updated_at",
+                             max_in_flight=args.cm_max_in_flight)
+                    full_runs.append(r)
+                    print(f"ours, full run {i + 1}: {r['wall_s']:.1f}s, {r['requests']} requests, "
+                          f"{1e6 * r['cpu_s'] / r['rows']:.1f} µs CPU/profile, peak {r['peak_mb']:.0f} MB", flush=True)
+                    warehouse.mutate(wh, change_fraction=0.01, remove_fraction=0.0, seed=1, refresh_segments=True)
+                    d = ours("campaign_monitor", cm["list_id"], state_dir, "delta", f"bench-cm-delta-{i}", "updated_at",
+                             max_in_flight=args.cm_max_in_flight)
+                    delta_runs.append(d)
+                    print(f"ours, delta run after a 1% change (change_column): {d['wall_s']:.1f}s, {d['sent']:,} sent, "
+                          f"{1e6 * d['cpu_s'] / d['rows']:.1f} µs CPU/profile", flush=True)
+                    warehouse.build(wh, profiles=args.profiles, seed=42)  # undo the mutation for the next repeat
+                    warehouse.refresh(wh)
+
+            alt_script = work / "alternative_campaign_monitor.py"
+            alt_script.write_text(ALTERNATIVE_CM)
+            ca_dir = work / "createsend-ca"  # the SDK reads cacert.pem next to its utils.py: pointed here
+            ca_dir.mkdir(exist_ok=True)
+            (ca_dir / "cacert.pem").write_bytes(Path(info["ca_bundle"]).read_bytes())
+            rows = full_runs[0]["rows"]
+            alt_args = [cm["base_url"], cm["api_key"], cm["list_id"]]
+            alt = alternative(alt_script, alt_args, 1, rows, str(ca_dir))
+            alt_threads = alternative(alt_script, alt_args, args.alternative_threads, rows, str(ca_dir))
+            scale = rows / alt["rows"]
+            calls = -(-rows // IMPORT_MAX)
+            per_call = (args.latency_ms + IMPORT_MAX * args.per_item_ms) / 1000
+            latency_bound = calls / args.cm_max_in_flight * per_call
+            rate_bound = calls / (args.cm_rate_limit / args.cm_rate_period)
+            ideal = max(latency_bound, rate_bound)
+            med = _medians(full_runs)
+            sections["campaign_monitor"] = {
+                "batch_size": IMPORT_MAX, "max_in_flight": args.cm_max_in_flight, "import_calls": calls,
+                "sandbox_rate_limit": {"requests": args.cm_rate_limit, "period_s": args.cm_rate_period},
+                "ideal_s": round(ideal, 1), "ideal_latency_bound_s": round(latency_bound, 1),
+                "ideal_rate_limit_bound_s": round(rate_bound, 1),
+                "ours": _ours_figures(full_runs, med, rows, ideal),
+                "delta_after_1pct_change": _delta_figures(delta_runs, rows, med["wall_s"])
+                | {"change_column": "updated_at"},
+                "alternative_official_client_sequential": _alternative_figures(alt, scale),
+                "alternative_official_client_threads": _alternative_figures(alt_threads, scale),
+            }
     finally:
         sandbox.terminate()
         sandbox.wait(timeout=30)
     speed_after = reference_loop_us(wh)
     print(f"this machine now: {speed_after} µs per row of the reference loop", flush=True)
 
-    rows = full_runs[0]["rows"]
-    per_call = (args.latency_ms + 500 * args.per_item_ms) / 1000
-    ideal = -(-rows // 500) / 10 * per_call  # ceil(calls) / 10 connections x latency of a full call
-    med = {k: statistics.median(r[k] for r in full_runs) for k in ("wall_s", "cpu_s", "process_cpu_s", "peak_mb")}
     results = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                     "reference_loop_us_per_row": {"before": speed_before, "after": speed_after}},
         "latency_model": {"base_ms": args.latency_ms, "per_item_ms": args.per_item_ms},
         "profiles": rows,
         "repeats": args.repeats,
-        "mailchimp": {
-            "ideal_s": round(ideal, 1),
-            "ours": {"wall_s": round(med["wall_s"], 1), "ratio_to_ideal": round(med["wall_s"] / ideal, 3),
-                     "requests": full_runs[0]["requests"], "cpu_us_per_profile": round(1e6 * med["cpu_s"] / rows, 1),
-                     "process_cpu_us_per_profile": round(1e6 * med["process_cpu_s"] / rows, 1),
-                     "peak_mb": round(med["peak_mb"]), "runs_wall_s": [round(r["wall_s"], 1) for r in full_runs]},
-            "delta_after_1pct_change": _delta_figures(delta_runs, rows, med["wall_s"]) | {"change_column": "updated_at"},
-            "delta_after_1pct_change_reading_every_row": _delta_figures(every_row_runs, rows, med["wall_s"]),
-            "alternative_official_client_sequential": _alternative_figures(alt, scale),
-            "alternative_official_client_threads": _alternative_figures(alt_threads, scale),
-        },
     }
+    previous = _previous(args.out / "results.json")
+    if previous and previous.get("profiles") == rows and previous.get("latency_model") == results["latency_model"]:
+        for name in DESTINATIONS:  # a destination not benchmarked this time keeps its figures
+            if name not in sections and name in previous:
+                results[name] = previous[name]
+                print(f"{name}: figures kept from the existing {args.out / 'results.json'}", flush=True)
+    results.update(sections)
+    results = _ordered(results)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     chart(results, args.out / "chart.png")
     print(json.dumps(results, indent=2))
     return 0
+
+
+def _previous(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _ordered(results: dict) -> dict:
+    """The common keys first, then the destinations in DESTINATIONS order."""
+    head = {k: v for k, v in results.items() if k not in DESTINATIONS}
+    return head | {k: results[k] for k in DESTINATIONS if k in results}
+
+
+def _medians(runs: list[dict]) -> dict:
+    return {k: statistics.median(r[k] for r in runs) for k in ("wall_s", "cpu_s", "process_cpu_s", "peak_mb")}
+
+
+def _ours_figures(runs: list[dict], med: dict, rows: int, ideal: float) -> dict:
+    return {"wall_s": round(med["wall_s"], 1), "ratio_to_ideal": round(med["wall_s"] / ideal, 3),
+            "requests": runs[0]["requests"], "cpu_us_per_profile": round(1e6 * med["cpu_s"] / rows, 1),
+            "process_cpu_us_per_profile": round(1e6 * med["process_cpu_s"] / rows, 1),
+            "peak_mb": round(med["peak_mb"]), "runs_wall_s": [round(r["wall_s"], 1) for r in runs]}
 
 
 def _alternative_figures(r: dict, scale: float) -> dict:
@@ -325,27 +532,40 @@ def chart(results: dict, path: Path) -> None:
     except ImportError:
         print("matplotlib not installed: no chart (pip install matplotlib)")
         return
-    m = results["mailchimp"]
-    labels = ["ideal (10 lanes)", "airflow-provider-segexport", "delta, 1% changed, change_column",
-              "delta, 1% changed, every row read", "official client, sequential",
-              f"official client, {m['alternative_official_client_threads']['threads']} threads"]
-    values = [m["ideal_s"], m["ours"]["wall_s"], m["delta_after_1pct_change"]["wall_s"],
-              m["delta_after_1pct_change_reading_every_row"]["wall_s"],
-              m["alternative_official_client_sequential"]["wall_s_scaled_to_profiles"],
-              m["alternative_official_client_threads"]["wall_s_scaled_to_profiles"]]
-    colors = ["#9e9e9e", "#017cee", "#5fb3f9", "#90caf9", "#e57373", "#ef9a9a"]
-    fig, ax = plt.subplots(figsize=(8, 3.6), dpi=120)
-    bars = ax.barh(labels[::-1], values[::-1], color=colors[::-1])
-    for bar, v in zip(bars, values[::-1], strict=True):
-        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {v:,.0f} s", va="center")
+    panels = []  # (title, labels, values, colors) per destination benchmarked
+    if "mailchimp" in results:
+        m = results["mailchimp"]
+        panels.append(("Mailchimp", [
+            "ideal (10 lanes)", "airflow-provider-segexport", "delta, 1% changed, change_column",
+            "delta, 1% changed, every row read", "official client, sequential",
+            f"official client, {m['alternative_official_client_threads']['threads']} threads"], [
+            m["ideal_s"], m["ours"]["wall_s"], m["delta_after_1pct_change"]["wall_s"],
+            m["delta_after_1pct_change_reading_every_row"]["wall_s"],
+            m["alternative_official_client_sequential"]["wall_s_scaled_to_profiles"],
+            m["alternative_official_client_threads"]["wall_s_scaled_to_profiles"]],
+            ["#9e9e9e", "#017cee", "#5fb3f9", "#90caf9", "#e57373", "#ef9a9a"]))
+    if "campaign_monitor" in results:
+        c = results["campaign_monitor"]
+        panels.append((f"Campaign Monitor ({c['max_in_flight']} imports of {c['batch_size']:,} in flight)", [
+            f"ideal ({c['max_in_flight']} in flight)", "airflow-provider-segexport",
+            "delta, 1% changed, change_column", "official client, sequential",
+            f"official client, {c['alternative_official_client_threads']['threads']} threads"], [
+            c["ideal_s"], c["ours"]["wall_s"], c["delta_after_1pct_change"]["wall_s"],
+            c["alternative_official_client_sequential"]["wall_s_scaled_to_profiles"],
+            c["alternative_official_client_threads"]["wall_s_scaled_to_profiles"]],
+            ["#9e9e9e", "#017cee", "#5fb3f9", "#e57373", "#ef9a9a"]))
     lm = results["latency_model"]
-    ax.set_title(f"Mailchimp export of {results['profiles']:,} profiles\n"
-                 f"(sandbox latency {lm['base_ms']:.0f} ms + {lm['per_item_ms']} ms/member per call)", fontsize=9)
-    ax.set_xlabel("wall time (s), lower is better")
-    ax.set_xlim(0, max(values) * 1.2)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 3.6 * len(panels)), dpi=120, squeeze=False)
+    for ax, (title, labels, values, colors) in zip(axes[:, 0], panels, strict=True):
+        bars = ax.barh(labels[::-1], values[::-1], color=colors[::-1])
+        for bar, v in zip(bars, values[::-1], strict=True):
+            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {v:,.0f} s", va="center")
+        ax.set_title(f"{title} export of {results['profiles']:,} profiles\n"
+                     f"(sandbox latency {lm['base_ms']:.0f} ms + {lm['per_item_ms']} ms/member per call)", fontsize=9)
+        ax.set_xlabel("wall time (s), lower is better")
+        ax.set_xlim(0, max(values) * 1.2)
     fig.tight_layout()
     fig.savefig(path)
-
 
 if __name__ == "__main__":
     sys.exit(main())
