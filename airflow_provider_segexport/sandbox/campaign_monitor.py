@@ -147,6 +147,7 @@ Seed values follow the rules above, but a value the API would ignore is a ``Valu
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import math
@@ -316,6 +317,7 @@ class CampaignMonitorEmulator(Emulator):
     config_keys = _CONFIG_DEFAULTS
     name = "campaign_monitor"
     prefix = "/createsend/api/v3.3"
+    after_faults = True
 
     rate_limit = 1000
     rate_period = 60.0
@@ -498,6 +500,7 @@ class CampaignMonitorEmulator(Emulator):
 
     def _wrap(self, route: str, handler):
         async def endpoint(request: Request) -> Response:
+            request.state.arrived = asyncio.get_running_loop().time()  # the latency model counts from here
             raw = await request.body() if request.method in ("POST", "PUT") else b""
             body = None
             if raw:
@@ -515,17 +518,17 @@ class CampaignMonitorEmulator(Emulator):
                 return fault
             key, denied = self.authenticate(request)
             if denied is not None:
-                return denied
+                return await self.after(request, denied)
             allowed, headers = self.take_token(key)
             if not allowed:
-                return self.error(429, 429, "Rate limit exceeded", headers=headers)
+                return await self.after(request, self.error(429, 429, "Rate limit exceeded", headers=headers))
             if body is ValueError:
                 resp = self.error(400, 400, "Failed to deserialize your request. Please check the documentation "
                                   "and try again.")
             else:
                 resp = handler(request.method, request.path_params, request.query_params, body)
             resp.headers.update(headers)
-            return resp
+            return await self.after(request, resp)  # an injected "after" fault loses the answer
 
         return endpoint
 
