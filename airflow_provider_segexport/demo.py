@@ -94,6 +94,15 @@ def configure_airflow(env: dict, info: dict, warehouse_path: Path) -> None:
                                  "authority": info["dynamics365"]["authority"], "ca_bundle": info["ca_bundle"],
                                  "data_privacy_acknowledged": True}),
         },
+        "adobe_campaign_default": {
+            "conn_type": "adobe_campaign", "host": info["adobe_campaign"]["base_url"], "port": 0,
+            "description": "Adobe Campaign Standard (local sandbox)",
+            "extra": json.dumps({"client_id": info["adobe_campaign"]["client_id"],
+                                 "client_secret": info["adobe_campaign"]["client_secret"],
+                                 "org_id": info["adobe_campaign"]["org_id"], "ims_url": info["adobe_campaign"]["ims_url"],
+                                 "scopes": info["adobe_campaign"]["scope"], "ca_bundle": info["ca_bundle"],
+                                 "data_privacy_acknowledged": True}),
+        },
         "campaign_monitor_default": {
             "conn_type": "campaign_monitor", "host": info["campaign_monitor"]["base_url"], "port": 0,
             "description": "Campaign Monitor (local sandbox)",
@@ -123,6 +132,7 @@ def configure_airflow(env: dict, info: dict, warehouse_path: Path) -> None:
           "Mailchimp: 10 simultaneous connections per API key"], env)
     _run([airflow, "pools", "set", "campaign_monitor_default", "4",
           "Campaign Monitor: import calls in flight per API key"], env)
+    _run([airflow, "pools", "set", "adobe_campaign_default", "2", "Adobe Campaign: sync tasks at once"], env)
     _run([airflow, "pools", "set", "dynamics365_default", "4",
           "Dynamics 365: calls in flight (Dataverse allows 52 concurrent requests per user)"], env)
     print("• Airflow: connections segexport_warehouse, mailchimp_default, campaign_monitor_default and "
@@ -163,6 +173,12 @@ def show_destinations(info: dict) -> None:
           "marketing list(s) from the export")
     for name, lst in sorted(lists.items()):
         print(f"  {name:<28} {lst['membercount']:>6,} members")
+    state = session.get(info["admin_url"] + "/state/adobe_campaign", timeout=60).json()
+    synced = [p for p in state["profiles"].values() if p.get("cusCrmId")]
+    cards = state["custom_resource"].get("cusLoyaltyCard", [])
+    print(f"\nAdobe Campaign now holds {len(synced):,} profiles synced from Dynamics 365 contacts "
+          f"({sum(1 for p in synced if p.get('cusCrmUnlinked')):,} unlinked) and {len(cards):,} loyalty cards "
+          f"({sum(1 for c in cards if c.get('profile')):,} linked to their profile)")
     counts = session.get(info["admin_url"] + "/requests", timeout=60).json()["counts"]
     print("  requests the sandbox received: " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
 
@@ -202,6 +218,31 @@ def show_summary(env: dict) -> bool:
         print(f"  {row['destination']:<16} {row['segment']:<16} sent {row['sent']:>6,}  rejected {row['rejected']:>4,}"
               f"  {row['seconds']}s")
     return data["state"].endswith("success") and all(s and s["totals"]["created"] > 0 for s in summaries.values())
+
+
+def show_sync(env: dict) -> bool:
+    """Print the summaries of the latest dynamics_campaign_sync run; True if it succeeded."""
+    code = (
+        "import json\n"
+        "from sqlalchemy import select\n"
+        "from airflow.models.dagrun import DagRun\n"
+        "from airflow.models.xcom import XComModel\n"
+        "from airflow.utils.session import create_session\n"
+        "with create_session() as s:\n"
+        "    dr = s.scalars(select(DagRun).where(DagRun.dag_id == 'dynamics_campaign_sync')"
+        ".order_by(DagRun.id.desc())).first()\n"
+        "    rows = s.scalars(select(XComModel).where(XComModel.dag_id == 'dynamics_campaign_sync', "
+        "XComModel.run_id == dr.run_id, XComModel.key == 'return_value')).all()\n"
+        "    out = {r.task_id: XComModel.deserialize_value(r) for r in rows}\n"
+        "    print(json.dumps({'state': str(dr.state), 'xcom': out}))\n"
+    )
+    data = json.loads(_run([sys.executable, "-c", code], env).stdout.strip().splitlines()[-1])
+    print(f"\nSync DAG run state: {data['state']}")
+    for task, summary in sorted(data["xcom"].items()):
+        t = summary["totals"]
+        print(f"  {task}: {t['rows']:,} rows -> created {t['created']:,}, updated {t['updated']:,}, "
+              f"unchanged {t['unchanged']:,}, removed {t['removed']:,}, rejected {t['rejected']:,}")
+    return data["state"].endswith("success") and len(data["xcom"]) == 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,6 +291,12 @@ def main(argv: list[str] | None = None) -> int:
                                      json.dumps({"segments": segments})], env=env, stdout=log, stderr=subprocess.STDOUT)
         print(f"  finished in {time.monotonic() - started:.0f}s (exit {result.returncode}); full log: {log_path}")
         ok = show_summary(env) and result.returncode == 0
+        print("• Running `airflow dags test dynamics_campaign_sync` (Dynamics 365 -> Adobe Campaign) ...", flush=True)
+        sync_log = workdir / "dag_test_sync.log"
+        with sync_log.open("w") as log:
+            synced = subprocess.run([_bin("airflow"), "dags", "test", "dynamics_campaign_sync"], env=env, stdout=log,
+                                    stderr=subprocess.STDOUT)
+        ok = show_sync(env) and synced.returncode == 0 and ok
         show_destinations(info)
         print("\nDemo " + ("succeeded." if ok else "FAILED: see the log above."))
         return 0 if ok else 1

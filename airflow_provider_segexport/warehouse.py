@@ -883,11 +883,15 @@ def _seed_parts(conn: sqlite3.Connection) -> tuple[list, list, Iterator[dict]]:
     return mailchimp, campaign_monitor, contacts
 
 
+#: Campaign starts empty, with the profile field the example sync sets on a contact deleted in Dynamics 365
+ADOBE_CAMPAIGN_SEED = {"profiles": [], "profile_fields": {"cusCrmUnlinked": {"type": "boolean"}}}
+
+
 def sandbox_seed(path: str | os.PathLike) -> dict:
     """The seed that makes the sandbox's destinations hold :data:`destination_state` and the contacts.
 
     ``{"mailchimp": {"members": [...]}, "campaign_monitor": {"subscribers": [...]},
-    "dynamics365": {"contacts": [...]}, "adobe_campaign": {"profiles": []}}``
+    "dynamics365": {"contacts": [...]}, "adobe_campaign": {"profiles": [], "profile_fields": {...}}}``
     """
     conn = _connect(_existing(path))
     try:
@@ -896,7 +900,7 @@ def sandbox_seed(path: str | os.PathLike) -> dict:
             "mailchimp": {"members": mailchimp},
             "campaign_monitor": {"subscribers": campaign_monitor},
             "dynamics365": {"contacts": list(contacts)},
-            "adobe_campaign": {"profiles": []},
+            "adobe_campaign": ADOBE_CAMPAIGN_SEED,
         }
     finally:
         conn.close()
@@ -921,7 +925,7 @@ def write_sandbox_seed(path: str | os.PathLike, out: str | os.PathLike) -> dict[
             for i, contact in enumerate(contacts):
                 fh.write(("," if i else "") + "\n" + json.dumps(contact, ensure_ascii=False))
                 counts["dynamics365"] += 1
-            fh.write(']}, "adobe_campaign": {"profiles": []}}\n')
+            fh.write(']}, "adobe_campaign": ' + json.dumps(ADOBE_CAMPAIGN_SEED) + '}\n')
         os.replace(tmp, out)
     finally:
         conn.close()

@@ -47,12 +47,10 @@ class Dataverse:
 
 @pytest.fixture
 def both(sandbox, wh_path, monkeypatch, tmp_path):
-    """Dataverse seeded with the warehouse's contacts (and sample loyalty cards); Campaign with the unlink field;
+    """Dataverse seeded with the warehouse's contacts (and sample loyalty cards); Campaign with the unlink field
+    (the warehouse's seed);
     the two connections; a state directory of the test's own."""
     sandbox.session.post(f"{sandbox.admin}/seed", json=warehouse.sandbox_seed(wh_path), timeout=120).raise_for_status()
-    sandbox.session.post(f"{sandbox.admin}/adobe_campaign/schema",
-                         json={"profile_fields": {"cusCrmUnlinked": {"type": "boolean"}}},
-                         timeout=30).raise_for_status()
     dv, acs = sandbox.info["dynamics365"], sandbox.info["adobe_campaign"]
     monkeypatch.setenv("AIRFLOW_CONN_DYNAMICS365_DEFAULT", json.dumps({
         "conn_type": "dynamics365", "host": dv["base_url"],
