@@ -10,13 +10,18 @@ Tokens expire after ``sandbox.token_ttl`` seconds.
 Web API (``/dataverse/api/data/v9.2``): bearer tokens from the endpoint above only (401 +
 ``WWW-Authenticate: Bearer authorization_uri=..., resource_id=...``); ``WhoAmI``; entity sets
 ``contacts``, ``lists`` (marketing lists), ``listmembers`` (read / delete), ``organizations``, the custom
-tables ``new_segmentmemberships`` and ``new_loyaltycards`` and the custom activity ``new_emailevents``; ``$select``, ``$filter``
+tables ``new_segmentmemberships`` and ``new_loyaltycards`` and the custom activity ``new_emailevents`` (email
+events from Adobe Campaign: ``new_eventid`` the event's ID, an alternate key; ``new_eventtype`` choice
+100000000 Send / 100000001 Open / 100000002 Click / 100000003 Bounce, ``new_eventdate``, ``new_deliveryname``,
+``new_campaignname``, ``new_trackingurl``, ``new_mirrorpageurl``, ``new_bouncetype``; regarding a contact through
+``regardingobjectid_contact_new_emailevent@odata.bind``); ``$select``, ``$filter``
 (``eq ne gt ge lt le``, ``and or not``, parentheses, ``contains/startswith/endswith``,
 ``Microsoft.Dynamics.CRM.In``/``NotIn``), ``$top``, ``$count``, ``$orderby``, ``Prefer:
 odata.maxpagesize`` (max 5000, echoed in ``Preference-Applied``) with an opaque ``@odata.nextLink``
 (``$skiptoken`` paging cookie); ``Prefer: return=representation``; create / upsert (``PATCH`` by id or
 alternate key, ``If-Match: *`` / ``If-None-Match: *``) / delete; ``CreateMultiple`` / ``UpdateMultiple`` /
-``UpsertMultiple``; ``AddListMembersList`` (``List`` + ``Members``; unknown contacts -> 404 naming the
+``UpsertMultiple`` (each target identified by its ``@odata.id`` key URL or its key columns, updated or
+created; 204 No Content as MS webapi/reference/upsertmultiple says); ``AddListMembersList`` (``List`` + ``Members``; unknown contacts -> 404 naming the
 id, nothing added; members already on the list are skipped), bound ``AddMemberList`` and
 ``RemoveMemberList``, ``lists(<id>)/listcontact_association`` (read, ``$ref`` associate / disassociate);
 ``$batch`` (multipart/mixed, at most 1,000 requests, change sets all-or-nothing with ``Content-ID``
@@ -327,6 +332,18 @@ class Table:
         self.rows: dict[str, dict] = {}
         self.order: list[str | None] = []
         self.pos: dict[str, int] = {}
+        #: alternate key column -> normalised value -> record id (Dataverse enforces a key with a unique index)
+        self.key_index: dict[str, dict[Any, str]] = {k: {} for k in self.alternate_keys}
+
+    def _index(self, rec, add: bool) -> None:
+        for k, index in self.key_index.items():
+            v = rec.get(k)
+            if v is None:
+                continue
+            if add:
+                index[_norm(v)] = rec[self.pk]
+            elif index.get(_norm(v)) == rec[self.pk]:
+                del index[_norm(v)]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -356,21 +373,28 @@ class Table:
         self.rows[rid] = rec
         self.pos[rid] = len(self.order)
         self.order.append(rid)
+        self._index(rec, True)
         return rec
 
     def apply(self, rec, data: dict, now: str) -> None:
+        self._index(rec, False)
         rec.update(data)
         rec["modifiedon"] = now
+        self._index(rec, True)
 
     def snapshot(self, rec) -> Any:
         return dict(rec)
 
     def restore(self, rec, snap) -> None:
+        self._index(rec, False)
         rec.clear()
         rec.update(snap)
+        self._index(rec, True)
 
     def remove(self, rid: str) -> None:
-        self.rows.pop(rid, None)
+        rec = self.rows.pop(rid, None)
+        if rec is not None:
+            self._index(rec, False)
         pos = self.pos.pop(rid, None)
         if pos is not None:
             self.order[pos] = None
@@ -389,6 +413,10 @@ class Table:
         return None
 
     def find_by_alternate_key(self, attr: str, value: Any):
+        index = getattr(self, "key_index", {}).get(attr)
+        if index is not None:
+            rid = index.get(_norm(value))
+            return self.rows.get(rid) if rid is not None else None
         for rec in self.rows.values():
             if _norm(self.value(rec, attr)) == _norm(value):
                 return rec
@@ -1266,12 +1294,13 @@ class DataverseEmulator(Emulator):
             "actualend": Attr("datetime"),
             "new_eventtype": Attr("int", choices=(100000000, 100000001, 100000002, 100000003)),
             "new_campaignname": _s(200), "new_deliveryname": _s(200), "new_trackingurl": _s(2000),
-            "new_mirrorpageurl": _s(2000), "new_eventdate": Attr("datetime"),
+            "new_mirrorpageurl": _s(2000), "new_eventdate": Attr("datetime"), "new_eventid": _s(100),
+            "new_bouncetype": _s(100),
             "activitytypecode": Attr("string", readonly=True, default="new_emailevent"),
             "statecode": Attr("int", default=0, choices=(0, 1, 2, 3)), "statuscode": Attr("int", default=1),
             "createdon": Attr("datetime", readonly=True), "modifiedon": Attr("datetime", readonly=True),
         }, lookups={"regardingobjectid_contact_new_emailevent": ("contacts", "_regardingobjectid_value")},
-            required=("subject",))
+            alternate_keys=("new_eventid",), required=("subject",))
         self.organizations = Table("organization", "organizations", "organizationid", {"name": _s(160)})
         #: listmember is served by ``listmembers()``; this Table only describes it for EntityDefinitions
         self.listmember_meta = Table("listmember", "listmembers", "listmemberid", {
@@ -2323,9 +2352,18 @@ class DataverseEmulator(Emulator):
             ids, recs = [], []
             for t in targets:
                 data = self._clean(table, t, creating=action == "CreateMultiple")
+                if action == "UpsertMultiple":
+                    rec = self._upsert_target(table, t, data)
+                    if rec is None:
+                        rec = self._do_insert(table, data)
+                    else:
+                        self._do_update(table, rec, data)
+                    ids.append(table.rid(rec))
+                    recs.append(rec)
+                    continue
                 rid = data.get(table.pk)
                 rec = table.get(rid) if rid else None
-                if action == "CreateMultiple" or (action == "UpsertMultiple" and rec is None):
+                if action == "CreateMultiple":
                     rec = self._do_insert(table, data)
                 elif rec is None:
                     raise ODataError(404, E_NOT_FOUND, f"{table.logical} With Id = {rid} Does Not Exist")
@@ -2343,9 +2381,53 @@ class DataverseEmulator(Emulator):
             if outer is not None:
                 outer.extend(done)
         self._log_write(table, recs)
-        if action == "UpdateMultiple":
+        if action in ("UpdateMultiple", "UpsertMultiple"):
+            # "The UpsertMultiple action returns 204 NoContent. The UpsertMultipleResponse complex type is not
+            # returned." (MS webapi/reference/upsertmultiple)
             return Response(status_code=204, headers={"OData-Version": "4.0"})
         return self.json({"@odata.context": f"{api}/$metadata#{NS}{action}Response", "Ids": ids})
+
+    def _upsert_target(self, table: Table, target: dict, data: dict):
+        """The existing record an ``UpsertMultiple`` target names, or None (then ``data`` gets the key values so
+        the record is created with them).
+
+        A target is identified, as Dataverse does (MS webapi/reference/upsertmultiple: "The @odata.id annotation
+        identifies the record with a relative URL as described in Use an alternate key to reference a record",
+        e.g. ``"@odata.id": "sample_examples(sample_keyattribute='0000001')"``; MS use-upsert-insert-update-record:
+        the record is looked up by its key attributes, else by its primary key, and created when not found), by:
+        its ``@odata.id`` (relative or absolute; the primary key or an alternate key of the table), else the
+        primary key in the body, else the alternate key columns in the body. A target with none of them is
+        created.
+        """
+        ref = target.get("@odata.id")
+        if ref is not None:
+            path = urlsplit(str(ref)).path if "://" in str(ref) else str(ref)
+            m = re.search(r"([A-Za-z_0-9]+)\((.*)\)\s*$", path)
+            if m is None or m.group(1) != table.set_name:
+                raise ODataError(400, E_ARGUMENT, f"The @odata.id '{ref}' does not identify a record of the entity "
+                                                  f"set '{table.set_name}'.")
+            key = m.group(2).strip()
+            rec, _ = self._resolve_key(table, key)
+            if rec is None:
+                gid = _guid(key)
+                if gid is not None:
+                    data[table.pk] = gid
+                else:
+                    attr, _, value = key.partition("=")
+                    value = value.strip()
+                    if value.startswith("'") and value.endswith("'"):
+                        value = value[1:-1].replace("''", "'")
+                    if attr.strip() == table.pk:
+                        data[table.pk] = _guid(value)
+                    else:
+                        data[attr.strip()] = value
+            return rec
+        if data.get(table.pk):
+            return table.get(data[table.pk])
+        for k in table.alternate_keys:
+            if data.get(k) is not None:
+                return table.find_by_alternate_key(k, data[k])
+        return None
 
     # -- queries ------------------------------------------------------------------------------
     def query(self, table: Table, q: dict, prefer: dict, api: str, rest: str, raw_query: str, scan, restrict,

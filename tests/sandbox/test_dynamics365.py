@@ -770,3 +770,87 @@ def test_modifiedon_watermark_and_deactivation(sync_dv):
     new = dv.create_contacts(1, prefix="wm")[0]
     rec = dv.get(f"contacts({new})", params={"$select": "createdon,modifiedon"}).json()
     assert rec["createdon"] == rec["modifiedon"] >= watermark
+
+
+# -- UpsertMultiple by alternate key; the email events' event-ID key (SANDBOX-FIDELITY section 4 item 2) ----------
+
+def _event(event_id: str, cid: str, subject: str = "Email open", **extra) -> dict:
+    return {"@odata.type": NS + "new_emailevent", "@odata.id": f"new_emailevents(new_eventid='{event_id}')",
+            "subject": subject, "new_eventtype": 100000001,
+            "regardingobjectid_contact_new_emailevent@odata.bind": f"/contacts({cid})", **extra}
+
+
+def test_upsert_multiple_identifies_targets_by_alternate_key_and_answers_204(dv):
+    cid = dv.create_contacts(1, prefix="ups")[0]
+    r = dv.post("new_emailevents/Microsoft.Dynamics.CRM.UpsertMultiple",
+                {"Targets": [_event("ev-1", cid), _event("ev-2", cid)]})
+    assert r.status_code == 204 and not r.content  # no UpsertMultipleResponse, no Ids
+    # the same keys again (a replay): updated, not created twice; a new key: created
+    r = dv.post("new_emailevents/Microsoft.Dynamics.CRM.UpsertMultiple",
+                {"Targets": [_event("ev-1", cid, "Email open (again)"), _event("ev-3", cid)]})
+    assert r.status_code == 204
+    rows = dv.get("new_emailevents", params={"$select": "new_eventid,subject,_regardingobjectid_value"}).json()["value"]
+    assert sorted((e["new_eventid"], e["subject"]) for e in rows) == [
+        ("ev-1", "Email open (again)"), ("ev-2", "Email open"), ("ev-3", "Email open")]
+    assert {e["_regardingobjectid_value"] for e in rows} == {cid}
+    # the key columns in the body identify the record too; an absolute @odata.id as well
+    body = _event("ev-2", cid, "by body")
+    del body["@odata.id"]
+    body["new_eventid"] = "ev-2"
+    absolute = _event("ev-3", cid, "absolute")
+    absolute["@odata.id"] = dv.api + "new_emailevents(new_eventid='ev-3')"
+    assert dv.post("new_emailevents/Microsoft.Dynamics.CRM.UpsertMultiple",
+                   {"Targets": [body, absolute]}).status_code == 204
+    got = {e["new_eventid"]: e["subject"] for e in dv.get("new_emailevents", params={
+        "$select": "new_eventid,subject"}).json()["value"]}
+    assert got == {"ev-1": "Email open (again)", "ev-2": "by body", "ev-3": "absolute"}
+    # one record via PATCH by the key as well
+    r = dv.get("new_emailevents(new_eventid='ev-1')", params={"$select": "subject"})
+    assert r.status_code == 200 and r.json()["subject"] == "Email open (again)"
+
+
+def test_upsert_multiple_is_all_or_nothing_and_refuses_a_key_of_another_set(dv):
+    cid = dv.create_contacts(1, prefix="upa")[0]
+    missing = str(uuid.uuid4())
+    r = dv.post("new_emailevents/Microsoft.Dynamics.CRM.UpsertMultiple",
+                {"Targets": [_event("ok-1", cid), _event("bad-1", missing)]})
+    assert r.status_code == 404 and missing in r.json()["error"]["message"]
+    assert dv.get("new_emailevents", params={"$select": "new_eventid"}).json()["value"] == []
+    wrong = _event("x", cid)
+    wrong["@odata.id"] = "contacts(new_customerid='x')"
+    assert dv.post("new_emailevents/Microsoft.Dynamics.CRM.UpsertMultiple", {"Targets": [wrong]}).status_code == 400
+    # an alternate key not defined on the table
+    wrong["@odata.id"] = "new_emailevents(subject='x')"
+    assert dv.post("new_emailevents/Microsoft.Dynamics.CRM.UpsertMultiple", {"Targets": [wrong]}).status_code == 400
+
+
+def test_upsert_multiple_by_primary_key_and_contacts_alternate_key(dv):
+    cid = dv.create_contacts(1, prefix="upk")[0]
+    new_id = str(uuid.uuid4())
+    r = dv.post("contacts/Microsoft.Dynamics.CRM.UpsertMultiple", {"Targets": [
+        {"@odata.type": NS + "contact", "@odata.id": f"contacts({cid})", "firstname": "Changed"},
+        {"@odata.type": NS + "contact", "@odata.id": f"contacts({new_id})", "lastname": "New"},
+        {"@odata.type": NS + "contact", "@odata.id": "contacts(new_customerid='C-77')", "lastname": "Keyed"}]})
+    assert r.status_code == 204
+    assert dv.get(f"contacts({cid})").json()["firstname"] == "Changed"
+    assert dv.get(f"contacts({new_id})").json()["lastname"] == "New"
+    keyed = dv.get("contacts(new_customerid='C-77')").json()
+    assert keyed["lastname"] == "Keyed"
+    r = dv.post("contacts/Microsoft.Dynamics.CRM.UpsertMultiple", {"Targets": [
+        {"@odata.type": NS + "contact", "@odata.id": "contacts(new_customerid='C-77')", "lastname": "Again"}]})
+    assert r.status_code == 204
+    assert dv.get("contacts(new_customerid='C-77')").json()["contactid"] == keyed["contactid"]
+    assert len(dv.get("contacts", params={"$filter": "new_customerid eq 'C-77'"}).json()["value"]) == 1
+
+
+def test_email_event_id_is_an_alternate_key(dv):
+    cid = dv.create_contacts(1, prefix="evk")[0]
+    body = {"subject": "s", "new_eventid": "E-1", "regardingobjectid_contact_new_emailevent@odata.bind": f"/contacts({cid})"}
+    assert dv.post("new_emailevents", body).status_code == 204
+    r = dv.post("new_emailevents", body)
+    assert r.status_code == 412  # the key is unique
+    keys = dv.get("EntityDefinitions(LogicalName='new_emailevent')/Keys").json()["value"]
+    assert [k["KeyAttributes"] for k in keys] == [["new_eventid"]]
+    attrs = dv.get("EntityDefinitions(LogicalName='new_emailevent')/Attributes",
+                   params={"$select": "LogicalName"}).json()["value"]
+    assert {"new_eventid", "new_bouncetype"} <= {a["LogicalName"] for a in attrs}
