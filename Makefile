@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install test lint demo airflow bench sandbox warehouse clean browser postgres
+.PHONY: install test lint demo airflow bench sandbox warehouse clean browser postgres redis celery
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,11 +36,22 @@ postgres:
 	  else echo "PostgreSQL server binaries missing and cannot install them: the PostgreSQL tests will be skipped"; fi; \
 	fi
 
+## Debian's Redis server for the Celery deployment test and `make celery` (the Celery broker; started on a
+## free port in a temporary directory, not as a system service)
+redis:
+	@if ! command -v redis-server >/dev/null && [ ! -x /usr/bin/redis-server ]; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    echo "Installing redis-server (Debian package) for the Celery deployment test"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	  else echo "redis-server missing and cannot install it: the Celery deployment test will be skipped"; fi; \
+	fi
+
 lint: $(STAMP)
 	$(BIN)/ruff check airflow_provider_segexport dags tests
 
-## make test: lint + the whole test suite (unit, sandbox, DAG runs, browser, PostgreSQL export state)
-test: $(STAMP) lint browser postgres
+## make test: lint + the whole test suite (unit, sandbox, DAG runs, browser, PostgreSQL export state, the
+## CeleryExecutor deployment with a worker killed mid-export)
+test: $(STAMP) lint browser postgres redis
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 ## make demo: sample warehouse + sandbox + `airflow dags test segment_export`, then a report
@@ -50,6 +61,11 @@ demo: $(STAMP)
 ## make airflow: the same set-up, then `airflow standalone` (UI on http://localhost:8080)
 airflow: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m airflow_provider_segexport.demo --standalone
+
+## make celery: docker-compose.yaml without Docker: PostgreSQL, Redis, the sandbox and Airflow's api-server,
+## scheduler, dag-processor, triggerer and two Celery workers as local processes; prints the UI's URL
+celery: $(STAMP) postgres redis
+	$(BIN)/python -m tests.celery_deployment $(CELERY_ARGS)
 
 ## make sandbox: run the vendor sandbox in the foreground
 sandbox: $(STAMP)
