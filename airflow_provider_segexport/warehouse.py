@@ -883,8 +883,11 @@ def _seed_parts(conn: sqlite3.Connection) -> tuple[list, list, Iterator[dict]]:
     return mailchimp, campaign_monitor, contacts
 
 
-#: Campaign starts empty, with the profile field the example sync sets on a contact deleted in Dynamics 365
-ADOBE_CAMPAIGN_SEED = {"profiles": [], "profile_fields": {"cusCrmUnlinked": {"type": "boolean"}}}
+#: Campaign starts empty, with the profile field the example sync sets on a contact deleted in Dynamics 365 and
+#: the filter the opt-out sync lists changed profiles with (both created by Campaign's administrator in real life)
+ADOBE_CAMPAIGN_SEED = {"profiles": [], "profile_fields": {"cusCrmUnlinked": {"type": "boolean"}},
+                       "profile_filters": {"byModifiedSince": {"field": "lastModified", "param": "since",
+                                                               "operator": ">="}}}
 
 
 def sandbox_seed(path: str | os.PathLike) -> dict:

@@ -55,7 +55,8 @@ def both(sandbox, wh_path, monkeypatch, tmp_path):
     monkeypatch.setenv("AIRFLOW_CONN_DYNAMICS365_DEFAULT", json.dumps({
         "conn_type": "dynamics365", "host": dv["base_url"],
         "extra": {"tenant_id": dv["tenant_id"], "client_id": dv["client_id"], "client_secret": dv["client_secret"],
-                  "authority": dv["authority"], "ca_bundle": sandbox.info["ca_bundle"]}}))
+                  "authority": dv["authority"], "ca_bundle": sandbox.info["ca_bundle"],
+                  "data_privacy_acknowledged": True}}))  # the opt-out sync writes to Dynamics 365 too
     monkeypatch.setenv("AIRFLOW_CONN_ADOBE_CAMPAIGN_DEFAULT", json.dumps({
         "conn_type": "adobe_campaign", "host": acs["base_url"],
         "extra": {"client_id": acs["client_id"], "client_secret": acs["client_secret"], "org_id": acs["org_id"],

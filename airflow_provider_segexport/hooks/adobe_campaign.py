@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlencode, urlsplit
 
 from airflow_provider_segexport.hooks.base import SegexportBaseHook
 from airflow_provider_segexport.http import (
@@ -21,6 +24,7 @@ from airflow_provider_segexport.http import (
     VendorAuthError,
     VendorSession,
     encode_json,
+    retry_after_seconds,
 )
 
 DEFAULT_IMS_URL = "https://ims-na1.adobelogin.com/ims/token/v3"
@@ -120,6 +124,24 @@ class AdobeCampaignHook(SegexportBaseHook):
         answer = self.http.get_json(f"{EXT}/{resource}/{filter_name}", params={param: value})
         return list((answer or {}).get("content") or [])
 
+    def find_all(self, resource: str, filter_name: str, params: dict[str, Any], page_size: int = 500
+                 ) -> Iterator[dict]:
+        """Every record a custom filter finds, page by page (``next.href`` followed; ``_forcePagination`` so that
+        big tables page too).
+
+        :param resource: ``profile`` or a custom resource.
+        :param filter_name: the filter defined in Campaign (``byModifiedSince``).
+        :param params: the filter's parameters.
+        :param page_size: records per page (``_lineCount``).
+        """
+        answer = self.http.get_json(f"{EXT}/{resource}/{filter_name}", params=_page_params(params, page_size))
+        while True:
+            yield from (answer or {}).get("content") or []
+            next_href = ((answer or {}).get("next") or {}).get("href")
+            if not next_href or not (answer or {}).get("content"):
+                return
+            answer = self.http.get_json(next_href)
+
     def create(self, resource: str, body: dict) -> dict:
         """Create a record; the answer holds its ``PKey`` and ``href`` (not repeated when its answer is lost:
         find it before creating again).
@@ -145,6 +167,58 @@ class AdobeCampaignHook(SegexportBaseHook):
         """
         return self.http.request("DELETE", href, expected=(404,)).status_code != 404
 
+    # -- email events: the Adobe I/O Events journal ------------------------------------------------------------
+    def get_profile(self, pkey: str) -> dict | None:
+        """One profile with its custom fields (``/profileAndServicesExt/profile/<PKey>``), or None when it is gone.
+
+        :param pkey: the PKey an email event carries (used within the run, never stored).
+        """
+        response = self.http.request("GET", f"{EXT}/profile/{pkey}", expected=(404,))
+        return None if response.status_code == 404 else response.json()
+
+    @property
+    def journal_url(self) -> str:
+        """The Journaling API endpoint of the Adobe I/O Events registration (extra ``events_url``, as the Developer
+        Console shows it: ``https://events-va6.adobe.io/events/organizations/<org>/integrations/<credential>/
+        <registration>``)."""
+        url = str(self.extras.get("events_url") or "").strip()
+        if not url:
+            raise VendorAuthError(self.vendor, None, f"Connection '{self.conn_id}' has no Adobe I/O Events journal "
+                                  "URL (extra events_url: the registration's Journaling API endpoint).")
+        return url
+
+    def read_journal(self, *, since: str | None = None, latest: bool = False, limit: int | None = None,
+                     url: str | None = None) -> JournalPage:
+        """One page of the Adobe I/O Events journal: the events after ``since`` (from the oldest one kept without
+        it, from now on with ``latest``), or the page ``url`` names (a ``Link: rel="next"`` given earlier).
+
+        :param since: a position the journal gave (opaque).
+        :param latest: start after the newest event (``latest=true``).
+        :param limit: events per page at most (the journal may send fewer).
+        :param url: the ``next`` link of an earlier page (followed as given).
+        """
+        base = self.journal_url
+        if url is None:
+            params: dict[str, Any] = {}
+            if since:
+                params["since"] = since
+            elif latest:
+                params["latest"] = "true"
+            if limit:
+                params["limit"] = int(limit)
+            url = base + ("?" + urlencode(params) if params else "")
+        elif urlsplit(url).netloc != urlsplit(base).netloc:  # never send the token elsewhere
+            raise VendorAPIError(self.vendor, None, "the journal's next link points outside Adobe I/O Events")
+        headers = {"x-ims-org-id": str(self.extras["ims_org_id"])} if self.extras.get("ims_org_id") else {}
+        response = self.http.request("GET", url, headers=headers)
+        next_url = (response.links.get("next") or {}).get("url")
+        if response.status_code == 204 or not response.content:
+            return JournalPage([], since, next_url, retry_after_seconds(response.headers))
+        body = response.json() or {}
+        events = list(body.get("events") or [])
+        last = (body.get("_page") or {}).get("last") or (events[-1].get("position") if events else since)
+        return JournalPage(events, last, next_url, None)
+
 
 def is_permanent(exc: VendorAPIError) -> bool:
     """Whether Campaign refused the record itself (a 4xx, or a 500 carrying a validation code): not retried."""
@@ -153,3 +227,23 @@ def is_permanent(exc: VendorAPIError) -> bool:
     if exc.status == 500:
         return any(code in str(exc.message) for code in PERMANENT_500)
     return 400 <= exc.status < 500 and exc.status not in (401, 408, 429)
+
+
+def _page_params(params: dict[str, Any], page_size: int) -> dict[str, Any]:
+    return {**params, "_lineCount": page_size, "_forcePagination": "true"}
+
+
+@dataclass
+class JournalPage:
+    """One answer of the Adobe I/O Events journal.
+
+    :param events: the entries ``{"position", "event"}`` (empty when the journal had nothing newer: HTTP 204).
+    :param last: the position of the last entry (the cursor to read on from); the one read from when empty.
+    :param next_url: the ``Link: rel="next"`` URL (where the next page, or the next new events, will be).
+    :param retry_after: on an empty answer, the seconds the journal asks to wait before asking again.
+    """
+
+    events: list[dict] = field(default_factory=list)
+    last: str | None = None
+    next_url: str | None = None
+    retry_after: float | None = None

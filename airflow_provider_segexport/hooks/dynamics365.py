@@ -347,3 +347,46 @@ class Dynamics365Hook(SegexportBaseHook):
         if list_id:
             return f"{self.environment_url}/main.aspx?pagetype=entityrecord&etn=list&id={list_id}"
         return f"{self.environment_url}/main.aspx?pagetype=entitylist&etn=list"
+
+    def update_record(self, entity_set: str, record_id: str, body: dict[str, Any]) -> None:
+        """PATCH an existing record (``If-Match: *``: update only, never create); only the columns given change.
+
+        :param entity_set: e.g. ``contacts``.
+        :param record_id: the record's ID.
+        :param body: the columns to set.
+        """
+        self.http.request("PATCH", f"{entity_set}({record_id})", data=encode_json(body), idempotent=True,
+                          headers={"Content-Type": "application/json", "If-Match": "*"})
+
+    # -- bulk writes by alternate key (the email events sync) ---------------------------------------------------
+    def rows_where_in(self, entity_set: str, attribute: str, values: Iterable[str], select: str) -> Iterator[dict]:
+        """The rows of ``entity_set`` whose ``attribute`` is one of ``values`` (``Microsoft.Dynamics.CRM.In`` in
+        queries of :data:`IN_FILTER_MAX` values), e.g. which event IDs are already there.
+
+        :param entity_set: e.g. ``new_emailevents``.
+        :param attribute: a column, e.g. ``new_eventid``.
+        :param values: the values looked for.
+        :param select: the columns to read.
+        """
+        values = list(values)
+        for i in range(0, len(values), IN_FILTER_MAX):
+            chunk = values[i: i + IN_FILTER_MAX]
+            in_filter = (f"Microsoft.Dynamics.CRM.In(PropertyName={odata_string(attribute)},PropertyValues="
+                         + json.dumps([str(v) for v in chunk], ensure_ascii=False, separators=(",", ":")) + ")")
+            yield from self.paged(entity_set, {"$select": select, "$filter": in_filter})
+
+    def upsert_multiple(self, entity_set: str, logical_name: str, targets: list[dict]) -> None:
+        """``UpsertMultiple``: create or update records of one table in one call, each identified by its
+        ``@odata.id`` (an alternate-key URL such as ``new_emailevents(new_eventid='...')``). Dataverse answers 204
+        without saying which were created; a standard table rolls the whole call back on one error
+        (bulk-operations: "Any error that occurs in a bulk operation with a standard table causes the entire
+        operation to roll back"). Repeating the call after a lost answer changes nothing more: it is idempotent.
+
+        :param entity_set: e.g. ``new_emailevents``.
+        :param logical_name: the table's logical name (``new_emailevent``), for each target's ``@odata.type``.
+        :param targets: the records (at most about 1,000: bulk-operations "1,000 records per request is a
+            reasonable place to start").
+        """
+        body = {"Targets": [{"@odata.type": f"Microsoft.Dynamics.CRM.{logical_name}", **t} for t in targets]}
+        self.http.request("POST", f"{entity_set}/Microsoft.Dynamics.CRM.UpsertMultiple", data=encode_json(body),
+                          idempotent=True, headers={"Content-Type": "application/json"})
