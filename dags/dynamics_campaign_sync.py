@@ -13,9 +13,15 @@ sent once, the watermark reset) and **detect deletions** (read every row: a reco
 is handled as its table's `on_delete` says; the scheduled runs only read what changed). The mappings,
 replacements and filters are in `SYNC_TABLES` below: one readable place.
 
-Connections: `dynamics365_default` (read access is enough), `adobe_campaign_default`. In Campaign, the key
+**Opt-outs** (`sync_optouts`): `donotbulkemail` <-> `blackListEmail`, in the direction the form says
+(both by default): the most recent change wins, on a tie the opt-out wins, and a side whose value did not
+change never turns an opt-out into a consent.
+
+Connections: `dynamics365_default` (read access, and write on the contact's opt-out columns for the
+opt-out sync), `adobe_campaign_default`. In Campaign, the key
 fields (`cusCrmId` on the profile, `cusCardId` on the loyalty card), the filters that find records by them
-(`byCrmId`, `byCardId`), the custom resource and `cusCrmUnlinked` must exist (Campaign's administrators create
+(`byCrmId`, `byCardId`), the filter listing changed profiles (`byModifiedSince` on `lastModified`), the
+custom resource and `cusCrmUnlinked` must exist (Campaign's administrators create
 them; the sandbox has them).
 """
 
@@ -25,6 +31,7 @@ import pendulum
 from airflow.sdk import DAG, Param
 
 from airflow_provider_segexport.operators.dynamics_campaign_sync import DynamicsToCampaignSyncOperator
+from airflow_provider_segexport.operators.optout_sync import OptOutSyncOperator
 
 SYNC_TABLES = {
     "contacts": {
@@ -84,6 +91,11 @@ with DAG(
                         description="Full resync of the chosen tables: every record sent once, the watermark reset."),
         "detect_deletions": Param(False, type="boolean", title="Detect deletions",
                                   description="Read every row and handle records gone from Dynamics 365."),
+        "optout_direction": Param("bidirectional", type="string",
+                                  enum=["bidirectional", "dynamics_to_campaign", "campaign_to_dynamics"],
+                                  title="Opt-out direction",
+                                  description="Which way opt-outs (donotbulkemail <-> blackListEmail) are synced. "
+                                  "Both ways: the most recent change wins, a tie opts out."),
     },
 ) as dag:
     previous = None
@@ -104,3 +116,14 @@ with DAG(
         if previous is not None:
             previous >> task  # profiles exist before the rows linked to them
         previous = task
+
+    # Opt-outs after the contacts (profiles carry the contactid the opt-outs are matched on)
+    optouts = OptOutSyncOperator(
+        task_id="sync_optouts",
+        direction="{{ params.optout_direction }}",
+        pairs=[("donotbulkemail", "blackListEmail")],
+        dynamics365_conn_id="dynamics365_default",
+        adobe_campaign_conn_id="adobe_campaign_default",
+        trigger_rule="none_failed",
+    )
+    previous >> optouts
