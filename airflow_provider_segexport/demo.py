@@ -239,10 +239,15 @@ def show_sync(env: dict) -> bool:
     data = json.loads(_run([sys.executable, "-c", code], env).stdout.strip().splitlines()[-1])
     print(f"\nSync DAG run state: {data['state']}")
     for task, summary in sorted(data["xcom"].items()):
+        if "totals" not in summary:  # the opt-out sync
+            c = summary["changed"]
+            print(f"  {task} ({summary['direction']}): compared {summary['read']['compared']:,} contacts; opt-outs "
+                  f"written to Campaign {c['campaign']:,}, to Dynamics 365 {c['dynamics365']:,}")
+            continue
         t = summary["totals"]
         print(f"  {task}: {t['rows']:,} rows -> created {t['created']:,}, updated {t['updated']:,}, "
               f"unchanged {t['unchanged']:,}, removed {t['removed']:,}, rejected {t['rejected']:,}")
-    return data["state"].endswith("success") and len(data["xcom"]) == 2
+    return data["state"].endswith("success") and len(data["xcom"]) >= 3
 
 
 def main(argv: list[str] | None = None) -> int:
