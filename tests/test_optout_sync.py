@@ -23,8 +23,10 @@ def side(value: bool, seconds: float) -> Side:
 @pytest.mark.parametrize(("d", "a", "agreed", "winner", "values"), [
     (side(True, 10), side(False, 5), (False,), D365, (True,)),       # only Dynamics 365 changed: it wins
     (side(False, 10), side(True, 5), (False,), ACS, (True,)),        # only Campaign changed, though older
-    (side(False, 10), side(True, 5), None, D365, (False,)),          # both unknown: the newer change wins
-    (side(True, 5), side(False, 10), None, ACS, (False,)),
+    (side(True, 10), side(False, 5), None, D365, (True,)),           # nothing agreed: the newer opt-out wins
+    (side(False, 5), side(True, 10), None, ACS, (True,)),
+    (side(False, 10), side(True, 5), None, "both", (True,)),         # a newer consent never takes an opt-out over
+    (side(True, 5), side(False, 10), None, "both", (True,)),
     (side(True, 5.2), side(False, 5.7), None, "both", (True,)),      # the same second: the opt-out wins
     (side(False, 5.9), side(True, 5.1), None, "both", (True,)),
 ])

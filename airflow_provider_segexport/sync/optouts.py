@@ -6,10 +6,10 @@ attributes (``donotbulkemail`` <-> ``blackListEmail`` by default) with the value
 in the export state):
 
 - only one side's value changed since the last agreement: that side wins;
-- both changed (or there is no agreement yet): the most recent change wins - Dynamics 365's ``modifiedon`` (the
-  record's last change, to the second; the attribute's own time would need auditing) against Campaign's
-  ``lastModified`` (the profile's last change, to the millisecond), compared to the second; **on a tie the
-  opt-out wins**;
+- nothing agreed yet (a first run, a new contact): the most recent change wins - Dynamics 365's ``modifiedon``
+  (the record's last change, to the second; the attribute's own time would need auditing) against Campaign's
+  ``lastModified`` (the profile's last change, to the millisecond), compared to the second - when it is an
+  opt-out; a consent never wins on a time that may belong to another field; **on a tie the opt-out wins**;
 - a value that did not change on its side never wins: no run turns an opt-out into a consent unless that side's
   own latest change says so.
 
@@ -73,15 +73,19 @@ def decide(contact: str, d: Side | None, a: Side | None, agreed: tuple[bool, ...
         return Decision(contact, D365, d.values, "only Dynamics 365 changed since the last sync")
     if a_moved and not d_moved:
         return Decision(contact, ACS, a.values, "only Campaign changed since the last sync")
+    # Nothing agreed yet (a first run, a new contact) and the sides differ. A side's time is its record's last
+    # change, not its opt-out's: the newer side wins when it holds the opt-out; a consent is never taken over an
+    # opt-out on a time that may belong to another field; on a tie the opt-out wins.
+    merged = tuple(x or y for x, y in zip(d.values, a.values, strict=True))
     dt, at = _second(d.changed_at), _second(a.changed_at)
-    if dt is not None and at is not None and dt != at:
-        winner = D365 if dt > at else ACS
-        newer, older = (d, a) if winner == D365 else (a, d)
-        return Decision(contact, winner, newer.values,
-                        f"{'Dynamics 365' if winner == D365 else 'Campaign'} changed last "
-                        f"({_stamp(newer.changed_at)} after {_stamp(older.changed_at)})")
-    merged = tuple(x or y for x, y in zip(d.values, a.values, strict=True))  # a tie: the opt-out wins
-    return Decision(contact, "both", merged, "both changed at the same time: the opt-out wins")
+    if dt is None or at is None or dt == at:
+        return Decision(contact, "both", merged, "both changed at the same time: the opt-out wins")
+    newer, older, name = (d, a, "Dynamics 365") if dt > at else (a, d, "Campaign")
+    if newer.values == merged:
+        return Decision(contact, D365 if newer is d else ACS, merged,
+                        f"{name} changed last ({_stamp(newer.changed_at)} after {_stamp(older.changed_at)})")
+    return Decision(contact, "both", merged, f"{name} changed last, but its consent may be older than the other "
+                    "side's opt-out (no earlier agreement, and the time is the record's): the opt-out wins")
 
 
 def encode(values: Iterable[bool]) -> int:
