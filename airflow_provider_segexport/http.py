@@ -280,7 +280,7 @@ class RateLimiter:
       the limiter lowers that rule's number to what the vendor evidently allows, so the same export is not
       refused again: the request budget to the requests answered in the window before the refused one
       started; the execution budget to 90 % of their execution time, and the requests in flight to what that
-      budget sustains; the requests in flight to those in flight when the refused one started.
+      budget sustains; the requests in flight to those in flight when the refused one started or was refused.
 
     It logs at INFO the first time each rule makes a request wait, with the numbers, then at DEBUG; each
     lowered limit at WARNING.
@@ -466,8 +466,11 @@ class RateLimiter:
                         f"{'unlimited' if was is None else f'{was:.1f} s'}) and {self.max_in_flight} request(s) in "
                         "flight")
             elif rule == CONCURRENCY_RULE:
+                # in flight at the vendor when it arrived: those in flight when it started, or when its refusal
+                # came (another thread's request may overtake it on the way), whichever is more
                 was = self.max_in_flight
-                self.max_in_flight = max(1, min(ticket.others, was if was is not None else ticket.others))
+                allowed = max(1, ticket.others, len(self._open))
+                self.max_in_flight = allowed if was is None or allowed < was else max(1, was - 1)
                 what = f"at most {self.max_in_flight} request(s) in flight (was {was if was is not None else 'unlimited'})"
             else:
                 return

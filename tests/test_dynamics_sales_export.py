@@ -182,3 +182,92 @@ def test_more_than_100000_members_is_refused_before_anything_is_sent(airflow_db,
     counts = sandbox.requests()["counts"]
     assert not any(k.startswith(("dynamics365 POST", "dynamics365 GET contacts")) and k != "dynamics365 POST token"
                    for k in counts), counts
+
+
+# -- service protection: the sandbox's Dataverse limits are smaller than the export ---------------------------
+
+ALL = "all_customers"
+
+
+def set_limits(sandbox, **config) -> None:
+    sandbox.session.post(f"{sandbox.admin}/dynamics365/config", json=config, timeout=10).raise_for_status()
+
+
+# The sandbox's window is 3 s instead of Dataverse's 300 (the connection says so: the window's length is
+# Dataverse's, the same for every environment); the numbers allowed in it are not the connection's.
+WINDOW = {"window_seconds": 3}
+
+
+@pytest.mark.parametrize("rule, limits, latency_ms, extras", [
+    # ~20 requests (12 contact lookups of 250, 3 AddListMembersList of 1,000, the list's look-up and creation)
+    # under 6 a window: 4 windows
+    pytest.param("requests", {**WINDOW, "max_requests": 6}, 10, WINDOW, id="requests"),
+    # the connection knows the environment's limits: never refused
+    pytest.param("requests", {**WINDOW, "max_requests": 6}, 10, {**WINDOW, "max_requests_per_window": 6},
+                 id="requests-known"),
+    # 50 ms+ a request against 400 ms of execution time a window: ~3 windows
+    pytest.param("execution", {**WINDOW, "max_execution_ms": 400}, 50, WINDOW, id="execution"),
+    # the 3 AddListMembersList calls go out together (4 in flight allowed) against 2 concurrent requests
+    pytest.param("concurrency", {"max_concurrent": 2}, 300, {}, id="concurrency"),
+])
+def test_service_protection_smaller_than_the_export_refuses_at_most_once_per_rule(
+        rule, limits, latency_ms, extras, airflow_db, d365_conn, wh, sandbox, tmp_path, monkeypatch, task_log):
+    """Dataverse's service protection with limits far below the export's needs: the DAG run succeeds with every
+    member on the list; the first 429 of a rule (the connection did not know the environment's number) teaches
+    the HTTP layer that number, and no request is refused by that rule again; with the numbers in the
+    connection's extras, none is refused at all."""
+    if extras:
+        conn = json.loads(__import__("os").environ["AIRFLOW_CONN_DYNAMICS365_DEFAULT"])
+        conn["extra"].update(extras)
+        monkeypatch.setenv("AIRFLOW_CONN_DYNAMICS365_DEFAULT", json.dumps(conn))
+    set_limits(sandbox, **limits)
+    sandbox.latency(base_ms=latency_ms)
+    task_log()
+    state, xcom = run_dag(DAG_ID, conf([ALL], tmp_path))
+    log_text = task_log()
+    assert state == "success", log_text[-3000:]
+    want, _ = expected(wh, ALL)
+    assert {m.lower() for m in lists_by_name(sandbox)[ALL]["members"]} == want
+    http = xcom["export"]["http"]
+    refused = http.get("throttled_by", {})
+    if "max_requests_per_window" in extras:
+        assert http["throttled"] == 0, http
+        assert "pacing requests to the request budget of 6 per 3 s" in log_text
+    else:
+        assert refused == {rule: 1}, http  # once, and only by the rule the export was too big for
+        assert http["throttled"] == 1
+        assert "Dataverse refused a request under its service protection" in log_text
+    if rule == "requests":
+        assert http["requests"] > 2 * limits["max_requests"]  # the export needed 3 windows or more
+
+
+# -- the access token expires mid-export -----------------------------------------------------------------------
+
+def test_an_access_token_expiring_mid_export_is_renewed_and_the_task_succeeds(airflow_db, d365_conn, wh, sandbox,
+                                                                             tmp_path, task_log):
+    """Tokens from the sandbox's Entra ID endpoint (real msal) live 2 s and the export takes several times that:
+    each expiry is met by a 401, the hook gets a new token once and repeats only the refused call. The task
+    succeeds, each list holds exactly its segment's members, and no member was sent twice."""
+    sandbox.session.post(f"{sandbox.admin}/token-ttl", json={"seconds": 2}, timeout=10).raise_for_status()
+    sandbox.latency(base_ms=400)  # ~30 calls, most one after another: ~8 s
+    task_log()
+    state, xcom = run_dag(DAG_ID, conf(SEGMENTS, tmp_path))
+    log_text = task_log()
+    assert state == "success", log_text[-3000:]
+    lists = lists_by_name(sandbox)
+    wanted: set[str] = set()
+    for seg in SEGMENTS:
+        want, _ = expected(wh, seg)
+        assert {m.lower() for m in lists[seg]["members"]} == want
+        assert xcom["export"]["segments"][seg]["created"] == len(want)
+        wanted |= want
+    assert "Dataverse: access token refreshed after 401" in log_text
+    tokens = sandbox.requests()["counts"].get("dynamics365 POST token", 0)
+    assert tokens >= 3, tokens  # the token expired more than once mid-export, and a new one was fetched each time
+    assert xcom["export"]["http"]["throttled"] == 0
+    sends = sandbox.server.sandbox.log.sends_of("dynamics365")
+    # every member sent once per list it is on (a call refused with 401 is not processed, so never counted)
+    per_contact = Counter()
+    for seg in SEGMENTS:
+        per_contact.update(expected(wh, seg)[0])
+    assert sends == dict(per_contact)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import socket
 import threading
 import time
@@ -303,9 +304,162 @@ def test_a_published_budget_makes_requests_beyond_it_wait_for_the_sliding_window
         clock.now += 20
         lim.acquire()  # the window has room again
         assert clock.sleeps == [7.0, 1.0]
-    pacing = [r for r in caplog.records if r.levelname == "INFO" and "published budget" in r.getMessage()]
+    pacing = [r for r in caplog.records if r.levelname == "INFO" and "request budget" in r.getMessage()]
     assert len(pacing) == 1 and "3 per 10 s: waiting 7.0 s" in pacing[0].getMessage()  # logged once, with numbers
     assert lim.waited == 8.0
+
+
+def test_a_request_counts_in_the_window_until_a_window_after_its_answer():
+    """A vendor may count a request when it ends (the sandbox's Dataverse does): a slow request leaves the
+    limiter's window ``window`` seconds after its answer, not after its start; one in flight always counts."""
+    clock = FakeClock()
+    lim = limiter(clock, RequestBudget(2, 10.0))
+    slow = lim.acquire()          # at 1000, answered at 1004
+    clock.now += 4
+    lim.release(ticket=slow)
+    lim.acquire()                 # at 1004, still in flight
+    lim.acquire()                 # 2 in the window: waits for the slow one to leave it, at 1014 (not 1010)
+    assert clock.sleeps == [10.0] and clock.now == 1014.0
+
+
+def test_an_answer_refused_with_429_does_not_count_toward_the_budget():
+    clock = FakeClock()
+    lim = limiter(clock, RequestBudget(2, 10.0))
+    lim.release(ticket=lim.acquire(), refused=True)
+    lim.release(ticket=lim.acquire())
+    lim.acquire()
+    assert clock.sleeps == []
+
+
+def test_an_execution_time_budget_paces_requests_to_the_time_they_take(caplog):
+    """10 s of execution time per 60 s: requests of 2 s each, one after another, fit 5 to a window (the sixth
+    would make 12 s), then each waits for the oldest to leave the window."""
+    clock = FakeClock()
+    lim = limiter(clock, RequestBudget(1000, 60.0, execution=10.0))
+    starts = []
+    with caplog.at_level("INFO", logger="airflow_provider_segexport.http"):
+        for _ in range(7):
+            t = lim.acquire()
+            starts.append(clock.now)
+            clock.now += 2.0
+            lim.release(ticket=t)
+    assert starts[:5] == [1000.0, 1002.0, 1004.0, 1006.0, 1008.0]
+    assert starts[5] == 1062.0  # 1002 + 60: the first request (answered at 1002) left the window
+    assert starts[6] == 1064.0
+    assert "budget of 10.0 s of execution time per 60 s" in caplog.text
+
+
+def test_an_execution_time_budget_counts_the_requests_in_flight_as_long_as_answered_ones_took():
+    clock = FakeClock()
+    lim = limiter(clock, RequestBudget(1000, 60.0, execution=10.0))
+    for _ in range(2):                    # two answered requests of 3 s: 6 s used
+        t = lim.acquire()
+        clock.now += 3.0
+        lim.release(ticket=t)
+    lim.acquire()                         # one in flight, expected to take 3 s: 9 s; a fourth would make 12 s
+    assert clock.sleeps == []
+    assert lim._wait(clock.now) == (57.0, "execution")  # until the first (answered at 1003) leaves the window
+    clock.now += 57.0                     # the one in flight has now run 57 s: it counts that long
+    assert lim._wait(clock.now) == (math.inf, "execution")  # only its answer can make room
+
+
+def test_a_429_naming_the_number_of_requests_lowers_the_budget_to_what_the_vendor_allowed(caplog):
+    """The connection says 100 per 10 s, the vendor allows 5 (it counts a request when it ends): a sequential
+    export over 6 windows is refused once, then paced to 5 per window and never refused again."""
+    clock = FakeClock()
+    lim = limiter(clock, RequestBudget(100, 10.0))
+    counted: list[float] = []  # the vendor's window: when each accepted request ended
+    refused = answered = 0
+    with caplog.at_level("WARNING", logger="airflow_provider_segexport.http"):
+        while answered < 30:
+            t = lim.acquire()
+            counted[:] = [e for e in counted if e > clock.now - 10.0]
+            if len(counted) >= 5:
+                refused += 1
+                lim.release(ticket=t, refused=True)
+                lim.throttled("requests", t)
+                lim.pause(min(counted) + 10.0 - clock.now)  # Retry-After
+                continue
+            clock.now += 0.3
+            counted.append(clock.now)
+            lim.release(ticket=t)
+            answered += 1
+    assert refused == 1
+    assert lim.budget.requests == 5 and lim.budget.window == 10.0
+    assert "(number of requests): at most 5 requests per 10 s (was 100) from now on" in caplog.text
+
+
+def test_a_429_naming_the_execution_time_slows_the_requests_down():
+    clock = FakeClock()
+    lim = limiter(clock, RequestBudget(1000, 60.0, execution=1000.0, concurrent=52))
+    for _ in range(4):
+        t = lim.acquire()
+        clock.now += 5.0
+        lim.release(ticket=t)
+    t = lim.acquire()
+    lim.release(ticket=t, refused=True)
+    lim.throttled("execution", t)
+    assert lim.execution_budget == pytest.approx(18.0)  # 90 % of the 20 s the answered requests took
+    assert lim.max_in_flight == 1                        # 18 s per 60 s sustains less than one request in flight
+    lim.acquire()
+    assert clock.sleeps == [50.0]  # 20 s + 5 s expected: 7 s over 18 s: the first two (1005, 1010) must leave
+
+
+def test_a_429_naming_the_concurrency_lowers_the_requests_in_flight():
+    clock = FakeClock()
+    lim = limiter(clock, RequestBudget(1000, 60.0, concurrent=52))
+    tickets = [lim.acquire() for _ in range(4)]
+    lim.release(ticket=tickets[3], refused=True)  # the fourth was refused: three were in flight when it started
+    lim.throttled("concurrency", tickets[3])
+    assert lim.max_in_flight == 3
+    lim.release(ticket=tickets[2])
+    again = lim.acquire()
+    lim.release(ticket=again, refused=True)
+    lim.throttled("concurrency", again)             # refused again with 2 others in flight: 2 from now on
+    assert lim.max_in_flight == 2
+    lim.throttled(None, tickets[0])                 # an unnamed rule changes nothing
+    lim.throttled("requests", None)
+    assert lim.max_in_flight == 2 and lim.budget.requests == 1000
+    # a request started with none in flight, another started after it and reached the vendor first: the refusal
+    # counts the one in flight when it came
+    lim = limiter(clock, RequestBudget(1000, 60.0, concurrent=52))
+    first, _overtaker = lim.acquire(), lim.acquire()
+    lim.release(ticket=first, refused=True)
+    lim.throttled("concurrency", first)
+    assert lim.max_in_flight == 1
+
+
+def test_requests_beyond_the_concurrency_wait_for_an_answer():
+    lim = RateLimiter("Vendor", RequestBudget(1000, 60.0, concurrent=2))
+    first, _second = lim.acquire(), lim.acquire()
+    started = threading.Event()
+
+    def third():
+        lim.acquire()
+        started.set()
+
+    thread = threading.Thread(target=third)
+    thread.start()
+    assert not started.wait(0.2)        # two in flight: the third waits
+    lim.release(ticket=first)
+    assert started.wait(2)              # an answer freed a place
+    thread.join(2)
+
+
+def test_a_vendor_429_code_is_mapped_to_its_rule_and_counted(server):
+    script, url = server((200, {}, {}), (200, {}, {}),
+                         (429, {"Retry-After": "0"}, {"error": {"code": "0x80072322", "message": "Number of requests "
+                                                                "exceeded the limit of 2 over time window of 300 s."}}),
+                         (200, {}, {"ok": 1}))
+    s = VendorSession("Dataverse", url, retry=fast_policy(), budget=RequestBudget(6000, 1.0),
+                      throttle_rules={"0x80072322": "requests"})
+    s.get_json("/a")
+    s.get_json("/b")
+    assert s.get_json("/c") == {"ok": 1}
+    assert s.stats.as_dict() == {"requests": 4, "retries": 1, "throttled": 1, "throttled_by": {"requests": 1}}
+    assert s.limiter.budget.requests == 2
+    # the repeat waited for the window to have room for it: a second after /a was answered
+    assert script.times[3] - script.times[0] >= 1.0
 
 
 def test_rate_limit_headers_pause_new_requests_when_remaining_reaches_those_in_flight(caplog):
