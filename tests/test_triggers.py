@@ -117,3 +117,64 @@ def test_the_trigger_reads_the_connection_with_the_async_helpers(mailchimp_conn,
     hook.get_connection = None  # a sync read from here on would fail
     assert hook.http.get_json("/ping")["health_status"]
     hook.close()
+
+
+# -- the Adobe I/O Events journal trigger (Campaign email events) ------------------------------------------------
+
+def _acs_conn(sandbox, monkeypatch) -> str:
+    acs = sandbox.info["adobe_campaign"]
+    monkeypatch.setenv("AIRFLOW_CONN_ACS_EVENTS", json.dumps({
+        "conn_type": "adobe_campaign", "host": acs["base_url"],
+        "extra": {"client_id": acs["client_id"], "client_secret": acs["client_secret"], "org_id": acs["org_id"],
+                  "ims_url": acs["ims_url"], "scopes": acs["scope"], "ca_bundle": sandbox.info["ca_bundle"],
+                  "events_url": acs["events_url"]}}))
+    return "acs_events"
+
+
+def test_campaign_events_trigger_serialize_round_trips():
+    from airflow_provider_segexport.triggers.campaign_events import CampaignEventsTrigger
+
+    trigger = CampaignEventsTrigger("acs", since="pos-1", poll_interval=2.5, timeout=60)
+    path, kwargs = trigger.serialize()
+    module, _, name = path.rpartition(".")
+    again = getattr(importlib.import_module(module), name)(**json.loads(json.dumps(kwargs)))
+    assert type(again) is CampaignEventsTrigger and again.serialize() == (path, kwargs)
+    assert kwargs == {"conn_id": "acs", "since": "pos-1", "poll_interval": 2.5, "timeout": 60.0}
+
+
+def test_campaign_events_trigger_waits_honouring_retry_after_then_reports_new_events(sandbox, monkeypatch):
+    import threading
+
+    from airflow_provider_segexport.triggers.campaign_events import CampaignEventsTrigger
+
+    conn = _acs_conn(sandbox, monkeypatch)
+    emulator = sandbox.server.sandbox.emulators["adobe_campaign"]
+    emulator.journal_retry_after = 1
+    email = "trig@example.com"
+    sandbox.session.post(f"{sandbox.admin}/seed", json={**sandbox.server.initial_seed, "adobe_campaign": {
+        "profiles": [{"email": email}]}}, timeout=30).raise_for_status()
+    emulator.journal_retry_after = 1
+    # nothing in the journal: the trigger polls from "now" (latest), spaced by Retry-After, and times out
+    started = time.monotonic()
+    event = first_event(CampaignEventsTrigger(conn, poll_interval=0.05, timeout=2.5))
+    assert event["status"] == "timeout" and time.monotonic() - started < 10
+    polls = sum(v for k, v in sandbox.requests()["counts"].items() if k.startswith("adobe_campaign") and "journal" in k)
+    assert 2 <= polls <= 4, sandbox.requests()["counts"]  # about one a second, not one every 0.05 s
+    # events arriving while it waits (after the position it started from): success, with that position
+    timer = threading.Timer(1.2, lambda: emulator.generate_events([{"type": "open", "email": email}]))
+    timer.start()
+    event = first_event(CampaignEventsTrigger(conn, since=event["since"], poll_interval=0.05, timeout=20))
+    timer.cancel()
+    assert event["status"] == "success" and event["first"]
+
+
+def test_campaign_events_trigger_reports_a_refused_read(sandbox, monkeypatch):
+    from airflow_provider_segexport.triggers.campaign_events import CampaignEventsTrigger
+
+    conn = _acs_conn(sandbox, monkeypatch)
+    extra = json.loads(__import__("os").environ["AIRFLOW_CONN_ACS_EVENTS"])
+    extra["extra"]["events_url"] += "-nosuchregistration"
+    monkeypatch.setenv("AIRFLOW_CONN_ACS_EVENTS", json.dumps(extra))
+    event = first_event(CampaignEventsTrigger(conn, poll_interval=0.05, timeout=10))
+    assert event["status"] == "error" and "404" in event["message"]
+    assert first_event(CampaignEventsTrigger("no_such_connection", timeout=1))["status"] == "error"

@@ -4,7 +4,7 @@ Read-only polling from a position: reading the journal consumes nothing (each re
 running it twice (triggerer restart, HA) has no side effect. Each poll asks for one event after the position; an
 answer 204 means nothing newer yet, and its ``Retry-After`` is honoured (the next poll waits at least that long).
 Without a position (``latest``), the first answer's ``Link: rel="next"`` gives the position to wait from, so events
-that arrive between two polls are not missed.
+that arrive between two polls are not missed (an empty journal gives none: it is then read from its start).
 
 The connection is read with the async helpers (``AdobeCampaignHook.afrom_conn_id``), and each poll runs the
 worker's own client in a thread (``asyncio.to_thread``), as the Mailchimp trigger does (see its docstring for why
@@ -67,10 +67,12 @@ class CampaignEventsTrigger(BaseTrigger):
             hook = await AdobeCampaignHook.afrom_conn_id(self.conn_id, concurrency=1, retry=POLL_RETRY)
             deadline = time.monotonic() + self.timeout
             polls = 0
+            latest = since is None
             while True:
                 wait = self.poll_interval
                 try:
-                    page = await asyncio.to_thread(hook.read_journal, since=since, latest=since is None, limit=1)
+                    page = await asyncio.to_thread(hook.read_journal, since=since, latest=latest and since is None,
+                                                   limit=1)
                 except VendorAPIError as exc:
                     if not exc.retryable:
                         raise
@@ -84,6 +86,8 @@ class CampaignEventsTrigger(BaseTrigger):
                         return
                     if since is None:  # from now on: the position the journal gave for "now"
                         since = since_of(page.next_url)
+                        # an empty journal has no position: read it from its start from now on (nothing is older)
+                        latest = False
                     if page.retry_after:
                         wait = max(wait, page.retry_after)
                 if time.monotonic() + wait > deadline:
