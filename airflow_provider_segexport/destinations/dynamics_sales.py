@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from airflow_provider_segexport.export.destination import (
@@ -36,6 +37,7 @@ from airflow_provider_segexport.export.sources import Segment
 from airflow_provider_segexport.hooks.dynamics365 import (
     ADD_MEMBERS_MAX,
     DEFAULT_CONCURRENCY,
+    IN_FILTER_MAX,
     MAX_CONCURRENCY,
     MAX_PER_SEGMENT,
     MEMBER_TYPE_CONTACT,
@@ -113,6 +115,7 @@ class DynamicsSalesDestination(Destination):
         #: segment -> {"id", "name", "created", "url"}
         self.lists: dict[str, dict[str, Any]] = {}
         self._members: dict[str, set[str]] = {}  # segment -> contact IDs on its list
+        self._pool: ThreadPoolExecutor | None = None  # contact lookups
         self._ours: set[tuple[str, str]] = set()  # (segment, contact ID) an earlier export added (state keys)
         self._lock = threading.Lock()
 
@@ -241,11 +244,14 @@ class DynamicsSalesDestination(Destination):
         found: dict[str, list[dict]] = {}
         if wanted:
             attribute = self.match_on or "contactid"
-            for row in self.hook.contacts_where_in(attribute, list(wanted),
-                                                   select="contactid,statecode" + (f",{attribute}" if self.match_on
-                                                                                   else "")):
-                value = str(row.get(attribute) or "").strip().lower()
-                found.setdefault(value, []).append(row)
+            select = "contactid,statecode" + (f",{attribute}" if self.match_on else "")
+            values = list(wanted)
+            chunks = [values[i: i + IN_FILTER_MAX] for i in range(0, len(values), IN_FILTER_MAX)]
+            # the chunk's queries at once, as many as the calls the export keeps in flight
+            for rows in self._lookups().map(lambda c: list(self.hook.contacts_where_in(attribute, c, select)), chunks):
+                for row in rows:
+                    value = str(row.get(attribute) or "").strip().lower()
+                    found.setdefault(value, []).append(row)
         for value, recs in wanted.items():
             contacts = found.get(value) or []
             for r in recs:
@@ -314,6 +320,17 @@ class DynamicsSalesDestination(Destination):
             self._members[segment.name].difference_update(ours)
         log.info("Mirror: took %d member(s) who left segment '%s' off its marketing list", removed, segment.name)
         return removed
+
+    def _lookups(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.max_in_flight, thread_name_prefix="segexport-lookup")
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the lookup threads."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     def http_stats(self) -> dict[str, int]:
         """The hook's request, retry and throttling counts."""
