@@ -101,6 +101,8 @@ def configure_airflow(env: dict, info: dict, warehouse_path: Path) -> None:
                                  "client_secret": info["adobe_campaign"]["client_secret"],
                                  "org_id": info["adobe_campaign"]["org_id"], "ims_url": info["adobe_campaign"]["ims_url"],
                                  "scopes": info["adobe_campaign"]["scope"], "ca_bundle": info["ca_bundle"],
+                                 "events_url": info["adobe_campaign"]["events_url"],
+                                 "ims_org_id": info["adobe_campaign"]["ims_org_id"],
                                  "data_privacy_acknowledged": True}),
         },
         "campaign_monitor_default": {
@@ -173,6 +175,8 @@ def show_destinations(info: dict) -> None:
           "marketing list(s) from the export")
     for name, lst in sorted(lists.items()):
         print(f"  {name:<28} {lst['membercount']:>6,} members")
+    events = len(session.get(info["admin_url"] + "/state/dynamics365", timeout=60).json()["new_emailevents"])
+    print(f"\nDynamics 365 timelines hold {events:,} email events from Campaign")
     state = session.get(info["admin_url"] + "/state/adobe_campaign", timeout=60).json()
     synced = [p for p in state["profiles"].values() if p.get("cusCrmId")]
     cards = state["custom_resource"].get("cusLoyaltyCard", [])
@@ -239,6 +243,11 @@ def show_sync(env: dict) -> bool:
     data = json.loads(_run([sys.executable, "-c", code], env).stdout.strip().splitlines()[-1])
     print(f"\nSync DAG run state: {data['state']}")
     for task, summary in sorted(data["xcom"].items()):
+        if "events_read" in summary:  # the email events
+            t = summary["totals"]
+            print(f"  {task}: {summary['events_read']:,} events read -> written {t['created']:,}, already there "
+                  f"{t['updated']:,}, rejected {t['rejected']:,}")
+            continue
         if "totals" not in summary:  # the opt-out sync
             c = summary["changed"]
             print(f"  {task} ({summary['direction']}): compared {summary['read']['compared']:,} contacts; opt-outs "
@@ -247,7 +256,7 @@ def show_sync(env: dict) -> bool:
         t = summary["totals"]
         print(f"  {task}: {t['rows']:,} rows -> created {t['created']:,}, updated {t['updated']:,}, "
               f"unchanged {t['unchanged']:,}, removed {t['removed']:,}, rejected {t['rejected']:,}")
-    return data["state"].endswith("success") and len(data["xcom"]) >= 3
+    return data["state"].endswith("success") and len(data["xcom"]) >= 4
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,6 +308,16 @@ def main(argv: list[str] | None = None) -> int:
         print("• Running `airflow dags test dynamics_campaign_sync` (Dynamics 365 -> Adobe Campaign) ...", flush=True)
         sync_log = workdir / "dag_test_sync.log"
         with sync_log.open("w") as log:
+            synced = subprocess.run([_bin("airflow"), "dags", "test", "dynamics_campaign_sync"], env=env, stdout=log,
+                                    stderr=subprocess.STDOUT)
+        ok = show_sync(env) and synced.returncode == 0 and ok
+        # Campaign sends emails to the synced profiles: events (sent, open, click, bounce) in the journal, then
+        # the next run of the sync DAG writes them to the contacts' timelines
+        session = requests.Session()
+        session.verify, session.trust_env = info["ca_bundle"], False
+        session.post(info["admin_url"] + "/adobe_campaign/events", json={"count": 2000}, timeout=120).raise_for_status()
+        print("• Campaign sent emails (2,000 events in its journal); running the sync DAG again ...", flush=True)
+        with sync_log.open("a") as log:
             synced = subprocess.run([_bin("airflow"), "dags", "test", "dynamics_campaign_sync"], env=env, stdout=log,
                                     stderr=subprocess.STDOUT)
         ok = show_sync(env) and synced.returncode == 0 and ok

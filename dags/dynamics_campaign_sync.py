@@ -13,6 +13,9 @@ sent once, the watermark reset) and **detect deletions** (read every row: a reco
 is handled as its table's `on_delete` says; the scheduled runs only read what changed). The mappings,
 replacements and filters are in `SYNC_TABLES` below: one readable place.
 
+**Email events** (`email_events_to_dynamics`): Campaign's sent, open, click and bounce events become
+`new_emailevent` activities on the contact's timeline, each exactly once (its event ID is an alternate key).
+
 **Opt-outs** (`sync_optouts`): `donotbulkemail` <-> `blackListEmail`, in the direction the form says
 (both by default): the most recent change wins, on a tie the opt-out wins, and a side whose value did not
 change never turns an opt-out into a consent.
@@ -30,6 +33,7 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import DAG, Param
 
+from airflow_provider_segexport.operators.campaign_events import CampaignEventsToDynamicsOperator
 from airflow_provider_segexport.operators.dynamics_campaign_sync import DynamicsToCampaignSyncOperator
 from airflow_provider_segexport.operators.optout_sync import OptOutSyncOperator
 
@@ -127,3 +131,16 @@ with DAG(
         trigger_rule="none_failed",
     )
     previous >> optouts
+
+    # Email events (sent, open, click, bounce) Campaign -> Dynamics 365 timeline, every run (this DAG runs every
+    # 15 minutes; for continuous delivery use deferrable=True in a DAG with schedule="@continuous": see README)
+    email_events = CampaignEventsToDynamicsOperator(
+        task_id="email_events_to_dynamics",
+        adobe_campaign_conn_id="adobe_campaign_default",  # extras events_url (+ ims_org_id): the journal
+        dynamics365_conn_id="dynamics365_default",
+        event_types=["sent", "open", "click", "bounce"],
+        entity={"logical_name": "new_emailevent", "event_id": "new_eventid"},
+        crm_id_field="cusCrmId",
+        trigger_rule="none_failed",
+    )
+    previous >> email_events  # profiles carry the contactid first

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 DIRECTIONS = ("dynamics_to_campaign", "campaign_to_dynamics", "bidirectional")
 DEFAULT_PAIRS = (("donotbulkemail", "blackListEmail"),)
+#: profiles looked up one by one at most; beyond, every profile is read page by page (500 a call)
+FIND_ONE_BY_ONE = 200
 D365, ACS = "dynamics365", "campaign"
 _NO_STATE = object()
 
@@ -177,8 +179,17 @@ class OptOutSync:
             for row in self.d.contacts_where_in("contactid", missing_d, select=self._d_select()):
                 side = self._d_side(row)
                 d_changed[side.ref] = side
+        missing_a = [c for c in d_changed if c not in a_changed]
+        if len(missing_a) > FIND_ONE_BY_ONE:  # many: every profile read page by page costs fewer calls
+            wanted = set(missing_a)
+            f, p = self.changed_filter
+            for profile in self.a.find_all("profile", f, {p: "1970-01-01 00:00:00.000Z"}):
+                contact = str(profile.get(self.key_field) or "").lower()
+                if contact in wanted:
+                    a_changed[contact] = self._a_side(profile)
+            return
         f, p = self.find
-        for contact in [c for c in d_changed if c not in a_changed]:
+        for contact in missing_a:
             found = self.a.find("profile", f, p, contact)
             if len(found) == 1:
                 a_changed[contact] = self._a_side(found[0])
