@@ -59,7 +59,7 @@ class AdobeCampaignHook(SegexportBaseHook):
         super().__init__(conn_id, **kwargs)
         self._lock = threading.Lock()
         self._token: str | None = None
-        self._expires = 0.0
+        self._expires = self._renew_at = 0.0
 
     def _resolve_base_url(self) -> str:
         host = (self.connection.host or "").strip().rstrip("/")
@@ -72,9 +72,10 @@ class AdobeCampaignHook(SegexportBaseHook):
         return f"https://mc.adobe.io/{org}/campaign"
 
     def _fetch_token(self, force: bool = False) -> str:
-        """The IMS access token, fetched again a minute before it expires or when ``force``d (after a 401)."""
+        """The IMS access token, fetched again a minute before it expires (a tenth of its lifetime before, for a
+        token that lives less than ten minutes) or when ``force``d (after a 401)."""
         with self._lock:
-            if self._token and not force and time.time() < self._expires - 60:
+            if self._token and not force and time.time() < self._renew_at:
                 return self._token
             client_id = self.extras.get("client_id")
             secret = self.secret("client_secret")
@@ -92,7 +93,10 @@ class AdobeCampaignHook(SegexportBaseHook):
                 ims.close()
             self._token = answer["access_token"]
             self._mask(self._token)
-            self._expires = time.time() + float(answer.get("expires_in", 3600))
+            lifetime = float(answer.get("expires_in", 3600))
+            self._expires = time.time() + lifetime
+            # a token living less than a minute would otherwise be fetched again for every call
+            self._renew_at = self._expires - min(60.0, lifetime / 10)
             return self._token
 
     def _build_session(self) -> VendorSession:

@@ -9,7 +9,9 @@ token. Errors ``{"error": "invalid_client" | "invalid_scope" | "unsupported_gran
 Campaign (``/adobe/<org>/campaign``): ``X-Api-Key`` (403 ``403000`` missing / ``403003`` not the client
 id), ``Authorization: Bearer`` (401 ``{"error_code": "401013", "message": "Oauth token is not valid"}``),
 the org in the URL must be the token's org (403 ``403023`` "Profile is not valid"); gateway throttling
-429 ``{"error_code": "429050", "message": "Too many requests"}`` from a token bucket per API key.
+429 ``{"error_code": "429050", "message": "Too many requests"}`` from a token bucket per API key. Injected
+faults may be ``after`` ones (the call is processed, then its answer is lost: e.g. a profile created whose
+201 never arrives); the profiles such calls carried are the request log's ``unanswered``.
 
 - ``/profileAndServices/profile`` and ``/profileAndServicesExt/profile`` (the latter with the custom
   ``cus…`` fields of the resource extension; writing them through ``/profileAndServices`` is refused):
@@ -128,6 +130,7 @@ AdobeDocs/campaign-standard.en ``help/api/using/<page>``; "limitations.md" is Ad
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -217,6 +220,8 @@ class AdobeCampaignEmulator(Emulator):
     config_keys = _CONFIG
     name = "adobe_campaign"
     prefix = "/adobe"
+    #: takes ``after`` faults: a call processed whose answer is lost (a create made, its 201 never received)
+    after_faults = True
 
     rate_limit = 6000
     rate_period = 60.0
@@ -481,9 +486,13 @@ class AdobeCampaignEmulator(Emulator):
 
     # -- IMS ----------------------------------------------------------------------------------
     async def h_ims(self, request: Request) -> Response:
+        request.state.arrived = asyncio.get_running_loop().time()  # the latency model counts from here
         fault = await self.before(request, "ims-token")
         if fault is not None:
             return fault
+        return await self.after(request, await self._ims(request))
+
+    async def _ims(self, request: Request) -> Response:
         form = dict(parse_qsl((await request.body()).decode("utf-8", "replace")))
         for k, v in request.query_params.items():
             form.setdefault(k, v)
@@ -567,9 +576,14 @@ class AdobeCampaignEmulator(Emulator):
         method = request.method
         segs = [s for s in rest.split("/") if s]
         route = "/".join("{PKey}" if s.startswith("@") else s for s in segs)
+        request.state.arrived = asyncio.get_running_loop().time()  # the latency model counts from here
         fault = await self.before(request, route, items=1 if method in ("POST", "PATCH", "DELETE") else 0)
         if fault is not None:
             return fault
+        # an injected "after" fault loses the answer once the call is processed
+        return await self.after(request, await self._campaign(request, method, segs))
+
+    async def _campaign(self, request: Request, method: str, segs: list[str]) -> Response:
         denied = self._gateway(request, request.path_params["org"])
         if denied is not None:
             return denied
@@ -1211,9 +1225,13 @@ class AdobeCampaignEmulator(Emulator):
         return self._cursor({"e": index})
 
     async def h_journal(self, request: Request) -> Response:
+        request.state.arrived = asyncio.get_running_loop().time()  # the latency model counts from here
         fault = await self.before(request, "journal")
         if fault is not None:
             return fault
+        return await self.after(request, await self._journal(request))
+
+    async def _journal(self, request: Request) -> Response:
         denied = self._gateway(request, None)
         if denied is not None:
             return denied

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from airflow_provider_segexport.export.destination import Destination, Outcome
@@ -28,6 +29,9 @@ log = logging.getLogger(__name__)
 BATCH, DEFAULT_CONCURRENCY = 20, 8
 LINK_NOT_FOUND = "link_not_found"
 DUPLICATE_IN_CAMPAIGN = "duplicate_in_campaign"
+#: a create answered with one of these (a gateway's timeout or error: the HTTP layer does not repeat a POST) may
+#: have been processed, as one without an answer may: the record is looked for before it is created again
+UNKNOWN_OUTCOME = frozenset({408, 502, 503, 504})
 
 
 def sync_mapping(table: TableSync) -> FieldMapping:
@@ -132,16 +136,30 @@ class CampaignSyncDestination(Destination):
         return Outcome(r, "updated")
 
     def _create(self, body: dict, key: str) -> None:
-        """Create the record; when the answer is lost (the record may exist), find it before creating again."""
-        try:
-            self.hook.create(self.table.target, body)
-        except VendorAPIError as exc:
-            if exc.status is not None:
-                raise
-            if self._find(key):
-                log.info("Campaign's answer to a create was lost; the record exists: not created again")
+        """Create the record; when the answer is lost (the record may exist), find it before creating again.
+
+        A create is repeated as often as the HTTP layer repeats a safe request (its retry policy, with its
+        backoff), each time only once the record was looked for and not found: a run of lost answers or cut
+        connections on one record neither fails the sync at the first repeat nor creates the record twice.
+        """
+        retry = self.hook.http.retry
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                self.hook.create(self.table.target, body)
                 return
-            self.hook.create(self.table.target, body)
+            except VendorAPIError as exc:
+                if (exc.status is not None and exc.status not in UNKNOWN_OUTCOME) or attempt >= retry.max_attempts:
+                    raise
+                outcome = "lost" if exc.status is None else f"HTTP {exc.status}"
+            if self._find(key):
+                log.info("Campaign's answer to a create was lost (%s); the record exists: not created again", outcome)
+                return
+            delay = retry.backoff(attempt)
+            log.warning("Campaign's answer to a create was lost (%s) and the record does not exist: creating it "
+                        "again in %.1fs (%d/%d)", outcome, delay, attempt, retry.max_attempts - 1)
+            time.sleep(delay)
 
     def _profile_of(self, contact: str) -> str | None:
         """The PKey of the profile holding a contact (found by the link's filter, kept for this run only)."""
