@@ -61,6 +61,7 @@ def both(sandbox, wh_path, monkeypatch, tmp_path):
         "conn_type": "adobe_campaign", "host": acs["base_url"],
         "extra": {"client_id": acs["client_id"], "client_secret": acs["client_secret"], "org_id": acs["org_id"],
                   "ims_url": acs["ims_url"], "scopes": acs["scope"], "ca_bundle": sandbox.info["ca_bundle"],
+                  "events_url": acs["events_url"], "ims_org_id": acs["ims_org_id"],
                   "data_privacy_acknowledged": True}}))
     monkeypatch.setenv("SEGEXPORT_STATE_DIR", str(tmp_path / "state"))
     sandbox.session.delete(f"{sandbox.admin}/requests", timeout=30).raise_for_status()
