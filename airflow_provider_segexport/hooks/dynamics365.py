@@ -264,13 +264,7 @@ class Dynamics365Hook(SegexportBaseHook):
         :param values: the values to look for.
         :param select: the columns to read.
         """
-        values = list(values)
-        for i in range(0, len(values), IN_FILTER_MAX):
-            chunk = values[i: i + IN_FILTER_MAX]
-            # PropertyValues is a JSON array: double-quoted values (a single quote inside one is then plain text)
-            in_filter = (f"Microsoft.Dynamics.CRM.In(PropertyName={odata_string(attribute)},PropertyValues="
-                         + json.dumps([str(v) for v in chunk], ensure_ascii=False, separators=(",", ":")) + ")")
-            yield from self.paged("contacts", {"$select": select, "$filter": in_filter})
+        yield from self.rows_where_in("contacts", attribute, values, select)
 
     # -- marketing lists ------------------------------------------------------------------------------
     _LIST_COLUMNS = "listid,listname,type,createdfromcode,statecode,lockstatus,membercount"
@@ -371,6 +365,7 @@ class Dynamics365Hook(SegexportBaseHook):
         values = list(values)
         for i in range(0, len(values), IN_FILTER_MAX):
             chunk = values[i: i + IN_FILTER_MAX]
+            # PropertyValues is a JSON array: double-quoted values (a single quote inside one is then plain text)
             in_filter = (f"Microsoft.Dynamics.CRM.In(PropertyName={odata_string(attribute)},PropertyValues="
                          + json.dumps([str(v) for v in chunk], ensure_ascii=False, separators=(",", ":")) + ")")
             yield from self.paged(entity_set, {"$select": select, "$filter": in_filter})
