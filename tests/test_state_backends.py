@@ -573,7 +573,7 @@ def test_mailchimp_delta_export_with_state_in_postgres(airflow_db, mailchimp_con
 
 
 def test_postgres_role_with_only_the_documented_grants(state_pg, postgres_url, monkeypatch):
-    """The README's grants: CREATE for the first run (the owner), then a role with SELECT, INSERT, UPDATE,
+    """The grants docs/export-state.md gives: CREATE for the first run (the owner), then a role with SELECT, INSERT, UPDATE,
     DELETE on both tables and USAGE on the scope id sequence can run exports (ANALYZE is skipped)."""
     _drop_pg_tables(postgres_url)
     SqlConnectionExportState("mailchimp:mc:aud1", state_pg).close()  # the owner creates the tables
