@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import SandboxClient, refreshed_warehouse, run_dag
 from tests.test_campaign_monitor_export import CUSTOM, DAG_ID, SQL, expected, seed, segments_of, the_list
-from tests.test_faults import assert_row_accounting, retry_delays
+from tests.test_faults import assert_row_accounting, log_of, retry_delays
 
 PROFILES = 3000  # all_customers ~3,000 rows + newsletter_fr ~360: 4 import calls (1,000 a call), 4 in flight
 SEGMENTS = ["all_customers", "newsletter_fr"]
@@ -58,10 +58,6 @@ def prepare(sandbox, wh_path) -> dict:
 def conf(sandbox, state_dir) -> dict:
     return {"list_id": sandbox.info[VENDOR]["list_id"], "segments": SEGMENTS, "sql": SQL,
             "state_dir": str(state_dir), "custom_fields": CUSTOM}
-
-
-def log_of(sandbox):
-    return sandbox.server.sandbox.log
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from datetime import date, datetime
+from datetime import date
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -37,6 +37,8 @@ from airflow_provider_segexport.export.records import (
     Record,
     Reject,
     member_id,
+    parse_date,
+    preview,
     redact_emails,
 )
 from airflow_provider_segexport.export.sources import Segment
@@ -445,14 +447,14 @@ def convert_custom_value(field: dict, value: Any) -> tuple[list[str], str | None
         try:
             number = Decimal(str(value).strip().replace(",", "")) if not isinstance(value, int | float) else value
         except InvalidOperation:
-            return [], f"{_preview(value)} is not a number"
+            return [], f"{preview(value)} is not a number"
         if isinstance(number, float) and not math.isfinite(number) or isinstance(number, Decimal) and not number.is_finite():
-            return [], f"{_preview(value)} is not a finite number"
+            return [], f"{preview(value)} is not a finite number"
         return [str(number)], None
     if kind == "Date":
-        parsed = _parse_date(value)
+        parsed = parse_date(value)
         if parsed is None:
-            return [], f"{_preview(value)} is not a date (YYYY-MM-DD, YYYY/MM/DD or a date value)"
+            return [], f"{preview(value)} is not a date (YYYY-MM-DD, YYYY/MM/DD or a date value)"
         if not DATE_MIN <= parsed <= DATE_MAX:
             return [], f"{parsed.isoformat()} is outside 1900-01-01..2076-06-06, the dates Campaign Monitor keeps"
         return [parsed.strftime("%Y/%m/%d")], None
@@ -461,13 +463,13 @@ def convert_custom_value(field: dict, value: Any) -> tuple[list[str], str | None
         values = [str(v).strip() for v in items if str(v).strip()]
         wrong = [v for v in values if v not in options]
         if wrong:
-            return [], f"{_preview(wrong)} not among the field's options {options}"
+            return [], f"{preview(wrong)} not among the field's options {options}"
         return values, None
     text = value if isinstance(value, str) else str(value)
     if len(text) > VALUE_MAX:
         return [], f"has {len(text)} characters; Campaign Monitor keeps at most {VALUE_MAX}"
     if kind in ("MultiSelectOne", "Country", "USState") and options and text not in options:
-        return [], f"{_preview(text)} is not one of the field's options{' ' + str(options) if len(options) <= 20 else ''}"
+        return [], f"{preview(text)} is not one of the field's options{' ' + str(options) if len(options) <= 20 else ''}"
     return [text], None
 
 
@@ -489,21 +491,3 @@ def _bare(key: str) -> str:
     """A custom field key without its brackets."""
     return key[1:-1] if key.startswith("[") and key.endswith("]") else key
 
-
-def _parse_date(value: Any) -> date | None:
-    if isinstance(value, datetime):
-        return value.date()
-    if isinstance(value, date):
-        return value
-    text = str(value).strip()
-    for fmt in ("%Y-%m-%d", "%Y/%m/%d"):
-        try:
-            return datetime.strptime(text[:10], fmt).date()
-        except ValueError:
-            continue
-    return None
-
-
-def _preview(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."

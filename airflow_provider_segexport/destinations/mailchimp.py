@@ -8,7 +8,6 @@ import logging
 import math
 import threading
 from collections.abc import Iterator
-from datetime import date, datetime
 from typing import Any
 
 from airflow_provider_segexport.export.destination import (
@@ -26,6 +25,8 @@ from airflow_provider_segexport.export.records import (
     Record,
     Reject,
     member_id,
+    parse_date,
+    preview,
     redact_emails,
 )
 from airflow_provider_segexport.export.sources import Segment
@@ -517,14 +518,14 @@ def convert_merge_value(field: dict, value: Any) -> tuple[Any, str | None]:
             text = str(value).strip().replace(",", "")
             number = float(text)
         except ValueError:
-            return None, f"{_preview(value)} is not a number"
+            return None, f"{preview(value)} is not a number"
         if not math.isfinite(number):  # 'NaN', 'inf', '1e999' parse but would be sent as null
-            return None, f"{_preview(value)} is not a finite number"
+            return None, f"{preview(value)} is not a finite number"
         return (int(number) if number.is_integer() and "." not in text else number), None
     if ftype in ("date", "birthday"):
-        parsed = _parse_date(value)
+        parsed = parse_date(value)
         if parsed is None:
-            return None, f"{_preview(value)} is not a date (expected YYYY-MM-DD or a date value)"
+            return None, f"{preview(value)} is not a date (expected YYYY-MM-DD or a date value)"
         fmt = options.get("date_format") or ("MM/DD/YYYY" if ftype == "date" else "MM/DD")
         return parsed.strftime(_DATE_FORMATS.get(fmt.upper(), "%m/%d/%Y")), None
     if ftype == "address":
@@ -540,28 +541,10 @@ def convert_merge_value(field: dict, value: Any) -> tuple[Any, str | None]:
     if len(text) > TEXT_MAX:
         return None, f"has {len(text)} characters; Mailchimp allows at most {TEXT_MAX}"
     if ftype in ("url", "imageurl") and not text.startswith(("http://", "https://")):
-        return None, f"{_preview(text)} is not an http(s) URL"
+        return None, f"{preview(text)} is not an http(s) URL"
     if ftype in ("radio", "dropdown"):
         choices = options.get("choices") or []
         if choices and text not in choices:
-            return None, f"{_preview(text)} is not one of the field's choices {choices}"
+            return None, f"{preview(text)} is not one of the field's choices {choices}"
     return text, None
 
-
-def _parse_date(value: Any) -> date | None:
-    if isinstance(value, datetime):
-        return value.date()
-    if isinstance(value, date):
-        return value
-    text = str(value).strip()
-    for fmt in ("%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y/%m/%d"):
-        try:
-            return datetime.strptime(text[:19] if "T" in text else text[:10], fmt).date()
-        except ValueError:
-            continue
-    return None
-
-
-def _preview(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."

@@ -579,3 +579,25 @@ def _clean(value: Any) -> Any:
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace").strip()
     return value
+
+
+def parse_date(value: Any) -> date | None:
+    """A date from a date or datetime value, or from text starting ``YYYY-MM-DD`` or ``YYYY/MM/DD`` (a time after
+    it ignored); None when it is none of these."""
+    if isinstance(value, datetime):
+        return value.date()
+    if isinstance(value, date):
+        return value
+    text = str(value).strip()[:10]
+    for fmt in ("%Y-%m-%d", "%Y/%m/%d"):
+        try:
+            return datetime.strptime(text, fmt).date()
+        except ValueError:
+            continue
+    return None
+
+
+def preview(value: Any) -> str:
+    """A value as a reject message quotes it: its repr, cut to 40 characters."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
