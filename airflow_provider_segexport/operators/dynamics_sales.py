@@ -111,7 +111,7 @@ class DynamicsSalesSegmentExportOperator(BaseSegmentExportOperator):
         :param summary: the engine's summary.
         :param context: the task's context.
         """
-        lists = {seg: {k: v for k, v in info.items()} for seg, info in destination.lists.items()}
+        lists = {seg: dict(info) for seg, info in destination.lists.items()}
         summary["marketing_lists"] = lists
         for seg, info in lists.items():
             if info.get("id"):
