@@ -13,12 +13,14 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 from airflow_provider_segexport.hooks.base import SegexportBaseHook
 from airflow_provider_segexport.http import (
     RETRY_STATUSES,
+    RequestBudget,
     RetryPolicy,
     VendorAPIError,
     VendorAuthError,
@@ -110,7 +112,26 @@ class AdobeCampaignHook(SegexportBaseHook):
             return True
 
         return self.new_session(self.base_url, auth=auth, on_unauthorized=refresh,
-                                retry=RetryPolicy(statuses=RETRIED))
+                                retry=RetryPolicy(statuses=RETRIED), budget=self.gateway_budget)
+
+    @cached_property
+    def gateway_budget(self) -> RequestBudget | None:
+        """The request rate the calls are paced to: extras ``max_requests_per_window`` and ``window_seconds``
+        (default 60). Adobe publishes no Campaign Standard rate: without them the gateway's 429s pace the calls
+        (every thread waits, then goes on); with the rate agreed with Adobe (or seen in the 429s) no call is
+        refused and the run keeps to it exactly."""
+        raw = self.extras.get("max_requests_per_window")
+        if raw in (None, ""):
+            return None
+        try:
+            requests_, window = int(float(raw)), float(self.extras.get("window_seconds") or 60)
+        except (TypeError, ValueError):
+            requests_ = window = 0
+        if requests_ <= 0 or window <= 0:
+            raise ValueError(f"Connection '{self.conn_id}': extras 'max_requests_per_window' ({raw!r}) and "
+                             "'window_seconds' must be positive numbers; leave them empty to be paced by the "
+                             "gateway's 429s.")
+        return RequestBudget(requests_, window)
 
     def _check_connection(self) -> str:
         self.http.get_json("/profileAndServices/profile", params={"_lineCount": 1})
@@ -128,23 +149,31 @@ class AdobeCampaignHook(SegexportBaseHook):
         answer = self.http.get_json(f"{EXT}/{resource}/{filter_name}", params={param: value})
         return list((answer or {}).get("content") or [])
 
-    def find_all(self, resource: str, filter_name: str, params: dict[str, Any], page_size: int = 500
+    def find_all(self, resource: str, filter_name: str | None, params: dict[str, Any], page_size: int = 500
                  ) -> Iterator[dict]:
-        """Every record a custom filter finds, page by page (``next.href`` followed; ``_forcePagination`` so that
-        big tables page too).
+        """Every record a custom filter finds (every record of the resource without one), page by page
+        (``next.href`` followed; ``_forcePagination`` so that big tables page too).
 
         :param resource: ``profile`` or a custom resource.
-        :param filter_name: the filter defined in Campaign (``byModifiedSince``).
+        :param filter_name: the filter defined in Campaign (``byModifiedSince``); None: no filter.
         :param params: the filter's parameters.
         :param page_size: records per page (``_lineCount``).
         """
-        answer = self.http.get_json(f"{EXT}/{resource}/{filter_name}", params=_page_params(params, page_size))
+        path = f"{EXT}/{resource}/{filter_name}" if filter_name else f"{EXT}/{resource}"
+        answer = self.http.get_json(path, params=_page_params(params, page_size))
         while True:
             yield from (answer or {}).get("content") or []
             next_href = ((answer or {}).get("next") or {}).get("href")
             if not next_href or not (answer or {}).get("content"):
                 return
             answer = self.http.get_json(next_href)
+
+    def count(self, resource: str) -> int:
+        """The number of records of ``resource`` (``.../_count``, Adobe's counting.md).
+
+        :param resource: ``profile`` or a custom resource.
+        """
+        return int((self.http.get_json(f"{EXT}/{resource}/_count") or {}).get("count") or 0)
 
     def create(self, resource: str, body: dict) -> dict:
         """Create a record; the answer holds its ``PKey`` and ``href`` (not repeated when its answer is lost:
@@ -223,6 +252,88 @@ class AdobeCampaignHook(SegexportBaseHook):
         last = (body.get("_page") or {}).get("last") or (events[-1].get("position") if events else since)
         return JournalPage(events, last, next_url, None)
 
+    # -- workflows (the log-file export of email events) ------------------------------------------------------
+    def workflow(self, workflow_id: str) -> dict | None:
+        """The workflow (``GET /workflow/execution/<workflowID>``: its ``state`` and its ``activities``, the
+        External signal ones with their ``trigger.href``), or None when Campaign has no workflow with this ID.
+
+        :param workflow_id: the workflow's ID as Campaign shows it (``WKF12``).
+        """
+        response = self.http.request("GET", f"/workflow/execution/{quote(str(workflow_id), safe='@')}",
+                                     expected=(404,))
+        return None if response.status_code == 404 else (response.json() or {})
+
+    def workflow_command(self, workflow_id: str, method: str) -> dict:
+        """Send an execution command (``POST …/commands {"method": ...}``: start, pause, resume, stop). Commands are
+        asynchronous in Campaign: read :meth:`workflow` for the state they lead to.
+
+        :param workflow_id: the workflow's ID.
+        :param method: ``start``, ``pause``, ``resume`` or ``stop``.
+        """
+        method = str(method).lower()
+        if method not in ("start", "pause", "resume", "stop"):
+            raise ValueError(f"Unknown workflow command {method!r}: start, pause, resume or stop.")
+        return self.http.post_json(f"/workflow/execution/{quote(str(workflow_id), safe='@')}/commands",
+                                   {"method": method}) or {}
+
+    def start_workflow(self, workflow_id: str) -> dict:
+        """Start the workflow (``{"method": "start"}``).
+
+        :param workflow_id: the workflow's ID.
+        """
+        return self.workflow_command(workflow_id, "start")
+
+    @staticmethod
+    def signal_activities(workflow: dict) -> dict[str, str]:
+        """The workflow's External signal activities: name -> trigger URL (from a :meth:`workflow` answer)."""
+        activities = ((workflow or {}).get("activities") or {}).get("activity") or {}
+        out = {}
+        for name, activity in activities.items():
+            href = ((activity or {}).get("trigger") or {}).get("href") if isinstance(activity, dict) else None
+            if href:
+                out[name] = href
+        return out
+
+    def signal_workflow(self, workflow_id: str, parameters: dict[str, Any] | None = None, *,
+                        source: str = "Airflow", activity: str | None = None) -> dict:
+        """Trigger the workflow's External signal activity (its trigger URL, read from the workflow, gets
+        ``{"source", "parameters"}``). The workflow must be started; Campaign accepts one trigger of an activity
+        every 10 minutes, and answers a trigger within them with a text, not JSON: that raises here.
+
+        :param workflow_id: the workflow's ID.
+        :param parameters: the parameters declared in the activity (name -> string, number, boolean, date).
+        :param source: the triggering request's source (mandatory for Campaign).
+        :param activity: the activity's name when the workflow has several.
+        """
+        wf = self.workflow(workflow_id)
+        if wf is None:
+            raise VendorAPIError(self.vendor, 404, f"Campaign has no workflow '{workflow_id}'.")
+        signals = self.signal_activities(wf)
+        if activity is not None:
+            url = signals.get(activity)
+        else:
+            url = next(iter(signals.values())) if len(signals) == 1 else None
+        if not url:
+            raise VendorAPIError(self.vendor, None, f"Workflow '{workflow_id}' has " + (
+                f"no External signal activity '{activity}'" if activity else
+                f"{len(signals)} External signal activities (name the one to trigger)" if signals else
+                "no External signal activity") + f"; its signals: {sorted(signals) or 'none'}.")
+        if urlsplit(url).netloc != urlsplit(self.base_url).netloc:  # never send the token elsewhere
+            raise VendorAPIError(self.vendor, None, "the workflow's trigger URL points outside Campaign")
+        body: dict[str, Any] = {"source": source}
+        if parameters:
+            body["parameters"] = parameters
+        response = self.http.request("POST", url, data=encode_json(body),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            answer = response.json()
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise SignalRefused(self.vendor, response.status_code, "Campaign did not take the signal (an External "
+                                "signal activity takes one trigger every 10 minutes): " + response.text[:300])
+        return answer
+
 
 def is_permanent(exc: VendorAPIError) -> bool:
     """Whether Campaign refused the record itself (a 4xx, or a 500 carrying a validation code): not retried."""
@@ -251,3 +362,8 @@ class JournalPage:
     last: str | None = None
     next_url: str | None = None
     retry_after: float | None = None
+
+
+class SignalRefused(VendorAPIError):
+    """Campaign answered a signal trigger without taking it (its text, not JSON: the activity was triggered less than
+    10 minutes before)."""

@@ -8,12 +8,17 @@ added with ``AddListMembersList`` and removed by disassociating them. Limits: ``
 
 from __future__ import annotations
 
+import email.parser
+import email.policy
 import json
 import re
 import threading
+import uuid
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
+from urllib.parse import quote
 
 from airflow_provider_segexport.hooks.base import SegexportBaseHook
 from airflow_provider_segexport.http import (
@@ -67,6 +72,11 @@ PAGE_MAX = 5000
 DEFAULT_CONCURRENCY = 4
 #: list.createdfromcode of a list of contacts
 MEMBER_TYPE_CONTACT = 2
+#: requests per ``$batch``: "Batch requests can contain up to 1000 individual requests and can't contain other batch
+#: requests" (MS webapi/execute-batch-operations-using-web-api, "When to use batch requests")
+BATCH_MAX = 1000
+#: characters left as they are in an alternate-key value inside a URL (the OData literal's quotes and the key syntax)
+_KEY_SAFE = "'()=,"
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 _ENTITY_ID = re.compile(r"\(([0-9a-fA-F-]{36})\)\s*$")
 
@@ -385,3 +395,138 @@ class Dynamics365Hook(SegexportBaseHook):
         body = {"Targets": [{"@odata.type": f"Microsoft.Dynamics.CRM.{logical_name}", **t} for t in targets]}
         self.http.request("POST", f"{entity_set}/Microsoft.Dynamics.CRM.UpsertMultiple", data=encode_json(body),
                           idempotent=True, headers={"Content-Type": "application/json"})
+
+    def upsert_batch(self, entity_set: str, key_column: str, records: list[tuple[str, dict[str, Any]]]
+                     ) -> list[BatchAnswer]:
+        """Upsert records by an alternate key in one ``$batch``: one ``PATCH <set>(<key>='<value>')`` per record, no
+        change set, ``Prefer: odata.continue-on-error``; return each request's answer, in the order of ``records``.
+
+        The ``$batch`` fallback for a table without ``UpsertMultiple`` (MS bulk-operations, "Availability with
+        standard tables": the bulk messages work with "custom standard tables and many common standard tables, but
+        not all"). What the docs say, and this method relies on:
+
+        * ``PATCH`` by alternate key without ``If-Match``/``If-None-Match`` is an upsert: it "creates a new record if
+          it doesn't find any records matching the keys in the URL ... The status response is 204 No Content in
+          either case" (``If-Match: *`` would make it update-only, ``If-None-Match: *`` create-only); the key is
+          left out of the body ("When you use alternate keys to identify a record, don't include the alternate key
+          data in the portion of the request that represents the data to save") -- MS
+          https://learn.microsoft.com/power-apps/developer/data-platform/use-upsert-insert-update-record.
+          Repeating the batch (a retry after a lost answer, a replayed journal) updates the same records: no
+          duplicate, so the request may be repeated (``idempotent``).
+        * ``$batch``: ``POST [Organization URI]/api/data/v9.2/$batch`` with ``Content-Type: multipart/mixed;
+          boundary="batch_<id>"``, each part ``Content-Type: application/http`` + ``Content-Transfer-Encoding:
+          binary`` holding one request; "Batch requests can contain up to 1000 individual requests"; operations run
+          "sequentially in the order they're specified. The order of the responses will match the order of the
+          requests". A change set would be all-or-nothing, so none is used: each record stands alone. Without
+          ``Prefer: odata.continue-on-error`` the first failure ends the batch; with it "The batch request will
+          return 200 OK and individual response errors will be returned in the batch response body" (``HTTP/1.1 400
+          Bad Request`` + ``{"error": {"code", "message"}}`` in that request's part) -- MS
+          https://learn.microsoft.com/power-apps/developer/data-platform/webapi/execute-batch-operations-using-web-api.
+        * Service protection: a batch "can contain up to 1000 operations and will avoid the number of requests
+          limit. However, you will need to be prepared for the execution time limit" (MS api-limits); this client
+          counts the ``$batch`` as one request, the execution time as it takes.
+
+        The body is written by hand (CRLF lines; each record's JSON is one line, so no line can look like the
+        boundary) and the answer read with the stdlib ``email`` parser (:func:`parse_batch_answer`). A whole-batch
+        error (throttling, 5xx, a lost connection) is retried by the session like any request; a batch whose answer
+        does not have one part per request raises :class:`VendorAPIError`.
+
+        :param entity_set: e.g. ``new_emailevents``.
+        :param key_column: the alternate key's column, e.g. ``new_eventid``.
+        :param records: (key value, the columns to write) for at most :data:`BATCH_MAX` records; the key column and
+            ``@odata.*`` annotations other than ``@odata.bind`` are left out of the body.
+        """
+        if not records:
+            return []
+        if len(records) > BATCH_MAX:
+            raise ValueError(f"at most {BATCH_MAX} requests per $batch")
+        boundary = f"batch_{uuid.uuid4()}"
+        chunks = []
+        for key, body in records:
+            url = self.http.url(f"{entity_set}({key_column}={quote(odata_string(str(key)), safe=_KEY_SAFE)})")
+            columns = {k: v for k, v in body.items()
+                       if k != key_column and (not k.startswith("@odata.") or k.endswith("@odata.bind"))}
+            chunks.append(f"--{boundary}\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\n"
+                          f"PATCH {url} HTTP/1.1\r\nContent-Type: application/json\r\n\r\n"
+                          f"{encode_json(columns).decode('utf-8')}\r\n")
+        chunks.append(f"--{boundary}--\r\n")
+        response = self.http.request("POST", "$batch", data="".join(chunks).encode("utf-8"), idempotent=True,
+                                     headers={"Content-Type": f'multipart/mixed; boundary="{boundary}"',
+                                              "Prefer": "odata.continue-on-error"})
+        try:
+            answers = parse_batch_answer(response.headers.get("Content-Type", ""), response.content)
+        except ValueError as exc:
+            raise VendorAPIError(self.vendor, response.status_code, f"unreadable $batch answer: {exc}",
+                                 method="POST", path="$batch") from exc
+        if len(answers) != len(records):
+            raise VendorAPIError(self.vendor, response.status_code, f"the $batch answer has {len(answers)} part(s) "
+                                 f"for {len(records)} request(s)", method="POST", path="$batch")
+        return answers
+
+
+@dataclass(frozen=True)
+class BatchAnswer:
+    """The answer to one request inside a ``$batch``.
+
+    :param status: its HTTP status (``204`` for an upsert done).
+    :param code: Dataverse's error code (``0x80044331``...) for an error.
+    :param message: Dataverse's error message for an error.
+    """
+
+    status: int
+    code: str | None = None
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """Whether the request succeeded (2xx)."""
+        return 200 <= self.status < 300
+
+
+def parse_batch_answer(content_type: str, body: bytes) -> list[BatchAnswer]:
+    """The answers of a ``$batch`` response (``multipart/mixed``; a change set's answers in line), in order, read
+    with the stdlib ``email`` parser; ValueError when the body is not such an answer.
+
+    :param content_type: the response's ``Content-Type`` (with its boundary).
+    :param body: the response's body.
+    """
+    if not content_type.lower().startswith("multipart/"):
+        raise ValueError(f"Content-Type {content_type or 'none'!r} is not multipart")
+    head = b"MIME-Version: 1.0\r\nContent-Type: " + content_type.encode("latin-1") + b"\r\n\r\n"
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+    if not message.is_multipart():
+        raise ValueError("no parts found for the boundary in Content-Type")
+    out: list[BatchAnswer] = []
+
+    def walk(container) -> None:
+        for part in container.iter_parts():
+            if part.is_multipart():  # a change set's answers
+                walk(part)
+            else:
+                out.append(_http_answer(part.get_payload(decode=True) or b""))
+
+    walk(message)
+    return out
+
+
+def _http_answer(raw: bytes) -> BatchAnswer:
+    """One ``application/http`` part: ``HTTP/1.1 <status> <reason>``, headers, an optional JSON body."""
+    status_line, _, rest = raw.lstrip(b"\r\n").partition(b"\n")
+    bits = status_line.decode("latin-1").split(None, 2)
+    if len(bits) < 2 or not bits[0].startswith("HTTP/") or not bits[1].isdigit():
+        raise ValueError(f"a part does not start with an HTTP status line: {status_line[:60]!r}")
+    status = int(bits[1])
+    reason = bits[2].strip() if len(bits) > 2 else ""
+    if 200 <= status < 300:
+        return BatchAnswer(status)
+    inner = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(rest)
+    payload = inner.get_payload(decode=True) or b""
+    try:
+        error = json.loads(payload).get("error") or {}
+    except (ValueError, AttributeError):
+        error = {}
+    if not isinstance(error, dict):
+        error = {}
+    code = error.get("code")
+    return BatchAnswer(status, str(code) if code not in (None, "") else None,
+                       str(error.get("message") or reason or f"HTTP {status}"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -9,9 +10,10 @@ from airflow.sdk import BaseOperator
 
 from airflow_provider_segexport.export.report import RejectsWriter, default_rejects_path
 from airflow_provider_segexport.export.state import open_export_state
-from airflow_provider_segexport.hooks.adobe_campaign import AdobeCampaignHook
+from airflow_provider_segexport.hooks.adobe_campaign import AdobeCampaignHook, SignalRefused
 from airflow_provider_segexport.hooks.base import as_bool
 from airflow_provider_segexport.hooks.dynamics365 import Dynamics365Hook
+from airflow_provider_segexport.sync.event_files import LOG_CURSOR_SEGMENT, LogContactResolver, LogFileSource
 from airflow_provider_segexport.sync.events import (
     CURSOR_SEGMENT,
     DEFAULT_IN_FLIGHT,
@@ -23,6 +25,9 @@ from airflow_provider_segexport.sync.events import (
     event_types,
     load_cursor,
 )
+
+#: the sources of the events: the Adobe I/O Events journal, or the log files an ACS export workflow writes
+SOURCES = ("journal", "log_files")
 
 
 class CampaignEventsToDynamicsOperator(BaseOperator):
@@ -38,6 +43,13 @@ class CampaignEventsToDynamicsOperator(BaseOperator):
     Two ways to run it: on a schedule (e.g. hourly: each run syncs what arrived since the last one), or continuously
     with ``deferrable=True`` in a DAG with ``schedule="@continuous"`` and ``max_active_runs=1``: each run first waits
     in the triggerer (no worker slot) until the journal has an event after the cursor, then syncs.
+
+    Two sources: ``source="journal"`` (the default, above) or ``source="log_files"``: the CSV delivery/tracking log
+    files an ACS export workflow writes to storage (``log_path``, any ``ObjectStoragePath``), each file read once in
+    name order from a cursor of its own (:mod:`~airflow_provider_segexport.sync.event_files`); with ``workflow_id``
+    the task first starts that workflow (or triggers its External signal activity) and waits until Campaign says it
+    finished. Writing is the same for both (the same records, by the same event IDs). The deferrable mode waits on
+    the journal only: ``deferrable=True`` with ``source="log_files"`` is refused.
 
     :param adobe_campaign_conn_id: the ``adobe_campaign`` connection, with the journal's URL (extra ``events_url``).
     :param dynamics365_conn_id: the ``dynamics365`` connection (write access to the events table, read on contacts).
@@ -61,9 +73,32 @@ class CampaignEventsToDynamicsOperator(BaseOperator):
     :param deferrable: first wait in the triggerer for an event after the cursor.
     :param poll_interval: seconds between journal polls while deferred (at least the journal's ``Retry-After``).
     :param wait_timeout: seconds to wait for an event while deferred; then the task is skipped.
+    :param source: ``journal`` (default) or ``log_files``.
+    :param log_path: with ``log_files``: the folder the export workflow's Transfer file activity writes to, as an
+        ``ObjectStoragePath`` URL (``s3://bucket/acs/events/``, ``sftp://host/exports/``, ``file:///data/acs``).
+        Templated.
+    :param log_conn_id: the Airflow connection of that storage (None: the URL's default). Templated.
+    :param log_pattern: a glob the file names must match (default ``*.csv``, ``*.txt`` and their ``.gz``).
+    :param log_columns: event field -> the file's header name, for columns named otherwise (``{"id": "Delivery log
+        ID", "timestamp": "Event date"}``; fields in
+        :data:`~airflow_provider_segexport.sync.event_files.LOG_COLUMNS`). Templated.
+    :param log_delimiter: the files' field delimiter (default ``,``).
+    :param log_encoding: the files' encoding (default UTF-8, with or without a byte-order mark).
+    :param workflow_id: with ``log_files``: the export workflow to run first (its ID in Campaign, ``WKF12``); None:
+        the files are read as they are (the workflow runs on its own scheduler). Templated.
+    :param workflow_signal: trigger the workflow's External signal activity (starting the workflow first when it is
+        not running) instead of starting it; None: when the workflow has one.
+    :param workflow_parameters: the parameters given with the signal (declared in the activity). Templated.
+    :param workflow_poll_interval: seconds between two reads of the workflow's state while waiting for it.
+    :param workflow_timeout: seconds to wait for the workflow to finish; then the task fails (nothing is read).
+    :param write_with: how the records are written: ``auto`` (``UpsertMultiple``; when Dataverse answers that the
+        table has no ``UpsertMultiple``, ``$batch`` upserts for the rest of the run, logged once), ``upsert_multiple``
+        or ``batch`` (``$batch`` from the start: up to 1,000 ``PATCH`` upserts by the event-ID key a request, a record
+        refused on its own is a reject). See :class:`~airflow_provider_segexport.sync.events.EventsSync`.
     """
 
-    template_fields: Sequence[str] = ("event_types", "entity", "replay", "state_dir", "state_conn_id", "rejects_path")
+    template_fields: Sequence[str] = ("event_types", "entity", "replay", "state_dir", "state_conn_id", "rejects_path",
+                                      "log_path", "log_conn_id", "log_columns", "workflow_id", "workflow_parameters")
     ui_color = "#e8f1fb"
 
     def __init__(
@@ -88,9 +123,46 @@ class CampaignEventsToDynamicsOperator(BaseOperator):
         deferrable: bool = False,
         poll_interval: float = 60.0,
         wait_timeout: float = 3600.0,
+        source: str = "journal",
+        log_path: str | None = None,
+        log_conn_id: str | None = None,
+        log_pattern: str | None = None,
+        log_columns: dict[str, str] | None = None,
+        log_delimiter: str = ",",
+        log_encoding: str = "utf-8-sig",
+        workflow_id: str | None = None,
+        workflow_signal: bool | None = None,
+        workflow_parameters: dict[str, Any] | None = None,
+        workflow_poll_interval: float = 30.0,
+        workflow_timeout: float = 3600.0,
+        write_with: str = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if source not in SOURCES:
+            raise ValueError(f"source must be one of {', '.join(SOURCES)}, not {source!r}.")
+        if source == "log_files":
+            if not log_path:
+                raise ValueError("source='log_files' needs log_path: the folder the export workflow writes its files "
+                                 "to (an ObjectStoragePath URL such as s3://bucket/acs/events/).")
+            if deferrable:
+                raise ValueError("deferrable=True waits on the Adobe I/O Events journal: it works with "
+                                 "source='journal' only. With log files, schedule the DAG (or give workflow_id: the "
+                                 "task starts the export workflow and waits for it).")
+        elif workflow_id:
+            raise ValueError("workflow_id runs an export workflow for source='log_files'; the journal needs none.")
+        self.source = source
+        self.log_path = log_path
+        self.log_conn_id = log_conn_id
+        self.log_pattern = log_pattern
+        self.log_columns = log_columns
+        self.log_delimiter = log_delimiter
+        self.log_encoding = log_encoding
+        self.workflow_id = workflow_id
+        self.workflow_signal = workflow_signal
+        self.workflow_parameters = workflow_parameters
+        self.workflow_poll_interval = workflow_poll_interval
+        self.workflow_timeout = workflow_timeout
         self.adobe_campaign_conn_id = adobe_campaign_conn_id
         self.dynamics365_conn_id = dynamics365_conn_id
         self.event_types = event_types
@@ -110,6 +182,7 @@ class CampaignEventsToDynamicsOperator(BaseOperator):
         self.deferrable = deferrable
         self.poll_interval = poll_interval
         self.wait_timeout = wait_timeout
+        self.write_with = write_with
 
     @property
     def scope(self) -> str:
@@ -167,7 +240,8 @@ class CampaignEventsToDynamicsOperator(BaseOperator):
         return self._sync(context, since=event.get("since") if self.start_at == "latest" else None)
 
     def _segment(self) -> str:
-        return f"{CURSOR_SEGMENT}:{EventEntity.from_dict(self.entity).logical_name}"
+        segment = LOG_CURSOR_SEGMENT if self.source == "log_files" else CURSOR_SEGMENT
+        return f"{segment}:{EventEntity.from_dict(self.entity).logical_name}"
 
     def _sync(self, context, since: str | None = None) -> dict:
         ti = context.get("ti") if context else None
@@ -189,15 +263,24 @@ class CampaignEventsToDynamicsOperator(BaseOperator):
             sid = state.scope_id(self._segment())
             if as_bool(self.replay):
                 state.set_target(sid, "", run_id)
-                self.log.info("Replay: the cursor is reset; every event the journal still holds is read again "
-                              "(each written once)")
+                self.log.info("Replay: the cursor is reset; every event the %s still holds is read again "
+                              "(each written once)", "log folder" if self.source == "log_files" else "journal")
+            source = resolver = workflow = None
+            if self.source == "log_files":
+                if self.workflow_id:
+                    workflow = self._run_workflow(campaign)
+                source = LogFileSource(self.log_path, conn_id=self.log_conn_id or None, pattern=self.log_pattern,
+                                       columns=self.log_columns, delimiter=self.log_delimiter,
+                                       encoding=self.log_encoding, crm_id_field=self.crm_id_field)
+                resolver = LogContactResolver(campaign, dataverse, self.crm_id_field, as_bool(self.match_email))
             sync = EventsSync(
                 campaign, dataverse, entity,
-                ContactResolver(campaign, dataverse, self.crm_id_field, as_bool(self.match_email)),
+                resolver or ContactResolver(campaign, dataverse, self.crm_id_field, as_bool(self.match_email)),
                 enabled=event_types(self.event_types), state=state, scope_id=sid, rejects=rejects, run_id=run_id,
                 batch_size=self.batch_size, max_in_flight=self.max_in_flight, journal_limit=self.journal_limit,
                 max_events=self.max_events, start_at=self.start_at, since=since,
-                progress_interval=self.progress_interval, logger=self.log)
+                progress_interval=self.progress_interval, logger=self.log, write_with=self.write_with,
+                source=source)
             try:
                 summary = sync.run()
             finally:
@@ -209,12 +292,101 @@ class CampaignEventsToDynamicsOperator(BaseOperator):
             state.close()
             campaign.close()
             dataverse.close()
+        if source is not None:
+            summary["files_read"] = source.files_read
+        if workflow is not None:
+            summary["workflow"] = workflow
         summary["rejects"] = {"path": str(rejects_path) if rejects.count else None, "count": rejects.count,
                               "by_reason": dict(rejects.by_reason)}
         summary["http"] = {"dataverse": dataverse.http.stats.as_dict() if "http" in dataverse.__dict__ else {},
                            "adobe_campaign": campaign.http.stats.as_dict() if "http" in campaign.__dict__ else {}}
         self.log.info("%s", _table(summary))
         return summary
+
+    # -- the export workflow (source="log_files") -------------------------------------------------------------------
+    def _run_workflow(self, campaign: AdobeCampaignHook) -> dict[str, Any]:
+        """Run the export workflow once and wait until Campaign says it finished (its files are then in storage).
+
+        A workflow with an External signal activity (or ``workflow_signal=True``) is started when it is not running,
+        then signalled; one without is started (if it is already running, e.g. from its own scheduler, the task
+        waits for that execution). Paused, erroneous or still running after ``workflow_timeout``: the task fails and
+        no file is read (the cursor stays: the next try reads whatever the workflow wrote by then).
+        """
+        from airflow.sdk.exceptions import AirflowException
+
+        wid = str(self.workflow_id).strip()
+        started = time.monotonic()
+        wf = campaign.workflow(wid)
+        if wf is None:
+            raise AirflowException(f"Adobe Campaign has no workflow '{wid}' (workflow_id is the ID Campaign shows for "
+                                   "the export workflow, e.g. WKF12; an ID changed in Campaign breaks the call).")
+        signals = campaign.signal_activities(wf)
+        use_signal = bool(signals) if self.workflow_signal is None else as_bool(self.workflow_signal)
+        state = wf.get("state")
+        self.log.info("Export workflow %s (%s) is %s; %s", wid, wf.get("label") or "", state or "of unknown state",
+                      "triggering its External signal activity" if use_signal else "starting it")
+        if state is None:
+            raise AirflowException(f"Campaign's answer for workflow '{wid}' has no state: cannot tell when it ends.")
+        if state in ("paused", "error"):
+            raise AirflowException(f"The export workflow '{wid}' is {state} in Campaign: resume (or restart) it "
+                                   "there, then run the task again.")
+        # commands are asynchronous in Campaign: the state read just after one may still be the last execution's, so
+        # "finished" counts once this execution was seen running (or its end date moved on)
+        before_end = wf.get("lastEnd")
+        if use_signal:
+            if state != "started":
+                campaign.start_workflow(wid)
+                state = self._wait_workflow(campaign, wid, started, until_started=True)
+                if state != "started":
+                    raise AirflowException(f"The export workflow '{wid}' is {state} after the start command: see its "
+                                           "log in Campaign; no file is read.")
+            try:
+                answer = campaign.signal_workflow(wid, self.workflow_parameters or None,
+                                                  source=f"Airflow {self.dag_id}.{self.task_id}")
+            except SignalRefused as exc:
+                # e.g. the retry of a task that signalled minutes ago: the files that execution wrote are there
+                self.log.warning("Workflow %s did not take the signal (%s): reading the files already exported", wid,
+                                 exc.message)
+                return {"id": wid, "signal": "refused", "state": state,
+                        "waited_s": round(time.monotonic() - started, 1)}
+            self.log.info("Signal sent to workflow %s (%s)", wid, ", ".join(sorted(answer)) or "no answer body")
+        elif state == "started":
+            self.log.info("Workflow %s is already running: waiting for that execution to finish", wid)
+        else:
+            campaign.start_workflow(wid)
+        final = self._wait_workflow(campaign, wid, started, before_end=before_end,
+                                    seen_started=use_signal or state == "started")
+        if final != "finished":
+            raise AirflowException(f"The export workflow '{wid}' ended '{final}' (not finished): see its log in "
+                                   "Campaign; no file is read.")
+        waited = round(time.monotonic() - started, 1)
+        self.log.info("Export workflow %s finished after %ss", wid, waited)
+        return {"id": wid, "signal": use_signal, "state": final, "waited_s": waited}
+
+    def _wait_workflow(self, campaign: AdobeCampaignHook, wid: str, started: float, *, before_end: Any = None,
+                       seen_started: bool = False, until_started: bool = False) -> str | None:
+        """Read the workflow's state until it runs (``until_started``) or until this execution ended (finished,
+        or paused / erroneous); fail after ``workflow_timeout``."""
+        from airflow.sdk.exceptions import AirflowException
+
+        while True:
+            wf = campaign.workflow(wid) or {}
+            state = wf.get("state")
+            if state == "started":
+                if until_started:
+                    return state
+                seen_started = True
+            elif state in ("paused", "error"):
+                return state
+            elif not until_started and (seen_started or (wf.get("lastEnd") and wf.get("lastEnd") != before_end)):
+                return state
+            if time.monotonic() - started > float(self.workflow_timeout):
+                raise AirflowException(
+                    f"The export workflow '{wid}' did not {'start' if until_started else 'finish'} within "
+                    f"{self.workflow_timeout}s (state {state!r}); no file is read. A workflow waiting on a Scheduler "
+                    "activity never finishes when started: give it an External signal activity, or leave workflow_id "
+                    "out and schedule the DAG after its execution.")
+            time.sleep(max(0.05, float(self.workflow_poll_interval)))
 
 
 def _table(summary: dict) -> str:

@@ -76,6 +76,9 @@ faults may be ``after`` ones (the call is processed, then its answer is lost: e.
   [troubleshooting.md] (after the key/token checks - inferred); an injected ``status`` fault of 502 still
   answers ``{"code": 502, …}``.
 - ``/history/{PKey}/events``: the profile's journal events (shape ❓, see below).
+- ``/workflow/execution/<workflowID>`` (GET), ``…/commands`` (start, pause, resume, stop) and the External
+  signal trigger, with export workflows that write the journal's email events to CSV log files
+  [controlling-a-workflow.md, triggering-a-signal-activity.md]: see the emulator's workflow section.
 
 Schema (what the customer built in ACS) - seed keys next to ``profiles``, or ``POST
 /_sandbox/adobe_campaign/schema`` with the same keys (added to the current schema until the next reset;
@@ -132,15 +135,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import csv
 import hashlib
 import hmac
 import json
 import math
+import os
 import struct
 import sys
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode
 
@@ -160,7 +165,7 @@ READ_ONLY = {"PKey", "href", "created", "lastModified", "subscriptions", "title"
 EVENT_TYPES = ("sent", "open", "click", "bounce")
 _CONFIG = ("rate_limit", "rate_period", "throttle_retry_after", "line_count_default", "big_table_threshold",
            "unknown_fields", "by_email_filter", "allowed_scopes", "journal_default_limit", "journal_retry_after",
-           "validation_status", "order_check")
+           "validation_status", "order_check", "signal_min_interval", "workflow_run_seconds")
 FIELD_TYPES = ("string", "int", "double", "boolean", "date", "datetime")
 #: standard profile fields ``_order`` accepts (inferred: ACS tells per field with "sortable" in the metadata)
 SORTABLE_STANDARD = {"email", "firstName", "lastName", "birthDate", "created", "lastModified"}
@@ -237,6 +242,10 @@ class AdobeCampaignEmulator(Emulator):
 
     validation_status = 500
     order_check = True
+    #: seconds between two triggers of one External signal activity ("cannot be triggered more often than every 10
+    #: minutes" [triggering-a-signal-activity.md]) and how long an export workflow's execution takes
+    signal_min_interval = 600.0
+    workflow_run_seconds = 0.2
 
     #: fields of the profile resource extension (only under /profileAndServicesExt) and the custom key
     #: (defaults; the seed's ``profile_fields`` / ``custom_key`` and ``POST /_sandbox/adobe_campaign/schema`` add more)
@@ -290,6 +299,7 @@ class AdobeCampaignEmulator(Emulator):
         self.row_keys: dict[str, dict[Any, int]] = {}
         self.next_resource_id = 1
         self.events: list[dict] = []
+        self._reset_workflows(seed.get("workflows") or {})
         self.field_index: dict[str, dict[Any, list[int]]] = {}
         self.declare({"profile_fields": self.default_profile_fields, "profile_filters": self.default_profile_filters,
                       "custom_resources": self.default_custom_resources})
@@ -568,6 +578,7 @@ class AdobeCampaignEmulator(Emulator):
             Route("/_sandbox/adobe_campaign/events", self.h_generate, methods=["POST"]),
             Route("/_sandbox/adobe_campaign/config", self.h_config, methods=["GET", "POST"]),
             Route("/_sandbox/adobe_campaign/schema", self.h_schema, methods=["GET", "POST"]),
+            Route("/_sandbox/adobe_campaign/workflows", self.h_workflows, methods=["GET", "POST"]),
             Route(self.prefix + "/{rest:path}", self.h_wrong_uri, methods=["GET", "POST", "PATCH", "PUT", "DELETE"]),
         ]
 
@@ -628,6 +639,8 @@ class AdobeCampaignEmulator(Emulator):
                 return self.custom_resource_endpoint(segs[1], method, segs[2:], q, body, base)
         if len(segs) == 3 and segs[0] == "history" and segs[2] == "events" and method == "GET":
             return self.history(segs[1], base)
+        if len(segs) >= 3 and segs[:2] == ["workflow", "execution"]:
+            return self.workflow_endpoint(method, segs[2:], body, base)
         raise CampaignError(404, f"The resource '/{'/'.join(segs)}' does not exist.")
 
     def ext_root(self, base: str) -> Response:
@@ -1277,6 +1290,295 @@ class AdobeCampaignEmulator(Emulator):
                    for ev in self.events if ev["data"]["profile"]["PKey"] == pkey]
         return JSONResponse({"content": content, "serverSidePagination": False,
                              "href": f"{base}/history/{pkey}/events"})
+
+    # =========================================================================================================
+    # -- workflows: the workflow API and an email-events log export ----------------------------------------------
+    # =========================================================================================================
+    # Campaign Standard's workflow API as Adobe documents it (AdobeDocs/campaign-standard.en help/api/using/
+    # controlling-a-workflow.md, triggering-a-signal-activity.md; experienceleague.adobe.com/docs/campaign-standard/
+    # using/working-with-apis/managing-workflows/...; the Swagger of adobe/aio-lib-campaign-standard spec/api.json:
+    # getWorkflow, controlWorkflow with ``method`` in start|pause|resume|stop, WorkflowParameters {source (required),
+    # parameters}):
+    #
+    # - ``GET /workflow/execution/<workflowID>``: the workflow; documented: ``PKey`` and ``activities.activity.
+    #   <name>.trigger.href`` for each External signal activity. ❓ inferred: ``internalName`` (the ID), ``label``,
+    #   ``state`` (``editing``, ``started``, ``paused``, ``finished``, ``error``: the UI's Editing / In progress /
+    #   Paused / Finished / Erroneous of help/automating/using/workflow-life-cycle.md, monitoring-workflow-
+    #   execution.md), ``lastStart``, ``lastEnd``, ``href``, and the other activities listed with their ``type``.
+    #   ``<workflowID>`` is the workflow's ID (``WKF12``); its PKey is accepted too.
+    # - ``POST /workflow/execution/<workflowID>/commands`` ``{"method": "start"|"pause"|"resume"|"stop"}`` -> 200
+    #   (❓ the answer is not published: ``{"PKey", "href", "state"}`` here). "Execution related actions (start,
+    #   stop, pause, etc.) are asynchronous processes" (about-workflow-execution.md): the state changes at once,
+    #   the execution (the export) ``workflow_run_seconds`` later. ❓ inferred: start on a started workflow changes
+    #   nothing; pause/resume on a workflow that is not started/paused and an unknown method -> 400.
+    # - ``POST <trigger href>`` ``{"source": "...", "parameters": {...}}``: triggers the External signal activity;
+    #   "the destination workflow must be already running" and the activity "cannot be triggered more often than
+    #   every 10 minutes" (``signal_min_interval``; a trigger within it gets a 200 whose body is not JSON, as
+    #   aio-lib-campaign-standard's ``triggerSignalActivity`` handles it - ❓ the exact answer); a parameter not
+    #   declared in the activity -> the documented "RST-360011 … '<p>' parameter isn't defined in signal activity.
+    #   XTK-170006 …" (status ``validation_status``, ❓). A missing ``source`` / a workflow not started -> the same
+    #   status with an inferred message.
+    # - 404 for an unknown workflow (❓ message). The gateway (Bearer + X-Api-Key, org, throttling) applies as to
+    #   every Campaign route.
+    #
+    # The export workflow (what the customer builds, help/automating/using/exporting-logs.md: [External signal ->]
+    # Incremental query on the delivery/tracking logs -> Extract file -> Transfer file -> End): each execution
+    # writes one CSV file with the email events (the journal's events: same IDs) newer than the previous
+    # execution's (the incremental query's "processed data" date), one row per event, into ``folder`` (a local
+    # directory standing for the SFTP/S3/Azure location of the Transfer file activity). Written to a hidden name
+    # then renamed (a reader never sees half a file). File name: ``<file_label>_<YYYYMMDD_HHMMSS>.<ext>`` (Extract
+    # file's "Add date and time to the file name": "recipients_20150815_081532.txt", extract-file.md); names
+    # sort in export order (a second within the same second is moved one second on). Columns (Extract file output
+    # columns, labels as the header; ❓ Adobe has no fixed layout, the customer chooses): ``eventId`` (the event's
+    # ID: for delivery logs the "Delivery log ID", for tracking logs the tracking log ``id``), ``eventType``
+    # (sent|open|click|bounce), ``logDate`` (ISO 8601: broadLogRcp ``eventDate`` / trackingLogRcp ``logDate``),
+    # ``deliveryLabel`` (``deliveryLabel``), ``url`` (click), ``bounceType`` (bounce), ``email``, ``cusCrmId``,
+    # ``externalId`` (the profile's fields at export time, "data coming from related resources such as delivery
+    # or profile information"), ``profilePKey`` (not in the default columns: Adobe asks not to persist PKeys).
+    # The broadLogRcp/trackingLogRcp field names are those of help/api/using/retrieving-privacy-data-files.md.
+    #
+    # Workflows are declared by the seed's ``workflows`` key or ``POST /_sandbox/adobe_campaign/workflows``
+    # ``{"WKF12": {"label", "export": "email_events" | null, "folder", "file_label" ("emailEvents"), "extension"
+    # ("csv"), "columns" [...], "delimiter" (","), "types" [...], "skip_empty" (false: an execution with no new
+    # event writes a header-only file), "signal": true | {"name": "signal1", "parameters": {"<p>": "string"}},
+    # "fail": false (the execution ends in ``error``)}}`` (replaces the workflow, its state and export date);
+    # ``GET`` lists them with their state, executions and files.
+
+    def _reset_workflows(self, specs: dict) -> None:
+        for wf in getattr(self, "workflows", {}).values():
+            if wf.get("timer") is not None:
+                wf["timer"].cancel()
+        self.workflows: dict[str, dict] = {}
+        self._workflow_serial = getattr(self, "_workflow_serial", 0)
+        self.declare_workflows(specs)
+
+    def declare_workflows(self, specs: dict) -> dict:
+        """Add or replace workflows (seed key ``workflows`` or ``POST /_sandbox/adobe_campaign/workflows``)."""
+        if not isinstance(specs, dict):
+            raise ValueError("workflows: {\"<workflow ID>\": {...}}")
+        known = {"label", "export", "folder", "file_label", "extension", "columns", "delimiter", "types",
+                 "skip_empty", "signal", "fail"}
+        for wid, spec in specs.items():
+            if not isinstance(spec, dict) or set(spec) - known:
+                raise ValueError(f"workflow {wid}: a dict with keys among {sorted(known)}")
+            export = spec.get("export", "email_events")
+            if export not in ("email_events", None):
+                raise ValueError(f"workflow {wid}: export is 'email_events' or null")
+            if export and not spec.get("folder"):
+                raise ValueError(f"workflow {wid}: an export workflow needs 'folder' (where Transfer file writes)")
+            columns = list(spec.get("columns") or WORKFLOW_LOG_COLUMNS)
+            bad = [c for c in columns if c not in WORKFLOW_LOG_COLUMNS + ("profilePKey",)]
+            if bad:
+                raise ValueError(f"workflow {wid}: unknown columns {bad}")
+            types = list(spec.get("types") or EVENT_TYPES)
+            if set(types) - set(EVENT_TYPES):
+                raise ValueError(f"workflow {wid}: types among {EVENT_TYPES}")
+            signal = spec.get("signal")
+            if signal is True:
+                signal = {}
+            if signal is not None and signal is not False:
+                if not isinstance(signal, dict):
+                    raise ValueError(f"workflow {wid}: signal is true or {{'name', 'parameters'}}")
+                signal = {"name": signal.get("name", "signal1"), "parameters": dict(signal.get("parameters") or {})}
+            else:
+                signal = None
+            old = self.workflows.get(wid)
+            if old is not None and old.get("timer") is not None:
+                old["timer"].cancel()
+            self._workflow_serial += 1
+            self.workflows[wid] = {
+                "id": wid, "serial": self._workflow_serial, "label": spec.get("label", wid), "export": export,
+                "folder": spec.get("folder"), "file_label": spec.get("file_label", "emailEvents"),
+                "extension": str(spec.get("extension", "csv")).lstrip("."), "columns": columns,
+                "delimiter": spec.get("delimiter", ","), "types": types, "skip_empty": bool(spec.get("skip_empty")),
+                "signal": signal, "fail": bool(spec.get("fail")), "state": "editing", "exported": 0,
+                "armed": False, "last_signal": None, "timer": None, "run_at": None, "remaining": None,
+                "executions": 0, "files": [], "last_stamp": None, "last_start": None, "last_end": None,
+                "parameters": {}, "source": None,
+            }
+        return self.workflows_state()
+
+    def workflows_state(self) -> dict:
+        return {wid: {k: v for k, v in wf.items() if k not in ("timer", "run_at", "remaining", "serial", "last_stamp")}
+                for wid, wf in self.workflows.items()}
+
+    async def h_workflows(self, request: Request) -> Response:
+        """``GET|POST /_sandbox/adobe_campaign/workflows``: the workflows (state, executions, files); declare more."""
+        try:
+            if request.method == "POST":
+                return JSONResponse(self.declare_workflows(await request.json()))
+            return JSONResponse(self.workflows_state())
+        except (ValueError, TypeError) as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+
+    def _workflow(self, key: str) -> dict:
+        wf = self.workflows.get(key)
+        if wf is None and key.startswith("@"):
+            serial = self._pid(key, b"w")
+            wf = next((w for w in self.workflows.values() if w["serial"] == serial), None)
+        if wf is None:
+            raise CampaignError(404, f"The workflow '{key}' does not exist.")
+        return wf
+
+    def _workflow_json(self, wf: dict, base: str) -> dict:
+        wkey = self._pkey(wf["serial"], b"w")
+        href = f"{base}/workflow/execution/{wkey}"
+        activities: dict[str, Any] = {}
+        if wf["signal"]:
+            name = wf["signal"]["name"]
+            akey = self._pkey(wf["serial"], b"a")
+            activities[name] = {"PKey": akey, "name": name, "label": "External signal", "type": "signal",
+                                "parameters": wf["signal"]["parameters"],
+                                "trigger": {"href": f"{href}/activities/activity/{akey}/trigger/"}}
+        if wf["export"]:
+            for name, label, kind in (("incrementalQuery", "Incremental query", "incrementalQuery"),
+                                      ("extractFile", "Extract file", "extractFile"),
+                                      ("transferFile", "Transfer file", "transferFile")):
+                activities[name] = {"name": name, "label": label, "type": kind}
+        activities["end"] = {"name": "end", "label": "End", "type": "end"}
+        return {"PKey": wkey, "internalName": wf["id"], "label": wf["label"], "state": wf["state"],
+                "lastStart": wf["last_start"], "lastEnd": wf["last_end"], "href": href,
+                "activities": {"activity": activities}}
+
+    def workflow_endpoint(self, method: str, segs: list[str], body, base: str) -> Response:
+        """``/workflow/execution/<id>`` (GET), ``…/commands`` (POST), ``…/activities/activity/<PKey>/trigger``."""
+        wf = self._workflow(segs[0])
+        if len(segs) == 1 and method == "GET":
+            return JSONResponse(self._workflow_json(wf, base))
+        if segs[1:] == ["commands"] and method == "POST":
+            return self._workflow_command(wf, (body or {}).get("method") if isinstance(body, dict) else None, base)
+        if len(segs) == 5 and segs[1:3] == ["activities", "activity"] and segs[4] == "trigger" and method == "POST":
+            if not wf["signal"] or self._pid(segs[3], b"a") != wf["serial"]:
+                raise CampaignError(404, f"The activity '{segs[3]}' does not exist.")
+            return self._trigger(wf, body if isinstance(body, dict) else {}, base)
+        raise CampaignError(404, f"The resource '/workflow/execution/{'/'.join(segs)}' does not exist.")
+
+    def _workflow_command(self, wf: dict, command, base: str) -> Response:
+        command = str(command or "").lower()
+        state = wf["state"]
+        if command == "start":
+            if state == "paused":
+                raise CampaignError(400, f"The workflow '{wf['id']}' is paused: resume it.")
+            if state != "started":
+                wf["state"], wf["last_start"], wf["remaining"] = "started", _stamp(), None
+                if wf["signal"]:
+                    wf["armed"] = True  # the External signal activity waits for its trigger
+                else:
+                    self._run_later(wf, self.workflow_run_seconds)
+        elif command == "pause":
+            if state != "started":
+                raise CampaignError(400, f"The workflow '{wf['id']}' is not started.")
+            wf["state"] = "paused"
+            if wf["timer"] is not None:
+                wf["timer"].cancel()
+                wf["timer"] = None
+                wf["remaining"] = max(0.0, wf["run_at"] - asyncio.get_running_loop().time())
+        elif command == "resume":
+            if state != "paused":
+                raise CampaignError(400, f"The workflow '{wf['id']}' is not paused.")
+            wf["state"] = "started"
+            if wf["remaining"] is not None:
+                self._run_later(wf, wf["remaining"])
+                wf["remaining"] = None
+        elif command == "stop":
+            if state in ("started", "paused"):
+                if wf["timer"] is not None:
+                    wf["timer"].cancel()
+                wf.update(state="finished", timer=None, remaining=None, armed=False, last_end=_stamp())
+        else:
+            raise CampaignError(400, f"Unknown workflow command '{command}': start, pause, resume or stop.")
+        out = self._workflow_json(wf, base)
+        return JSONResponse({"PKey": out["PKey"], "href": out["href"], "state": wf["state"]})
+
+    def _trigger(self, wf: dict, body: dict, base: str) -> Response:
+        signal = wf["signal"]
+        now = time.monotonic()
+        if wf["last_signal"] is not None and now - wf["last_signal"] < self.signal_min_interval:
+            return Response(f"The External signal activity '{signal['name']}' of workflow '{wf['id']}' cannot be "
+                            "triggered more often than every 10 minutes; the call is ignored.",
+                            media_type="text/plain")
+        if not body.get("source"):
+            raise CampaignError(self.validation_status, "The 'source' attribute is mandatory.")
+        params = body.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise CampaignError(self.validation_status, "'parameters' must be an object.")
+        for name in params:
+            if name not in signal["parameters"]:
+                raise CampaignError(self.validation_status, (
+                    f"'{name}' parameter isn't defined in signal activity.\nXTK-170006 Unable to parse expression "
+                    "'HandleTrigger(@name, $(source), $({parameters}))'.\nRST-360000 Error while assessing "
+                    "'HandleTrigger(@name, $(source), $({parameters}))' expression "
+                    "('xtk:workflow:execution/activities/signal/trigger' resource)"))
+        if wf["state"] != "started" or not wf["armed"]:
+            raise CampaignError(self.validation_status, f"The workflow '{wf['id']}' is not started: its External "
+                                f"signal activity '{signal['name']}' is not waiting for a signal.")
+        wf.update(armed=False, last_signal=now, parameters=params, source=body["source"])
+        self._run_later(wf, self.workflow_run_seconds)
+        return JSONResponse({"PKey": self._pkey(wf["serial"], b"a"), "name": signal["name"],
+                             "source": body["source"], "parameters": params})
+
+    def _run_later(self, wf: dict, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        wf["run_at"] = loop.time() + delay
+        wf["timer"] = loop.call_later(delay, self._execute, wf)
+
+    def _execute(self, wf: dict) -> None:
+        """One execution: the incremental query, the file extracted and transferred, the workflow finished."""
+        wf["timer"] = None
+        if self.workflows.get(wf["id"]) is not wf or wf["state"] != "started":
+            return
+        wf["executions"] += 1
+        if wf["fail"]:
+            wf.update(state="error", last_end=_stamp())
+            return
+        if wf["export"]:
+            self._export_events(wf)
+        wf.update(state="finished", last_end=_stamp())
+
+    def _export_events(self, wf: dict) -> None:
+        upto = len(self.events)
+        events = [ev for ev in self.events[wf["exported"]:upto] if ev["data"]["eventType"] in wf["types"]]
+        wf["exported"] = upto
+        if not events and wf["skip_empty"]:
+            return
+        now = datetime.now(UTC).replace(microsecond=0)
+        if wf["last_stamp"] is not None and now <= wf["last_stamp"]:
+            now = wf["last_stamp"] + timedelta(seconds=1)
+        wf["last_stamp"] = now
+        name = f"{wf['file_label']}_{now:%Y%m%d_%H%M%S}.{wf['extension']}"
+        os.makedirs(wf["folder"], exist_ok=True)
+        tmp = os.path.join(wf["folder"], f".{name}.part")
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            writer = csv.writer(fh, delimiter=wf["delimiter"])
+            writer.writerow(wf["columns"])
+            for ev in events:
+                writer.writerow([self._log_value(ev, c) for c in wf["columns"]])
+        os.replace(tmp, os.path.join(wf["folder"], name))
+        wf["files"].append(name)
+
+    def _log_value(self, ev: dict, column: str) -> str:
+        data = ev["data"]
+        if column == "eventId":
+            return ev["id"]
+        if column == "eventType":
+            return data["eventType"]
+        if column == "logDate":
+            return ev["time"]
+        if column == "deliveryLabel":
+            return data.get("deliveryName") or ""
+        if column in ("url", "bounceType"):
+            return data.get(column) or ""
+        if column == "profilePKey":
+            return data["profile"]["PKey"]
+        pid = self._pid(data["profile"]["PKey"])
+        p = self.profiles.get(pid) if pid is not None else None
+        value = _profile_value(p, column) if p is not None else None  # the profile as it is at export time
+        return "" if value is None else str(value)
+
+
+#: the sandbox export workflow's default output columns (see the workflow section of the emulator)
+WORKFLOW_LOG_COLUMNS = ("eventId", "eventType", "logDate", "deliveryLabel", "url", "bounceType", "email",
+                        "cusCrmId", "externalId")
 
 
 _NO_LINK = object()

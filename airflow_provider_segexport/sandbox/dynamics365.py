@@ -50,6 +50,45 @@ More configuration: ``strict_literal_types`` (True: a quoted string compared wit
 column is refused as ODataLib does; False: converted, the sandbox's old behaviour), ``max_url_length`` (32768),
 ``max_batch_url_length`` (65536, a GET inside ``$batch``), ``max_url_segment_length`` (260).
 
+``UpsertMultiple`` availability per table: ``upsert_multiple_unavailable`` (a list of table logical names, or a
+comma-separated string; entity set names are accepted too; default none): ``POST <set>/Microsoft.Dynamics.CRM.
+UpsertMultiple`` on such a table is answered 400 ``{"error": {"code": "0x80040800", "message": "The 'UpsertMultiple'
+method does not support entities of type 'new_emailevent'. MessageProcessorCache returned MessageProcessor.Empty. "}}``
+before anything is written (the tables that have no bulk messages at all here, ``lists`` and ``organizations``, answer
+the same for ``CreateMultiple``/``UpdateMultiple``/``UpsertMultiple``). Sources: MS ``bulk-operations.md``
+"Availability with standard tables": "You can use the CreateMultiple and UpdateMultiple bulk operation messages with
+custom standard tables and many common standard tables, but not all. You should test whether individual standard
+tables support these messages" with ``GET sdkmessagefilters?$select=sdkmessagefilterid&$filter=sdkmessageid/name eq
+@message and primaryobjecttypecode eq @table&@message='CreateMultiple'&@table='sample_example'`` ("If the table
+supports the message, an sdkmessagefilterid value is returned. Otherwise, the value is an empty array"; the sandbox
+does not serve ``sdkmessagefilters``); MS ``webapi/reference/upsertmultiple``: "The list of Entities doesn't represent
+all the tables that support the UpsertMultiple action"; a Microsoft reviewer on microsoft/PowerApps-Samples#495:
+"Standard table does not have UpsertMultiple filter for every entity. Since UpsertMultiple is eventually executing
+CreateMultiple or UpdateMultiple" (so the filter query can miss a table that works). The answer for an unsupported
+message is not documented by Microsoft (only "DeleteMultiple has not yet been implemented." for DeleteMultiple on a
+standard table); the code and message are the platform's ``SdkEntityDoesNotSupportMessage`` fault as public code
+records it ("0x80040800: The 'Delete' method does not support entities of type 'appmodulecomponent'.
+MessageProcessorCache returned MessageProcessor.Empty.", and daryllabar/XrmUnitTest's fake of the SDK); the HTTP
+status 400 is inferred.
+
+Upsert by alternate key (MS ``use-upsert-insert-update-record.md`` "Use Web API"; alone or inside ``$batch``):
+``PATCH <set>(<key>='<value>')`` without ``If-Match`` creates the record when no record has the key and updates it
+otherwise, "The status response is 204 No Content in either case" (``OData-EntityId`` names the record);
+``If-Match: *`` makes it update-only (404 when missing), ``If-None-Match: *`` create-only (412 when present);
+``Prefer: return=representation`` answers 201 (created) / 200 (updated). Key columns in the body: on update they are
+dropped ("The server removes the data set in the body of the request for those alternate key values in the URL"),
+on create the body's value wins and the URL's is used only when the body has none.
+
+``$batch`` (MS ``webapi/execute-batch-operations-using-web-api.md``): "Batch requests can contain up to 1000
+individual requests" (``max_batch_requests``); without ``Prefer: odata.continue-on-error`` the first failing request
+ends the batch, with it "more requests be processed when errors occur. The batch request will return 200 OK and
+individual response errors will be returned in the batch response body", each part ``HTTP/1.1 <status>`` with its
+``{"error": {...}}``, in the order of the requests. Service protection: MS ``api-limits.md`` says a batch "can contain
+up to 1000 operations and will avoid the number of requests limit" (but not the execution-time limit); the sandbox
+counts each inner request toward ``max_requests`` while ``batch_inner_requests_count`` (the stricter default, for
+clients that must not rely on that), one request when it is False. Inner requests are logged as
+``dynamics365 <METHOD> $batch:<route>`` in ``/_sandbox/requests``.
+
 Sources per behaviour (MS = learn.microsoft.com/power-apps/developer/data-platform/, repo
 MicrosoftDocs/powerapps-docs ``powerapps-docs/developer/data-platform/``; DV-sdk =
 microsoft/PowerPlatform-DataverseClient-Python 1.1.0; "inferred" = not documented, chosen and configurable
@@ -199,6 +238,8 @@ E_BATCH = "0x80060891"
 E_REQUESTS = "0x80072322"
 E_TIME = "0x80072321"
 E_CONCURRENCY = "0x80072326"
+#: SdkEntityDoesNotSupportMessage: the table has no such message (e.g. no UpsertMultiple)
+E_MESSAGE_UNSUPPORTED = "0x80040800"
 FORMATTED = "OData.Community.Display.V1.FormattedValue"
 NAV_PROPERTY = "Microsoft.Dynamics.CRM.associatednavigationproperty"
 LOOKUP_TABLE = "Microsoft.Dynamics.CRM.lookuplogicalname"
@@ -209,7 +250,7 @@ _CONFIG = ("window_seconds", "max_requests", "max_execution_ms", "max_concurrent
            "skip_inactive_members", "remove_member_entity_id", "remove_member_list_available",
            "application_user", "strict_literal_types", "max_url_length", "max_batch_url_length",
            "max_url_segment_length", "change_tracking_unsupported", "change_tracking_expire_days",
-           "formatted_utc_offset_minutes")
+           "formatted_utc_offset_minutes", "upsert_multiple_unavailable")
 _STATUS_TEXT = {200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
                 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 412: "Precondition Failed",
                 413: "Payload Too Large", 429: "Too Many Requests", 500: "Internal Server Error",
@@ -1256,6 +1297,8 @@ class DataverseEmulator(Emulator):
     change_tracking_expire_days = 7.0
     #: the calling user's time zone for datetime formatted values (minutes east of UTC)
     formatted_utc_offset_minutes = 0
+    #: tables (logical names) that have no UpsertMultiple message (see the module docstring)
+    upsert_multiple_unavailable: tuple[str, ...] = ()
 
     #: extra contact columns and the contact alternate keys (a publisher-prefixed customer id)
     contact_custom_attributes = {"new_customerid": _s(100)}
@@ -1433,6 +1476,9 @@ class DataverseEmulator(Emulator):
     def check_setting(self, key: str, value: Any) -> Any:
         if key == "remove_member_entity_id" and value not in ("record", "listmember", "either"):
             raise ValueError("remove_member_entity_id must be record, listmember or either")
+        if key == "upsert_multiple_unavailable":
+            items = value.split(",") if isinstance(value, str) else list(value or ())
+            return tuple(str(v).strip().lower() for v in items if str(v).strip())
         return super().check_setting(key, value)
 
     def info(self, base: str) -> dict:
@@ -2312,16 +2358,26 @@ class DataverseEmulator(Emulator):
             gid = _guid(key)
             if gid is None:
                 attr, _, value = key.partition("=")
-                value = value.strip().strip("'")
+                value = value.strip()
+                if value.startswith("'") and value.endswith("'"):
+                    value = value[1:-1].replace("''", "'")
                 if attr.strip() == table.pk:
                     gid = _guid(value)
-                else:
+                elif data.get(attr.strip()) is None:
+                    # "If there's no alternate key data in the body of the request, the server copies the alternate
+                    # key data from the URL into the body of the request." (use-upsert-insert-update-record.md)
                     data[attr.strip()] = value
             rec = self._do_insert(table, data, gid)
             self._log_write(table, [rec])
             return self._created(table, rec, prefer, api, q)
         if headers.get("if-none-match", "").strip() == "*":
             raise ODataError(412, E_DUPLICATE, "A record with matching key values already exists.")
+        if _guid(key) is None:
+            # "The server removes the data set in the body of the request for those alternate key values in the URL"
+            # (use-upsert-insert-update-record.md)
+            attr = key.partition("=")[0].strip()
+            if attr in table.alternate_keys:
+                data.pop(attr, None)
         if_match = headers.get("if-match", "").strip()
         if if_match and if_match != "*" and if_match != self._etag(table, rec):
             raise ODataError(412, "0x80060882", "The version of the existing record doesn't match the RowVersion "
@@ -2338,8 +2394,13 @@ class DataverseEmulator(Emulator):
         return Response(status_code=204, headers={"OData-Version": "4.0", "OData-EntityId": url})
 
     def multiple(self, table: Table, action: str, body, api: str) -> Response:
-        if table not in (self.contacts, self.segment_rows, self.email_events, self.loyalty_cards):
-            raise ODataError(400, E_ARGUMENT, f"{action} is not enabled on the entity {table.logical}.")
+        unavailable = action == "UpsertMultiple" and (table.logical in self.upsert_multiple_unavailable
+                                                      or table.set_name in self.upsert_multiple_unavailable)
+        if unavailable or table not in (self.contacts, self.segment_rows, self.email_events, self.loyalty_cards):
+            # the platform's SdkEntityDoesNotSupportMessage fault (see the module docstring), nothing written
+            raise ODataError(400, E_MESSAGE_UNSUPPORTED, f"The '{action}' method does not support entities of type "
+                                                         f"'{table.logical}'. MessageProcessorCache returned "
+                                                         "MessageProcessor.Empty. ")
         targets = body.get("Targets") if isinstance(body, dict) else None
         if not isinstance(targets, list) or not targets:
             raise ODataError(400, E_ARGUMENT, "The parameter 'Targets' is required and cannot be empty.")

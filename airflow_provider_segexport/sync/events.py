@@ -9,6 +9,9 @@ move past them. A run that fails (or is killed) leaves the cursor before the win
 reads those events again, and writing them again changes nothing, because each event's ID is the alternate key of
 its Dataverse record and the records are written with ``UpsertMultiple`` by that key (exactly once however often
 the journal or a retry replays an event).
+The journal is one source (:class:`JournalSource`); the other is the log files an ACS export workflow writes to
+storage (:class:`~airflow_provider_segexport.sync.event_files.LogFileSource`): both give windows of events and a
+cursor move per window, and share everything below.
 
 Which contact an event belongs to: the event names the Campaign profile (its PKey, used within the run only); the
 profile's ``cusCrmId`` is the contact ID the contacts sync (Dynamics 365 -> Campaign) wrote there. That link is
@@ -25,6 +28,12 @@ a refused call is halved until the bad record is isolated and rejected), ``max_i
 the engine's :class:`~airflow_provider_segexport.export.sender.BatchSender`. Dataverse's answer does not say which
 records were new: the IDs already there are read first (one ``In`` query per 250), so the summary can tell created
 from already there ("updated").
+
+A table without ``UpsertMultiple`` (Microsoft: the bulk messages work with "custom standard tables and many common
+standard tables, but not all"): with ``write_with="auto"`` the first call's answer says so, and the rest of the run
+writes with ``$batch`` instead (one ``PATCH`` upsert by the event-ID key per record, up to 1,000 a request, each
+answered on its own: a refused record is a reject, the others are written); ``write_with="batch"`` goes straight to
+it. See :meth:`EventsSync._send` and :meth:`~airflow_provider_segexport.hooks.dynamics365.Dynamics365Hook.upsert_batch`.
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,6 +81,42 @@ CURSOR_SEGMENT = "journal"
 PROFILE_NOT_FOUND = "profile_not_found"
 AMBIGUOUS_CONTACT = "ambiguous_contact"
 DUPLICATE_EVENT = "duplicate_event"
+#: how the records are written: ``auto`` (``UpsertMultiple``; ``$batch`` for the rest of the run once Dataverse says
+#: the table has no ``UpsertMultiple``), ``upsert_multiple`` (only it), ``batch`` (only ``$batch``)
+WRITE_WITH = ("auto", "upsert_multiple", "batch")
+#: Dataverse's error codes for "this table has no such message" (SdkEntityDoesNotSupportMessage: hexadecimal as the
+#: Web API writes it, and decimal); see :func:`message_unsupported`
+MESSAGE_UNSUPPORTED_CODES = frozenset({"0x80040800", "-2147219456"})
+#: statuses of a request inside a ``$batch`` that refuse that record (a reject); any other error fails the write
+BATCH_REJECT_STATUSES = frozenset({400, 404, 409, 412, 413, 422})
+
+
+def message_unsupported(exc: VendorAPIError, message: str = "UpsertMultiple") -> bool:
+    """Whether Dataverse's error says the table has no ``message`` (so ``$batch`` is the way to write to it).
+
+    Microsoft documents how to test availability (MS bulk-operations, "Availability with standard tables",
+    https://learn.microsoft.com/power-apps/developer/data-platform/bulk-operations: ``GET sdkmessagefilters?$select=
+    sdkmessagefilterid&$filter=sdkmessageid/name eq @message and primaryobjecttypecode eq @table&@message=
+    'CreateMultiple'&@table='sample_example'``, an empty ``value`` when the table lacks it) but not the error of a
+    call to a table without it, and a Microsoft reviewer notes that "Standard table does not have UpsertMultiple
+    filter for every entity" (microsoft/PowerApps-Samples#495): the query may deny a message that works. So the
+    call's own answer decides. Recognised: the platform's ``SdkEntityDoesNotSupportMessage`` fault, code
+    ``0x80040800``, "The 'UpsertMultiple' method does not support entities of type '<table>'. MessageProcessorCache
+    returned MessageProcessor.Empty." (public code records it; not in Microsoft's docs); the documented
+    "<message> has not yet been implemented." (bulk-operations, DeleteMultiple on a standard table); and 404
+    ``0x8006088a`` "Resource not found for the segment '...UpsertMultiple'" (an environment without the action; MS
+    troubleshoot web-api-client-errors).
+
+    :param exc: the error of the call.
+    :param message: the message called.
+    """
+    if exc.status is None or exc.retryable or exc.status in (401, 403):
+        return False
+    code = str(exc.code or "").strip().lower()
+    text = str(exc.message or "")
+    return (code in MESSAGE_UNSUPPORTED_CODES or "does not support entities of type" in text
+            or f"{message} has not yet been implemented" in text
+            or (code == "0x8006088a" and message in text))
 
 
 class EventsConfigError(ValueError):
@@ -95,7 +140,11 @@ def event_types(value: Iterable[str] | str | None) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class CampaignEvent:
-    """One email event read from the journal (what the sync uses of it)."""
+    """One email event read from the journal or from a log file (what the sync uses of it).
+
+    ``crm_id`` is the profile's contact ID when the source carries it (a log file's column: no profile read);
+    ``row`` and ``origin`` say where a log file's event came from (its data row and file, for the rejects).
+    """
 
     id: str
     type: str | None
@@ -107,6 +156,9 @@ class CampaignEvent:
     bounce_type: str | None = None
     campaign: str | None = None
     mirror_page: str | None = None
+    crm_id: str | None = None
+    row: int | None = field(default=None, compare=False)
+    origin: str | None = field(default=None, compare=False)
 
     @classmethod
     def from_journal(cls, entry: dict) -> CampaignEvent | None:
@@ -336,8 +388,67 @@ class EventCounts:
         return out
 
 
+@dataclass
+class EventWindow:
+    """A window of a source: its entries (journal entries or :class:`CampaignEvent` objects), and what moves the
+    source's cursor past them once they are written (or rejected)."""
+
+    entries: list
+    commit: Callable[[], None]
+
+
+class JournalSource:
+    """The Adobe I/O Events journal, read from the cursor kept in the export state (the default source).
+
+    ``windows`` yields about ``size`` entries at a time, following ``Link: rel="next"``, until the journal has nothing
+    newer (its 204's ``Retry-After`` is kept in ``sync.retry_after``) or ``sync.max_events`` are read.
+    """
+
+    name = "journal"
+
+    def windows(self, sync: EventsSync, size: int) -> Iterator[EventWindow]:
+        stored = load_cursor(sync.state.target(sync.scope_id))
+        sync.cursor = stored or sync.since
+        sync.log.info("Reading Adobe I/O Events from %s; writing %s to Dataverse %s (event ID key %s)",
+                      "the cursor kept by the last run" if stored else ("the trigger's position" if sync.since else
+                                                                        f"the {sync.start_at} event"),
+                      ", ".join(sync.enabled) or "no event type", sync.entity.entity_set, sync.entity.event_id)
+        next_url: str | None = None
+        done = False
+        while not done:
+            window: list[dict] = []
+            position = sync.cursor
+            while len(window) < size:
+                if next_url:
+                    page = sync.campaign.read_journal(url=next_url)
+                else:
+                    page = sync.campaign.read_journal(since=position, limit=sync.journal_limit,
+                                                      latest=position is None and sync.start_at == "latest")
+                if not page.events:
+                    sync.retry_after = page.retry_after
+                    if position is None:  # nothing read yet and no cursor: start from where the journal is now
+                        position = since_of(page.next_url) or position
+                    done = True
+                    break
+                window.extend(page.events)
+                position = page.last
+                next_url = page.next_url
+                if sync.max_events and sync.counts.read + len(window) >= sync.max_events:
+                    done = True
+                    break
+            yield EventWindow(window, lambda position=position: self._move(sync, position))
+
+    @staticmethod
+    def _move(sync: EventsSync, position: str | None) -> None:
+        if position and position != sync.cursor:
+            # every event up to here is written (or rejected): the cursor moves past them
+            sync.state.set_target(sync.scope_id, json.dumps({"since": position}), sync.run_id)
+            sync.cursor = position
+
+
 class EventsSync:
-    """One run of the events sync: read the journal from the cursor, write the events, move the cursor.
+    """One run of the events sync: read the source (the journal, or log files) from its cursor, write the events,
+    move the cursor.
 
     :param campaign: the Adobe Campaign hook (the journal and the profiles).
     :param dataverse: the Dynamics 365 hook.
@@ -347,21 +458,29 @@ class EventsSync:
     :param state: the export state backend; ``scope_id`` its segment of the cursor.
     :param rejects: a :class:`~airflow_provider_segexport.export.report.RejectsWriter`.
     :param run_id: the Airflow run (recorded with the cursor).
-    :param batch_size: records per UpsertMultiple call (at most :data:`UPSERT_MAX`).
+    :param batch_size: records per UpsertMultiple call or ``$batch`` (at most :data:`UPSERT_MAX`).
     :param max_in_flight: calls at once.
+    :param write_with: ``auto`` (``UpsertMultiple``, then ``$batch`` for the rest of the run if the table has no
+        ``UpsertMultiple``), ``upsert_multiple`` or ``batch`` (:data:`WRITE_WITH`).
     :param journal_limit: events per journal page asked for (None: the journal's default).
     :param max_events: stop after about this many events (the rest waits for the next run); None: until the journal
         has nothing newer.
     :param start_at: without a cursor: ``earliest`` (every event the journal still holds: 7 days) or ``latest``.
     :param since: a position to start from when the state holds none (the trigger's).
     :param progress_interval: seconds between progress lines.
+    :param source: where the events come from: an object whose ``windows(sync, size)`` yields
+        :class:`EventWindow` objects (default :class:`JournalSource`; the log files:
+        :class:`~airflow_provider_segexport.sync.event_files.LogFileSource`).
     """
 
     def __init__(self, campaign, dataverse, entity: EventEntity, resolver: ContactResolver, *,
                  enabled: Sequence[str], state, scope_id: int, rejects, run_id: str, batch_size: int = UPSERT_MAX,
                  max_in_flight: int = DEFAULT_IN_FLIGHT, journal_limit: int | None = None,
                  max_events: int | None = None, start_at: str = "earliest", since: str | None = None,
-                 progress_interval: float = 10.0, logger: logging.Logger | Any = None) -> None:
+                 progress_interval: float = 10.0, logger: logging.Logger | Any = None,
+                 write_with: str = "auto", source: Any = None) -> None:
+        if write_with not in WRITE_WITH:
+            raise EventsConfigError(f"write_with must be one of {', '.join(WRITE_WITH)}, not {write_with!r}.")
         if not 1 <= int(batch_size) <= UPSERT_MAX:
             raise EventsConfigError(f"batch_size must be between 1 and {UPSERT_MAX} (records per UpsertMultiple).")
         if start_at not in ("earliest", "latest"):
@@ -383,62 +502,39 @@ class EventsSync:
         self.since = since
         self.progress_interval = progress_interval
         self.log = logger or log
+        self.source = source if source is not None else JournalSource()
         self.counts = EventCounts()
         self.retry_after: float | None = None
         self.cursor: str | None = None
         self._seen: set[str] = set()
         self._row = 0
+        self.write_with = write_with
+        #: how the records are being written (``upsert_multiple`` or ``batch``); None: ``auto``, not known yet
+        self._mode: str | None = None if write_with == "auto" else write_with
+        self._probe = threading.Lock()  # one call at a time while _mode is unknown
+        self._mode_lock = threading.Lock()
 
     # -- the run ----------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        """Sync every event newer than the cursor (or ``max_events`` of them); return the summary."""
+        """Sync every event newer than the source's cursor (or ``max_events`` of them); return the summary."""
         started = time.monotonic()
-        stored = load_cursor(self.state.target(self.scope_id))
-        self.cursor = stored or self.since
-        self.log.info("Reading Adobe I/O Events from %s; writing %s to Dataverse %s (event ID key %s)",
-                      "the cursor kept by the last run" if stored else ("the trigger's position" if self.since else
-                                                                        f"the {self.start_at} event"),
-                      ", ".join(self.enabled) or "no event type", self.entity.entity_set, self.entity.event_id)
         last_line = time.monotonic()
         with BatchSender(self._send, self._on_result, self._on_not_sent, max_in_flight=self.max_in_flight,
                          name="Dataverse", logger=self.log) as sender:
-            next_url: str | None = None
-            done = False
-            while not done:
-                window: list[dict] = []
-                position = self.cursor
-                while len(window) < self.batch_size * WINDOW_BATCHES:
-                    if next_url:
-                        page = self.campaign.read_journal(url=next_url)
-                    else:
-                        page = self.campaign.read_journal(since=position, limit=self.journal_limit,
-                                                          latest=position is None and self.start_at == "latest")
-                    if not page.events:
-                        self.retry_after = page.retry_after
-                        if position is None:  # nothing read yet and no cursor: start from where the journal is now
-                            position = since_of(page.next_url) or position
-                        done = True
-                        break
-                    window.extend(page.events)
-                    position = page.last
-                    next_url = page.next_url
-                    if self.max_events and self.counts.read + len(window) >= self.max_events:
-                        done = True
-                        break
-                if window:
-                    self._write(sender, window)
+            for window in self.source.windows(self, self.batch_size * WINDOW_BATCHES):
+                if window.entries:
+                    self._write(sender, window.entries)
                     sender.wait()
                     if sender.failure is not None:
                         self.log.error("Dataverse refused a write (%s); the cursor stays before these %d events: the "
-                                       "next try reads them again and writes each once", sender.failure, len(window))
+                                       "next try reads them again and writes each once", sender.failure,
+                                       len(window.entries))
                         raise sender.failure
-                if position and position != self.cursor:
-                    # every event up to here is written (or rejected): the cursor moves past them
-                    self.state.set_target(self.scope_id, json.dumps({"since": position}), self.run_id)
-                    self.cursor = position
-                if time.monotonic() - last_line >= self.progress_interval or done:
+                window.commit()  # every event of the window is written (or rejected): the cursor moves past them
+                if time.monotonic() - last_line >= self.progress_interval:
                     last_line = time.monotonic()
                     self._progress(started)
+        self._progress(started)
         return self.summary(time.monotonic() - started)
 
     def _progress(self, started: float) -> None:
@@ -448,13 +544,14 @@ class EventsSync:
                       "type off=%s", f"{self.counts.read:,}", f"{self.counts.read / elapsed:,.0f}", f"{t['created']:,}",
                       f"{t['updated']:,}", f"{t['rejected']:,}", f"{self.counts.skipped_type:,}")
 
-    def _write(self, sender: BatchSender, entries: list[dict]) -> None:
-        """Parse a window's entries, resolve their contacts, reject what cannot be written, send the rest."""
+    def _write(self, sender: BatchSender, entries: list) -> None:
+        """Parse a window's entries (journal entries, or events a source parsed), resolve their contacts, reject
+        what cannot be written, send the rest."""
         events: list[tuple[int, CampaignEvent]] = []
         for entry in entries:
             self._row += 1
             self.counts.read += 1
-            ev = CampaignEvent.from_journal(entry)
+            ev = entry if isinstance(entry, CampaignEvent) else CampaignEvent.from_journal(entry)
             if ev is None or ev.type is None:
                 self.counts.unknown_type += 1
                 continue
@@ -465,7 +562,7 @@ class EventsSync:
                 self.counts.duplicates += 1
                 continue
             self._seen.add(ev.id.lower())
-            events.append((self._row, ev))
+            events.append((ev.row if ev.row is not None else self._row, ev))
         if not events:
             return
         resolved = self.resolver.resolve([e for _, e in events])
@@ -474,6 +571,8 @@ class EventsSync:
             contact, reason, message = resolved[ev.id]
             if contact is None:
                 self.counts.add(ev.type, "rejected")
+                if ev.origin:
+                    message = f"{message} ({ev.origin}, row {row})"
                 self.rejects.write(Reject(ev.type, row, ev.id, reason, message=message))
                 continue
             records.append(Record(ev.type, row, ev.id, self.entity.record(ev, contact)))
@@ -481,20 +580,89 @@ class EventsSync:
             sender.submit(None, records[i: i + self.batch_size])
 
     def _send(self, _context: Any, records: list[Record]) -> list[Outcome]:
-        """One UpsertMultiple call (the IDs already there read first, to tell created from already there)."""
+        """One write of a batch (the IDs already there read first, to tell created from already there): an
+        ``UpsertMultiple`` call, or a ``$batch`` of upserts (:meth:`_send_batch`) when ``write_with="batch"`` or once
+        Dataverse said the table has no ``UpsertMultiple`` (``auto``).
+
+        In ``auto`` mode the first call goes alone (the batches behind it wait for its answer), so a table without
+        ``UpsertMultiple`` gets one such call a run, not one per batch in flight; the answer that switches is the one
+        :func:`message_unsupported` recognises, logged once at WARNING.
+        """
         e = self.entity
         existing = {str(r.get(e.event_id) or "").lower()
                     for r in self.dataverse.rows_where_in(e.entity_set, e.event_id, [r.key for r in records],
                                                           select=e.event_id)}
+        if self._mode is None:
+            with self._probe:
+                if self._mode is None:
+                    return self._upsert(records, existing)
+        return self._upsert(records, existing)
+
+    def _upsert(self, records: list[Record], existing: set[str]) -> list[Outcome]:
+        if self._mode == "batch":
+            return self._send_batch(records, existing)
+        e = self.entity
         try:
             self.dataverse.upsert_multiple(e.entity_set, e.logical_name, [r.payload for r in records])
         except VendorAPIError as exc:
+            if message_unsupported(exc):
+                if self.write_with != "auto":  # not a record's fault: halving would reject every event
+                    raise
+                self._fall_back_to_batch(exc)
+                return self._send_batch(records, existing)
             if exc.status in (400, 404, 412, 413):  # the content: the call is halved until the bad record is alone
+                self._decided("upsert_multiple")  # the table has the message: it refused a record
                 raise BatchRefused(redact_emails(str(exc.message)) or "refused") from exc
             raise
+        self._decided("upsert_multiple")
         outcomes = [Outcome(r, "updated" if r.key.lower() in existing else "created") for r in records]
         for o in outcomes:  # written: counted per type here (the batch's outcome only counts statuses)
             self.counts.add(o.record.segment, o.status)
+        return outcomes
+
+    def _decided(self, mode: str) -> None:
+        with self._mode_lock:
+            if self._mode is None:
+                self._mode = mode
+
+    def _fall_back_to_batch(self, exc: VendorAPIError) -> None:
+        """The table has no ``UpsertMultiple``: ``$batch`` for the rest of the run (said once, at WARNING)."""
+        with self._mode_lock:
+            if self._mode == "batch":
+                return
+            self._mode = "batch"
+        self.log.warning(
+            "Dataverse has no UpsertMultiple for the table %s (%s%s); writing the events with $batch for the rest "
+            "of this run: one PATCH upsert by the %s key per event, up to %d a request. Slower than UpsertMultiple "
+            "(each event is a separate operation for Dataverse), still exactly once. write_with='batch' skips the "
+            "UpsertMultiple attempt.", self.entity.logical_name, f"{exc.code}: " if exc.code else "",
+            redact_emails(str(exc.message)).strip(), self.entity.event_id, self.batch_size)
+
+    def _send_batch(self, records: list[Record], existing: set[str]) -> list[Outcome]:
+        """The records as one ``$batch`` of upserts by the event-ID key
+        (:meth:`~airflow_provider_segexport.hooks.dynamics365.Dynamics365Hook.upsert_batch`, where the documented
+        behaviour is cited), each answered on its own (``Prefer: odata.continue-on-error``).
+
+        A request answered 400/404/409/412/413/422 is that record's reject with Dataverse's message (e.g. "A
+        validation error occurred. The length of the 'subject' attribute ... exceeded the maximum allowed length",
+        MS execute-batch-operations "Handling errors"); the others are written. Any other error inside the batch
+        (401/403, throttling, 5xx) fails the write like a refused call: the cursor stays, and the retry upserts the
+        same keys again (a PATCH by alternate key updates the record it created: no duplicate).
+        """
+        e = self.entity
+        answers = self.dataverse.upsert_batch(e.entity_set, e.event_id, [(r.key, r.payload) for r in records])
+        for a in answers:
+            if not a.ok and a.status not in BATCH_REJECT_STATUSES:
+                raise VendorAPIError("Dataverse", a.status, redact_emails(a.message), code=a.code, method="PATCH",
+                                     path=f"$batch {e.entity_set}({e.event_id}=...)")
+        outcomes = []
+        for r, a in zip(records, answers, strict=True):
+            if a.ok:
+                o = Outcome(r, "updated" if r.key.lower() in existing else "created")
+                self.counts.add(r.segment, o.status)  # a reject is counted by _on_result
+            else:
+                o = Outcome(r, "rejected", message=redact_emails(a.message + (f" ({a.code})" if a.code else "")))
+            outcomes.append(o)
         return outcomes
 
     def _on_result(self, _context: Any, records: list[Record], outcome) -> None:
@@ -525,6 +693,8 @@ class EventsSync:
                        "unknown_type": self.counts.unknown_type, "duplicates_in_journal": self.counts.duplicates,
                        "not_sent": self.counts.not_sent},
             "profiles_read": self.resolver.profile_reads,
+            "written_with": self._mode,
+            "source": getattr(self.source, "name", "journal"),
             "cursor": self.cursor,
             "journal_retry_after_s": self.retry_after,
             "duration_s": round(duration, 3),

@@ -11,7 +11,8 @@ PARAMS = {"event_types": ["sent", "open", "click", "bounce"], "state_dir": None,
 
 for dag_id, kwargs in (("campaign_events_test", {}),
                        ("campaign_events_deferred_test", {"deferrable": True, "poll_interval": 0.2,
-                                                          "wait_timeout": 30})):
+                                                          "wait_timeout": 30}),
+                       ("campaign_events_batch_test", {"write_with": "batch"})):
     with DAG(
         dag_id,
         schedule=None,
