@@ -109,6 +109,9 @@ def test_contacts_become_profiles_and_cards_linked_rows(airflow_db, both, sandbo
                                                               c["lastname"] or "")
         assert not p.get("cusCrmUnlinked")
     assert s["created"] == len(active) - len(rejected)
+    # a first sync reads Campaign's profiles once (a count, then pages of 1,000) instead of one lookup a contact:
+    # one call per record sent, and a handful besides
+    assert s["rows"] > 100 and xcom["sync_contacts"]["http"]["requests"] <= s["created"] + s["rejected"] + 3
     # the cards: one row per card, linked to its contact's profile, the option set's label as the tier
     dv_cards = both.get("new_loyaltycards", **{"$select": "new_loyaltycardid,new_cardnumber,new_points,"
                                                           "_new_contactid_value", "$filter": "statecode eq 0"})
@@ -156,8 +159,12 @@ def test_incremental_sends_only_what_changed_and_overwrites_campaign_edits(airfl
     assert "set to Dynamics 365's" in task_log()
     assert xcom["sync_contacts"]["totals"]["updated"] == 1
     assert xcom["sync_contacts"]["sync"]["fields_overwritten"] == 2  # the first and the last name
-    writes = {k: v for k, v in calls(sandbox).items() if k.startswith(("PATCH", "DELETE"))}
+    sent = calls(sandbox)
+    writes = {k: v for k, v in sent.items() if k.startswith(("PATCH", "DELETE"))}
     assert sum(writes.values()) == 1, writes  # one PATCH: the changed contact, nothing else
+    # one change: looked up by its key (not the whole table read): the count, the lookup, the PATCH (and a lookup
+    # and a create for each record Campaign refused before, tried again)
+    assert xcom["sync_contacts"]["http"]["requests"] == 3 + 2 * refused, sent
 
 
 def test_deactivated_and_deleted_contacts_are_unlinked_and_replay_resends_once(airflow_db, both, sandbox):
@@ -180,3 +187,20 @@ def test_deactivated_and_deleted_contacts_are_unlinked_and_replay_resends_once(a
     assert t["skipped"] == 0 and t["created"] == 0  # every record sent once, none created twice
     assert len(profiles(sandbox)) == len(got)
     assert "sync_loyalty_cards" not in xcom  # not chosen: skipped
+
+
+def test_replacements_written_in_json_match_like_python_ones():
+    """A replacement map from JSON (a DAG param, a JSON file: string keys) maps like the same map in Python: a
+    cleared gender gets "unknown" instead of a null that Campaign's enumeration refuses."""
+    import json as _json
+
+    from airflow_provider_segexport.sync.tables import Mapping
+
+    for python, probes, want in (({1: "male", 2: "female", None: "unknown"}, (1, 2, None, 3),
+                                  ["male", "female", "unknown", 3]),
+                                 ({True: "yes", False: "no"}, (True, False, None), ["yes", "no", None])):
+        from_json = _json.loads(_json.dumps(python))
+        assert all(isinstance(k, str) for k in from_json)
+        for replace in (python, from_json):
+            m = Mapping("source", "target", replace=replace)
+            assert [m.value(v) for v in probes] == want, replace

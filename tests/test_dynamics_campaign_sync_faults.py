@@ -30,7 +30,9 @@ ACS = "adobe_campaign"
 DV = "dynamics365"
 #: Dataverse pages of 100 rows: the contacts are read in several pages (faults hit some of them)
 PAGE = 100
-PROFILE_FINDS = {"vendor": ACS, "method": "GET", "path_contains": "/profileAndServicesExt/profile/byCrmId"}
+#: the contacts sync's reads of profiles: the count, then the pages of the whole table (a first sync reads it once
+#: instead of one lookup a contact), the lookups by key
+PROFILE_READS = {"vendor": ACS, "method": "GET", "path_contains": "/profileAndServicesExt/profile"}
 PROFILE_CREATES = {"vendor": ACS, "method": "POST", "path_contains": "/profileAndServicesExt/profile"}
 CARD_CREATES = {"vendor": ACS, "method": "POST", "path_contains": "/profileAndServicesExt/cusLoyaltyCard"}
 CONTACT_PAGES = {"vendor": DV, "method": "GET", "path_contains": "/contacts"}
@@ -189,9 +191,9 @@ def test_clean_run_is_the_reference(baseline):
 CASES = {
     # the ACS gateway throttles finds and creates: 429 {"error_code": "429050", "message": "Too many requests"}
     # (no Retry-After by default: its presence is unverified; a proxy may add one, which is honoured)
-    "acs_429_bursts_with_retry_after": [dict(kind="burst429", count=4, skip=20, retry_after=1, **PROFILE_FINDS),
+    "acs_429_bursts_with_retry_after": [dict(kind="burst429", count=4, skip=1, retry_after=1, **PROFILE_READS),
                                         dict(kind="burst429", count=4, skip=20, retry_after=1, **PROFILE_CREATES)],
-    "acs_429_bursts_without_retry_after": [dict(kind="burst429", count=6, skip=20, **PROFILE_FINDS),
+    "acs_429_bursts_without_retry_after": [dict(kind="burst429", count=6, skip=1, **PROFILE_READS),
                                            dict(kind="burst429", count=6, skip=20, **PROFILE_CREATES),
                                            dict(kind="burst429", count=3, skip=5, **CARD_CREATES)],
     # Dataverse answers 503 on contact pages (the count's read and the rows' read)
@@ -203,7 +205,7 @@ CASES = {
                                 dict(kind="drop", after=True, count=2, skip=10, **CARD_CREATES)],
     # connections reset before the call reached Campaign (creates and finds) or Dataverse
     "connections_reset_before_processing": [dict(kind="drop", count=3, skip=10, **PROFILE_CREATES),
-                                            dict(kind="drop", count=3, skip=30, **PROFILE_FINDS),
+                                            dict(kind="drop", count=3, skip=1, **PROFILE_READS),
                                             dict(kind="drop", count=2, skip=5, **CARD_CREATES),
                                             dict(kind="drop", count=1, skip=2, **CONTACT_PAGES)],
 }

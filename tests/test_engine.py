@@ -131,16 +131,22 @@ def test_limits_are_checked_before_anything_is_sent(tmp_path):
 
 
 def test_reading_starts_while_the_segment_is_counted_and_sending_waits_for_the_count(tmp_path):
-    """A first export (no size in the export state) reads and validates while COUNT(*) runs; the first send
-    waits for the count (the limits come first), and the dedupe tables are sized once it arrives."""
+    """A first export (no size in the export state) reads and validates while COUNT(*) runs; with a limit the
+    first send waits for the count (the limits come first), and the dedupe tables are sized once it arrives.
+    A source whose count is a read of its own (a Dataverse table's pages through every key), sent without a limit
+    or a circuit breaker reading the count, does not hold the first send: the count is awaited when the segment
+    ends, for the summary."""
     events: list[str] = []
-    counted = threading.Event()
+    sent = threading.Event()
 
     class SlowCount(ListSource):
+        wait_for_send = False
+
         def count(self):
             assert read_started.wait(10), "reading did not start while the segment was being counted"
+            if self.wait_for_send:
+                assert sent.wait(10), "sending waited for the count though nothing needs it"
             events.append("counted")
-            counted.set()
             return super().count()
 
         def rows(self):
@@ -151,14 +157,25 @@ def test_reading_starts_while_the_segment_is_counted_and_sending_waits_for_the_c
     class Watching(Recorder):
         def send(self, segment, records):
             events.append("send")
+            sent.set()
             return super().send(segment, records)
 
     read_started = threading.Event()
     dest = Watching()
+    dest.max_per_segment = 1000  # a limit (not reached): counted before the first send
     data = rows(50) + [{"customer_id": "C999", "email": "U3@example.com", "first_name": "A"}]  # a duplicate
     summary = run(dest, [Segment("a", SlowCount(data))], tmp_path)
     assert events.index("reading") < events.index("counted") < events.index("send")
     assert summary["totals"]["created"] == 50 and summary["totals"]["rejected"] == 1
+    # a source whose count is a read of its own (Dataverse), no limit, no breaker: the first send does not wait
+    dest.max_per_segment = None
+    events.clear()
+    read_started.clear()
+    source = SlowCount(data)
+    source.wait_for_send, source.counts_cheaply = True, False
+    summary = run(dest, [Segment("a", source)], tmp_path)
+    assert events.index("send") < events.index("counted")
+    assert summary["totals"]["rows"] == 51 and summary["totals"]["created"] == 50
     dest.max_per_segment = 20  # the limit still stops the export before anything is sent
     events.clear()
     read_started.clear()

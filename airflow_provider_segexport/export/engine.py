@@ -229,6 +229,17 @@ class ExportEngine:
         self.log.info("Counted %s rows in all (%s)", f"{total:,}", ", ".join(f"{k}: {v:,}" for k, v in totals.items()))
         return totals
 
+    def _counts_gate_sending(self) -> bool:
+        """Whether the first send waits for the counts: when a limit or a circuit breaker reads them, or when the
+        sources count cheaply (a SQL ``COUNT(*)``: the dedupe tables are then sized once, before they grow). A
+        source whose count is a read of its own (a Dataverse table: every key paged through, ``counts_cheaply``
+        False) sent without limits or breakers starts sending at once; its count is awaited when the segment
+        ends (the summary's skipped rows)."""
+        d, o = self.destination, self.options
+        breakers = self.state is not None and not o.allow_large_changes and (bool(o.max_size_change) or d.mirror)
+        return (d.max_per_export is not None or d.max_per_segment is not None or breakers
+                or all(getattr(s.source, "counts_cheaply", True) for s in self.segments))
+
     def _size_text(self, rows: int, where: str = "") -> str:
         """How many rows, as known now: counted, estimated from the last export while counting, or not yet."""
         if self._totals is not None:
@@ -331,7 +342,7 @@ class ExportEngine:
             self._snapshots[sid] = _NOTHING_KNOWN
 
         def submit(records: list[Record]) -> None:
-            if self._totals is None:
+            if self._totals is None and self._counts_gate_sending():
                 stats.total = progress.total = self._counts()[seg.name]  # the limits, before the first send
             sender.submit(ctx, records)
 

@@ -26,9 +26,11 @@ log = logging.getLogger(__name__)
 
 #: records a batch (each one its own calls) and batches in flight by default: Adobe publishes no rate for
 #: Campaign Standard; its gateway answers 429 when a client goes too fast, which the HTTP layer waits out
-BATCH, DEFAULT_CONCURRENCY = 20, 8
+BATCH, DEFAULT_CONCURRENCY = 5, 8
 LINK_NOT_FOUND = "link_not_found"
 DUPLICATE_IN_CAMPAIGN = "duplicate_in_campaign"
+#: records a page when the whole Campaign table is read at once (the index: see ``CampaignSyncDestination``)
+INDEX_PAGE = 1000
 #: a create answered with one of these (a gateway's timeout or error: the HTTP layer does not repeat a POST) may
 #: have been processed, as one without an answer may: the record is looked for before it is created again
 UNKNOWN_OUTCOME = frozenset({408, 502, 503, 504})
@@ -54,6 +56,7 @@ class CampaignSyncDestination(Destination):
     name = "Adobe Campaign"
     batch_size = BATCH
     max_in_flight = DEFAULT_CONCURRENCY
+    converts_records = True  # prepare_many counts what is about to be sent (the index's decision)
 
     def __init__(self, hook: AdobeCampaignHook, table: TableSync, mapping: FieldMapping, *,
                  detect_deletions: bool = False, max_in_flight: int | None = None) -> None:
@@ -66,6 +69,53 @@ class CampaignSyncDestination(Destination):
         self._profiles: dict[str, str | None] = {}  # contactid -> profile PKey (this run only)
         self._lock = threading.Lock()
         self.counters = {"fields_overwritten": 0, "deactivated": 0, "deleted_in_source": 0, "ignored": 0}
+        # The index: every Campaign record of the target by key, read once (this run only, never stored), used
+        # instead of one lookup a record once enough records are to be sent (see prepare_many).
+        self._index: dict[str, list[dict]] | None = None
+        self._pending = 0
+        self._index_threshold: int | None = None
+        self.index_pages = 0
+
+    # -- the index ------------------------------------------------------------------------------------------
+    def prepare_many(self, records: list[Record]) -> tuple[list[Record], list]:
+        """Count the records about to be sent; once they are more than reading the whole table costs, read it.
+
+        One lookup a record costs a call each, ``max_in_flight`` at a time; the index costs a call per
+        :data:`INDEX_PAGE` records of the target, one after another (paging is sequential). So the table is
+        read once the records to send reach its pages x ``max_in_flight``: a first sync or a replay reads it,
+        an incremental run of a few changes looks its records up one by one.
+
+        :param records: a chunk's records to be sent.
+        """
+        if records and self._index is None:
+            self._pending += len(records)
+            if self._index_threshold is None:
+                pages = -(-self.hook.count(self.table.target) // INDEX_PAGE)
+                self._index_threshold = max(1, pages) * self.max_in_flight
+            if self._pending >= self._index_threshold:
+                self._build_index()
+        return records, []
+
+    def _build_index(self) -> None:
+        t = self.table
+        keep = {m.target for m in t.mappings} | {"PKey", "href", t.target_key}
+        if t.unlink_field:
+            keep.add(t.unlink_field)
+        if t.link:
+            keep.add("profile")
+        started = time.monotonic()
+        index: dict[str, list[dict]] = {}
+        rows = 0
+        for row in self.hook.find_all(t.target, None, {}, page_size=INDEX_PAGE):
+            rows += 1
+            key = row.get(t.target_key)
+            if key not in (None, ""):
+                index.setdefault(str(key).lower(), []).append({k: v for k, v in row.items() if k in keep})
+        self.index_pages = max(1, -(-rows // INDEX_PAGE))
+        self._index = index
+        log.info("Read Campaign's %s records once (%d records, %d with a %s; %d page(s) in %.1fs): the records "
+                 "to send are looked up there instead of one call each", t.target, rows, len(index), t.target_key,
+                 self.index_pages, time.monotonic() - started)
 
     def fingerprint_config(self) -> bytes:
         """The table's target, key and mappings: a change sends every record again."""
@@ -94,7 +144,8 @@ class CampaignSyncDestination(Destination):
 
     def _sync(self, r: Record) -> Outcome:
         t, p = self.table, r.payload
-        found = self._find(r.key)
+        index = self._index
+        found = index.get(str(r.key).lower(), []) if index is not None else self._find(r.key)
         if len(found) > 1:
             return Outcome(r, "rejected", f"{len(found)} Campaign {t.target} records have {t.target_key} = this "
                            "key; merge them in Campaign", DUPLICATE_IN_CAMPAIGN)

@@ -36,6 +36,9 @@ class DataverseSource(Source):
     since: Any = None
     since_column: str | None = None
     page_size: int = 5000
+    #: the count pages through every key (Dataverse counts at most 5,000 with ``$count``): the export engine does
+    #: not hold the first send for it when nothing needs it before sending
+    counts_cheaply = False
     _count: int | None = field(default=None, repr=False)
 
     @property

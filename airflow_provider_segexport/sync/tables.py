@@ -44,7 +44,9 @@ class Mapping:
         """What Campaign gets for the attribute's value (replacements applied)."""
         if not self.replace:
             return raw
-        for probe in (raw, str(raw).lower() if isinstance(raw, bool) else raw, str(raw)):
+        # a map written in JSON (a DAG param, a JSON file) has string keys: "1", "true", "null"
+        json_spelling = "null" if raw is None else str(raw).lower() if isinstance(raw, bool) else raw
+        for probe in (raw, json_spelling, str(raw)):
             try:
                 if probe in self.replace:
                     return self.replace[probe]

@@ -67,6 +67,11 @@ OURS = textwrap.dedent("""
         common.update(segments=[a["target"]], sql=a["sql"])
         op = DynamicsSalesSegmentExportOperator(contact_id_field="dataverse_contact_id",
                                                 max_in_flight=a.get("max_in_flight"), **common)
+    elif a["vendor"] == "sync":
+        from airflow_provider_segexport.operators.dynamics_campaign_sync import DynamicsToCampaignSyncOperator
+        op = DynamicsToCampaignSyncOperator(task_id="sync", table=a["table"], state_dir=a["state_dir"],
+                                            rejects_path=a["rejects"], progress_interval=30,
+                                            max_in_flight=a["max_in_flight"])
     else:
         from airflow_provider_segexport.operators.mailchimp import MailchimpSegmentExportOperator
         op = MailchimpSegmentExportOperator(audience_id=a["target"], **common)
@@ -350,7 +355,7 @@ def _result(proc: subprocess.CompletedProcess) -> dict:
     raise RuntimeError(f"no result; exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
 
-DESTINATIONS = ("mailchimp", "campaign_monitor", "dynamics_sales")
+DESTINATIONS = ("mailchimp", "campaign_monitor", "dynamics_sales", "dynamics_campaign_sync")
 #: the Campaign Monitor list's segment field, in the seed so the official-client loops can send it too
 CM_SEGMENT_FIELD = {"FieldName": "Segments", "DataType": "MultiSelectMany", "Options": ["all_customers"],
                     "VisibleInPreferenceCenter": False}
@@ -394,6 +399,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="the service protection's concurrent requests")
     p.add_argument("--d365-alternative-members", type=int, default=500,
                    help="the one-call-per-contact loop runs on this many contacts; its time is scaled")
+    p.add_argument("--sync-contacts", type=int, default=100_000,
+                   help="Dynamics 365 contacts synced to Adobe Campaign profiles (seeded in the sandbox)")
+    p.add_argument("--sync-max-in-flight", type=int, default=25,
+                   help="Campaign calls in flight (the sync operator's max_in_flight)")
+    p.add_argument("--acs-rate-limit", type=int, default=6000,
+                   help="the sandbox's Adobe Campaign gateway throttling: requests per --acs-rate-period (a token "
+                        "bucket; also the connection's max_requests_per_window, the rate agreed with Adobe)")
+    p.add_argument("--acs-rate-period", type=float, default=60.0,
+                   help="seconds in which the sandbox's Adobe Campaign bucket refills (default 60: 100 requests a "
+                        "second, the sandbox's default)")
+    p.add_argument("--sync-repeats", type=int, default=1,
+                   help="full syncs (each about --sync-contacts / the rate seconds) and incremental runs")
     p.add_argument("--out", type=Path, default=OUT,
                    help="where results.json and chart.png go (another folder for a trial run on a small size)")
     p.add_argument("--work", type=Path, default=REPO / "build" / "bench",
@@ -465,6 +482,14 @@ def main(argv: list[str] | None = None) -> int:
                              "window_seconds": args.d365_window_s,
                              "max_execution_seconds_per_window": args.d365_max_execution_s,
                              "max_concurrent_requests": args.d365_max_concurrent}})}
+        acs = info["adobe_campaign"]
+        env["AIRFLOW_CONN_ADOBE_CAMPAIGN_DEFAULT"] = json.dumps({
+            "conn_type": "adobe_campaign", "host": acs["base_url"],
+            "extra": {"org_id": acs["org_id"], "client_id": acs["client_id"], "client_secret": acs["client_secret"],
+                      "ims_url": acs["ims_url"], "scopes": acs["scope"], "ca_bundle": info["ca_bundle"],
+                      "data_privacy_acknowledged": True,
+                      # the rate agreed with Adobe (the sandbox's bucket): the calls keep to it, none refused
+                      "max_requests_per_window": args.acs_rate_limit, "window_seconds": args.acs_rate_period}})
         script = work / "ours.py"
         script.write_text(OURS)
 
@@ -583,6 +608,8 @@ def main(argv: list[str] | None = None) -> int:
             }
         if "dynamics_sales" in dests:
             sections["dynamics_sales"] = bench_dynamics(args, wh, work, info, admin, ours, d365_model)
+        if "dynamics_campaign_sync" in dests:
+            sections["dynamics_campaign_sync"] = bench_sync(args, wh, info, admin, ours)
     finally:
         sandbox.terminate()
         sandbox.wait(timeout=30)
@@ -596,12 +623,16 @@ def main(argv: list[str] | None = None) -> int:
         "profiles": rows or args.profiles,
         "repeats": args.repeats,
     }
+    for section in sections.values():  # the machine's speed while this section was measured
+        section["reference_loop_us_per_row"] = {"before": speed_before, "after": speed_after}
     previous = _previous(args.out / "results.json")
     if previous and previous.get("profiles") == results["profiles"] \
             and previous.get("latency_model") == results["latency_model"]:
         for name in DESTINATIONS:  # a destination not benchmarked this time keeps its figures
             if name not in sections and name in previous:
                 results[name] = previous[name]
+                results[name].setdefault("reference_loop_us_per_row",
+                                         previous.get("machine", {}).get("reference_loop_us_per_row"))
                 print(f"{name}: figures kept from the existing {args.out / 'results.json'}", flush=True)
     results.update(sections)
     results = _ordered(results)
@@ -666,6 +697,108 @@ def bench_dynamics(args, wh: Path, work: Path, info: dict, admin: requests.Sessi
         | {"cpu_us_per_member": round(1e6 * med["cpu_s"] / members, 1),
            "throttled": max(r["throttled"] for r in runs)},
         "alternative_requests_add_member_list_sequential": _alternative_figures(alt, scale),
+    }
+
+
+def bench_sync(args, wh: Path, info: dict, admin: requests.Session, ours) -> dict:
+    """The Dynamics 365 -> Adobe Campaign part: ``--sync-contacts`` contacts seeded in the sandbox's Dataverse,
+    synced to an empty Campaign (the example DAG's contacts table: mappings, replacement, filter) under the
+    sandbox's gateway throttling, then an incremental run after 1 % of the contacts changed in Dynamics 365."""
+    import sqlite3
+    from concurrent.futures import ThreadPoolExecutor
+
+    from airflow_provider_segexport.warehouse import ADOBE_CAMPAIGN_SEED
+    from dags.dynamics_campaign_sync import SYNC_TABLES
+
+    n = args.sync_contacts
+    db = sqlite3.connect(wh)
+    rows = db.execute("SELECT contactid, email, first_name, last_name FROM dynamics365_contacts WHERE statecode = 0 "
+                      "ORDER BY customer_id LIMIT ?", (n,)).fetchall()
+    db.close()
+    # modified over the year before (as real contacts are), so that the watermark is the newest of them
+    contacts = [{"contactid": cid, "emailaddress1": email, "firstname": first, "lastname": last, "statecode": 0,
+                 "modifiedon": f"2025-{1 + i % 12:02d}-{1 + i % 28:02d}T{i % 24:02d}:{i % 60:02d}:{i // 60 % 60:02d}Z"}
+                for i, (cid, email, first, last) in enumerate(rows)]
+    n = len(contacts)
+    rate = args.acs_rate_limit / args.acs_rate_period
+    seed = {"dynamics365": {"contacts": contacts},
+            "adobe_campaign": {**ADOBE_CAMPAIGN_SEED, "config": {"rate_limit": args.acs_rate_limit,
+                                                                  "rate_period": args.acs_rate_period}}}
+    per_call = (args.latency_ms + args.per_item_ms) / 1000
+    inflight = args.sync_max_in_flight
+
+    def ideal(records: int, calls_each: int) -> dict:
+        # Campaign takes one record a call: a create for a new contact; a lookup by key and a PATCH for a
+        # changed one (the lookup first, then its PATCH: calls_each one after another in each lane)
+        calls = records * calls_each
+        latency_bound = records * calls_each * per_call / inflight
+        rate_bound = calls / rate
+        return {"calls": calls, "ideal_s": round(max(latency_bound, rate_bound), 1),
+                "latency_bound_s": round(latency_bound, 1), "rate_limit_bound_s": round(rate_bound, 1)}
+
+    full_ideal = ideal(n, 1)  # again below with the contacts the filter lets through
+    print(f"== Dynamics 365 -> Adobe Campaign ({n:,} contacts; {inflight} calls in flight; gateway "
+          f"{args.acs_rate_limit:,} requests per {args.acs_rate_period:g} s; ideal about {full_ideal['ideal_s']:.0f} s)",
+          flush=True)
+    table = SYNC_TABLES["contacts"]
+    full_runs, incremental_runs = [], []
+    verify = info["ca_bundle"]
+    d365 = info["dynamics365"]
+    changed = contacts[:: 100][: max(1, n // 100)]
+    for i in range(args.sync_repeats):
+        admin.post(info["admin_url"] + "/seed", json=seed, timeout=600).raise_for_status()
+        with tempfile.TemporaryDirectory() as state_dir:
+            r = ours("sync", "profile", state_dir, "full", f"bench-sync-full-{i}", table=table,
+                     max_in_flight=inflight)
+            profiles = admin.get(info["admin_url"] + "/state/adobe_campaign", timeout=600).json()
+            held, t = len(profiles.get("profiles") or {}), r["totals"]
+            # every contact the filter lets through is created, or refused by Campaign (a reject: too long a name)
+            if t["created"] + t["rejected"] != t["rows"] or held != t["created"] or t["rejected"] > t["rows"] // 100:
+                raise RuntimeError(f"the sync did not create the {t['rows']:,} profiles: {t}, {held:,} in Campaign")
+            full_runs.append(r)
+            full_ideal = ideal(t["rows"], 1)
+            print(f"ours, full sync {i + 1}: {r['wall_s']:.1f}s ({r['wall_s'] / full_ideal['ideal_s']:.2f}x the "
+                  f"ideal), {r['requests']:,} Campaign requests, {r['throttled']} throttled, "
+                  f"{1e6 * r['cpu_s'] / n:.1f} µs CPU/contact, peak {r['peak_mb']:.0f} MB", flush=True)
+            # 1 % of the contacts change in Dynamics 365 (a person's edits, through the Web API)
+            token = requests.post(f"{d365['authority']}/oauth2/v2.0/token", data={
+                "grant_type": "client_credentials", "client_id": d365["client_id"],
+                "client_secret": d365["client_secret"], "scope": d365["base_url"] + "/.default"},
+                verify=verify, timeout=60).json()["access_token"]
+            dv = requests.Session()
+            dv.verify, dv.trust_env = verify, False
+            dv.headers.update({"Authorization": f"Bearer {token}"})
+            dv.mount("https://", requests.adapters.HTTPAdapter(pool_maxsize=16))
+
+            with ThreadPoolExecutor(16) as pool:
+                list(pool.map(lambda c, run=i, session=dv: session.patch(
+                    f"{d365['base_url']}/api/data/v9.2/contacts({c['contactid']})",
+                    json={"lastname": f"{c['lastname'] or ''}-{run}"}, timeout=120).raise_for_status(), changed))
+            d = ours("sync", "profile", state_dir, "delta", f"bench-sync-incremental-{i}", table=table,
+                     max_in_flight=inflight)
+            t = d["totals"]
+            if t["updated"] + t["rejected"] + t["skipped"] != t["rows"] or t["updated"] < 0.95 * len(changed):
+                raise RuntimeError(f"the incremental sync did not update the {len(changed):,} changed contacts: "
+                                   f"{d['totals']}")
+            incremental_runs.append(d)
+            print(f"ours, incremental sync after a 1% change: {d['wall_s']:.1f}s, {d['totals']['updated']:,} "
+                  f"updated, {d['requests']:,} Campaign requests", flush=True)
+    med = _medians(full_runs)
+    inc_ideal = ideal(incremental_runs[0]["totals"]["updated"], 2)
+    wall = statistics.median(r["wall_s"] for r in incremental_runs)
+    return {
+        "contacts": n, "synced": full_runs[0]["rows"], "rejected": full_runs[0]["totals"]["rejected"],
+        "max_in_flight": inflight,
+        "gateway_rate_limit": {"requests": args.acs_rate_limit, "period_s": args.acs_rate_period},
+        **full_ideal,
+        "ours": _ours_figures(full_runs, med, full_runs[0]["rows"], full_ideal["ideal_s"])
+        | {"throttled": max(r["throttled"] for r in full_runs)},
+        "incremental_after_1pct_change": {
+            "changed": len(changed), "updated": incremental_runs[0]["totals"].get("updated"),
+            "wall_s": round(wall, 1), "requests": incremental_runs[0]["requests"], **{
+                f"ideal_{k}": v for k, v in inc_ideal.items()},
+            "share_of_full_time": round(wall / med["wall_s"], 3),
+            "runs_wall_s": [round(r["wall_s"], 1) for r in incremental_runs]},
     }
 
 
@@ -745,6 +878,13 @@ def chart(results: dict, path: Path) -> None:
             d["ideal_s"], d["ours"]["wall_s"],
             d["alternative_requests_add_member_list_sequential"]["wall_s_scaled_to_profiles"]],
             ["#9e9e9e", "#017cee", "#e57373"]))
+    if "dynamics_campaign_sync" in results:
+        y = results["dynamics_campaign_sync"]
+        inc = y["incremental_after_1pct_change"]
+        panels.append((f"Dynamics 365 -> Adobe Campaign ({y['synced']:,} contacts, "
+                       f"{y['gateway_rate_limit']['requests']:,} requests per {y['gateway_rate_limit']['period_s']:g} s)", [
+            "ideal (the gateway's rate)", "airflow-provider-segexport", f"incremental, {inc['changed']:,} changed"], [
+            y["ideal_s"], y["ours"]["wall_s"], inc["wall_s"]], ["#9e9e9e", "#017cee", "#5fb3f9"]))
     lm = results["latency_model"]
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 3.6 * len(panels)), dpi=120, squeeze=False)
     for ax, (title, labels, values, colors) in zip(axes[:, 0], panels, strict=True):
@@ -752,7 +892,8 @@ def chart(results: dict, path: Path) -> None:
         for bar, v in zip(bars, values[::-1], strict=True):
             ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {v:,.0f} s", va="center")
         what = "" if title.startswith("Dynamics") else f" of {results['profiles']:,} profiles"
-        ax.set_title(f"{title} export{what}\n"
+        kind = " sync" if "Adobe" in title else " export"
+        ax.set_title(f"{title}{kind}{what}\n"
                      f"(sandbox latency {lm['base_ms']:.0f} ms + {lm['per_item_ms']} ms/member per call)", fontsize=9)
         if max(values) > 50 * min(values):  # a baseline hours long next to seconds: a log scale
             ax.set_xscale("log")
