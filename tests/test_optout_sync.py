@@ -111,3 +111,26 @@ def test_each_direction_and_the_newer_change_wins(airflow_db, both, sandbox, tmp
     run = optouts(tmp_path, "dynamics_to_campaign")
     assert opted_out(both, one_way) is False and run["changed"] == {"campaign": 0, "dynamics365": 0}
     assert [c["contact"] for c in run["not_written"]] == [one_way]
+
+
+def test_campaign_to_dynamics_only_writes_dynamics_and_reports_the_other_way(airflow_db, both, sandbox,  # noqa: F811
+                                                                            tmp_path):
+    """direction=campaign_to_dynamics: Campaign's opt-outs reach Dynamics 365; a Dynamics 365 opt-out is reported
+    (not written) and Campaign keeps its value; a second run changes nothing; a later bidirectional run writes the
+    reported one (its watermark did not move past it)."""
+    sync()
+    optouts(tmp_path, "campaign_to_dynamics")  # the first comparison: both agree, remembered
+    live = [(k, p) for k, p in profiles(sandbox).items() if not p.get("cusCrmUnlinked")]
+    (from_campaign, prof), (from_dynamics, other) = live[0], live[1]
+    campaign_patch(sandbox, prof["PKey"], {"blackListEmail": True})
+    both.patch(f"contacts({from_dynamics})", {"donotbulkemail": True})
+    run = optouts(tmp_path, "campaign_to_dynamics")
+    assert opted_out(both, from_campaign) is True
+    assert profiles(sandbox)[from_dynamics]["blackListEmail"] is not True  # the other way: not written
+    assert run["changed"] == {"campaign": 0, "dynamics365": 1}
+    assert [c["contact"] for c in run["not_written"]] == [from_dynamics]
+    again = optouts(tmp_path, "campaign_to_dynamics")
+    assert again["changed"] == {"campaign": 0, "dynamics365": 0}
+    both_ways = optouts(tmp_path)
+    assert profiles(sandbox)[from_dynamics]["blackListEmail"] is True
+    assert both_ways["changed"] == {"campaign": 1, "dynamics365": 0}

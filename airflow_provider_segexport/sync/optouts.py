@@ -19,6 +19,7 @@ made is logged and listed in the summary with the side written and why.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -133,6 +134,9 @@ class OptOutSync:
         self.log = logger or log
         self.sid = state.scope_id("optouts")
         self.d_sid, self.a_sid = state.scope_id("optouts:dynamics365-watermark"), state.scope_id("optouts:campaign-watermark")
+        # decisions the direction did not let a run write: compared again by every run (the watermarks moved past
+        # their changes), so that a later run in a direction that writes them does
+        self.p_sid = state.scope_id("optouts:not-written")
 
     # -- reading ------------------------------------------------------------------------------------------
     def _d_select(self) -> str:
@@ -200,6 +204,14 @@ class OptOutSync:
         d_changed, a_changed, d_high, a_high = self.read_changes()
         self.log.info("Opt-outs (%s): %d Dynamics 365 contact(s) and %d Campaign profile(s) changed since the last "
                       "run", self.direction, len(d_changed), len(a_changed))
+        stored = json.loads(self.state.target(self.p_sid) or "[]")
+        pending = [c for c in stored if c not in d_changed]
+        if pending:  # decided earlier, not written in that run's direction: compared again
+            self.log.info("Opt-outs: %d earlier decision(s) not written in their run's direction compared again",
+                          len(pending))
+            for row in self.d.contacts_where_in("contactid", pending, select=self._d_select()):
+                side = self._d_side(row)
+                d_changed[side.ref] = side
         self._other_sides(d_changed, a_changed)
         contacts = sorted(set(d_changed) & set(a_changed))
         agreed = self.state.lookup(self.sid, [member_id(c) for c in contacts]) if contacts else {}
@@ -239,6 +251,8 @@ class OptOutSync:
                 self.state.set_target(self.d_sid, d_high, self.run_id)
             if a_high:
                 self.state.set_target(self.a_sid, a_high, self.run_id)
+            if left or stored:
+                self.state.set_target(self.p_sid, json.dumps(sorted(e["contact"] for e in left)), self.run_id)
         summary = {"direction": self.direction, "dry_run": self.dry_run,
                    "read": {"dynamics365": len(d_changed), "campaign": len(a_changed), "compared": len(contacts)},
                    "changed": {"campaign": sum(1 for c in changes if c["written"] == ACS),
