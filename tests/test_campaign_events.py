@@ -210,3 +210,60 @@ def test_deferred_mode_waits_in_the_triggerer_honouring_retry_after(airflow_db, 
     want = expected(sandbox, world)
     assert len(want) == len(before) + CONTACTS
     check_once(sandbox, want)
+
+
+KILLED_RUN = """
+import sys
+from airflow_provider_segexport.operators.campaign_events import CampaignEventsToDynamicsOperator
+
+class TI:
+    try_number = 1
+    def xcom_push(self, **kwargs):
+        pass
+
+op = CampaignEventsToDynamicsOperator(task_id="events", batch_size=7, journal_limit=10, max_in_flight=1,
+                                      progress_interval=1)
+op.execute({"run_id": "killed", "ti": TI()})
+"""
+
+
+def test_a_run_killed_mid_write_then_run_again_writes_each_event_once(airflow_db, world, sandbox, tmp_path):
+    """The task's process is killed (SIGKILL, as a lost worker) after a few UpsertMultiple calls: the cursor in the
+    export state is where the last finished window left it, so the next run reads those events again and writes
+    each once (UpsertMultiple by the event-ID key), nothing lost."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    mixed_events(sandbox, world, rounds=3)
+    want = expected(sandbox, world)
+    sandbox.latency(base_ms=150)  # each call takes a while: the kill lands between two writes
+    script = tmp_path / "killed_run.py"
+    script.write_text(KILLED_RUN)
+    proc = subprocess.Popen([sys.executable, str(script)], env={**os.environ, "REQUESTS_CA_BUNDLE":
+                                                                 sandbox.info["ca_bundle"]},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            counts = sandbox.requests()["counts"]
+            if sum(n for k, n in counts.items() if k.startswith("dynamics365 POST") and "UpsertMultiple" in k) >= 5:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        sandbox.latency(0)
+    partial = written(sandbox)
+    assert 0 < len(partial) < len(want)
+    again = sync()
+    check_once(sandbox, want)
+    t = again["totals"]
+    # every event read again; those the killed run wrote (a call in flight at the kill may have landed after
+    # the count above) are "already there", the rest created
+    assert t["created"] + t["updated"] == len(want) and t["updated"] >= len(partial) > 0
+    assert sync()["events_read"] == 0  # the cursor moved past them all
