@@ -5,7 +5,6 @@ ObjectStoragePath) and writes each enabled event once to Dataverse; the sandbox'
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from datetime import datetime
@@ -16,8 +15,8 @@ import requests
 from tests import test_campaign_events
 from tests.conftest import run_dag
 from tests.test_campaign_events import (
-    CONTACTS,
     TYPES,
+    check_first_run_of_mixed_events,
     check_once,
     expected,
     generate,
@@ -67,20 +66,9 @@ def test_workflow_export_each_enabled_event_once_disabled_absent_unknown_profile
     first = sync(folder, {"event_types": enabled})
     assert first["source"] == "log_files" and first["workflow"]["state"] == "finished"
     assert first["files_read"] == files(folder) and len(files(folder)) == 1
+    rejects = check_first_run_of_mixed_events(sandbox, world, first, enabled)
     want = expected(sandbox, world, enabled)
-    check_once(sandbox, want)
-    assert not any(r["new_eventtype"] == 100000003 for r in written(sandbox))  # bounce is off
-    t = first["totals"]
-    assert first["events_read"] == len(journal(sandbox))
-    assert (t["created"], t["updated"]) == (len(want), 0)
-    assert t["type_disabled"] == sum(1 for ev in journal(sandbox) if ev["data"]["eventType"] == "bounce")
-    assert first["by_type"]["open"]["created"] == 2 * CONTACTS
-    # the two profiles without a contact: one reject per enabled event, with the reason, the file and its row
-    rejects = rejects_of(first)
-    assert t["rejected"] == len(rejects) == 2 * len(enabled)
-    assert {r["reason"] for r in rejects} == {"contact_not_found"}
-    assert all(files(folder)[0] in r["message"] and r["row"] > 0 for r in rejects)
-    assert "@" not in json.dumps(rejects)
+    assert all(files(folder)[0] in r["message"] and r["row"] > 0 for r in rejects)  # the file and its row
     assert first["profiles_read"] == 0  # the file carries cusCrmId: no profile read
 
     # a second run: the workflow exports nothing new (a file with its header only), nothing is written again
