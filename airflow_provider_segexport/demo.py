@@ -103,6 +103,9 @@ def configure_airflow(env: dict, info: dict, warehouse_path: Path) -> None:
                                  "scopes": info["adobe_campaign"]["scope"], "ca_bundle": info["ca_bundle"],
                                  "events_url": info["adobe_campaign"]["events_url"],
                                  "ims_org_id": info["adobe_campaign"]["ims_org_id"],
+                                 # the gateway's rate (the sandbox's: Adobe publishes none; yours is agreed with
+                                 # Adobe): the calls keep to it instead of meeting 429s
+                                 "max_requests_per_window": 6000, "window_seconds": 60,
                                  "data_privacy_acknowledged": True}),
         },
         "campaign_monitor_default": {

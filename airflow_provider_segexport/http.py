@@ -507,6 +507,43 @@ class RateLimiter:
             log.log(level, "%s: the server asked for a wait: every thread's requests wait %s", self.vendor, until)
 
 
+class _ThrottleLog:
+    """Keeps a throttled run's log readable: the first :attr:`DETAILED` 429s are logged one by one (WARNING), after
+    that one line every :attr:`INTERVAL` seconds counts those since the last line, the others go to DEBUG. Other
+    retried statuses (5xx) are always logged one by one: they are rare and each says something."""
+
+    DETAILED = 20
+    INTERVAL = 30.0
+
+    def __init__(self, vendor: str) -> None:
+        self.vendor = vendor
+        self._lock = threading.Lock()
+        self._count = 0
+        self._since_line = 0
+        self._line_at = 0.0
+
+    def level(self, status: int) -> int:
+        """The level of this retry's own line (a summary line may be logged first)."""
+        if status != 429:
+            return logging.WARNING
+        with self._lock:
+            self._count += 1
+            if self._count <= self.DETAILED:
+                if self._count == self.DETAILED:
+                    self._line_at = time.monotonic()
+                    log.warning("%s: %d requests throttled (HTTP 429) so far, each retried; from now on the count "
+                                "every %g s (set the connection's request rate to pace the calls instead)",
+                                self.vendor, self._count, self.INTERVAL)
+                return logging.WARNING
+            self._since_line += 1
+            now = time.monotonic()
+            if now - self._line_at >= self.INTERVAL:
+                log.warning("%s: %d more requests throttled (HTTP 429) and retried in the last %.0f s (%d in all)",
+                            self.vendor, self._since_line, now - self._line_at, self._count)
+                self._line_at, self._since_line = now, 0
+        return logging.DEBUG
+
+
 class _HeaderAuth(requests.auth.AuthBase):
     """requests' auth hook over a callable that returns the auth headers (called per request, so a refreshed
     token applies)."""
@@ -575,6 +612,7 @@ class VendorSession:
         self.limiter = RateLimiter(vendor, budget)
         self._throttle_rules = {str(k).lower(): v for k, v in (throttle_rules or {}).items()}
         self._tickets = threading.local()  # each thread's last request's ticket
+        self._throttle_log = _ThrottleLog(vendor)
         self._sleep = sleep
         self.session = requests.Session()
         # No urllib3-level retries: this class owns retrying so it can honour vendor headers and
@@ -701,11 +739,11 @@ class VendorSession:
                 if wait is not None:
                     self.limiter.pause(wait)  # the other threads wait too: the server throttles the account
                 delay = wait + random.uniform(0, 0.25) if wait is not None else self.retry.backoff(attempt)
-                log.warning(
-                    "%s %s %s: HTTP %d %s; retry %d/%d in %.1fs",
-                    self.vendor, method, short_path, status, _short(message), attempt,
-                    self.retry.max_attempts - 1, delay,
-                )
+                level = self._throttle_log.level(status)
+                if log.isEnabledFor(level):
+                    log.log(level, "%s %s %s: HTTP %d %s; retry %d/%d in %.1fs",
+                            self.vendor, method, short_path, status, _short(message), attempt,
+                            self.retry.max_attempts - 1, delay)
                 self.stats.add(retries=1)
                 response.close()
                 self._sleep(delay)

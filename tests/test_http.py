@@ -538,3 +538,26 @@ def test_a_burst_paced_by_campaign_monitors_headers_is_not_refused(sandbox, monk
     assert hook.http.stats.throttled <= 1, hook.http.stats.as_dict()
     assert hook.http.limiter.waited > 0
     assert "pacing requests to the vendor's rate limit (X-RateLimit-Remaining" in caplog.text
+
+
+def test_a_throttled_run_logs_the_first_429s_then_counts_them(caplog, monkeypatch):
+    """Hundreds of 429s must not bury a task log: the first 20 retries one line each, then one line every 30 s
+    counting them (the retries themselves at DEBUG); a 503 retry keeps its own line."""
+    import logging
+
+    from airflow_provider_segexport import http
+
+    clock = [1000.0]
+    monkeypatch.setattr(http.time, "monotonic", lambda: clock[0])
+    throttle = http._ThrottleLog("Adobe Campaign")
+    with caplog.at_level(logging.DEBUG, logger="airflow_provider_segexport.http"):
+        levels = []
+        for i in range(200):
+            clock[0] += 0.5  # 200 retries over 100 s
+            levels.append(throttle.level(429))
+        assert throttle.level(503) == logging.WARNING
+    assert levels[:20] == [logging.WARNING] * 20 and set(levels[20:]) == {logging.DEBUG}
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert lines[0].startswith("Adobe Campaign: 20 requests throttled (HTTP 429) so far")
+    assert len(lines) == 1 + 3 and all("more requests throttled" in line for line in lines[1:])
+    assert lines[-1].endswith("(200 in all)")
