@@ -552,7 +552,7 @@ def test_a_throttled_run_logs_the_first_429s_then_counts_them(caplog, monkeypatc
     throttle = http._ThrottleLog("Adobe Campaign")
     with caplog.at_level(logging.DEBUG, logger="airflow_provider_segexport.http"):
         levels = []
-        for i in range(200):
+        for _ in range(200):
             clock[0] += 0.5  # 200 retries over 100 s
             levels.append(throttle.level(429))
         assert throttle.level(503) == logging.WARNING

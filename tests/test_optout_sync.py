@@ -121,7 +121,7 @@ def test_campaign_to_dynamics_only_writes_dynamics_and_reports_the_other_way(air
     sync()
     optouts(tmp_path, "campaign_to_dynamics")  # the first comparison: both agree, remembered
     live = [(k, p) for k, p in profiles(sandbox).items() if not p.get("cusCrmUnlinked")]
-    (from_campaign, prof), (from_dynamics, other) = live[0], live[1]
+    (from_campaign, prof), (from_dynamics, _) = live[0], live[1]
     campaign_patch(sandbox, prof["PKey"], {"blackListEmail": True})
     both.patch(f"contacts({from_dynamics})", {"donotbulkemail": True})
     run = optouts(tmp_path, "campaign_to_dynamics")
