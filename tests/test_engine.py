@@ -670,3 +670,21 @@ def test_capabilities_are_declared_not_inferred():
         type("Undeclared", (Destination,), {"prepare_many": lambda self, records: (records, [])})
     with pytest.raises(TypeError, match="declare has_member_key = True"):
         type("Undeclared", (Destination,), {"member_key": lambda self, record: record.key})
+
+
+def test_progress_while_the_total_is_still_being_counted(caplog):
+    """No count yet (a Dataverse table counted while sending starts): the line says so, no "x/0 (100%), ETA 0s"."""
+    import logging
+
+    from airflow_provider_segexport.export.report import Progress
+
+    log = logging.getLogger("segexport.test.progress")
+    with caplog.at_level(logging.INFO, logger=log.name):
+        p = Progress(log, "Adobe Campaign segment 'contacts'", 0, 3600)
+        p.advance(5995, None)
+        p.emit()
+        p.total = 19_590
+        p.emit()
+    first, second = (r.getMessage() for r in caplog.records)
+    assert "5,995 rows confirmed (the total is being counted)" in first and "/0" not in first
+    assert "5,995/19,590 rows confirmed" in second and "ETA" in second

@@ -105,6 +105,10 @@ class Progress:
         detail = ""
         if counts:
             detail = " (" + ", ".join(f"{k}={counts[k]:,}" for k in OUTCOMES if counts.get(k)) + ")"
+        if self.total < self.done:  # still being counted (e.g. a Dataverse table's count), no estimate yet
+            self.log.info("%s: %s rows confirmed (the total is being counted), %s rows/s%s", self.label,
+                          f"{self.done:,}", f"{rate:,.0f}", detail)
+            return
         self.log.info("%s: %s/%s rows confirmed (%.1f%%), %s rows/s, ETA %s%s", self.label, f"{self.done:,}",
                       f"{self.total:,}", pct, f"{rate:,.0f}", _fmt_duration(eta), detail)
 
