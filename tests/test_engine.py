@@ -171,6 +171,7 @@ def test_reading_starts_while_the_segment_is_counted_and_sending_waits_for_the_c
     dest.max_per_segment = None
     events.clear()
     read_started.clear()
+    sent.clear()
     source = SlowCount(data)
     source.wait_for_send, source.counts_cheaply = True, False
     summary = run(dest, [Segment("a", source)], tmp_path)
