@@ -16,6 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from airflow_provider_segexport import warehouse
+from airflow_provider_segexport.export.records import member_id
 from airflow_provider_segexport.export.sources import decode_watermark, encode_watermark
 from airflow_provider_segexport.export.state import (
     ExportState,
@@ -63,7 +64,8 @@ def open_state(request, tmp_path, monkeypatch):
 def _drop_pg_tables(pg: dict) -> None:
     engine = sa.create_engine(pg["url"])
     with engine.begin() as conn:
-        conn.execute(sa.text("DROP TABLE IF EXISTS segexport_members, segexport_scopes, segexport_watermarks"))
+        conn.execute(sa.text("DROP TABLE IF EXISTS segexport_members, segexport_scopes, segexport_watermarks, "
+                             "segexport_refused_members"))
     engine.dispose()
 
 
@@ -612,3 +614,39 @@ def test_postgres_role_with_only_the_documented_grants(state_pg, postgres_url, m
             conn.execute(sa.text("DROP OWNED BY segexport_worker"))
             conn.execute(sa.text("DROP ROLE segexport_worker"))
         admin.dispose()
+
+
+def test_refusals_live_where_the_export_state_is(open_state, tmp_path):
+    """Members refused for good are kept with the export state: in its SQL connection (every worker sees them)
+    or, without one, in a file in state_dir. Kept by member id (never the address), per destination scope,
+    surviving a reopen; a member forgotten leaves the table; two workers recording the same member is fine."""
+    from airflow_provider_segexport.export.state import RefusalStore, SqlRefusalStore, open_refusal_store
+
+    conn_id = {"sql_sqlite": "state_sqlite", "postgres": "state_pg"}.get(open_state.kind)
+    if conn_id == "state_pg":
+        open_state()  # the fixture's connection and a clean database
+    stores = []
+
+    def store(scope="mailchimp:mc:aud1"):
+        stores.append(open_refusal_store(scope, state_dir=tmp_path / "state", state_conn_id=conn_id))
+        return stores[-1]
+
+    try:
+        first, second = store(), store()  # two workers
+        assert isinstance(first, SqlRefusalStore if conn_id else RefusalStore)
+        first.add_many([("gone@example.com", "forgotten"), ("bad@example.com", "compliance")])
+        second.add_many([("gone@example.com", "forgotten")])  # the other worker records it too: no error
+        again = store()
+        assert again.get("gone@example.com") == "forgotten" and again.get("bad@example.com") == "compliance"
+        assert store("mailchimp:mc:other").get("gone@example.com") is None  # another audience
+        again.discard_members([member_id("bad@example.com")])
+        assert store().get("bad@example.com") is None and len(store()) == 1
+        if conn_id:
+            assert not (tmp_path / "state" / "refusals.sqlite").exists()
+            engine = first._engine
+            with engine.connect() as conn:
+                stored = conn.execute(sa.text("SELECT * FROM segexport_refused_members")).all()
+            assert stored and "@" not in repr(stored)  # ids and reasons, no address
+    finally:
+        for s in stores:
+            s.close()

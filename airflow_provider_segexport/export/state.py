@@ -146,6 +146,100 @@ class RefusalStore:
         self._db.close()
 
 
+class SqlRefusalStore(RefusalStore):
+    """:class:`RefusalStore` in the export state's SQL connection (``<table_prefix>refused_members``, created on
+    first use): every worker of a multi-worker deployment sees the same refusals (a file in ``state_dir`` is one
+    machine's). Same interface; rows written with the dialect's insert-or-ignore (another worker may have
+    recorded the same member), else one at a time with an integrity error taken as "already there".
+
+    :param scope: e.g. ``mailchimp:<conn>:<audience>``.
+    :param conn_id: the Airflow SQL connection of the export state.
+    :param table_prefix: as the export state's.
+    """
+
+    def __init__(self, scope: str, conn_id: str, table_prefix: str = "segexport_") -> None:
+        if not _IDENTIFIER.match(table_prefix or "x"):
+            raise ValueError(f"table_prefix must be a plain SQL identifier prefix; got {table_prefix!r}.")
+        self.scope = scope
+        self.path = None
+        self._lock = threading.Lock()
+        self._engine = _sqlalchemy_engine(conn_id)
+        self.dialect = self._engine.dialect.name
+        self.table = sa.Table(
+            f"{table_prefix}refused_members", sa.MetaData(),
+            sa.Column("scope", sa.String(500), primary_key=True),
+            sa.Column("member", sa.BigInteger, primary_key=True, autoincrement=False),
+            sa.Column("reason", sa.Text),
+            sa.Column("refused_at", sa.Float),
+        )
+        for attempt in range(3):
+            try:
+                self.table.create(self._engine, checkfirst=True)
+                break
+            except sa.exc.DBAPIError:  # another worker created it between the check and the CREATE
+                if attempt == 2:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+        t = self.table
+        with self._engine.connect() as conn:
+            self.known = dict(conn.execute(sa.select(t.c.member, t.c.reason).where(t.c.scope == scope)).all())
+
+    def _insert_ignoring_duplicates(self):
+        t = self.table
+        if self.dialect == "postgresql":
+            return pg_insert(t).on_conflict_do_nothing(index_elements=[t.c.scope, t.c.member])
+        if self.dialect == "sqlite":
+            return sqlite_insert(t).on_conflict_do_nothing(index_elements=[t.c.scope, t.c.member])
+        if self.dialect in ("mysql", "mariadb"):
+            return mysql_insert(t).prefix_with("IGNORE")
+        return None
+
+    def add_members(self, refused: Iterable[tuple[int, str]]) -> None:
+        now = time.time()
+        with self._lock:
+            rows = []
+            for member, reason in refused:
+                if member not in self.known:
+                    self.known[member] = reason
+                    rows.append({"scope": self.scope, "member": member, "reason": reason, "refused_at": now})
+            if not rows:
+                return
+            stmt = self._insert_ignoring_duplicates()
+            if stmt is not None:
+                with self._engine.begin() as conn:
+                    for i in range(0, len(rows), LOOKUP_CHUNK):
+                        conn.execute(stmt, rows[i: i + LOOKUP_CHUNK])
+                return
+            for row in rows:  # another dialect: one insert each, "already there" is fine
+                try:
+                    with self._engine.begin() as conn:
+                        conn.execute(sa.insert(self.table), [row])
+                except sa.exc.IntegrityError:
+                    pass
+
+    def discard_members(self, members: Iterable[int]) -> None:
+        t = self.table
+        with self._lock:
+            gone = [m for m in members if self.known.pop(m, None) is not None]
+            if not gone:
+                return
+            with self._engine.begin() as conn:
+                for i in range(0, len(gone), LOOKUP_CHUNK):
+                    conn.execute(sa.delete(t).where(t.c.scope == self.scope, t.c.member.in_(gone[i: i + LOOKUP_CHUNK])))
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+
+def open_refusal_store(scope: str, *, state_dir: str | Path | None = None,
+                       state_conn_id: str | None = None) -> RefusalStore:
+    """The refusals of ``scope`` where the export state is: the SQL connection ``state_conn_id`` if given, else a
+    SQLite file in ``state_dir``."""
+    if state_conn_id:
+        return SqlRefusalStore(scope, state_conn_id)
+    return RefusalStore(scope, state_dir)
+
+
 LOOKUP_CHUNK = 500
 """Members per ``IN (...)`` list (lookups, seen, forget) and per write statement."""
 ANALYZE_AFTER_WRITES = 10_000

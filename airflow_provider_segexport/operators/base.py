@@ -15,7 +15,12 @@ from airflow_provider_segexport.export.engine import Destination, ExportEngine, 
 from airflow_provider_segexport.export.records import FieldMapping
 from airflow_provider_segexport.export.report import default_rejects_path
 from airflow_provider_segexport.export.sources import Segment, segments_from_spec
-from airflow_provider_segexport.export.state import ExportStateBackend, RefusalStore, open_export_state
+from airflow_provider_segexport.export.state import (
+    ExportStateBackend,
+    RefusalStore,
+    open_export_state,
+    open_refusal_store,
+)
 from airflow_provider_segexport.hooks.base import as_bool
 
 
@@ -193,9 +198,14 @@ class BaseSegmentExportOperator(BaseOperator):
         the state keeps each segment under it)."""
         return f"{self.vendor}:{self.destination_conn_id()}:{self.destination_target()}"
 
-    def open_refusals(self) -> RefusalStore:
-        """The store of members the destination refused for good, in ``state_dir``."""
-        return RefusalStore(self.state_scope(), self.state_dir)
+    def open_refusals(self, suffix: str = "") -> RefusalStore:
+        """The store of members the destination refused for good, where the export state is (``state_conn_id``,
+        shared by every worker, else ``state_dir``).
+
+        :param suffix: another store of the same destination (e.g. ``:removed``).
+        """
+        return open_refusal_store(self.state_scope() + suffix, state_dir=self.state_dir,
+                                  state_conn_id=self.state_conn_id or None)
 
     def open_state(self, destination: Destination) -> ExportStateBackend | None:
         """The export state, when kept: with ``delta``, and always in mirror mode.

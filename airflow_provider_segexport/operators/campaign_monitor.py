@@ -10,7 +10,6 @@ from airflow_provider_segexport.destinations.campaign_monitor import (
     campaign_monitor_mapping,
 )
 from airflow_provider_segexport.export.records import FieldMapping
-from airflow_provider_segexport.export.state import RefusalStore
 from airflow_provider_segexport.hooks.base import as_bool
 from airflow_provider_segexport.hooks.campaign_monitor import CampaignMonitorHook
 from airflow_provider_segexport.links import CAMPAIGN_MONITOR_LIST_URL_KEY, CampaignMonitorListLink
@@ -127,7 +126,7 @@ class CampaignMonitorSegmentExportOperator(BaseSegmentExportOperator):
             consent_to_track=self.consent_to_track, segment_field=self.segment_field, mode=self.mode,
             remove_leavers=as_bool(self.remove_leavers), create_missing_custom_fields=self.create_missing_custom_fields,
             queue_autoresponders=self.queue_autoresponders, max_in_flight=self.max_in_flight,
-            removed=RefusalStore(f"{self.state_scope()}:removed", self.state_dir))
+            removed=self.open_refusals(":removed"))
 
     def before_export(self, destination: CampaignMonitorDestination, context) -> None:
         """Push the list's URL for the "Campaign Monitor list" button first (it works even if the export fails).
