@@ -223,7 +223,7 @@ def test_connections_point_at_the_sandbox(services, sandbox_info):
     assert {"mailchimp_default", "campaign_monitor_default", "segexport_warehouse"} <= set(conns)
     assert conns["segexport_warehouse"] == {"conn_type": "sqlite", "host": "/opt/airflow/data/warehouse.db"}
     for conn_id, conn in conns.items():
-        if conn_id == "segexport_warehouse":
+        if conn_id in ("segexport_warehouse", "segexport_state"):  # the source data and the export state
             continue
         vendor = conn["conn_type"]
         assert vendor in conn_types and conn_id == f"{vendor}_default"
@@ -331,3 +331,10 @@ def test_connections_the_example_dag_uses_are_defined():
     assert 'WAREHOUSE_CONN_ID = "segexport_warehouse"' in dag_src
     assert "AIRFLOW_CONN_SEGEXPORT_WAREHOUSE" in env and "AIRFLOW_CONN_MAILCHIMP_DEFAULT" in env
     assert "AIRFLOW_VAR_MAILCHIMP_AUDIENCE_ID" in env and "SEGEXPORT_STATE_DIR" in env
+    # the export state in the compose PostgreSQL, named by the Variable the example DAG reads
+    assert "var.value.get('segexport_state_conn_id'" in dag_src
+    state = json.loads(env["AIRFLOW_CONN_SEGEXPORT_STATE"])
+    assert env["AIRFLOW_VAR_SEGEXPORT_STATE_CONN_ID"] == "segexport_state"
+    assert (state["conn_type"], state["host"]) == ("postgres", "postgres")
+    compose = yaml.safe_load((REPO / "docker-compose.yaml").read_text())
+    assert compose["services"]["postgres"]["environment"]["POSTGRES_DB"] == state["schema"]
