@@ -76,6 +76,10 @@ SYNC_TABLES = {
     },
 }
 
+#: the export state (watermarks, what was sent, the event cursor, agreed opt-outs) in a SQL connection shared by
+#: every worker, when the Variable names one (docker-compose.yaml does); else a file in $AIRFLOW_HOME
+STATE_CONN_ID = "{{ var.value.get('segexport_state_conn_id', none) }}"
+
 with DAG(
     dag_id="dynamics_campaign_sync",
     description="Dynamics 365 contacts and loyalty cards -> Adobe Campaign Standard profiles and custom resources.",
@@ -115,6 +119,7 @@ with DAG(
             pool="adobe_campaign_default",
             pool_slots=1,
             max_rejects_share=0.05,
+            state_conn_id=STATE_CONN_ID,
             trigger_rule="none_failed",  # a skipped table does not skip the next one
         )
         if previous is not None:
@@ -126,6 +131,7 @@ with DAG(
         task_id="sync_optouts",
         direction="{{ params.optout_direction }}",
         pairs=[("donotbulkemail", "blackListEmail")],
+        state_conn_id=STATE_CONN_ID,
         dynamics365_conn_id="dynamics365_default",
         adobe_campaign_conn_id="adobe_campaign_default",
         trigger_rule="none_failed",
@@ -141,6 +147,7 @@ with DAG(
         event_types=["sent", "open", "click", "bounce"],
         entity={"logical_name": "new_emailevent", "event_id": "new_eventid"},
         crm_id_field="cusCrmId",
+        state_conn_id=STATE_CONN_ID,
         trigger_rule="none_failed",
     )
     previous >> email_events  # profiles carry the contactid first

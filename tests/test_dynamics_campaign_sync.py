@@ -204,3 +204,26 @@ def test_replacements_written_in_json_match_like_python_ones():
         for replace in (python, from_json):
             m = Mapping("source", "target", replace=replace)
             assert [m.value(v) for v in probes] == want, replace
+
+
+def test_the_state_in_a_sql_connection_when_the_variable_names_one(airflow_db, both, sandbox, monkeypatch, tmp_path):
+    """With the Variable segexport_state_conn_id (as docker-compose.yaml sets it), every task of the DAG keeps its
+    state in that SQL connection (watermarks, sent records, the events cursor, agreed opt-outs): nothing in the
+    state folder, and a second run sends nothing."""
+    import sqlite3
+
+    db = tmp_path / "shared-state.db"
+    monkeypatch.setenv("AIRFLOW_CONN_SYNC_STATE", json.dumps({"conn_type": "sqlite", "host": str(db)}))
+    monkeypatch.setenv("AIRFLOW_VAR_SEGEXPORT_STATE_CONN_ID", "sync_state")
+    first = sync()
+    assert first["sync_contacts"]["totals"]["created"] > 100
+    again = sync()
+    assert again["sync_contacts"]["totals"]["created"] == again["sync_contacts"]["totals"]["updated"] == 0
+    state_dir = tmp_path / "state"
+    assert not state_dir.exists() or not any(state_dir.rglob("*.sqlite")), list(state_dir.rglob("*"))
+    with sqlite3.connect(db) as conn:
+        scopes = {r[0] for r in conn.execute("SELECT scope FROM segexport_scopes")}
+        watermarks = conn.execute("SELECT COUNT(*) FROM segexport_watermarks").fetchone()[0]
+    assert any(s.startswith("dynamics365-campaign:") for s in scopes) and any("optouts" in s or "campaign-events" in s
+                                                                              for s in scopes), scopes
+    assert watermarks >= 2  # contacts and loyalty cards
