@@ -227,3 +227,16 @@ def test_the_state_in_a_sql_connection_when_the_variable_names_one(airflow_db, b
     assert any(s.startswith("dynamics365-campaign:") for s in scopes) and any("optouts" in s or "campaign-events" in s
                                                                               for s in scopes), scopes
     assert watermarks >= 2  # contacts and loyalty cards
+
+
+def test_the_segment_source_parameters_are_refused_not_ignored():
+    """The sync reads Dataverse: a segment export's sql/path given to it is an error, and the task's rendered
+    fields (the Airflow UI) list no sql or path."""
+    from airflow_provider_segexport.operators.dynamics_campaign_sync import DynamicsToCampaignSyncOperator
+    from dags.dynamics_campaign_sync import SYNC_TABLES
+
+    with pytest.raises(TypeError, match="sql, sql_conn_id do"):
+        DynamicsToCampaignSyncOperator(task_id="t", table=SYNC_TABLES["contacts"], sql="SELECT 1", sql_conn_id="wh")
+    op = DynamicsToCampaignSyncOperator(task_id="t", table=SYNC_TABLES["contacts"])
+    assert "sql" not in op.template_fields and "path" not in op.template_fields and "table" in op.template_fields
+    assert "state_conn_id" in op.template_fields

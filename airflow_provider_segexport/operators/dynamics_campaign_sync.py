@@ -15,6 +15,9 @@ from airflow_provider_segexport.sync.campaign import CampaignSyncDestination, sy
 from airflow_provider_segexport.sync.dataverse import DataverseSource
 from airflow_provider_segexport.sync.tables import MODIFIED, TableSync
 
+#: the segment exports' source parameters, which a sync (reading Dataverse) refuses rather than ignores
+_SOURCE_ONLY = ("sql", "sql_conn_id", "path", "file_format", "chunk_size", "key_column")
+
 
 class DynamicsToCampaignSyncOperator(BaseSegmentExportOperator):
     """Sync one Dynamics 365 table to Adobe Campaign Standard: contacts to profiles, or a custom entity to a custom
@@ -36,10 +39,17 @@ class DynamicsToCampaignSyncOperator(BaseSegmentExportOperator):
     :param adobe_campaign_conn_id: the ``adobe_campaign`` connection.
     :param max_in_flight: batches of records in flight (default 8).
     :param enabled: False skips the task (a DAG's form choosing tables). Templated.
+    :param kwargs: the export engine's parameters (``dry_run``, ``rejects_path``, ``state_dir``, ``state_conn_id``,
+        ``max_rejects_share``, ``progress_interval``, ``max_removal_share``, ``allow_large_changes``,
+        ``apply_plan``) and ``BaseOperator``'s; a segment source's (``sql``, ``path``...) is refused.
     """
 
-    template_fields: Sequence[str] = (*BaseSegmentExportOperator.template_fields, "table", "replay",
-                                      "detect_deletions", "enabled")
+    # the rows come from the table's Dataverse entity set: the segment sources' parameters do not apply
+    template_fields: Sequence[str] = (*(f for f in BaseSegmentExportOperator.template_fields if f not in _SOURCE_ONLY),
+                                      "table", "replay", "detect_deletions", "enabled")
+    template_fields_renderers: dict[str, str] = {}
+    text_template_fields: Sequence[str] = tuple(f for f in BaseSegmentExportOperator.text_template_fields
+                                                if f not in _SOURCE_ONLY)
     vendor = "dynamics365-campaign"
 
     def __init__(
@@ -54,6 +64,10 @@ class DynamicsToCampaignSyncOperator(BaseSegmentExportOperator):
         enabled: bool | str = True,
         **kwargs: Any,
     ) -> None:
+        given = sorted(k for k in _SOURCE_ONLY if k in kwargs)
+        if given:
+            raise TypeError(f"DynamicsToCampaignSyncOperator reads its rows from the table's Dataverse entity set "
+                            f"(table['entity_set'], table['filter']): {', '.join(given)} do(es) not apply.")
         kwargs.setdefault("segments", [table.get("name", "table") if isinstance(table, dict) else "table"])
         kwargs.setdefault("change_column", MODIFIED)
         kwargs.setdefault("max_size_change", 0)  # a table is not a segment: its size is what it is
