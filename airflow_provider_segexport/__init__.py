@@ -199,6 +199,29 @@ def _connection_types() -> list[dict]:
                     "description": "Comma-separated IMS scopes of the credential.",
                     "schema": {"type": ["string", "null"]},
                 },
+                "events_url": {
+                    "label": "I/O Events journal URL",
+                    "description": "Optional, for the email events: the event registration's Journaling API "
+                                   "endpoint, as the Adobe Developer Console shows it.",
+                    "schema": {"type": ["string", "null"]},
+                },
+                "ims_org_id": {
+                    "label": "IMS organization ID",
+                    "description": "Optional, for the email events: sent as x-ims-org-id to the journal "
+                                   "(…@AdobeOrg).",
+                    "schema": {"type": ["string", "null"]},
+                },
+                "max_requests_per_window": {
+                    "label": "Gateway rate: requests per window",
+                    "description": "Optional; Adobe publishes no rate. With the rate agreed with Adobe the calls "
+                                   "keep to it; empty: the gateway's 429s pace them.",
+                    "schema": {"type": ["integer", "null"], "minimum": 1},
+                },
+                "window_seconds": {
+                    "label": "Gateway rate: window (seconds)",
+                    "description": "Optional; 60 when empty.",
+                    "schema": {"type": ["number", "null"], "exclusiveMinimum": 0},
+                },
                 **_common_fields(),
             },
             "ui-field-behaviour": {

@@ -83,3 +83,20 @@ def test_ui_hook_meta_shows_each_form():
     extra = mc.extra_fields or {}
     assert {"api_key", "access_token", "data_privacy_acknowledged", "allowed_dag_ids"} <= set(extra)
     assert metas["dynamics365"].standard_fields.host.title == "Environment URL"
+
+
+@pytest.mark.parametrize("conn_type", sorted(CONN_TYPES))
+def test_every_extra_a_hook_reads_has_a_form_field(conn_type):
+    """The form hides the raw Extra: an extra the hook reads without a field could not be set in the UI."""
+    import re
+    from importlib import import_module
+
+    meta = {c["connection-type"]: c for c in get_provider_info()["connection-types"]}[conn_type]
+    module = import_module(meta["hook-class-name"].rpartition(".")[0])
+    source = Path(module.__file__).read_text()
+    read = set(re.findall(r"""extras\.get\(\s*["']([a-z_]+)["']""", source))
+    read |= set(re.findall(r"""extras\[["']([a-z_]+)["']\]""", source))
+    read |= set(re.findall(r"""self\.secret\(["']([a-z_]+)["']""", source))
+    assert read, "no extras found: the pattern no longer matches the hook's code"
+    missing = sorted(read - set(meta["conn-fields"]))
+    assert not missing, f"{conn_type}: extras read by the hook without a form field: {missing}"
