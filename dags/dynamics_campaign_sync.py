@@ -14,7 +14,9 @@ is handled as its table's `on_delete` says; the scheduled runs only read what ch
 replacements and filters are in `SYNC_TABLES` below: one readable place.
 
 **Email events** (`email_events_to_dynamics`): Campaign's sent, open, click and bounce events become
-`new_emailevent` activities on the contact's timeline, each exactly once (its event ID is an alternate key).
+`new_emailevent` activities on the contact's timeline, each exactly once (its event ID is an alternate key):
+every 15 minutes here, or, with `CONTINUOUS_EVENTS = True` below, in their own continuous DAG
+`campaign_email_events_continuous` (deferrable: within about a minute, no worker slot held while waiting).
 
 **Opt-outs** (`sync_optouts`): `donotbulkemail` <-> `blackListEmail`, in the direction the form says
 (both by default): the most recent change wins, on a tie the opt-out wins, and a side whose value did not
@@ -76,9 +78,23 @@ SYNC_TABLES = {
     },
 }
 
+#: where the email events run: False, a task of the 15-minute DAG (events reach Dynamics 365 within 15 minutes);
+#: True, their own continuous DAG `campaign_email_events_continuous` (within about a minute; needs a triggerer)
+CONTINUOUS_EVENTS = False
+
 #: the export state (watermarks, what was sent, the event cursor, agreed opt-outs) in a SQL connection shared by
 #: every worker, when the Variable names one (docker-compose.yaml does); else a file in $AIRFLOW_HOME
 STATE_CONN_ID = "{{ var.value.get('segexport_state_conn_id', none) }}"
+
+#: the email events task's settings (either DAG)
+EVENTS = {
+    "adobe_campaign_conn_id": "adobe_campaign_default",  # extras events_url (+ ims_org_id): the journal
+    "dynamics365_conn_id": "dynamics365_default",
+    "event_types": ["sent", "open", "click", "bounce"],
+    "entity": {"logical_name": "new_emailevent", "event_id": "new_eventid"},
+    "crm_id_field": "cusCrmId",
+    "state_conn_id": STATE_CONN_ID,
+}
 
 with DAG(
     dag_id="dynamics_campaign_sync",
@@ -138,16 +154,29 @@ with DAG(
     )
     previous >> optouts
 
-    # Email events (sent, open, click, bounce) Campaign -> Dynamics 365 timeline, every run (this DAG runs every
-    # 15 minutes; for continuous delivery use deferrable=True in a DAG with schedule="@continuous": see README)
-    email_events = CampaignEventsToDynamicsOperator(
-        task_id="email_events_to_dynamics",
-        adobe_campaign_conn_id="adobe_campaign_default",  # extras events_url (+ ims_org_id): the journal
-        dynamics365_conn_id="dynamics365_default",
-        event_types=["sent", "open", "click", "bounce"],
-        entity={"logical_name": "new_emailevent", "event_id": "new_eventid"},
-        crm_id_field="cusCrmId",
-        state_conn_id=STATE_CONN_ID,
-        trigger_rule="none_failed",
-    )
-    previous >> email_events  # profiles carry the contactid first
+    # Email events (sent, open, click, bounce) Campaign -> Dynamics 365 timeline, every run of this DAG (every
+    # 15 minutes); with CONTINUOUS_EVENTS they run in their own continuous DAG below instead
+    if not CONTINUOUS_EVENTS:
+        previous >> CampaignEventsToDynamicsOperator(  # profiles carry the contactid first
+            task_id="email_events_to_dynamics", trigger_rule="none_failed", **EVENTS)
+
+if CONTINUOUS_EVENTS:
+    # One run after the other (max_active_runs=1): each waits in the triggerer, holding no worker slot, until the
+    # journal has an event after the cursor, then writes what arrived: events reach the timeline within about a
+    # minute. Needs a triggerer (`airflow triggerer`, in docker-compose.yaml).
+    with DAG(
+        dag_id="campaign_email_events_continuous",
+        description="Adobe Campaign email events -> Dynamics 365 timelines, as they arrive.",
+        doc_md="Campaign's sent, open, click and bounce events on the contact's timeline, continuously "
+               "(deferrable: waits in the triggerer for the next event). See dynamics_campaign_sync.",
+        schedule="@continuous",
+        start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+        catchup=False,
+        is_paused_upon_creation=True,
+        max_active_runs=1,
+        render_template_as_native_obj=True,
+        default_args={"owner": "data-team", "retries": 2, "retry_delay": pendulum.duration(minutes=2)},
+        tags=["segexport", "dynamics365", "adobe_campaign", "example"],
+    ) as continuous_events:
+        CampaignEventsToDynamicsOperator(task_id="email_events_to_dynamics", deferrable=True, poll_interval=60,
+                                         wait_timeout=3600, **EVENTS)

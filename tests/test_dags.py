@@ -100,3 +100,26 @@ def test_export_with_connections_in_the_metadata_database(airflow_db, demo_env, 
     finally:
         with create_session() as session:
             session.query(Connection).filter(Connection.conn_id == "segexport_warehouse").delete()
+
+
+def test_email_events_every_15_minutes_or_continuous(tmp_path):
+    """The sync DAG file's switch: by default the events are a task of the 15-minute DAG; with CONTINUOUS_EVENTS
+    they leave it for their own @continuous DAG (one run at a time, deferrable: waiting in the triggerer)."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    source = (REPO / "dags" / "dynamics_campaign_sync.py").read_text()
+    assert "\nCONTINUOUS_EVENTS = False\n" in source
+    folder = tmp_path / "dags"
+    folder.mkdir()
+    (folder / "dynamics_campaign_sync.py").write_text(source.replace("\nCONTINUOUS_EVENTS = False\n",
+                                                                     "\nCONTINUOUS_EVENTS = True\n"))
+    bag = DagBag(dag_folder=str(folder))
+    assert bag.import_errors == {}
+    scheduled, continuous = bag.dags["dynamics_campaign_sync"], bag.dags["campaign_email_events_continuous"]
+    assert "email_events_to_dynamics" not in scheduled.task_ids
+    assert type(continuous.timetable).__name__ == "ContinuousTimetable" and continuous.max_active_runs == 1
+    task = continuous.get_task("email_events_to_dynamics")
+    assert task.deferrable and task.event_types == ["sent", "open", "click", "bounce"]
+    default = DagBag(dag_folder=str(REPO / "dags" / "dynamics_campaign_sync.py"))
+    assert "email_events_to_dynamics" in default.dags["dynamics_campaign_sync"].task_ids
+    assert "campaign_email_events_continuous" not in default.dags
