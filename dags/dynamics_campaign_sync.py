@@ -73,7 +73,10 @@ SYNC_TABLES = {
             "new_points": "cusPoints",
             "new_tier": {"field": "cusTier", "label": True},  # the option set's label ("Gold"), not 100000002
         },
-        "link": {"attribute": "_new_contactid_value", "find": {"filter": "byCrmId", "param": "crmId"}},
+        # the card's contact -> that contact's profile: found by the filter, or all profiles read once by their
+        # cusCrmId when many cards link at a time
+        "link": {"attribute": "_new_contactid_value", "find": {"filter": "byCrmId", "param": "crmId"},
+                 "profile_key": "cusCrmId"},
         "on_delete": "delete",
     },
 }

@@ -123,6 +123,11 @@ def test_contacts_become_profiles_and_cards_linked_rows(airflow_db, both, sandbo
         assert row["cusCardNumber"] == c["new_cardnumber"] and row["cusPoints"] == c["new_points"]
         assert row["cusTier"] in ("Bronze", "Silver", "Gold", "Platinum")
         assert row["profile"] == got[c["_new_contactid_value"]]["PKey"]  # linked to the contact's profile
+    # the profiles the cards link to were read once (link.profile_key), not looked up a card at a time: the
+    # cards' count and page, the profiles' count and page, one create a card (a card refused for its link
+    # makes no call, one Campaign refuses does)
+    c = xcom["sync_loyalty_cards"]
+    assert 4 + c["totals"]["created"] <= c["http"]["requests"] <= 4 + c["totals"]["created"] + c["totals"]["rejected"]
 
 
 def test_incremental_sends_only_what_changed_and_overwrites_campaign_edits(airflow_db, both, sandbox, task_log):

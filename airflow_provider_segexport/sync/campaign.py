@@ -75,6 +75,9 @@ class CampaignSyncDestination(Destination):
         self._pending = 0
         self._index_threshold: int | None = None
         self.index_pages = 0
+        self._profiles_complete = False  # _profiles holds every profile (read once): a contact not in it has none
+        self._link_pending = 0
+        self._profile_threshold: int | None = None
 
     # -- the index ------------------------------------------------------------------------------------------
     def prepare_many(self, records: list[Record]) -> tuple[list[Record], list]:
@@ -94,7 +97,36 @@ class CampaignSyncDestination(Destination):
                 self._index_threshold = max(1, pages) * self.max_in_flight
             if self._pending >= self._index_threshold:
                 self._build_index()
+        link = self.table.link
+        if records and link and link.get("profile_key") and not self._profiles_complete:
+            # the same reckoning for the profiles the rows link to (one lookup per contact not yet known)
+            attribute = link["attribute"]
+            self._link_pending += sum(1 for r in records if r.payload.get(attribute)
+                                      and str(r.payload[attribute]).lower() not in self._profiles)
+            if self._profile_threshold is None:
+                pages = -(-self.hook.count("profile") // INDEX_PAGE)
+                self._profile_threshold = max(1, pages) * self.max_in_flight
+            if self._link_pending >= self._profile_threshold:
+                self._build_profile_index(link["profile_key"])
         return records, []
+
+    def _build_profile_index(self, key_field: str) -> None:
+        """Every profile's PKey by the contact it holds (``key_field``), read once; a contact held by two
+        profiles links to none (as its lookup would)."""
+        started = time.monotonic()
+        seen: dict[str, str | None] = {}
+        rows = 0
+        for row in self.hook.find_all("profile", None, {}, page_size=INDEX_PAGE):
+            rows += 1
+            contact = row.get(key_field)
+            if contact not in (None, ""):
+                contact = str(contact).lower()
+                seen[contact] = None if contact in seen else row.get("PKey")
+        with self._lock:
+            self._profiles = seen
+            self._profiles_complete = True
+        log.info("Read Campaign's profiles once to link the rows to them (%d profiles, %d with a %s; %.1fs)", rows,
+                 len(seen), key_field, time.monotonic() - started)
 
     def _build_index(self) -> None:
         t = self.table
@@ -214,8 +246,8 @@ class CampaignSyncDestination(Destination):
 
     def _profile_of(self, contact: str) -> str | None:
         """The PKey of the profile holding a contact (found by the link's filter, kept for this run only)."""
-        if contact in self._profiles:
-            return self._profiles[contact]
+        if contact in self._profiles or self._profiles_complete:
+            return self._profiles.get(contact)
         f = self.table.link["find"]
         found = self.hook.find("profile", f["filter"], f["param"], contact)
         pkey = found[0]["PKey"] if len(found) == 1 else None

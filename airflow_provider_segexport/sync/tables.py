@@ -69,7 +69,9 @@ class TableSync:
     :param mappings: the attribute mappings.
     :param filter: an OData ``$filter``: which records sync.
     :param link: for a custom resource row that references a contact: ``{"attribute": "_new_contactid_value",
-        "find": {"filter": "byCrmId", "param": "crmId"}}`` (how the profile of that contact is found).
+        "find": {"filter": "byCrmId", "param": "crmId"}}`` (how the profile of that contact is found), optionally
+        ``"profile_key": "cusCrmId"`` (the profile field the filter searches: with it, a run linking many rows
+        reads the profiles once instead of one lookup per contact).
     :param on_delete: what a deactivated or deleted source record does in Campaign: ``ignore`` (counted and
         logged), ``unlink`` (``unlink_field`` set to true) or ``delete`` (the Campaign record deleted).
     :param unlink_field: the Campaign boolean field ``unlink`` sets (and clears when the record returns).
