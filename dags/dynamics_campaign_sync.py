@@ -99,18 +99,23 @@ EVENTS = {
     "state_conn_id": STATE_CONN_ID,
 }
 
+#: what both DAGs share (one run at a time: each run starts where the last one's state left off)
+DAG_ARGS = {
+    "start_date": pendulum.datetime(2026, 1, 1, tz="UTC"),
+    "catchup": False,
+    "is_paused_upon_creation": True,
+    "max_active_runs": 1,
+    "render_template_as_native_obj": True,
+    "default_args": {"owner": "data-team", "retries": 2, "retry_delay": pendulum.duration(minutes=2)},
+    "tags": ["segexport", "dynamics365", "adobe_campaign", "example"],
+}
+
 with DAG(
     dag_id="dynamics_campaign_sync",
     description="Dynamics 365 contacts and loyalty cards -> Adobe Campaign Standard profiles and custom resources.",
     doc_md=__doc__,
     schedule="*/15 * * * *",
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    is_paused_upon_creation=True,
-    max_active_runs=1,
-    render_template_as_native_obj=True,
-    default_args={"owner": "data-team", "retries": 2, "retry_delay": pendulum.duration(minutes=2)},
-    tags=["segexport", "dynamics365", "adobe_campaign", "example"],
+    **DAG_ARGS,
     params={
         "tables": Param(list(SYNC_TABLES), type="array", items={"type": "string", "enum": list(SYNC_TABLES)},
                         title="Tables", description="Which tables to sync (contacts first: cards link to them)."),
@@ -173,13 +178,7 @@ if CONTINUOUS_EVENTS:
         doc_md="Campaign's sent, open, click and bounce events on the contact's timeline, continuously "
                "(deferrable: waits in the triggerer for the next event). See dynamics_campaign_sync.",
         schedule="@continuous",
-        start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-        catchup=False,
-        is_paused_upon_creation=True,
-        max_active_runs=1,
-        render_template_as_native_obj=True,
-        default_args={"owner": "data-team", "retries": 2, "retry_delay": pendulum.duration(minutes=2)},
-        tags=["segexport", "dynamics365", "adobe_campaign", "example"],
+        **DAG_ARGS,
     ) as continuous_events:
         CampaignEventsToDynamicsOperator(task_id="email_events_to_dynamics", deferrable=True, poll_interval=60,
                                          wait_timeout=3600, **EVENTS)

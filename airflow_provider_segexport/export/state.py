@@ -125,8 +125,12 @@ class RefusalStore:
                     self.known[member] = reason
                     rows.append((self.scope, member, reason, now))
             if rows:
-                self._db.executemany("INSERT OR REPLACE INTO refused_members VALUES (?, ?, ?, ?)", rows)
-                self._db.commit()
+                self._write(rows)
+
+    def _write(self, rows: list[tuple[str, int, str, float]]) -> None:
+        """Store new (scope, member, reason, refused at) rows (called under the lock)."""
+        self._db.executemany("INSERT OR REPLACE INTO refused_members VALUES (?, ?, ?, ?)", rows)
+        self._db.commit()
 
     def discard_members(self, members: Iterable[int]) -> None:
         """Forget members (ids as :func:`member_id` makes them); one commit for them all.
@@ -194,28 +198,20 @@ class SqlRefusalStore(RefusalStore):
             return mysql_insert(t).prefix_with("IGNORE")
         return None
 
-    def add_members(self, refused: Iterable[tuple[int, str]]) -> None:
-        now = time.time()
-        with self._lock:
-            rows = []
-            for member, reason in refused:
-                if member not in self.known:
-                    self.known[member] = reason
-                    rows.append({"scope": self.scope, "member": member, "reason": reason, "refused_at": now})
-            if not rows:
-                return
-            stmt = self._insert_ignoring_duplicates()
-            if stmt is not None:
+    def _write(self, rows: list[tuple[str, int, str, float]]) -> None:
+        rows = [dict(zip(("scope", "member", "reason", "refused_at"), row, strict=True)) for row in rows]
+        stmt = self._insert_ignoring_duplicates()
+        if stmt is not None:
+            with self._engine.begin() as conn:
+                for i in range(0, len(rows), LOOKUP_CHUNK):
+                    conn.execute(stmt, rows[i: i + LOOKUP_CHUNK])
+            return
+        for row in rows:  # another dialect: one insert each, "already there" is fine
+            try:
                 with self._engine.begin() as conn:
-                    for i in range(0, len(rows), LOOKUP_CHUNK):
-                        conn.execute(stmt, rows[i: i + LOOKUP_CHUNK])
-                return
-            for row in rows:  # another dialect: one insert each, "already there" is fine
-                try:
-                    with self._engine.begin() as conn:
-                        conn.execute(sa.insert(self.table), [row])
-                except sa.exc.IntegrityError:
-                    pass
+                    conn.execute(sa.insert(self.table), [row])
+            except sa.exc.IntegrityError:
+                pass
 
     def discard_members(self, members: Iterable[int]) -> None:
         t = self.table
