@@ -900,7 +900,8 @@ def _read_json_array(text: str) -> list:
             out.append(text[i + 1:end])
             i = end + 1
         else:
-            m = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?|true|false|null").match(text, i)
+            # a JSON number (no leading zero: an unquoted GUID such as 0123abcd-... is invalid JSON, not a 500)
+            m = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?|true|false|null").match(text, i)
             if m is None:
                 raise ODataError(400, E_PROPERTY, _INVALID_JSON)
             out.append(json.loads(m.group()))

@@ -382,6 +382,11 @@ def test_in_and_notin_forms(dv):
     r = dv.session.get(dv.api + f"contacts?$filter=Microsoft.Dynamics.CRM.In({pn},PropertyValues=[{ids[0]}])",
                        timeout=10)
     assert r.status_code == 400 and r.json()["error"]["message"].startswith("Invalid JSON.")  # unquoted GUIDs
+    for guid in ("0123abcd-0000-4000-8000-000000000000", "12e45678-0000-4000-8000-000000000000",
+                 "98765432-0000-4000-8000-000000000000"):  # unquoted GUIDs that start like JSON numbers
+        r = dv.session.get(dv.api + f"contacts?$filter=Microsoft.Dynamics.CRM.In({pn},PropertyValues=[{guid}])",
+                           timeout=10)
+        assert r.status_code == 400 and r.json()["error"]["message"].startswith("Invalid JSON."), (guid, r.text)
 
     # GET URLs are limited to 32,768 characters; a GET inside $batch to 65,536 (compose-http-requests-handle-errors)
     many = ",".join(f'"{uuid.uuid4()}"' for _ in range(900)) + f',"{ids[3]}"'
