@@ -145,6 +145,29 @@ def mailchimp_conn(sandbox, monkeypatch):
     return info["mailchimp"]
 
 
+def connect_sync(sandbox, monkeypatch, *, dataverse_privacy: bool = True) -> None:
+    """``dynamics365_default`` and ``adobe_campaign_default`` pointing at the sandbox (the Campaign one with the
+    events journal), as the sync, events and opt-out tests use them.
+
+    :param dataverse_privacy: acknowledge data privacy on the Dataverse connection (needed by the opt-out sync,
+        which writes contacts).
+    """
+    info = sandbox.info
+    dv, acs = info["dynamics365"], info["adobe_campaign"]
+    dv_extra = {"tenant_id": dv["tenant_id"], "client_id": dv["client_id"], "client_secret": dv["client_secret"],
+                "authority": dv["authority"], "ca_bundle": info["ca_bundle"]}
+    if dataverse_privacy:
+        dv_extra["data_privacy_acknowledged"] = True
+    monkeypatch.setenv("AIRFLOW_CONN_DYNAMICS365_DEFAULT", json.dumps({
+        "conn_type": "dynamics365", "host": dv["base_url"], "extra": dv_extra}))
+    monkeypatch.setenv("AIRFLOW_CONN_ADOBE_CAMPAIGN_DEFAULT", json.dumps({
+        "conn_type": "adobe_campaign", "host": acs["base_url"],
+        "extra": {"client_id": acs["client_id"], "client_secret": acs["client_secret"], "org_id": acs["org_id"],
+                  "ims_url": acs["ims_url"], "scopes": acs["scope"], "ca_bundle": info["ca_bundle"],
+                  "events_url": acs["events_url"], "ims_org_id": acs["ims_org_id"],
+                  "data_privacy_acknowledged": True}}))
+
+
 # -- PostgreSQL (Debian's server binaries; no Docker) for the SQL-connection export state ----------------
 
 def _postgres_bin() -> Path | None:

@@ -13,7 +13,7 @@ from collections import Counter
 
 import pytest
 
-from tests.conftest import run_dag
+from tests.conftest import connect_sync, run_dag
 
 DAG_ID = "campaign_events_test"
 CONTACTS = 12
@@ -38,17 +38,7 @@ def world(sandbox, monkeypatch, tmp_path):
     seed["dynamics365"] = {**seed.get("dynamics365", {}), "contacts": contacts}
     seed["adobe_campaign"] = {**seed.get("adobe_campaign", {}), "profiles": profiles}
     sandbox.session.post(f"{sandbox.admin}/seed", json=seed, timeout=60).raise_for_status()
-    dv, acs = sandbox.info["dynamics365"], sandbox.info["adobe_campaign"]
-    monkeypatch.setenv("AIRFLOW_CONN_DYNAMICS365_DEFAULT", json.dumps({
-        "conn_type": "dynamics365", "host": dv["base_url"],
-        "extra": {"tenant_id": dv["tenant_id"], "client_id": dv["client_id"], "client_secret": dv["client_secret"],
-                  "authority": dv["authority"], "ca_bundle": sandbox.info["ca_bundle"]}}))
-    monkeypatch.setenv("AIRFLOW_CONN_ADOBE_CAMPAIGN_DEFAULT", json.dumps({
-        "conn_type": "adobe_campaign", "host": acs["base_url"],
-        "extra": {"client_id": acs["client_id"], "client_secret": acs["client_secret"], "org_id": acs["org_id"],
-                  "ims_url": acs["ims_url"], "scopes": acs["scope"], "ca_bundle": sandbox.info["ca_bundle"],
-                  "events_url": acs["events_url"], "ims_org_id": acs["ims_org_id"],
-                  "data_privacy_acknowledged": True}}))
+    connect_sync(sandbox, monkeypatch, dataverse_privacy=False)
     monkeypatch.setenv("SEGEXPORT_STATE_DIR", str(tmp_path / "state"))
     return {c["contactid"]: c["emailaddress1"] for c in contacts}
 

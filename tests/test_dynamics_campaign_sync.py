@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from airflow_provider_segexport import warehouse
-from tests.conftest import refreshed_warehouse, run_dag
+from tests.conftest import connect_sync, refreshed_warehouse, run_dag
 
 DAG_ID = "dynamics_campaign_sync"
 PROFILES = 400
@@ -51,18 +51,7 @@ def both(sandbox, wh_path, monkeypatch, tmp_path):
     (the warehouse's seed);
     the two connections; a state directory of the test's own."""
     sandbox.session.post(f"{sandbox.admin}/seed", json=warehouse.sandbox_seed(wh_path), timeout=120).raise_for_status()
-    dv, acs = sandbox.info["dynamics365"], sandbox.info["adobe_campaign"]
-    monkeypatch.setenv("AIRFLOW_CONN_DYNAMICS365_DEFAULT", json.dumps({
-        "conn_type": "dynamics365", "host": dv["base_url"],
-        "extra": {"tenant_id": dv["tenant_id"], "client_id": dv["client_id"], "client_secret": dv["client_secret"],
-                  "authority": dv["authority"], "ca_bundle": sandbox.info["ca_bundle"],
-                  "data_privacy_acknowledged": True}}))  # the opt-out sync writes to Dynamics 365 too
-    monkeypatch.setenv("AIRFLOW_CONN_ADOBE_CAMPAIGN_DEFAULT", json.dumps({
-        "conn_type": "adobe_campaign", "host": acs["base_url"],
-        "extra": {"client_id": acs["client_id"], "client_secret": acs["client_secret"], "org_id": acs["org_id"],
-                  "ims_url": acs["ims_url"], "scopes": acs["scope"], "ca_bundle": sandbox.info["ca_bundle"],
-                  "events_url": acs["events_url"], "ims_org_id": acs["ims_org_id"],
-                  "data_privacy_acknowledged": True}}))
+    connect_sync(sandbox, monkeypatch)  # the opt-out sync writes to Dynamics 365 too
     monkeypatch.setenv("SEGEXPORT_STATE_DIR", str(tmp_path / "state"))
     sandbox.session.delete(f"{sandbox.admin}/requests", timeout=30).raise_for_status()
     return Dataverse(sandbox)

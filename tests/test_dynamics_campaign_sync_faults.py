@@ -14,13 +14,12 @@ which would fold two profiles of one contact into one.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 
 import pytest
 
 from airflow_provider_segexport import warehouse
-from tests.conftest import SandboxClient, refreshed_warehouse, run_dag
+from tests.conftest import SandboxClient, connect_sync, refreshed_warehouse, run_dag
 from tests.test_dynamics_campaign_sync import DAG_ID
 from tests.test_faults import retry_delays
 
@@ -44,18 +43,7 @@ def connect(sandbox: SandboxClient, wh_path, mp: pytest.MonkeyPatch, state_dir) 
     """Seed both emulators from the warehouse, point the two connections at them, a state directory of its own,
     Dataverse pages of PAGE rows, an empty request log."""
     sandbox.session.post(f"{sandbox.admin}/seed", json=warehouse.sandbox_seed(wh_path), timeout=120).raise_for_status()
-    dv, acs = sandbox.info[DV], sandbox.info[ACS]
-    mp.setenv("AIRFLOW_CONN_DYNAMICS365_DEFAULT", json.dumps({
-        "conn_type": "dynamics365", "host": dv["base_url"],
-        "extra": {"tenant_id": dv["tenant_id"], "client_id": dv["client_id"], "client_secret": dv["client_secret"],
-                  "authority": dv["authority"], "ca_bundle": sandbox.info["ca_bundle"],
-                  "data_privacy_acknowledged": True}}))  # the opt-out task writes to Dataverse
-    mp.setenv("AIRFLOW_CONN_ADOBE_CAMPAIGN_DEFAULT", json.dumps({
-        "conn_type": "adobe_campaign", "host": acs["base_url"],
-        "extra": {"client_id": acs["client_id"], "client_secret": acs["client_secret"], "org_id": acs["org_id"],
-                  "ims_url": acs["ims_url"], "scopes": acs["scope"], "ca_bundle": sandbox.info["ca_bundle"],
-                  "events_url": acs["events_url"], "ims_org_id": acs["ims_org_id"],  # the DAG's email events task
-                  "data_privacy_acknowledged": True}}))
+    connect_sync(sandbox, mp)  # the opt-out task writes to Dataverse; the DAG's email events task reads the journal
     mp.setenv("SEGEXPORT_STATE_DIR", str(state_dir))
     sandbox.session.post(f"{sandbox.admin}/{DV}/config", json={"max_page_size": PAGE}, timeout=10).raise_for_status()
     sandbox.session.delete(f"{sandbox.admin}/requests", timeout=30).raise_for_status()
